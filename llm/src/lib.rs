@@ -1,0 +1,1 @@
+//! Llama-family inference engine (tensor and pipeline parallel) used by the examples.

@@ -1,0 +1,1 @@
+//! The host (CPU) backend: NCCL's collectives over host memory, ranks as threads or processes.

@@ -1,0 +1,1 @@
+//! Support code for `nccl-perf` and the cross-crate tests (not published).
