@@ -63,13 +63,7 @@ pub trait Collectives {
     /// Receives into `buf` from `peer`.
     fn recv<T: Elem>(&self, buf: &mut Self::Buf<T>, peer: usize) -> Result<()>;
     /// Sends `send` to `dst` and receives `recv` from `src` as one grouped operation (no deadlock in rings).
-    fn send_recv<T: Elem>(
-        &self,
-        send: &Self::Buf<T>,
-        dst: usize,
-        recv: &mut Self::Buf<T>,
-        src: usize,
-    ) -> Result<()>;
+    fn send_recv<T: Elem>(&self, send: &Self::Buf<T>, dst: usize, recv: &mut Self::Buf<T>, src: usize) -> Result<()>;
     /// Returns once every rank has called it.
     fn barrier(&self) -> Result<()>;
     /// Waits until every operation this rank issued has completed (a stream synchronize on NCCL; nothing to

@@ -78,12 +78,7 @@ pub fn check_rank(op: &'static str, what: &'static str, value: usize, size: usiz
     if value < size {
         Ok(())
     } else {
-        Err(Error::InvalidRank {
-            op,
-            what,
-            value,
-            size,
-        })
+        Err(Error::InvalidRank { op, what, value, size })
     }
 }
 
