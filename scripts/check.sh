@@ -1,0 +1,17 @@
+#!/usr/bin/env bash
+# The project's test command: sets up what the tests need (idempotent), then runs lints and the whole test suite.
+# Everything here runs on a CPU-only machine. GPU tests are #[ignore]d; see README "GPU tests".
+set -euo pipefail
+cd "$(dirname "$0")/.."
+
+bash scripts/setup.sh
+
+step() { printf '\n==> %s\n' "$*"; }
+step "cargo fmt --check"
+cargo fmt --all --check
+step "cargo clippy (all targets, all features, warnings denied)"
+cargo clippy --workspace --all-targets --all-features -- -D warnings
+step "cargo doc (warnings denied)"
+RUSTDOCFLAGS="-D warnings" cargo doc --workspace --no-deps --all-features
+step "cargo test (CPU)"
+cargo test --workspace
