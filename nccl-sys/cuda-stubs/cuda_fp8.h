@@ -1,0 +1,1 @@
+/* Empty stand-in for the CUDA toolkit's cuda_fp8.h: nccl.h includes it, but its API uses none of its types. */
