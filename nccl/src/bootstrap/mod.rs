@@ -1,10 +1,36 @@
 //! Rank discovery and rendezvous: getting one `UniqueId` (and small blobs) to every rank.
+//!
+//! NCCL needs every rank to receive the same 128-byte unique id out of band before `ncclCommInitRank`. This
+//! module provides, from the bottom up:
+//!
+//! - [`RankInfo::from_env`]: who am I, how many are we, where is rank 0 — from the variables of torchrun,
+//!   OpenMPI's `mpirun`, Slurm's `srun`, explicit `NCCL_RS_*` variables, or a single process when nothing is
+//!   set ([`env`] lists every variable).
+//! - [`Rendezvous`]: a TCP rendezvous (rank 0 listens, the others connect) with broadcast, all-gather and
+//!   barrier of small byte blobs; deadlines on everything, bounded frames, an optional shared token, typed
+//!   errors naming the failing rank ([`rendezvous`], [`wire`]).
+//! - [`launch::spawn_local_if_requested`]: `--nprocs N` without any launcher.
+//! - [`run_threads`]: N ranks as N threads of one process.
+//!
+//! ```no_run
+//! use nccl::bootstrap::{RankInfo, Rendezvous, RendezvousOptions};
+//! # fn main() -> Result<(), nccl::bootstrap::BootstrapError> {
+//! let info = RankInfo::from_env()?;
+//! let rv = Rendezvous::new(&info, RendezvousOptions::from_env()?)?;
+//! let id = rv.broadcast(b"128 bytes from rank 0")?; // the same bytes on every rank
+//! let hosts = rv.all_gather(info.master_addr.as_bytes())?; // one blob per rank, in rank order
+//! rv.barrier()?;
+//! # let _ = (id, hosts); Ok(()) }
+//! ```
 
-/// A bootstrap failure (placeholder until the bootstrap module lands).
-#[derive(Debug, thiserror::Error)]
-#[non_exhaustive]
-pub enum BootstrapError {
-    /// Something went wrong.
-    #[error("{0}")]
-    Other(String),
-}
+pub mod env;
+mod error;
+pub mod launch;
+pub mod rendezvous;
+mod threads;
+pub mod wire;
+
+pub use env::{Launcher, RankInfo};
+pub use error::{BootstrapError, Peer, RejectReason};
+pub use rendezvous::{Rendezvous, RendezvousListener, RendezvousOptions};
+pub use threads::run_threads;

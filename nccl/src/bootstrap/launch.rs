@@ -1,0 +1,320 @@
+//! Launcher-less runs: `--nprocs N` re-executes the current program as N local worker processes with
+//! torchrun-style variables, forwards their output, and stops them all when one fails.
+
+use std::ffi::OsString;
+use std::net::{IpAddr, Ipv4Addr, TcpListener};
+use std::path::PathBuf;
+use std::process::{Child, Command, ExitStatus, Stdio};
+use std::thread::JoinHandle;
+use std::time::{Duration, Instant};
+
+use super::env::{Launcher, RankInfo, LOCAL_WORKER_VAR};
+use super::error::{BootstrapError, Peer};
+
+/// Explicit variables removed from the workers' environment (they would override the per-worker values).
+const CLEARED: [&str; 6] = [
+    "NCCL_RS_RANK",
+    "NCCL_RS_WORLD_SIZE",
+    "NCCL_RS_LOCAL_RANK",
+    "NCCL_RS_LOCAL_WORLD_SIZE",
+    "NCCL_RS_MASTER_ADDR",
+    "NCCL_RS_MASTER_PORT",
+];
+
+/// If `nprocs` is `Some(n)` and this process is neither a spawned worker nor a rank of another launcher
+/// (torchrun, mpirun, srun, explicit variables): re-executes the current program `n` times with the same
+/// arguments and `RANK`, `WORLD_SIZE`, `LOCAL_RANK`, `LOCAL_WORLD_SIZE`, `MASTER_ADDR=127.0.0.1`,
+/// `MASTER_PORT=<a free port>` and `NCCL_RS_LOCAL_WORKER=1` set, with their output going to this process's
+/// output; waits for them; if one fails, gives the others 5 s to exit on their own (they report which rank
+/// failed) and then kills them.
+///
+/// Returns `Ok(Some(code))` in the launching process (0 when all workers succeeded, else the first failing
+/// worker's code; 128 + signal for a killed one): exit with it. Returns `Ok(None)` in a worker, in a process
+/// started by another launcher, or when `nprocs` is `None`: continue normally, e.g. with
+/// [`RankInfo::from_env`].
+///
+/// ```no_run
+/// # fn main() -> Result<(), nccl::bootstrap::BootstrapError> {
+/// let nprocs: Option<usize> = Some(2); // e.g. from a `--nprocs` flag
+/// if let Some(code) = nccl::bootstrap::launch::spawn_local_if_requested(nprocs)? {
+///     std::process::exit(code);
+/// }
+/// let info = nccl::bootstrap::RankInfo::from_env()?; // rank r of 2 in each worker
+/// # Ok(()) }
+/// ```
+pub fn spawn_local_if_requested(nprocs: Option<usize>) -> Result<Option<i32>, BootstrapError> {
+    let Some(n) = nprocs else { return Ok(None) };
+    if std::env::var_os(LOCAL_WORKER_VAR).is_some() {
+        return Ok(None);
+    }
+    let info = RankInfo::from_env()?;
+    if info.launcher != Launcher::Single {
+        if info.world_size != n {
+            tracing::warn!(
+                nprocs = n,
+                world_size = info.world_size,
+                launcher = %info.launcher,
+                "--nprocs is ignored: this process was started by another launcher"
+            );
+        }
+        return Ok(None);
+    }
+    let exe = std::env::current_exe().map_err(|source| BootstrapError::Spawn {
+        rank: 0,
+        what: "finding the current executable",
+        source,
+    })?;
+    let outcome = LocalLaunch::new(exe, n).args(std::env::args_os().skip(1)).run()?;
+    Ok(Some(outcome.exit_code()))
+}
+
+/// A free TCP port on `host` right now (the OS picks it; another process could take it before it is used).
+pub fn free_port(host: IpAddr) -> Result<u16, BootstrapError> {
+    let io = |source| BootstrapError::Io {
+        op: "picking a free port",
+        peer: Peer::Unidentified { addr: None },
+        source,
+    };
+    let l = TcpListener::bind((host, 0)).map_err(io)?;
+    Ok(l.local_addr().map_err(io)?.port())
+}
+
+/// Starts `nprocs` local workers of a program with torchrun-style variables (the engine behind
+/// [`spawn_local_if_requested`], usable directly, e.g. by tests).
+#[derive(Debug, Clone)]
+pub struct LocalLaunch {
+    program: PathBuf,
+    nprocs: usize,
+    args: Vec<OsString>,
+    env: Vec<(OsString, OsString)>,
+    master_port: Option<u16>,
+    capture: bool,
+    kill_grace: Duration,
+}
+
+/// How one worker ended.
+#[derive(Debug)]
+pub struct WorkerExit {
+    /// The worker's rank.
+    pub rank: usize,
+    /// Its exit status.
+    pub status: ExitStatus,
+    /// Whether the launcher killed it (after another worker failed).
+    pub killed: bool,
+    /// Its standard output, when captured ([`LocalLaunch::capture_output`]).
+    pub stdout: Vec<u8>,
+    /// Its standard error, when captured.
+    pub stderr: Vec<u8>,
+}
+
+/// The result of [`LocalLaunch::run`].
+#[derive(Debug)]
+pub struct LaunchOutcome {
+    /// Every worker, in rank order.
+    pub workers: Vec<WorkerExit>,
+    /// The rank of the first worker seen failing, if any.
+    pub first_failure: Option<usize>,
+    /// The port rank 0 was told to listen on.
+    pub master_port: u16,
+}
+
+/// An exit code for a status: the code, or 128 + the signal number for a killed process.
+pub fn exit_code_of(status: &ExitStatus) -> i32 {
+    if let Some(c) = status.code() {
+        return c;
+    }
+    #[cfg(unix)]
+    if let Some(sig) = std::os::unix::process::ExitStatusExt::signal(status) {
+        return 128 + sig;
+    }
+    1
+}
+
+impl LaunchOutcome {
+    /// 0 if every worker succeeded, else the exit code of the first failing worker.
+    pub fn exit_code(&self) -> i32 {
+        match self.first_failure {
+            None => 0,
+            Some(r) => match exit_code_of(&self.workers[r].status) {
+                0 => 1,
+                c => c,
+            },
+        }
+    }
+}
+
+impl LocalLaunch {
+    /// `nprocs` workers of `program`.
+    pub fn new(program: impl Into<PathBuf>, nprocs: usize) -> Self {
+        LocalLaunch {
+            program: program.into(),
+            nprocs,
+            args: Vec::new(),
+            env: Vec::new(),
+            master_port: None,
+            capture: false,
+            kill_grace: Duration::from_secs(5),
+        }
+    }
+
+    /// Adds arguments.
+    pub fn args<I: IntoIterator<Item = S>, S: Into<OsString>>(mut self, args: I) -> Self {
+        self.args.extend(args.into_iter().map(Into::into));
+        self
+    }
+
+    /// Sets an extra variable in every worker.
+    pub fn env(mut self, key: impl Into<OsString>, value: impl Into<OsString>) -> Self {
+        self.env.push((key.into(), value.into()));
+        self
+    }
+
+    /// Uses this port for rank 0 instead of a free one.
+    pub fn master_port(mut self, port: u16) -> Self {
+        self.master_port = Some(port);
+        self
+    }
+
+    /// Captures each worker's output into [`WorkerExit`] instead of passing it through.
+    pub fn capture_output(mut self, capture: bool) -> Self {
+        self.capture = capture;
+        self
+    }
+
+    /// How long the other workers may take to exit on their own after one failed. Default 5 s.
+    pub fn kill_grace(mut self, grace: Duration) -> Self {
+        self.kill_grace = grace;
+        self
+    }
+
+    /// Starts the workers and waits for all of them.
+    pub fn run(self) -> Result<LaunchOutcome, BootstrapError> {
+        if self.nprocs == 0 {
+            return Err(BootstrapError::InvalidArgument {
+                what: "nprocs",
+                reason: "at least one process is needed".into(),
+            });
+        }
+        let port = match self.master_port {
+            Some(p) => p,
+            None => free_port(IpAddr::V4(Ipv4Addr::LOCALHOST))?,
+        };
+        let mut children: Vec<Child> = Vec::with_capacity(self.nprocs);
+        let mut readers: Vec<(Option<Drain>, Option<Drain>)> = Vec::new();
+        for rank in 0..self.nprocs {
+            let mut cmd = Command::new(&self.program);
+            cmd.args(&self.args);
+            for v in CLEARED {
+                cmd.env_remove(v);
+            }
+            cmd.env("RANK", rank.to_string())
+                .env("WORLD_SIZE", self.nprocs.to_string())
+                .env("LOCAL_RANK", rank.to_string())
+                .env("LOCAL_WORLD_SIZE", self.nprocs.to_string())
+                .env("MASTER_ADDR", "127.0.0.1")
+                .env("MASTER_PORT", port.to_string())
+                .env(LOCAL_WORKER_VAR, "1");
+            for (k, v) in &self.env {
+                cmd.env(k, v);
+            }
+            cmd.stdin(Stdio::null());
+            if self.capture {
+                cmd.stdout(Stdio::piped()).stderr(Stdio::piped());
+            }
+            match cmd.spawn() {
+                Ok(mut child) => {
+                    let out = child.stdout.take().map(drain);
+                    let err = child.stderr.take().map(drain);
+                    readers.push((out, err));
+                    children.push(child);
+                }
+                Err(source) => {
+                    for c in &mut children {
+                        let _ = c.kill();
+                        let _ = c.wait();
+                    }
+                    return Err(BootstrapError::Spawn {
+                        rank,
+                        what: "spawning the worker process",
+                        source,
+                    });
+                }
+            }
+        }
+        let mut statuses: Vec<Option<(ExitStatus, bool)>> = vec![None; self.nprocs];
+        let mut first_failure = None;
+        let mut kill_at: Option<Instant> = None;
+        while statuses.iter().any(Option::is_none) {
+            let mut progressed = false;
+            for (rank, child) in children.iter_mut().enumerate() {
+                if statuses[rank].is_some() {
+                    continue;
+                }
+                let status = child.try_wait().map_err(|source| BootstrapError::Spawn {
+                    rank,
+                    what: "waiting for the worker process",
+                    source,
+                })?;
+                if let Some(status) = status {
+                    progressed = true;
+                    statuses[rank] = Some((status, false));
+                    if !status.success() && first_failure.is_none() {
+                        first_failure = Some(rank);
+                        kill_at = Some(Instant::now() + self.kill_grace);
+                        let left = statuses.iter().filter(|s| s.is_none()).count();
+                        eprintln!(
+                            "nccl-rs launch: rank {rank} exited with code {}; {left} other worker(s) get {:?} \
+                             to stop before being killed",
+                            exit_code_of(&status),
+                            self.kill_grace
+                        );
+                    }
+                }
+            }
+            if kill_at.is_some_and(|t| Instant::now() >= t) {
+                for (rank, child) in children.iter_mut().enumerate() {
+                    if statuses[rank].is_none() {
+                        let _ = child.kill();
+                        if let Ok(status) = child.wait() {
+                            statuses[rank] = Some((status, true));
+                        }
+                    }
+                }
+            }
+            if !progressed {
+                std::thread::sleep(Duration::from_millis(10));
+            }
+        }
+        let workers = statuses
+            .into_iter()
+            .zip(readers)
+            .enumerate()
+            .map(|(rank, (s, (out, err)))| {
+                let (status, killed) = s.expect("loop ends when every worker has a status");
+                WorkerExit {
+                    rank,
+                    status,
+                    killed,
+                    stdout: out.and_then(|h| h.join().ok()).unwrap_or_default(),
+                    stderr: err.and_then(|h| h.join().ok()).unwrap_or_default(),
+                }
+            })
+            .collect();
+        Ok(LaunchOutcome {
+            workers,
+            first_failure,
+            master_port: port,
+        })
+    }
+}
+
+/// A thread collecting one pipe of a worker.
+type Drain = JoinHandle<Vec<u8>>;
+
+fn drain<R: std::io::Read + Send + 'static>(mut r: R) -> Drain {
+    std::thread::spawn(move || {
+        let mut buf = Vec::new();
+        let _ = r.read_to_end(&mut buf);
+        buf
+    })
+}
