@@ -114,7 +114,12 @@ impl fmt::Display for Candidate {
 ///    `$CONDA_PREFIX` `lib/python3*/site-packages`, `~/.local/lib/python3*/site-packages`,
 ///    `/usr/local/lib/python3*/{dist,site}-packages` and `/usr/lib/python3/dist-packages`.
 pub fn search_order() -> Vec<Candidate> {
-    let var = |name: &str| std::env::var_os(name).filter(|v| !v.is_empty());
+    search_order_with(|name| std::env::var_os(name))
+}
+
+/// [`search_order`] with the environment given as a lookup function (empty values count as unset).
+fn search_order_with(env: impl Fn(&str) -> Option<std::ffi::OsString>) -> Vec<Candidate> {
+    let var = |name: &str| env(name).filter(|v| !v.is_empty());
     if let Some(path) = var("NCCL_LIBRARY") {
         return vec![Candidate::Explicit(PathBuf::from(path))];
     }
@@ -395,4 +400,85 @@ pub fn is_available() -> bool {
 #[doc(alias = "ncclGetVersion")]
 pub fn library_version() -> Result<i32, LoadError> {
     library().map(Library::version_code)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::ffi::OsString;
+
+    fn env<'a>(pairs: &'a [(&'a str, &'a str)]) -> impl Fn(&str) -> Option<OsString> + 'a {
+        move |name| pairs.iter().find(|(k, _)| *k == name).map(|(_, v)| OsString::from(v))
+    }
+
+    #[test]
+    fn nccl_library_is_the_only_candidate_when_set() {
+        let order = search_order_with(env(&[("NCCL_LIBRARY", "/x/libnccl.so.2"), ("NCCL_HOME", "/h")]));
+        assert_eq!(order, [Candidate::Explicit(PathBuf::from("/x/libnccl.so.2"))]);
+    }
+
+    #[test]
+    fn order_is_home_then_system_loader_then_wheels() {
+        let tmp = std::env::temp_dir().join(format!("nccl-sys-order-{}", std::process::id()));
+        std::fs::create_dir_all(tmp.join("venv/lib/python3.11")).unwrap();
+        std::fs::create_dir_all(tmp.join("venv/lib/not-python")).unwrap();
+        let venv = tmp.join("venv").display().to_string();
+        let order = search_order_with(env(&[
+            ("NCCL_LIBRARY", ""),
+            ("NCCL_HOME", "/opt/nccl"),
+            ("PYTHONPATH", "/p1:/p2"),
+            ("VIRTUAL_ENV", &venv),
+        ]));
+        std::fs::remove_dir_all(&tmp).unwrap();
+        let wheel = |dir: &str| Candidate::File(PathBuf::from(dir).join("nvidia/nccl/lib/libnccl.so.2"));
+        assert_eq!(order[0], Candidate::File(PathBuf::from("/opt/nccl/lib/libnccl.so.2")));
+        assert_eq!(order[1], Candidate::SystemName("libnccl.so.2".into()));
+        assert_eq!(order[2], Candidate::SystemName("libnccl.so".into()));
+        assert_eq!(order[3], wheel("/p1"));
+        assert_eq!(order[4], wheel("/p2"));
+        assert_eq!(order[5], wheel(&format!("{venv}/lib/python3.11/site-packages")));
+        assert_eq!(order.last(), Some(&wheel("/usr/lib/python3/dist-packages")));
+        assert!(!order.iter().any(|c| c.to_string().contains("not-python")));
+        let unique: std::collections::HashSet<_> = order.iter().collect();
+        assert_eq!(unique.len(), order.len(), "duplicates in {order:?}");
+    }
+
+    #[test]
+    fn without_nccl_home_the_system_loader_comes_first() {
+        let order = search_order_with(env(&[]));
+        assert_eq!(order[0], Candidate::SystemName("libnccl.so.2".into()));
+    }
+
+    #[test]
+    fn version_codes_decode_in_both_encodings() {
+        assert_eq!(version_triple(23203), (2, 32, 3));
+        assert_eq!(version_triple(2708), (2, 7, 8));
+        assert_eq!(version_string(21003), "2.10.3");
+    }
+
+    #[test]
+    fn errors_say_what_was_searched_and_what_is_missing() {
+        let e = LoadError::NotFound {
+            searched: vec![
+                ("/a/libnccl.so.2".into(), "no such file".into()),
+                ("libnccl.so".into(), "nope".into()),
+            ],
+        };
+        let text = e.to_string();
+        assert!(
+            text.contains("/a/libnccl.so.2: no such file") && text.contains("libnccl.so: nope"),
+            "{text}"
+        );
+        let e = LoadError::MissingSymbol {
+            symbol: "ncclAlltoAll",
+            needs: "2.28",
+            loaded: 22703,
+        };
+        assert_eq!(
+            e.to_string(),
+            "ncclAlltoAll is not exported by the loaded libnccl (NCCL 2.27.3); it was introduced in NCCL 2.28"
+        );
+        fn assert_error<E: std::error::Error + Send + Sync + Clone + 'static>() {}
+        assert_error::<LoadError>();
+    }
 }
