@@ -34,16 +34,16 @@ wanted=()
 have_wheel "nvidia_nccl_cu12-${nccl_version}.dist-info" nvidia/nccl/lib/libnccl.so.2 \
     || wanted+=("nvidia-nccl-cu12==${nccl_version}")
 have_wheel "nvidia_cuda_nvrtc_cu12-12.*.dist-info" nvidia/cuda_nvrtc/lib/libnvrtc.so.12 \
-    || wanted+=("nvidia-cuda-nvrtc-cu12>=12.9,<13")
+    || wanted+=("nvidia-cuda-nvrtc-cu12==12.9.86")
 have_wheel "nvidia_cuda_runtime_cu12-12.*.dist-info" nvidia/cuda_runtime/include/cuda_runtime.h \
-    || wanted+=("nvidia-cuda-runtime-cu12>=12.9,<13")
+    || wanted+=("nvidia-cuda-runtime-cu12==12.9.79")
 if [ "${#wanted[@]}" -gt 0 ]; then
     log "pip install --target .deps/py ${wanted[*]}"
     # The wheels share the top-level folder nvidia/, which `pip install --target` would either skip (it
     # exists) or replace whole (--upgrade). So install into a fresh folder and merge that in.
     staging="$deps/py.staging"
     rm -rf "$staging"
-    "$py" -m pip install --disable-pip-version-check --no-input --no-deps --target "$staging" "${wanted[@]}"
+    "$py" -m pip install --disable-pip-version-check --no-input --root-user-action=ignore --no-deps --target "$staging" "${wanted[@]}"
     if compgen -G "$staging/nvidia_nccl_cu12-*.dist-info" >/dev/null; then
         rm -rf "$deps/py/nvidia/nccl" "$deps"/py/nvidia_nccl_cu12-*.dist-info # a different NCCL version
     fi
