@@ -122,6 +122,8 @@ pub fn builder(include_dir: &Path, stubs_dir: &Path) -> bindgen::Builder {
         .clang_arg(format!("-I{}", stubs_dir.display()))
         .clang_arg(format!("-I{}", include_dir.display()))
         .clang_arg("-xc")
+        // nccl.h documents with plain `/* */` comments: attach those too, so the header's docs carry over.
+        .clang_arg("-fparse-all-comments")
         // The public `ncclX` API; the `pncclX` profiler aliases have the same signatures and are left out.
         .allowlist_function("nccl.*")
         .allowlist_type("nccl.*")
@@ -142,7 +144,22 @@ pub fn builder(include_dir: &Path, stubs_dir: &Path) -> bindgen::Builder {
         .layout_tests(true)
         .merge_extern_blocks(true)
         .generate_comments(true)
+        .parse_callbacks(Box::new(HeaderComments))
         .formatter(bindgen::Formatter::None)
+}
+
+/// Keeps the header's comments verbatim as plain text: C comments are not Markdown (indented parameter lists
+/// would become Rust doctests, `nccl*Config` emphasis), so each is fenced as a `text` block.
+#[derive(Debug)]
+struct HeaderComments;
+
+impl bindgen::callbacks::ParseCallbacks for HeaderComments {
+    fn process_comment(&self, comment: &str) -> Option<String> {
+        let lines: Vec<&str> = comment.lines().map(str::trim_end).collect();
+        let first = lines.iter().position(|l| !l.trim().is_empty())?;
+        let last = lines.iter().rposition(|l| !l.trim().is_empty())?;
+        Some(format!("```text\n{}\n```", lines[first..=last].join("\n")))
+    }
 }
 
 /// What [`generate`] produces: the contents of `bindings.rs` and `functions.rs`.

@@ -40,6 +40,9 @@ pub type cudaEvent_t = *mut CUevent_st;
 pub struct ncclComm {
     _unused: [u8; 0],
 }
+/**```text
+ Opaque handle to communicator
+```*/
 pub type ncclComm_t = *mut ncclComm;
 #[repr(C)]
 #[derive(Debug, Copy, Clone)]
@@ -70,24 +73,55 @@ pub const ncclRemoteError: ncclResult_t = 6;
 pub const ncclInProgress: ncclResult_t = 7;
 pub const ncclTimeout: ncclResult_t = 8;
 pub const ncclNumResults: ncclResult_t = 9;
+/**```text
+ Error type
+```*/
 pub type ncclResult_t = ::core::ffi::c_uint;
 pub const ncclHostCftDefault: ncclHostCftMode_t = -2147483648;
 pub const ncclHostCftEnable: ncclHostCftMode_t = 1;
 pub const ncclHostCftDisable: ncclHostCftMode_t = 2;
 pub const ncclHostCftFallback: ncclHostCftMode_t = 3;
 pub type ncclHostCftMode_t = ::core::ffi::c_int;
+/**```text
+ library default
+```*/
 pub const ncclNvlsHostModeDefault: ncclNvlsHostMode_t = -2147483648;
+/**```text
+ enable all host NVLS components
+```*/
 pub const ncclNvlsHostModeEnable: ncclNvlsHostMode_t = 0;
+/**```text
+ disable NVLS transport and registered-buffer optimization
+```*/
 pub const ncclNvlsHostModeDisableTransport: ncclNvlsHostMode_t = 1;
+/**```text
+ disable multimem in internal symmetric kernels and CE
+```*/
 pub const ncclNvlsHostModeDisableSymmetricMultimem: ncclNvlsHostMode_t = 2;
+/**```text
+ disable all present and future host NVLS components
+```*/
 pub const ncclNvlsHostModeDisable: ncclNvlsHostMode_t = 2147483647;
+/**```text
+ Host NVLS component-disable flags. Individual component flags may be combined.
+```*/
 pub type ncclNvlsHostMode_t = ::core::ffi::c_int;
+/**```text
+ Communicator configuration. Users can assign value to attributes to specify the
+ behavior of a communicator.
+```*/
 #[repr(C)]
 #[derive(Debug, Copy, Clone, PartialEq, Eq)]
 pub struct ncclConfig_v23100 {
+    /**```text
+ attributes that users should never touch.
+```*/
     pub size: usize,
     pub magic: ::core::ffi::c_uint,
     pub version: ::core::ffi::c_uint,
+    /**```text
+ attributes that users are able to customize.
+```*/
     pub blocking: ::core::ffi::c_int,
     pub cgaClusterSize: ::core::ffi::c_int,
     pub minCTAs: ::core::ffi::c_int,
@@ -199,10 +233,26 @@ const _: () = {
         "Offset of field: ncclConfig_v23100::nvlsHostMode",
     ][::core::mem::offset_of!(ncclConfig_v23100, nvlsHostMode) - 112usize];
 };
+/**```text
+ Communicator configuration. Users can assign value to attributes to specify the
+ behavior of a communicator.
+```*/
 pub type ncclConfig_t = ncclConfig_v23100;
+/**```text
+ A single vendor-specific option expressed as a key-value pair. Multiple options can be
+ chained into a non-circular linked list through the next pointer and attached to a ncclCollConfig_t
+ via its ext member. The official NCCL library ignores every extension; a vendor library
+ should assign a unique value to key.vendorId to avoid collision among vendor libraries.
+ It can usually be done by picking a random number.
+ Vendors should choose a non-zero vendorId (less than 2^24) that is unlikely to collide
+ with other vendor libraries. The list is unordered and must not contain duplicate keys.
+```*/
 #[repr(C)]
 #[derive(Copy, Clone)]
 pub struct ncclConfigExt {
+    /**```text
+ next option in the list, or NULL to terminate
+```*/
     pub next: *mut ncclConfigExt,
     pub key: ncclConfigExt__bindgen_ty_1,
     pub val: ncclConfigExt__bindgen_ty_2,
@@ -210,7 +260,13 @@ pub struct ncclConfigExt {
 #[repr(C)]
 #[derive(Debug, Copy, Clone, PartialEq, Eq)]
 pub struct ncclConfigExt__bindgen_ty_1 {
+    /**```text
+ vendor choose their own unique value as vendorId
+```*/
     pub vendorId: ::core::ffi::c_int,
+    /**```text
+ vendor-defined id distinguishing options within a vendor
+```*/
     pub optionId: ::core::ffi::c_int,
 }
 #[allow(clippy::unnecessary_operation, clippy::identity_op)]
@@ -231,8 +287,17 @@ const _: () = {
 #[repr(C)]
 #[derive(Copy, Clone)]
 pub union ncclConfigExt__bindgen_ty_2 {
+    /**```text
+ integer value
+```*/
     pub i: ::core::ffi::c_int,
+    /**```text
+ C-style string value
+```*/
     pub s: *const ::core::ffi::c_char,
+    /**```text
+ opaque pointer-sized value
+```*/
     pub raw: *mut ::core::ffi::c_void,
 }
 #[allow(clippy::unnecessary_operation, clippy::identity_op)]
@@ -267,22 +332,82 @@ const _: () = {
         "Offset of field: ncclConfigExt::val",
     ][::core::mem::offset_of!(ncclConfigExt, val) - 16usize];
 };
+/**```text
+ A single vendor-specific option expressed as a key-value pair. Multiple options can be
+ chained into a non-circular linked list through the next pointer and attached to a ncclCollConfig_t
+ via its ext member. The official NCCL library ignores every extension; a vendor library
+ should assign a unique value to key.vendorId to avoid collision among vendor libraries.
+ It can usually be done by picking a random number.
+ Vendors should choose a non-zero vendorId (less than 2^24) that is unlikely to collide
+ with other vendor libraries. The list is unordered and must not contain duplicate keys.
+```*/
 pub type ncclConfigExt_t = ncclConfigExt;
+/**```text
+ Per-collective configuration. Users assign values to attributes to customize an
+ individual collective call issued through one of the nccl*Config() entry points.
+ Like ncclConfig_t, this is a versioned, append-only struct: in the future, any new
+ members will be added at the end, and existing members will never be removed or
+ reordered. The user owns the storage and must keep the struct (and any linked ncclConfigExt_t)
+ valid for the duration of every call that uses it. The same configuration must be
+ set on every rank; NCCL validates it only locally.
+```*/
 #[repr(C)]
 #[derive(Debug, Copy, Clone, PartialEq, Eq)]
 pub struct ncclCollConfig_v23200 {
+    /**```text
+ attributes that users should never touch.
+```*/
     pub size: usize,
     pub magic: ::core::ffi::c_uint,
     pub version: ::core::ffi::c_uint,
+    /**```text
+ non-circular linked list of vendor-specific extension options, or NULL.
+```*/
     pub ext: *mut ncclConfigExt_t,
+    /**```text
+ lower bound on channels/CTAs
+```*/
     pub minCTAs: ::core::ffi::c_int,
+    /**```text
+ upper bound on channels/CTAs, must be <= comm->maxCTAs
+```*/
     pub maxCTAs: ::core::ffi::c_int,
+    /**```text
+ NVLS-pool-specific channel cap
+```*/
     pub nvlsCTAs: ::core::ffi::c_int,
+    /**```text
+ CUDA thread-block-cluster size (Hopper+), should be the same for all
+collectives in the same Group. Inconsistent cgaClusterSize in a Group
+is undefined behavior.
+```*/
     pub cgaClusterSize: ::core::ffi::c_int,
+    /**```text
+ selection string; NULL/UNDEF/"" == automatic
+```*/
     pub algSelection: *const ::core::ffi::c_char,
+    /**```text
+ default 1 (true): unsatisfiable selection is an error
+```*/
     pub forceAlgSelection: ::core::ffi::c_int,
+    /**```text
+ NCCL_CTA_POLICY_* bitmask; UNDEF == inherit comm-level CTAPolicy
+```*/
     pub CTAPolicy: ::core::ffi::c_int,
+    /**```text
+ user-provided profiler tag: an opaque value delivered verbatim to profiler plugins with this
+ call's profiler events. Default to 0 as untagged. It does not affect execution. NCCL reserves
+ profiler-tag values with the most-significant bit set (>= 0x8000000000000000) for possible future
+ predefined tags; applications should use values with the MSB clear.
+```*/
     pub userProfilerTag: u64,
+    /**```text
+ Caller-owned, rank-local CUDA event recorded at collective kernel launch completion.
+ Create it with cudaEventDisableTiming; interprocess and interop events are unsupported.
+ Every rank must provide a non-NULL event or every rank must provide NULL. Keep the event
+ alive through all queued waits and captured-graph executions. At most one non-NULL event
+ per communicator is supported in a group. CUDA < 12.3 records it before launch.
+```*/
     pub launchCompletionEvent: cudaEvent_t,
 }
 #[allow(clippy::unnecessary_operation, clippy::identity_op)]
@@ -333,7 +458,19 @@ const _: () = {
         "Offset of field: ncclCollConfig_v23200::launchCompletionEvent",
     ][::core::mem::offset_of!(ncclCollConfig_v23200, launchCompletionEvent) - 64usize];
 };
+/**```text
+ Per-collective configuration. Users assign values to attributes to customize an
+ individual collective call issued through one of the nccl*Config() entry points.
+ Like ncclConfig_t, this is a versioned, append-only struct: in the future, any new
+ members will be added at the end, and existing members will never be removed or
+ reordered. The user owns the storage and must keep the struct (and any linked ncclConfigExt_t)
+ valid for the duration of every call that uses it. The same configuration must be
+ set on every rank; NCCL validates it only locally.
+```*/
 pub type ncclCollConfig_t = ncclCollConfig_v23200;
+/**```text
+ This struct will be used by ncclGroupSimulateEnd() API to query information about simulation.
+```*/
 #[repr(C)]
 #[derive(Debug, Copy, Clone, PartialEq)]
 pub struct ncclSimInfo_v22200 {
@@ -363,20 +500,53 @@ const _: () = {
         "Offset of field: ncclSimInfo_v22200::estimatedTime",
     ][::core::mem::offset_of!(ncclSimInfo_v22200, estimatedTime) - 16usize];
 };
+/**```text
+ This struct will be used by ncclGroupSimulateEnd() API to query information about simulation.
+```*/
 pub type ncclSimInfo_t = ncclSimInfo_v22200;
+/**```text
+ Allocated GPU memory that can be suspended (bytes)
+```*/
 pub const ncclStatGpuMemSuspend: ncclCommMemStat_t = 0;
+/**```text
+ GPU memory suspended? (0=active, 1=suspended)
+```*/
 pub const ncclStatGpuMemSuspended: ncclCommMemStat_t = 1;
+/**```text
+ Allocated GPU memory that cannot be suspended (bytes)
+```*/
 pub const ncclStatGpuMemPersist: ncclCommMemStat_t = 2;
+/**```text
+ Total allocated GPU memory tracked by NCCL (bytes)
+```*/
 pub const ncclStatGpuMemTotal: ncclCommMemStat_t = 3;
+/**```text
+ Communicator memory statistics
+```*/
 pub type ncclCommMemStat_t = ::core::ffi::c_uint;
 pub const ncclNumOps_dummy: ncclRedOp_dummy_t = 5;
+/**```text
+ Reduction operation selector
+```*/
 pub type ncclRedOp_dummy_t = ::core::ffi::c_uint;
 pub const ncclSum: ncclRedOp_t = 0;
 pub const ncclProd: ncclRedOp_t = 1;
 pub const ncclMax: ncclRedOp_t = 2;
 pub const ncclMin: ncclRedOp_t = 3;
 pub const ncclAvg: ncclRedOp_t = 4;
+/**```text
+ ncclNumOps: The number of built-in ncclRedOp_t values. Also
+ serves as the least possible value for dynamic ncclRedOp_t's
+ as constructed by ncclRedOpCreate*** functions.
+```*/
 pub const ncclNumOps: ncclRedOp_t = 5;
+/**```text
+ ncclMaxRedOp: The largest valid value for ncclRedOp_t.
+ It is defined to be the largest signed value (since compilers
+ are permitted to use signed enums) that won't grow
+ sizeof(ncclRedOp_t) when compared to previous NCCL versions to
+ maintain ABI compatibility.
+```*/
 pub const ncclMaxRedOp: ncclRedOp_t = 2147483647;
 pub type ncclRedOp_t = ::core::ffi::c_uint;
 pub const ncclInt8: ncclDataType_t = 0;
@@ -397,16 +567,48 @@ pub const ncclBfloat16: ncclDataType_t = 9;
 pub const ncclFloat8e4m3: ncclDataType_t = 10;
 pub const ncclFloat8e5m2: ncclDataType_t = 11;
 pub const ncclNumTypes: ncclDataType_t = 12;
+/**```text
+ Data types
+```*/
 pub type ncclDataType_t = ::core::ffi::c_uint;
+/**```text
+ ncclScalarDevice: The scalar is in device-visible memory and will be
+ dereferenced while the collective is running.
+```*/
 pub const ncclScalarDevice: ncclScalarResidence_t = 0;
+/**```text
+ ncclScalarHostImmediate: The scalar is in host-visible memory and will be
+ dereferenced before the ncclRedOpCreate***() function returns.
+```*/
 pub const ncclScalarHostImmediate: ncclScalarResidence_t = 1;
+/**```text
+ ncclScalarResidence_t: Location and dereferencing logic for scalar arguments.
+```*/
 pub type ncclScalarResidence_t = ::core::ffi::c_uint;
+/**```text
+ Wait Signal Descriptor
+
+ Describes how many signal operations to wait for
+ from a particular rank on a given signal index and context.
+```*/
 #[repr(C)]
 #[derive(Debug, Copy, Clone, PartialEq, Eq)]
 pub struct ncclWaitSignalDesc_t {
+    /**```text
+ Number of signal operations to wait for
+```*/
     pub opCnt: ::core::ffi::c_int,
+    /**```text
+ Target peer to wait for signals from
+```*/
     pub peer: ::core::ffi::c_int,
+    /**```text
+ Signal index identifier
+```*/
     pub sigIdx: ::core::ffi::c_int,
+    /**```text
+ Context identifier
+```*/
     pub ctx: ::core::ffi::c_int,
 }
 #[allow(clippy::unnecessary_operation, clippy::identity_op)]
@@ -430,15 +632,32 @@ const _: () = {
         "Offset of field: ncclWaitSignalDesc_t::ctx",
     ][::core::mem::offset_of!(ncclWaitSignalDesc_t, ctx) - 12usize];
 };
+/**```text
+ plaintext
+```*/
 pub const NCCL_ENCRYPTION_MODE_NONE: ncclEncryptionMode_t = 0;
+/**```text
+ PSK is set
+```*/
 pub const NCCL_ENCRYPTION_MODE_PSK: ncclEncryptionMode_t = 1;
+/**```text
+ Encryption
+
+ Request encryption of NCCL TCP sockets via user code.
+```*/
 pub type ncclEncryptionMode_t = ::core::ffi::c_uint;
 #[repr(C)]
 #[derive(Debug, Copy, Clone, PartialEq, Eq)]
 pub struct ncclEncryptionConfig_v23200 {
+    /**```text
+ attributes that users should never touch.
+```*/
     pub size: usize,
     pub magic: ::core::ffi::c_uint,
     pub version: ::core::ffi::c_uint,
+    /**```text
+ attributes that users are able to customize.
+```*/
     pub mode: ::core::ffi::c_int,
     pub psk: *const ::core::ffi::c_char,
 }
@@ -472,4 +691,9 @@ pub type ncclEncryptionConfig_t = ncclEncryptionConfig_v23200;
 pub struct ncclParamHandle {
     _unused: [u8; 0],
 }
+/**```text
+ Handle-based API (allows typed access)
+
+ Handles represents parameters and are opaque (internal details hidden).
+```*/
 pub type ncclParamHandle_t = *mut ncclParamHandle;

@@ -7,6 +7,17 @@ pub mod sig {
     #[allow(unused_imports)]
     use crate::*;
     /// Signature of `ncclAllGather` (NCCL 2.0 and newer).
+    ///
+    /**```text
+ All-Gather
+
+ Each device gathers sendcount values from other GPUs into recvbuff,
+ receiving data from rank i at offset i*sendcount.
+ Assumes recvcount is equal to nranks*sendcount, which means that recvbuff
+ should have a size of at least nranks*sendcount elements.
+
+ In-place operations will happen if sendbuff == recvbuff + rank * sendcount.
+```*/
     pub type ncclAllGather = unsafe extern "C" fn(
         sendbuff: *const ::core::ffi::c_void,
         recvbuff: *mut ::core::ffi::c_void,
@@ -26,6 +37,15 @@ pub mod sig {
         config: *const ncclCollConfig_t,
     ) -> ncclResult_t;
     /// Signature of `ncclAllReduce` (NCCL 2.0 and newer).
+    ///
+    /**```text
+ All-Reduce
+
+ Reduces data arrays of length count in sendbuff using op operation, and
+ leaves identical copies of result on each recvbuff.
+
+ In-place operation will happen if sendbuff == recvbuff.
+```*/
     pub type ncclAllReduce = unsafe extern "C" fn(
         sendbuff: *const ::core::ffi::c_void,
         recvbuff: *mut ::core::ffi::c_void,
@@ -36,6 +56,13 @@ pub mod sig {
         stream: cudaStream_t,
     ) -> ncclResult_t;
     /// Signature of `ncclAllReduceConfig` (NCCL 2.32 and newer).
+    ///
+    /**```text
+ nccl*Config: per-collective-config variant of every collective. It takes a trailing
+ ncclCollConfig_t describing per-call customization. Initialize the config with
+ NCCL_COLLCONFIG_INITIALIZER and set it identically on every rank. config == NULL is
+ equivalent to the plain API.
+```*/
     pub type ncclAllReduceConfig = unsafe extern "C" fn(
         sendbuff: *const ::core::ffi::c_void,
         recvbuff: *mut ::core::ffi::c_void,
@@ -47,6 +74,15 @@ pub mod sig {
         config: *const ncclCollConfig_t,
     ) -> ncclResult_t;
     /// Signature of `ncclAlltoAll` (NCCL 2.28 and newer).
+    ///
+    /**```text
+ All-to-All
+
+ Each device sends count values to all other devices and receives count values
+ from all other devices. Data to send to destination rank j is taken from
+ sendbuff+j*count and data received from source rank i is placed at
+ recvbuff+i*count.
+```*/
     pub type ncclAlltoAll = unsafe extern "C" fn(
         sendbuff: *const ::core::ffi::c_void,
         recvbuff: *mut ::core::ffi::c_void,
@@ -66,6 +102,16 @@ pub mod sig {
         config: *const ncclCollConfig_t,
     ) -> ncclResult_t;
     /// Signature of `ncclBcast` (NCCL 2.0 and newer).
+    ///
+    /**```text
+ (deprecated) Broadcast (in-place)
+
+ Copies count values from root to all other devices.
+ root is the rank (not the CUDA device) where data resides before the
+ operation is started.
+
+ This operation is implicitely in place.
+```*/
     pub type ncclBcast = unsafe extern "C" fn(
         buff: *mut ::core::ffi::c_void,
         count: usize,
@@ -75,6 +121,16 @@ pub mod sig {
         stream: cudaStream_t,
     ) -> ncclResult_t;
     /// Signature of `ncclBroadcast` (NCCL 2.3 and newer).
+    ///
+    /**```text
+ Broadcast
+
+ Copies count values from root to all other devices.
+ root is the rank (not the CUDA device) where data resides before the
+ operation is started.
+
+ In-place operation will happen if sendbuff == recvbuff.
+```*/
     pub type ncclBroadcast = unsafe extern "C" fn(
         sendbuff: *const ::core::ffi::c_void,
         recvbuff: *mut ::core::ffi::c_void,
@@ -96,37 +152,87 @@ pub mod sig {
         config: *const ncclCollConfig_t,
     ) -> ncclResult_t;
     /// Signature of `ncclCommAbort` (NCCL 2.4 and newer).
+    ///
+    /**```text
+ Frees resources associated with communicator object and aborts any operations
+ that might still be running on the device.
+```*/
     pub type ncclCommAbort = unsafe extern "C" fn(comm: ncclComm_t) -> ncclResult_t;
     /// Signature of `ncclCommCount` (NCCL 2.0 and newer).
+    ///
+    /**```text
+ Gets the number of ranks in the communicator clique.
+```*/
     pub type ncclCommCount = unsafe extern "C" fn(
         comm: ncclComm_t,
         count: *mut ::core::ffi::c_int,
     ) -> ncclResult_t;
     /// Signature of `ncclCommCuDevice` (NCCL 2.0 and newer).
+    ///
+    /**```text
+ Returns the cuda device number associated with the communicator.
+```*/
     pub type ncclCommCuDevice = unsafe extern "C" fn(
         comm: ncclComm_t,
         device: *mut ::core::ffi::c_int,
     ) -> ncclResult_t;
     /// Signature of `ncclCommDeregister` (NCCL 2.19 and newer).
+    ///
+    /**```text
+ Deregister CUDA buffer
+```*/
     pub type ncclCommDeregister = unsafe extern "C" fn(
         comm: ncclComm_t,
         handle: *mut ::core::ffi::c_void,
     ) -> ncclResult_t;
     /// Signature of `ncclCommDestroy` (NCCL 2.0 and newer).
+    ///
+    /**```text
+ Frees local resources associated with communicator object.
+```*/
     pub type ncclCommDestroy = unsafe extern "C" fn(comm: ncclComm_t) -> ncclResult_t;
     /// Signature of `ncclCommFinalize` (NCCL 2.14 and newer).
+    ///
+    /**```text
+ Finalize a communicator. ncclCommFinalize flushes all issued communications,
+ and marks communicator state as ncclInProgress. The state will change to ncclSuccess
+ when the communicator is globally quiescent and related resources are freed; then,
+ calling ncclCommDestroy can locally free the rest of the resources (e.g. communicator
+ itself) without blocking.
+```*/
     pub type ncclCommFinalize = unsafe extern "C" fn(comm: ncclComm_t) -> ncclResult_t;
     /// Signature of `ncclCommGetAsyncError` (NCCL 2.4 and newer).
+    ///
+    /**```text
+ Checks whether the comm has encountered any asynchronous errors
+```*/
     pub type ncclCommGetAsyncError = unsafe extern "C" fn(
         comm: ncclComm_t,
         asyncError: *mut ncclResult_t,
     ) -> ncclResult_t;
     /// Signature of `ncclCommGetUniqueId` (NCCL 2.29 and newer).
+    ///
+    /**```text
+ Generate per-communicator unique ID for grow.
+ Constraints:
+ - Cannot generate a new UID while a previous UID is unconsumed
+ - Each UID can only be used once (no reuse after consumption)
+ - Must wait for grow operation to complete before calling again
+```*/
     pub type ncclCommGetUniqueId = unsafe extern "C" fn(
         comm: ncclComm_t,
         uniqueId: *mut ncclUniqueId,
     ) -> ncclResult_t;
     /// Signature of `ncclCommGrow` (NCCL 2.29 and newer).
+    ///
+    /**```text
+ Grow communicator by adding new ranks.
+ Parameter usage:
+ - Existing non-root: comm, uniqueId=NULL, rank=-1
+ - Existing root: comm, uniqueId=&id, rank=-1
+ - New ranks: comm=NULL, uniqueId=&id, rank=assigned
+ The UID is consumed upon successful grow and cannot be reused.
+```*/
     pub type ncclCommGrow = unsafe extern "C" fn(
         comm: ncclComm_t,
         nRanks: ::core::ffi::c_int,
@@ -136,12 +242,30 @@ pub mod sig {
         config: *mut ncclConfig_t,
     ) -> ncclResult_t;
     /// Signature of `ncclCommInitAll` (NCCL 2.0 and newer).
+    ///
+    /**```text
+ Creates a clique of communicators (single process version).
+ This is a convenience function to create a single-process communicator clique.
+ Returns an array of ndev newly initialized communicators in comm.
+ comm should be pre-allocated with size at least ndev*sizeof(ncclComm_t).
+ If devlist is NULL, the first ndev CUDA devices are used.
+ Order of devlist defines user-order of processors within the communicator.
+```*/
     pub type ncclCommInitAll = unsafe extern "C" fn(
         comm: *mut ncclComm_t,
         ndev: ::core::ffi::c_int,
         devlist: *const ::core::ffi::c_int,
     ) -> ncclResult_t;
     /// Signature of `ncclCommInitRank` (NCCL 2.0 and newer).
+    ///
+    /**```text
+ Creates a new communicator (multi thread/process version).
+ rank must be between 0 and nranks-1 and unique within a communicator clique.
+ Each rank is associated to a CUDA device, which has to be set before calling
+ ncclCommInitRank.
+ ncclCommInitRank implicitly syncronizes with other ranks, so it must be
+ called by different threads/processes or use ncclGroupStart/ncclGroupEnd.
+```*/
     pub type ncclCommInitRank = unsafe extern "C" fn(
         comm: *mut ncclComm_t,
         nranks: ::core::ffi::c_int,
@@ -149,6 +273,11 @@ pub mod sig {
         rank: ::core::ffi::c_int,
     ) -> ncclResult_t;
     /// Signature of `ncclCommInitRankConfig` (NCCL 2.14 and newer).
+    ///
+    /**```text
+ Create a new communicator (multi thread/process version) with a configuration
+ set by users.
+```*/
     pub type ncclCommInitRankConfig = unsafe extern "C" fn(
         comm: *mut ncclComm_t,
         nranks: ::core::ffi::c_int,
@@ -157,6 +286,12 @@ pub mod sig {
         config: *mut ncclConfig_t,
     ) -> ncclResult_t;
     /// Signature of `ncclCommInitRankScalable` (NCCL 2.23 and newer).
+    ///
+    /**```text
+ Creates a new communicator (multi thread/process version), similar to ncclCommInitRankConfig.
+ Allows to use more than one ncclUniqueId (up to one per rank), indicated by nId, to accelerate the init operation.
+ The number of ncclUniqueIds and their order must be the same for every rank.
+```*/
     pub type ncclCommInitRankScalable = unsafe extern "C" fn(
         newcomm: *mut ncclComm_t,
         nranks: ::core::ffi::c_int,
@@ -166,12 +301,25 @@ pub mod sig {
         config: *mut ncclConfig_t,
     ) -> ncclResult_t;
     /// Signature of `ncclCommMemStats` (NCCL 2.29 and newer).
+    ///
+    /**```text
+ ncclCommMemStats
+
+ Query communicator memory statistics.
+
+ stat: One of ncclCommMemStat_t values
+ value: Output pointer to receive the memory statistic value
+```*/
     pub type ncclCommMemStats = unsafe extern "C" fn(
         comm: ncclComm_t,
         stat: ncclCommMemStat_t,
         value: *mut u64,
     ) -> ncclResult_t;
     /// Signature of `ncclCommRegister` (NCCL 2.19 and newer).
+    ///
+    /**```text
+ Register CUDA buffer for zero-copy operation
+```*/
     pub type ncclCommRegister = unsafe extern "C" fn(
         comm: ncclComm_t,
         buff: *mut ::core::ffi::c_void,
@@ -179,13 +327,36 @@ pub mod sig {
         handle: *mut *mut ::core::ffi::c_void,
     ) -> ncclResult_t;
     /// Signature of `ncclCommResume` (NCCL 2.29 and newer).
+    ///
+    /**```text
+ ncclCommResume
+
+ Resume all previously suspended communicator resources.
+```*/
     pub type ncclCommResume = unsafe extern "C" fn(comm: ncclComm_t) -> ncclResult_t;
     /// Signature of `ncclCommRevoke` (NCCL 2.28 and newer).
+    ///
+    /**```text
+ Revoke a communicator. ncclCommRevoke stops all in-flight operations
+ and marks communicator state as ncclInProgress. The state will change to ncclSuccess
+ when the communicator is quiescent; then, management operations (destroy, split,
+ shrink) can proceed safely. Calling ncclCommFinalize after revoke is invalid.
+ Additionally, resource sharing via splitShare/shrinkShare is disabled while revoked.
+ revokeFlags must be NCCL_REVOKE_DEFAULT (0).
+```*/
     pub type ncclCommRevoke = unsafe extern "C" fn(
         comm: ncclComm_t,
         revokeFlags: ::core::ffi::c_int,
     ) -> ncclResult_t;
     /// Signature of `ncclCommShrink` (NCCL 2.27 and newer).
+    ///
+    /**```text
+ Shrink existing communicator.
+ Ranks in excludeRanksList will be removed form the existing communicator.
+ Within the new communicator, ranks will be re-ordered to fill the gap of removed ones.
+ If config is NULL, the new communicator will inherit the original communicator's configuration
+ The flag enables NCCL to adapt to various states of the parent communicator, see NCCL_SHRINK flags.
+```*/
     pub type ncclCommShrink = unsafe extern "C" fn(
         comm: ncclComm_t,
         excludeRanksList: *mut ::core::ffi::c_int,
@@ -195,6 +366,16 @@ pub mod sig {
         shrinkFlags: ::core::ffi::c_int,
     ) -> ncclResult_t;
     /// Signature of `ncclCommSplit` (NCCL 2.18 and newer).
+    ///
+    /**```text
+ Creates one or more communicators from an existing one.
+ Ranks with the same color will end up in the same communicator.
+ Within the new communicator, key will be used to order ranks.
+ NCCL_SPLIT_NOCOLOR as color will indicate the rank will not be part of any group
+ and will therefore return a NULL communicator.
+ If config is NULL, the new communicator will inherit the original communicator's
+ configuration
+```*/
     pub type ncclCommSplit = unsafe extern "C" fn(
         comm: ncclComm_t,
         color: ::core::ffi::c_int,
@@ -203,21 +384,42 @@ pub mod sig {
         config: *mut ncclConfig_t,
     ) -> ncclResult_t;
     /// Signature of `ncclCommSuspend` (NCCL 2.29 and newer).
+    ///
+    /**```text
+ ncclCommSuspend
+
+ Suspend communicator operations to free resources.
+ The communicator cannot be used while suspended.
+
+ flags: NCCL_SUSPEND_MEM - Release dynamic GPU memory allocations
+```*/
     pub type ncclCommSuspend = unsafe extern "C" fn(
         comm: ncclComm_t,
         flags: ::core::ffi::c_int,
     ) -> ncclResult_t;
     /// Signature of `ncclCommUserRank` (NCCL 2.0 and newer).
+    ///
+    /**```text
+ Returns the user-ordered "rank" associated with the communicator.
+```*/
     pub type ncclCommUserRank = unsafe extern "C" fn(
         comm: ncclComm_t,
         rank: *mut ::core::ffi::c_int,
     ) -> ncclResult_t;
     /// Signature of `ncclCommWindowDeregister` (NCCL 2.27 and newer).
+    ///
+    /**```text
+ Deregister symmetric memory
+```*/
     pub type ncclCommWindowDeregister = unsafe extern "C" fn(
         comm: ncclComm_t,
         win: ncclWindow_t,
     ) -> ncclResult_t;
     /// Signature of `ncclCommWindowRegister` (NCCL 2.27 and newer).
+    ///
+    /**```text
+ Register memory window
+```*/
     pub type ncclCommWindowRegister = unsafe extern "C" fn(
         comm: ncclComm_t,
         buff: *mut ::core::ffi::c_void,
@@ -226,6 +428,17 @@ pub mod sig {
         winFlags: ::core::ffi::c_int,
     ) -> ncclResult_t;
     /// Signature of `ncclGather` (NCCL 2.28 and newer).
+    ///
+    /**```text
+ Gather
+
+ Each rank sends count elements from sendbuff to the root rank.
+ On the root rank, data from rank i is placed at recvbuff + i*count.
+ On non-root ranks, recvbuff is not used.
+ root is the rank where data will be gathered.
+
+ In-place operations will happen if sendbuff == recvbuff + root * count.
+```*/
     pub type ncclGather = unsafe extern "C" fn(
         sendbuff: *const ::core::ffi::c_void,
         recvbuff: *mut ::core::ffi::c_void,
@@ -247,30 +460,78 @@ pub mod sig {
         config: *const ncclCollConfig_t,
     ) -> ncclResult_t;
     /// Signature of `ncclGetErrorString` (NCCL 2.0 and newer).
+    ///
+    /**```text
+ Returns a string for each error code.
+```*/
     pub type ncclGetErrorString = unsafe extern "C" fn(
         result: ncclResult_t,
     ) -> *const ::core::ffi::c_char;
     /// Signature of `ncclGetLastError` (NCCL 2.13 and newer).
+    ///
+    /**```text
+ Returns a human-readable message of the last error that occurred.
+```*/
     pub type ncclGetLastError = unsafe extern "C" fn(
         comm: ncclComm_t,
     ) -> *const ::core::ffi::c_char;
     /// Signature of `ncclGetUniqueId` (NCCL 2.0 and newer).
+    ///
+    /**```text
+ Generates an Id to be used in ncclCommInitRank. ncclGetUniqueId should be
+ called once and the Id should be distributed to all ranks in the
+ communicator before calling ncclCommInitRank.
+```*/
     pub type ncclGetUniqueId = unsafe extern "C" fn(
         uniqueId: *mut ncclUniqueId,
     ) -> ncclResult_t;
     /// Signature of `ncclGetVersion` (NCCL 2.3 and newer).
+    ///
+    /**```text
+ Return the NCCL_VERSION_CODE of the NCCL library in the supplied integer.
+ This integer is coded with the MAJOR, MINOR and PATCH level of the
+ NCCL library
+```*/
     pub type ncclGetVersion = unsafe extern "C" fn(
         version: *mut ::core::ffi::c_int,
     ) -> ncclResult_t;
     /// Signature of `ncclGroupEnd` (NCCL 2.3 and newer).
+    ///
+    /**```text
+ Group End
+
+ End a group call. Start a fused NCCL operation consisting of all calls since
+ ncclGroupStart. Operations on the CUDA stream depending on the NCCL operations
+ need to be called after ncclGroupEnd.
+```*/
     pub type ncclGroupEnd = unsafe extern "C" fn() -> ncclResult_t;
     /// Signature of `ncclGroupSimulateEnd` (NCCL 2.22 and newer).
+    ///
+    /**```text
+ Group Simulate End
+
+ Simulate a ncclGroupEnd() call and return NCCL's simulation info in a struct.
+```*/
     pub type ncclGroupSimulateEnd = unsafe extern "C" fn(
         simInfo: *mut ncclSimInfo_t,
     ) -> ncclResult_t;
     /// Signature of `ncclGroupStart` (NCCL 2.3 and newer).
+    ///
+    /**```text
+ Group Start
+
+ Start a group call. All calls to NCCL until ncclGroupEnd will be fused into
+ a single NCCL operation. Nothing will be started on the CUDA stream until
+ ncclGroupEnd.
+```*/
     pub type ncclGroupStart = unsafe extern "C" fn() -> ncclResult_t;
     /// Signature of `ncclMemAlloc` (NCCL 2.19 and newer).
+    ///
+    /**```text
+ NCCL malloc and free function for all types of NCCL optimizations
+ (e.g. user buffer registration). The actual allocated size might
+ be larger than requested due to granularity requirement.
+```*/
     pub type ncclMemAlloc = unsafe extern "C" fn(
         ptr: *mut *mut ::core::ffi::c_void,
         size: usize,
@@ -280,13 +541,30 @@ pub mod sig {
         ptr: *mut ::core::ffi::c_void,
     ) -> ncclResult_t;
     /// Signature of `ncclParamBind` (NCCL 2.30 and newer).
+    ///
+    /**```text
+ Look up the parameter identified by key and store a handle to it in
+ out. The returned handle is owned by the parameter system and must not
+ be freed by the caller.
+```*/
     pub type ncclParamBind = unsafe extern "C" fn(
         out: *mut ncclParamHandle_t,
         key: *const ::core::ffi::c_char,
     ) -> ncclResult_t;
     /// Signature of `ncclParamDumpAll` (NCCL 2.30 and newer).
+    ///
+    /**```text
+ Dump all parameters to log output. By default, the result includes only parameters published
+ in NCCL documentation. Setting NCCL_PARAM_DUMP_ALL=true will include all parameters.
+```*/
     pub type ncclParamDumpAll = unsafe extern "C" fn();
     /// Signature of `ncclParamGet` (NCCL 2.30 and newer).
+    ///
+    /**```text
+ Read the value of the parameter bound to h as raw binary data.
+ The user needs to allocate a buffer for the result and the parameter value is copied
+ into user buffer as bytes.
+```*/
     pub type ncclParamGet = unsafe extern "C" fn(
         h: ncclParamHandle_t,
         out: *mut ::core::ffi::c_void,
@@ -294,6 +572,13 @@ pub mod sig {
         len: *mut ::core::ffi::c_int,
     ) -> ncclResult_t;
     /// Signature of `ncclParamGetAllParameterKeys` (NCCL 2.30 and newer).
+    ///
+    /**```text
+ Get all registered parameter keys. Returned pointer table is owned by the
+ parameter system and is valid until the next ncclParamGetAllParameterKeys()
+ call on the same thread. By default, the results include only parameters published
+ in NCCL documentation. Setting NCCL_PARAM_DUMP_ALL=true will include all parameters.
+```*/
     pub type ncclParamGetAllParameterKeys = unsafe extern "C" fn(
         table: *mut *mut *const ::core::ffi::c_char,
         tableLen: *mut ::core::ffi::c_int,
@@ -314,17 +599,35 @@ pub mod sig {
         out: *mut i64,
     ) -> ncclResult_t;
     /// Signature of `ncclParamGetI8` (NCCL 2.30 and newer).
+    ///
+    /**```text
+ Read the value of the parameter bound to h as the type of out.
+ Function names are suffixed with I/U and 8/16/32/64 for 8-, 16-, 32- and 64-bit
+ signed and unsigned integers.
+```*/
     pub type ncclParamGetI8 = unsafe extern "C" fn(
         h: ncclParamHandle_t,
         out: *mut i8,
     ) -> ncclResult_t;
     /// Signature of `ncclParamGetParameter` (NCCL 2.30 and newer).
+    ///
+    /**```text
+ Get parameter value as string by key. Returned pointer is owned by the
+ parameter system and is valid until the next ncclParamGetParameter() call
+ on the same thread.
+```*/
     pub type ncclParamGetParameter = unsafe extern "C" fn(
         key: *const ::core::ffi::c_char,
         value: *mut *const ::core::ffi::c_char,
         valueLen: *mut ::core::ffi::c_int,
     ) -> ncclResult_t;
     /// Signature of `ncclParamGetStr` (NCCL 2.30 and newer).
+    ///
+    /**```text
+ Read the value of the parameter bound to h as a string.
+ Returned pointer is owned by the parameter system and is valid until the
+ next ncclParamGetStr() call on the same thread.
+```*/
     pub type ncclParamGetStr = unsafe extern "C" fn(
         h: ncclParamHandle_t,
         out: *mut *const ::core::ffi::c_char,
@@ -350,6 +653,30 @@ pub mod sig {
         out: *mut u8,
     ) -> ncclResult_t;
     /// Signature of `ncclPutSignal` (NCCL 2.29 and newer).
+    ///
+    /**```text
+ Put
+
+ One-sided communication operation that writes data from the local buffer to a
+ remote peer's registered memory window without explicit participation from the
+ target process.
+
+ Parameters:
+   localbuff    - Local source buffer containing data to be transferred
+   count        - Number of elements to transfer
+   datatype     - NCCL data type of each element
+   peer         - Target rank to write data to
+   peerWin      - Memory window object registered by the target peer
+   peerWinOffset- Offset in bytes from the start of peer's registered window
+   sigIdx       - Signal index identifier for the operation
+   ctx          - Context identifier for the operation
+   flags        - Reserved for future use
+   comm         - NCCL communicator
+   stream       - CUDA stream to enqueue the operation on
+
+ Returns:
+   ncclSuccess on successful enqueue, error code otherwise
+```*/
     pub type ncclPutSignal = unsafe extern "C" fn(
         localbuff: *const ::core::ffi::c_void,
         count: usize,
@@ -373,6 +700,17 @@ pub mod sig {
         stream: cudaStream_t,
     ) -> ncclResult_t;
     /// Signature of `ncclRedOpCreatePreMulSum` (NCCL 2.11 and newer).
+    ///
+    /**```text
+ ncclRedOpCreatePreMulSum
+
+ Creates a new reduction operator which pre-multiplies input values by a given
+ scalar locally before reducing them with peer values via summation. For use
+ only with collectives launched against *comm* and *datatype*. The
+ *residence* argument indicates how/when the memory pointed to by *scalar*
+ will be dereferenced. Upon return, the newly created operator's handle
+ is stored in *op*.
+```*/
     pub type ncclRedOpCreatePreMulSum = unsafe extern "C" fn(
         op: *mut ncclRedOp_t,
         scalar: *mut ::core::ffi::c_void,
@@ -381,11 +719,31 @@ pub mod sig {
         comm: ncclComm_t,
     ) -> ncclResult_t;
     /// Signature of `ncclRedOpDestroy` (NCCL 2.11 and newer).
+    ///
+    /**```text
+ ncclRedOpDestroy
+
+ Destroys the reduction operator *op*. The operator must have been created by
+ ncclRedOpCreatePreMul with the matching communicator *comm*. An operator may be
+ destroyed as soon as the last NCCL function which is given that operator returns.
+```*/
     pub type ncclRedOpDestroy = unsafe extern "C" fn(
         op: ncclRedOp_t,
         comm: ncclComm_t,
     ) -> ncclResult_t;
     /// Signature of `ncclReduce` (NCCL 2.0 and newer).
+    ///
+    /**```text
+ Reduce
+
+ Reduces data arrays of length count in sendbuff into recvbuff using op
+ operation.
+ recvbuff may be NULL on all calls except for root device.
+ root is the rank (not the CUDA device) where data will reside after the
+ operation is complete.
+
+ In-place operation will happen if sendbuff == recvbuff.
+```*/
     pub type ncclReduce = unsafe extern "C" fn(
         sendbuff: *const ::core::ffi::c_void,
         recvbuff: *mut ::core::ffi::c_void,
@@ -409,6 +767,18 @@ pub mod sig {
         config: *const ncclCollConfig_t,
     ) -> ncclResult_t;
     /// Signature of `ncclReduceScatter` (NCCL 2.0 and newer).
+    ///
+    /**```text
+ Reduce-Scatter
+
+ Reduces data in sendbuff using op operation and leaves reduced result
+ scattered over the devices so that recvbuff on rank i will contain the i-th
+ block of the result.
+ Assumes sendcount is equal to nranks*recvcount, which means that sendbuff
+ should have a size of at least nranks*recvcount elements.
+
+ In-place operations will happen if recvbuff == sendbuff + rank * recvcount.
+```*/
     pub type ncclReduceScatter = unsafe extern "C" fn(
         sendbuff: *const ::core::ffi::c_void,
         recvbuff: *mut ::core::ffi::c_void,
@@ -430,6 +800,17 @@ pub mod sig {
         config: *const ncclCollConfig_t,
     ) -> ncclResult_t;
     /// Signature of `ncclScatter` (NCCL 2.28 and newer).
+    ///
+    /**```text
+ Scatter
+
+ On the root rank, count elements from sendbuff+i*count are sent to rank i.
+ On non-root ranks, sendbuff is not used.
+ Each rank receives count elements into recvbuff.
+ root is the rank that will distribute the data.
+
+ In-place operations will happen if recvbuff == sendbuff + root * count.
+```*/
     pub type ncclScatter = unsafe extern "C" fn(
         sendbuff: *const ::core::ffi::c_void,
         recvbuff: *mut ::core::ffi::c_void,
@@ -451,6 +832,19 @@ pub mod sig {
         config: *const ncclCollConfig_t,
     ) -> ncclResult_t;
     /// Signature of `ncclSend` (NCCL 2.7 and newer).
+    ///
+    /**```text
+ Send
+
+ Send data from sendbuff to rank peer.
+
+ Rank peer needs to call ncclRecv with the same datatype and the same count from this
+ rank.
+
+ This operation is blocking for the GPU. If multiple ncclSend and ncclRecv operations
+ need to progress concurrently to complete, they must be fused within a ncclGroupStart/
+ ncclGroupEnd section.
+```*/
     pub type ncclSend = unsafe extern "C" fn(
         sendbuff: *const ::core::ffi::c_void,
         count: usize,
@@ -464,6 +858,23 @@ pub mod sig {
         config: *const ncclEncryptionConfig_t,
     ) -> ncclResult_t;
     /// Signature of `ncclSignal` (NCCL 2.29 and newer).
+    ///
+    /**```text
+ Signal
+
+ Sends a signal to the specified peer without transferring data.
+
+ Parameters:
+   peer         - Target rank to send signal to
+   sigIdx       - Signal index identifier for the operation
+   ctx          - Context identifier for the operation
+   flags        - Reserved for future use
+   comm         - NCCL communicator
+   stream       - CUDA stream to enqueue the operation on
+
+ Returns:
+   ncclSuccess on successful signal enqueue, error code otherwise
+```*/
     pub type ncclSignal = unsafe extern "C" fn(
         peer: ::core::ffi::c_int,
         sigIdx: ::core::ffi::c_int,
@@ -473,6 +884,23 @@ pub mod sig {
         stream: cudaStream_t,
     ) -> ncclResult_t;
     /// Signature of `ncclWaitSignal` (NCCL 2.29 and newer).
+    ///
+    /**```text
+ Wait Signal
+
+ Waits for signals as described in the signal descriptor array.
+
+ Parameters:
+   nDesc        - Number of signal descriptors in the array
+   signalDescs  - Array of descriptors specifying the signals to wait for.
+                  Each descriptor indicates how many signals to expect from
+                  a specific peer on a particular signal index and context.
+   comm         - NCCL communicator
+   stream       - CUDA stream to enqueue the operation on
+
+ Returns:
+   ncclSuccess when all required signals received, error code otherwise
+```*/
     pub type ncclWaitSignal = unsafe extern "C" fn(
         nDesc: ::core::ffi::c_int,
         signalDescs: *mut ncclWaitSignalDesc_t,
@@ -480,6 +908,10 @@ pub mod sig {
         stream: cudaStream_t,
     ) -> ncclResult_t;
     /// Signature of `ncclWinGetUserPtr` (NCCL 2.29 and newer).
+    ///
+    /**```text
+ Get the user pointer from the window
+```*/
     pub type ncclWinGetUserPtr = unsafe extern "C" fn(
         comm: ncclComm_t,
         win: ncclWindow_t,
