@@ -4,6 +4,14 @@
 use std::ffi::CStr;
 
 fn lib() -> &'static nccl_sys::Library {
+    // Keep NCCL's bootstrap sockets (opened by ncclGetUniqueId / ncclCommInitRank) on loopback. Set once,
+    // before any test calls into NCCL; `call_once` makes the other tests wait for it.
+    static LOOPBACK: std::sync::Once = std::sync::Once::new();
+    LOOPBACK.call_once(|| {
+        if std::env::var_os("NCCL_SOCKET_IFNAME").is_none() {
+            std::env::set_var("NCCL_SOCKET_IFNAME", "lo");
+        }
+    });
     match nccl_sys::library() {
         Ok(lib) => lib,
         Err(e) => panic!("libnccl must be loadable for these tests (run scripts/setup.sh): {e}"),
