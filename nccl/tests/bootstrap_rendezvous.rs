@@ -912,7 +912,7 @@ fn helper_nprocs_program() {
             if role == "nprocs-fail" && info.rank == 1 {
                 std::process::exit(7);
             }
-            let timeout = if role == "nprocs-fail" { 2000 } else { 10_000 };
+            let timeout = if role == "nprocs-fail" { 1000 } else { 10_000 };
             let rv = match Rendezvous::new(&info, opts(timeout)) {
                 Ok(rv) => rv,
                 Err(e) => {

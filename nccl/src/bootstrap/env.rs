@@ -5,7 +5,7 @@
 //! | explicit | `NCCL_RS_RANK`, `NCCL_RS_WORLD_SIZE` | `NCCL_RS_LOCAL_RANK`, `NCCL_RS_LOCAL_WORLD_SIZE` | `NCCL_RS_MASTER_ADDR` (else `MASTER_ADDR`) | `NCCL_RS_MASTER_PORT` (else `MASTER_PORT`) |
 //! | `--nprocs` workers, torchrun | `RANK`, `WORLD_SIZE` | `LOCAL_RANK`, `LOCAL_WORLD_SIZE` | `MASTER_ADDR` | `MASTER_PORT` |
 //! | OpenMPI `mpirun` | `OMPI_COMM_WORLD_RANK`, `OMPI_COMM_WORLD_SIZE` | `OMPI_COMM_WORLD_LOCAL_RANK`, `OMPI_COMM_WORLD_LOCAL_SIZE` | `MASTER_ADDR` | `MASTER_PORT`, else derived from the job id |
-//! | Slurm `srun` | `SLURM_PROCID`, `SLURM_NTASKS` | `SLURM_LOCALID`, `SLURM_STEP_TASKS_PER_NODE`[`SLURM_NODEID`] | `MASTER_ADDR`, else the first host of `SLURM_STEP_NODELIST`/`SLURM_JOB_NODELIST` | `MASTER_PORT`, else derived from `SLURM_JOB_ID` and `SLURM_STEP_ID` |
+//! | Slurm `srun` | `SLURM_PROCID`, `SLURM_NTASKS` | `SLURM_LOCALID`, `SLURM_STEP_TASKS_PER_NODE` at `SLURM_NODEID` | `MASTER_ADDR`, else the first host of `SLURM_STEP_NODELIST`/`SLURM_JOB_NODELIST` | `MASTER_PORT`, else derived from `SLURM_JOB_ID` and `SLURM_STEP_ID` |
 //!
 //! The first launcher in this order whose rank variable is set wins (torchrun started inside a Slurm job is a
 //! torchrun launch). When the local variables are both absent, all ranks are assumed to share one host. When

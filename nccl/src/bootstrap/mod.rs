@@ -5,7 +5,7 @@
 //!
 //! - [`RankInfo::from_env`]: who am I, how many are we, where is rank 0 — from the variables of torchrun,
 //!   OpenMPI's `mpirun`, Slurm's `srun`, explicit `NCCL_RS_*` variables, or a single process when nothing is
-//!   set ([`env`] lists every variable).
+//!   set ([`mod@env`] lists every variable).
 //! - [`Rendezvous`]: a TCP rendezvous (rank 0 listens, the others connect) with broadcast, all-gather and
 //!   barrier of small byte blobs; deadlines on everything, bounded frames, an optional shared token, typed
 //!   errors naming the failing rank ([`rendezvous`], [`wire`]).

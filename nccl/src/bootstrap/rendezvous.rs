@@ -2,7 +2,7 @@
 //! byte blobs through rank 0 (a star; fine for ids, hashes and host names, not for bulk data).
 //!
 //! Robustness, in short: connecting ranks retry with back-off until the deadline; every read and write has a
-//! deadline; frames are bounded and checked before allocation ([`wire`](super::wire)); each incoming
+//! deadline; frames are bounded and checked before allocation (the [`wire`] module); each incoming
 //! connection is handshaken on its own thread with its own short timeout, at most
 //! [`RendezvousOptions::max_pending_handshakes`] at a time, so junk connections cannot stall the accept loop;
 //! an optional shared token is checked by an HMAC-SHA256 challenge-response (the token never crosses the wire);
@@ -235,6 +235,7 @@ pub struct Rendezvous {
     op_timeout: Duration,
     max_frame: usize,
     rejected: Vec<BootstrapError>,
+    info: RankInfo,
     state: Mutex<State>,
 }
 
@@ -257,6 +258,7 @@ impl Rendezvous {
                 op_timeout: opts.op_timeout,
                 max_frame: opts.max_frame,
                 rejected: Vec::new(),
+                info: info.clone(),
                 state: Mutex::new(State {
                     role: Role::Single,
                     next_seq: 1,
@@ -279,6 +281,11 @@ impl Rendezvous {
     /// The number of ranks.
     pub fn size(&self) -> usize {
         self.size
+    }
+
+    /// Where this rank sits (as given to [`new`](Self::new); on rank 0 with the port actually bound).
+    pub fn info(&self) -> &RankInfo {
+        &self.info
     }
 
     /// On rank 0: connections turned away while waiting for the ranks (junk, wrong token, duplicates…), at
@@ -585,6 +592,7 @@ fn leaf_collective(
 #[derive(Debug)]
 pub struct RendezvousListener {
     listener: TcpListener,
+    info: RankInfo,
     world_size: usize,
     opts: RendezvousOptions,
     start: Instant,
@@ -645,12 +653,17 @@ impl RendezvousListener {
         for addr in candidates {
             match TcpListener::bind(addr) {
                 Ok(listener) => {
+                    let mut info = info.clone();
+                    if let Ok(a) = listener.local_addr() {
+                        info.master_port = a.port();
+                    }
                     return Ok(RendezvousListener {
                         listener,
                         world_size: info.world_size,
+                        info,
                         opts,
                         start: Instant::now(),
-                    })
+                    });
                 }
                 Err(source) if source.kind() == std::io::ErrorKind::AddrInUse => {
                     return Err(BootstrapError::PortInUse { addr, source })
@@ -675,6 +688,7 @@ impl RendezvousListener {
     pub fn accept_ranks(self) -> Result<Rendezvous, BootstrapError> {
         let RendezvousListener {
             listener,
+            info,
             world_size,
             opts,
             start,
@@ -847,6 +861,7 @@ impl RendezvousListener {
             op_timeout: opts.op_timeout,
             max_frame: opts.max_frame,
             rejected,
+            info,
             state: Mutex::new(State {
                 role: Role::Root(conns),
                 next_seq: 0,
@@ -1317,6 +1332,7 @@ fn try_join(
         op_timeout: opts.op_timeout,
         max_frame: opts.max_frame,
         rejected: Vec::new(),
+        info: info.clone(),
         state: Mutex::new(State {
             role: Role::Leaf(Conn { rank: 0, addr, stream }),
             next_seq: 0,
