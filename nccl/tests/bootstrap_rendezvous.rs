@@ -717,12 +717,14 @@ fn helper_args(test: &str) -> Vec<String> {
     .collect()
 }
 
-/// Lines `@@<tag> ...` printed by the helpers, with the tag stripped.
+/// Lines `@@<tag> ...` printed by the helpers, with the tag stripped. Workers sharing one pipe may leave a
+/// partial line of libtest's own output in front of a tag (each tagged line is one atomic write), so the tag
+/// is searched anywhere in the line.
 fn tagged(out: &[u8], tag: &str) -> Vec<String> {
-    let prefix = format!("@@{tag} ");
+    let marker = format!("@@{tag} ");
     String::from_utf8_lossy(out)
         .lines()
-        .filter_map(|l| l.strip_prefix(&prefix).map(str::to_string))
+        .filter_map(|l| l.find(&marker).map(|i| l[i + marker.len()..].to_string()))
         .collect()
 }
 

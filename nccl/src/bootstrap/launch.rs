@@ -21,8 +21,8 @@ const CLEARED: [&str; 6] = [
     "NCCL_RS_MASTER_PORT",
 ];
 
-/// If `nprocs` is `Some(n)` and this process is neither a spawned worker nor a rank of another launcher
-/// (torchrun, mpirun, srun, explicit variables): re-executes the current program `n` times with the same
+/// If `nprocs` is `Some(n)` and this process is neither a spawned worker nor a rank of a multi-process launch by
+/// another launcher (torchrun, mpirun, srun, explicit variables): re-executes the current program `n` times with the same
 /// arguments and `RANK`, `WORLD_SIZE`, `LOCAL_RANK`, `LOCAL_WORLD_SIZE`, `MASTER_ADDR=127.0.0.1`,
 /// `MASTER_PORT=<a free port>` and `NCCL_RS_LOCAL_WORKER=1` set, with their output going to this process's
 /// output; waits for them; if one fails, gives the others 5 s to exit on their own (they report which rank
@@ -47,17 +47,20 @@ pub fn spawn_local_if_requested(nprocs: Option<usize>) -> Result<Option<i32>, Bo
     if std::env::var_os(LOCAL_WORKER_VAR).is_some() {
         return Ok(None);
     }
-    let info = RankInfo::from_env()?;
-    if info.launcher != Launcher::Single {
-        if info.world_size != n {
-            tracing::warn!(
-                nprocs = n,
-                world_size = info.world_size,
-                launcher = %info.launcher,
-                "--nprocs is ignored: this process was started by another launcher"
-            );
+    // Already one rank of a multi-process launch: run as that rank. (A launch of one, e.g. `srun -n 1`, or an
+    // environment that does not parse, is overridden: the workers' torchrun-style variables take precedence.)
+    if let Ok(info) = RankInfo::from_env() {
+        if info.launcher != Launcher::Single && info.world_size > 1 {
+            if info.world_size != n {
+                tracing::warn!(
+                    nprocs = n,
+                    world_size = info.world_size,
+                    launcher = %info.launcher,
+                    "--nprocs is ignored: this process was started by another launcher"
+                );
+            }
+            return Ok(None);
         }
-        return Ok(None);
     }
     let exe = std::env::current_exe().map_err(|source| BootstrapError::Spawn {
         rank: 0,
