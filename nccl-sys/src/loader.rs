@@ -480,5 +480,8 @@ mod tests {
         );
         fn assert_error<E: std::error::Error + Send + Sync + Clone + 'static>() {}
         assert_error::<LoadError>();
+        // The process-wide library is shared by every thread.
+        fn assert_shared<T: Send + Sync + 'static>() {}
+        assert_shared::<Library>();
     }
 }
