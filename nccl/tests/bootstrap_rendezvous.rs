@@ -736,6 +736,7 @@ fn helper_rendezvous_worker() {
     let info = RankInfo::from_env().unwrap();
     let expected = match role.as_str() {
         "mpi" => Launcher::OpenMpi,
+        "slurm" => Launcher::Slurm,
         _ => Launcher::Local,
     };
     assert_eq!(info.launcher, expected, "{info:?}");
@@ -831,6 +832,52 @@ fn under_mpirun_with_env_discovery_only() {
         String::from_utf8_lossy(&out.stderr)
     );
     check_world_output(&out.stdout, 2);
+}
+
+#[test]
+fn srun_style_env_processes() {
+    // What srun sets for a 2-task step on one node; rank 0's host comes from the node list and the port from
+    // the job and step ids (no MASTER_* variables).
+    let job = 100_000 + std::process::id() % 800_000;
+    let children: Vec<_> = (0..2)
+        .map(|r| {
+            let mut cmd = std::process::Command::new(this_test_binary());
+            cmd.args(helper_args("helper_rendezvous_worker"))
+                .env(ROLE, "slurm")
+                .env("SLURM_PROCID", r.to_string())
+                .env("SLURM_LOCALID", r.to_string())
+                .env("SLURM_NODEID", "0")
+                .env("SLURM_NTASKS", "2")
+                .env("SLURM_STEP_TASKS_PER_NODE", "2")
+                .env("SLURM_JOB_NODELIST", "localhost")
+                .env("SLURM_JOB_ID", job.to_string())
+                .env("SLURM_STEP_ID", "0")
+                .stdout(std::process::Stdio::piped())
+                .stderr(std::process::Stdio::piped());
+            for v in [
+                "RANK",
+                "WORLD_SIZE",
+                "MASTER_ADDR",
+                "MASTER_PORT",
+                "OMPI_COMM_WORLD_RANK",
+                "NCCL_RS_RANK",
+            ] {
+                cmd.env_remove(v);
+            }
+            cmd.spawn().unwrap()
+        })
+        .collect();
+    let mut stdout = Vec::new();
+    for (r, c) in children.into_iter().enumerate() {
+        let out = c.wait_with_output().unwrap();
+        assert!(
+            out.status.success(),
+            "rank {r}: {}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+        stdout.extend_from_slice(&out.stdout);
+    }
+    check_world_output(&stdout, 2);
 }
 
 fn which(prog: &str) -> Option<std::path::PathBuf> {
