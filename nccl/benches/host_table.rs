@@ -12,14 +12,20 @@ use nccl::{Collectives, ReduceOp};
 
 const MAX: usize = 64 << 20;
 
+/// The same sizes as `bench/mpi/allreduce.c`.
 fn sizes() -> Vec<usize> {
-    let mut v = vec![];
-    let mut b = 8;
-    while b <= MAX {
-        v.push(b);
-        b *= 4;
-    }
-    v
+    vec![
+        8,
+        64,
+        512,
+        4 << 10,
+        32 << 10,
+        256 << 10,
+        1 << 20,
+        4 << 20,
+        16 << 20,
+        MAX,
+    ]
 }
 
 /// Iterations for a size: enough for ~0.25 s, at least 5.

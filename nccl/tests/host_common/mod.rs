@@ -206,3 +206,140 @@ pub fn opts() -> HostOptions {
 pub fn assert_rank<C: Collectives>(c: &C) -> (usize, usize) {
     (c.rank(), c.size())
 }
+
+pub fn check_eq<T: TestElem>(what: &str, op: ReduceOp, got: &[T], want: impl Fn(usize) -> T) {
+    for (i, g) in got.iter().enumerate() {
+        let w = want(i);
+        assert!(
+            same(op, *g, w),
+            "{what}: element {i}: got {g:?}, want {w:?} ({:?})",
+            T::DATA_TYPE
+        );
+    }
+}
+
+/// All checks of one rank: every collective, every op, out of place and in place.
+pub fn rank_body<T: TestElem>(c: &HostComm, count: usize, path: &str) {
+    let (r, n) = (c.rank(), c.size());
+    let ctx = |what: &str| format!("{path} n={n} rank={r} {what}");
+
+    for op in ALL_OPS {
+        let (x, op_r) = op_input::<T>(op, n, r, count);
+        // all_reduce, out of place and in place.
+        let mut out = vec![T::default(); count];
+        c.all_reduce(&x, &mut out, op_r).unwrap();
+        check_eq(&ctx(&format!("all_reduce {op:?}")), op, &out, |i| {
+            reduced::<T>(op, n, i)
+        });
+        let mut buf = x.clone();
+        c.all_reduce_in_place(&mut buf, op_r).unwrap();
+        check_eq(&ctx(&format!("all_reduce_in_place {op:?}")), op, &buf, |i| {
+            reduced::<T>(op, n, i)
+        });
+
+        // reduce to the last rank, out of place and in place.
+        let root = n - 1;
+        let mut out = vec![T::default(); count];
+        c.reduce(&x, (r == root).then_some(&mut out[..]), op_r, root).unwrap();
+        if r == root {
+            check_eq(&ctx(&format!("reduce {op:?}")), op, &out, |i| reduced::<T>(op, n, i));
+        }
+        let mut buf = x.clone();
+        c.reduce_in_place(&mut buf, op_r, 0).unwrap();
+        if r == 0 {
+            check_eq(&ctx(&format!("reduce_in_place {op:?}")), op, &buf, |i| {
+                reduced::<T>(op, n, i)
+            });
+        } else {
+            assert_eq!(buf, x, "{}", ctx("reduce_in_place must not change non-root buffers"));
+        }
+
+        // reduce_scatter: send holds n*count, elements at block b offset i of rank r: value index b*count+i.
+        let (xs, op_r) = op_input::<T>(op, n, r, n * count);
+        let mut out = vec![T::default(); count];
+        c.reduce_scatter(&xs, &mut out, op_r).unwrap();
+        check_eq(&ctx(&format!("reduce_scatter {op:?}")), op, &out, |i| {
+            reduced::<T>(op, n, r * count + i)
+        });
+        let mut buf = xs.clone();
+        c.reduce_scatter_in_place(&mut buf, op_r).unwrap();
+        check_eq(
+            &ctx(&format!("reduce_scatter_in_place {op:?}")),
+            op,
+            &buf[r * count..(r + 1) * count],
+            |i| reduced::<T>(op, n, r * count + i),
+        );
+    }
+
+    let mine: Vec<T> = (0..count).map(|i| tag::<T>(r, i)).collect();
+    let sum = ReduceOp::Sum;
+
+    // broadcast from every root, out of place and in place.
+    for root in 0..n {
+        let mut out = vec![T::default(); count];
+        c.broadcast((r == root).then_some(&mine[..]), &mut out, root).unwrap();
+        check_eq(&ctx("broadcast"), sum, &out, |i| tag::<T>(root, i));
+        let mut buf = if r == root {
+            mine.clone()
+        } else {
+            vec![T::default(); count]
+        };
+        c.broadcast_in_place(&mut buf, root).unwrap();
+        check_eq(&ctx("broadcast_in_place"), sum, &buf, |i| tag::<T>(root, i));
+    }
+
+    // all_gather.
+    let mut out = vec![T::default(); n * count];
+    c.all_gather(&mine, &mut out).unwrap();
+    check_eq(&ctx("all_gather"), sum, &out, |k| {
+        tag::<T>(k / count.max(1), k % count.max(1))
+    });
+    let mut buf = vec![T::default(); n * count];
+    buf[r * count..(r + 1) * count].copy_from_slice(&mine);
+    c.all_gather_in_place(&mut buf).unwrap();
+    check_eq(&ctx("all_gather_in_place"), sum, &buf, |k| {
+        tag::<T>(k / count.max(1), k % count.max(1))
+    });
+
+    // gather / scatter to and from the middle rank.
+    let root = n / 2;
+    let mut out = vec![T::default(); n * count];
+    c.gather(&mine, (r == root).then_some(&mut out[..]), root).unwrap();
+    if r == root {
+        check_eq(&ctx("gather"), sum, &out, |k| {
+            tag::<T>(k / count.max(1), k % count.max(1))
+        });
+    }
+    let all: Vec<T> = (0..n * count).map(|k| tag::<T>(r + 100, k)).collect();
+    let mut out = vec![T::default(); count];
+    c.scatter((r == root).then_some(&all[..]), &mut out, root).unwrap();
+    check_eq(&ctx("scatter"), sum, &out, |i| tag::<T>(root + 100, r * count + i));
+
+    // all_to_all: block j of rank r's send is tag(r, j*count+i); rank r receives block r of every rank.
+    let send: Vec<T> = (0..n * count).map(|k| tag::<T>(r, k)).collect();
+    let mut out = vec![T::default(); n * count];
+    c.all_to_all(&send, &mut out).unwrap();
+    check_eq(&ctx("all_to_all"), sum, &out, |k| {
+        let (j, i) = (k / count.max(1), k % count.max(1));
+        tag::<T>(j, r * count + i)
+    });
+
+    // send/recv in a ring (grouped), then a plain pair exchange, then send_recv to self.
+    let (dst, src) = ((r + 1) % n, (r + n - 1) % n);
+    let mut out = vec![T::default(); count];
+    c.send_recv(&mine, dst, &mut out, src).unwrap();
+    check_eq(&ctx("send_recv ring"), sum, &out, |i| tag::<T>(src, i));
+    if n > 1 && r < n / 2 * 2 {
+        let peer = r ^ 1;
+        let mut out = vec![T::default(); count];
+        if r % 2 == 0 {
+            c.send(&mine, peer).unwrap();
+            c.recv(&mut out, peer).unwrap();
+        } else {
+            c.recv(&mut out, peer).unwrap();
+            c.send(&mine, peer).unwrap();
+        }
+        check_eq(&ctx("send/recv pair"), sum, &out, |i| tag::<T>(peer, i));
+    }
+    c.barrier().unwrap();
+}

@@ -1,0 +1,240 @@
+//! Processes mode: ranks are child processes of this test binary (re-executed with `--exact <test>` and an
+//! environment marker), set up through the bootstrap's TCP rendezvous on loopback and a `/dev/shm` segment.
+//! Checks results, failure of a killed rank, and that no segment is left in `/dev/shm`.
+
+mod host_common;
+
+use std::process::{Command, Stdio};
+use std::time::{Duration, Instant};
+
+use host_common::*;
+use nccl::bootstrap::{RankInfo, Rendezvous, RendezvousOptions};
+use nccl::host::{HostComm, HostOptions};
+use nccl::{Collectives, Error, ReduceOp};
+
+const CHILD: &str = "NCCL_RS_HOST_TEST_CHILD";
+
+/// In a child: this test's communicator. `None` in the parent.
+fn child(test: &str, o: HostOptions) -> Option<HostComm> {
+    if std::env::var(CHILD).ok()? != test {
+        return None;
+    }
+    let info = RankInfo::from_env().expect("rank info from the environment");
+    let rv = Rendezvous::new(&info, RendezvousOptions::default()).expect("rendezvous");
+    Some(HostComm::from_rendezvous(&rv, o).expect("host communicator"))
+}
+
+struct Exit {
+    pid: u32,
+    code: Option<i32>,
+    signal: Option<i32>,
+    out: String,
+}
+
+/// Runs `test` as `n` child processes (ranks 0..n) and waits for all of them (killing them after 120 s).
+fn spawn_world(test: &str, n: usize) -> Vec<Exit> {
+    use std::os::unix::process::ExitStatusExt;
+    let port = nccl::bootstrap::launch::free_port("127.0.0.1".parse().unwrap()).unwrap();
+    let exe = std::env::current_exe().unwrap();
+    let mut kids: Vec<_> = (0..n)
+        .map(|r| {
+            Command::new(&exe)
+                .args(["--exact", test, "--nocapture", "--test-threads=1"])
+                .env(CHILD, test)
+                .env("NCCL_RS_RANK", r.to_string())
+                .env("NCCL_RS_WORLD_SIZE", n.to_string())
+                .env("NCCL_RS_LOCAL_RANK", r.to_string())
+                .env("NCCL_RS_LOCAL_WORLD_SIZE", n.to_string())
+                .env("NCCL_RS_MASTER_ADDR", "127.0.0.1")
+                .env("NCCL_RS_MASTER_PORT", port.to_string())
+                .stdout(Stdio::piped())
+                .stderr(Stdio::piped())
+                .spawn()
+                .expect("spawn a rank")
+        })
+        .collect();
+    let deadline = Instant::now() + Duration::from_secs(120);
+    let mut exits = vec![];
+    for k in kids.iter_mut() {
+        while k.try_wait().unwrap().is_none() {
+            if Instant::now() > deadline {
+                let _ = k.kill();
+            }
+            std::thread::sleep(Duration::from_millis(5));
+        }
+    }
+    for k in kids {
+        let pid = k.id();
+        let o = k.wait_with_output().unwrap();
+        let out = format!(
+            "{}{}",
+            String::from_utf8_lossy(&o.stdout),
+            String::from_utf8_lossy(&o.stderr)
+        );
+        exits.push(Exit {
+            pid,
+            code: o.status.code(),
+            signal: o.status.signal(),
+            out,
+        });
+    }
+    exits
+}
+
+/// No segment created by rank 0 (named after its pid) is left in /dev/shm.
+fn assert_no_leak(exits: &[Exit]) {
+    let prefix = format!("nccl-rs-{}-", exits[0].pid);
+    let left: Vec<_> = std::fs::read_dir("/dev/shm")
+        .unwrap()
+        .filter_map(|e| e.ok())
+        .map(|e| e.file_name().to_string_lossy().into_owned())
+        .filter(|f| f.starts_with(&prefix))
+        .collect();
+    assert!(left.is_empty(), "leftover shared memory: {left:?}");
+}
+
+fn assert_all_ok(exits: &[Exit]) {
+    for (r, e) in exits.iter().enumerate() {
+        assert_eq!(e.code, Some(0), "rank {r} failed:\n{}", e.out);
+        assert!(e.out.contains("1 passed"), "rank {r} did not run the test:\n{}", e.out);
+    }
+    assert_no_leak(exits);
+}
+
+fn procs_opts() -> HostOptions {
+    HostOptions {
+        timeout: Duration::from_secs(30),
+        ..HostOptions::default()
+    }
+}
+
+#[test]
+fn processes_every_collective_and_type() {
+    const T: &str = "processes_every_collective_and_type";
+    if let Some(c) = child(T, procs_opts()) {
+        rank_body::<i8>(&c, 37, "procs");
+        rank_body::<u32>(&c, 37, "procs");
+        rank_body::<i64>(&c, 37, "procs");
+        rank_body::<half::f16>(&c, 37, "procs");
+        rank_body::<half::bf16>(&c, 37, "procs");
+        rank_body::<f32>(&c, 37, "procs");
+        rank_body::<f64>(&c, 37, "procs");
+        rank_body::<float8::F8E4M3>(&c, 37, "procs");
+        rank_body::<float8::F8E5M2>(&c, 37, "procs");
+        rank_body::<u8>(&c, 0, "procs");
+        return;
+    }
+    for n in [1, 2, 3, 4] {
+        assert_all_ok(&spawn_world(T, n));
+    }
+}
+
+#[test]
+fn processes_pipelined_rounds() {
+    const T: &str = "processes_pipelined_rounds";
+    if let Some(c) = child(
+        T,
+        HostOptions {
+            slot_bytes: Some(64),
+            ..procs_opts()
+        },
+    ) {
+        rank_body::<f32>(&c, 83, "procs-rounds");
+        rank_body::<i32>(&c, 83, "procs-rounds");
+        rank_body::<half::bf16>(&c, 83, "procs-rounds");
+        rank_body::<u64>(&c, 83, "procs-rounds");
+        return;
+    }
+    for n in [2, 3, 7] {
+        assert_all_ok(&spawn_world(T, n));
+    }
+}
+
+#[test]
+fn processes_large_messages() {
+    const T: &str = "processes_large_messages";
+    if let Some(c) = child(T, procs_opts()) {
+        let (r, n) = (c.rank(), c.size());
+        let count = (3 << 20) / 4 + 5;
+        let x: Vec<f32> = (0..count).map(|i| ((i + r) % 100) as f32).collect();
+        let mut out = vec![0f32; count];
+        c.all_reduce(&x, &mut out, ReduceOp::Sum).unwrap();
+        for (i, v) in out.iter().enumerate() {
+            let want: usize = (0..n).map(|k| (i + k) % 100).sum();
+            assert_eq!(*v, want as f32, "element {i}");
+        }
+        // A large point-to-point message in a ring (more than the channel buffers).
+        let mut got = vec![0f32; count];
+        c.send_recv(&x, (r + 1) % n, &mut got, (r + n - 1) % n).unwrap();
+        assert!(got
+            .iter()
+            .enumerate()
+            .all(|(i, v)| *v == ((i + (r + n - 1) % n) % 100) as f32));
+        return;
+    }
+    assert_all_ok(&spawn_world(T, 3));
+}
+
+#[test]
+fn processes_sixteen_ranks() {
+    const T: &str = "processes_sixteen_ranks";
+    if let Some(c) = child(T, procs_opts()) {
+        let (r, n) = (c.rank(), c.size());
+        let mut b = vec![r as u32; 7];
+        c.all_reduce_in_place(&mut b, ReduceOp::Sum).unwrap();
+        assert_eq!(b, vec![(n * (n - 1) / 2) as u32; 7]);
+        let mut g = vec![0u8; n];
+        c.all_gather(&[r as u8], &mut g).unwrap();
+        assert!(g.iter().enumerate().all(|(i, v)| *v == i as u8));
+        c.barrier().unwrap();
+        return;
+    }
+    assert_all_ok(&spawn_world(T, 16));
+}
+
+/// A rank killed (SIGKILL: no destructor runs) mid-run: the others fail naming it, well before the timeout;
+/// nothing is left in /dev/shm.
+#[test]
+fn processes_killed_rank_is_detected() {
+    const T: &str = "processes_killed_rank_is_detected";
+    if let Some(c) = child(T, procs_opts()) {
+        let r = c.rank();
+        let mut b = vec![1f32; 1000];
+        c.all_reduce_in_place(&mut b, ReduceOp::Sum).unwrap();
+        if r == 1 {
+            // SAFETY: sending SIGKILL to ourselves; nothing after this runs.
+            unsafe { libc::kill(libc::getpid(), libc::SIGKILL) };
+        }
+        let t = Instant::now();
+        let e = c.all_reduce_in_place(&mut b, ReduceOp::Sum).unwrap_err();
+        assert!(t.elapsed() < Duration::from_secs(15), "took {:?}", t.elapsed());
+        match &e {
+            Error::PeerFailed { rank: 1, reason, .. } => assert!(reason.contains("exited"), "{e}"),
+            other => panic!("expected PeerFailed naming rank 1, got {other}"),
+        }
+        println!("rank {r} saw: {e}");
+        return;
+    }
+    let exits = spawn_world(T, 3);
+    assert_eq!(exits[1].signal, Some(libc::SIGKILL), "{}", exits[1].out);
+    for r in [0, 2] {
+        assert_eq!(exits[r].code, Some(0), "rank {r}:\n{}", exits[r].out);
+        assert!(exits[r].out.contains("rank 1 failed"), "rank {r}:\n{}", exits[r].out);
+    }
+    assert_no_leak(&exits);
+}
+
+/// A rank that exits normally without joining the collective (its communicator is dropped).
+#[test]
+fn processes_early_exit_is_detected() {
+    const T: &str = "processes_early_exit_is_detected";
+    if let Some(c) = child(T, procs_opts()) {
+        if c.rank() == 0 {
+            return; // drops the communicator: rank 0 leaves first
+        }
+        let e = c.barrier().unwrap_err();
+        assert!(matches!(e, Error::PeerFailed { rank: 0, .. }), "{e}");
+        return;
+    }
+    assert_all_ok(&spawn_world(T, 3));
+}
