@@ -5,11 +5,37 @@
 
 pub mod backend;
 pub mod bootstrap;
+pub mod collective;
+pub mod comm;
+pub mod config;
 pub mod counts;
 pub mod error;
+pub mod group;
 pub mod host;
+pub mod id;
+pub mod premul;
+pub mod register;
+pub mod result;
 pub mod types;
+pub mod version;
 
 pub use backend::Collectives;
 pub use error::{Error, Result};
 pub use types::{DataType, Elem, ReduceOp};
+
+pub use comm::{AbortHandle, Communicator, ShrinkMode};
+pub use config::Config;
+pub use group::{group, Group};
+pub use id::{UniqueId, UNIQUE_ID_BYTES};
+pub use premul::{PreMulSum, Reduction};
+pub use register::{NcclMemory, RawRegistration, RawWindow};
+#[cfg(feature = "cuda")]
+pub use register::{DeviceMemory, Registered, Window};
+pub use version::{header_version, nccl_available, version, Version};
+#[cfg(feature = "cuda")]
+pub use version::{cuda_available, cuda_device_count};
+/// The raw bindings this crate is built on.
+pub use nccl_sys as sys;
+/// The cudarc this crate's buffer types come from (use it to avoid version mismatches).
+#[cfg(feature = "cuda")]
+pub use cudarc;

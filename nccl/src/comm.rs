@@ -1,0 +1,736 @@
+//! The communicator: creation (blocking, non-blocking with a deadline, several GPUs at once, split, shrink),
+//! queries, teardown, and the [`AbortHandle`] a watchdog thread uses to kill a hung communicator.
+//!
+//! # Shared state and abort soundness
+//! The `ncclComm_t` lives in a [`Mutex`] shared (through an `Arc`) by the [`Communicator`] and its
+//! [`AbortHandle`]s. Every NCCL call on the communicator runs while holding that lock, and an abort takes the
+//! lock, calls `ncclCommAbort` and marks the state `Aborted`. So NCCL is never called on a freed communicator:
+//! after an abort every call returns [`Error::Aborted`], and the `Drop` of the communicator and of its children
+//! (registrations, reduction ops) skips the C call because the abort already released everything.
+//!
+//! A call that blocks *inside* NCCL keeps the lock, so a watchdog's abort waits for it. NCCL itself recommends
+//! non-blocking communicators (`Config::blocking(false)`) for fault tolerance: then every call returns at
+//! once, this crate polls `ncclCommGetAsyncError` *releasing the lock between polls*, and an abort gets in
+//! between two polls. With the default blocking mode, the watchdog can still abort GPU-side hangs (a kernel
+//! waiting for a peer while the host waits in a stream synchronize), which is the common case.
+
+use crate::config::Config;
+use crate::error::{Error, Result};
+use crate::id::UniqueId;
+use crate::result::{self, ffi, IN_PROGRESS, SUCCESS};
+use std::cell::Cell;
+use std::marker::PhantomData;
+use std::sync::{Arc, Mutex, MutexGuard};
+use std::time::{Duration, Instant};
+
+/// A raw communicator handle that may move between threads: NCCL allows a communicator to be used from any
+/// thread as long as calls on it do not overlap, which the mutex in [`Shared`] guarantees.
+#[derive(Clone, Copy, Debug)]
+pub(crate) struct RawComm(pub(crate) nccl_sys::ncclComm_t);
+// SAFETY: see the type's documentation: the handle is only passed to NCCL while holding `Shared::state`.
+unsafe impl Send for RawComm {}
+// SAFETY: sharing the address is harmless: every use of it (a call into NCCL) happens while holding
+// `Shared::state`, directly or through a group on the same thread, so uses never overlap.
+unsafe impl Sync for RawComm {}
+
+/// The lifecycle of an `ncclComm_t`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) enum State {
+    /// Usable.
+    Live,
+    /// `ncclCommAbort` was called (by `abort`, an [`AbortHandle`], a timeout, or a failed teardown).
+    Aborted,
+    /// `ncclCommDestroy` was called after a successful finalize or drop.
+    Closed,
+}
+
+/// What a communicator and its abort handles share.
+#[derive(Debug)]
+pub(crate) struct Shared {
+    /// The handle; only passed to NCCL while `state` is `Live` and locked (by this call or by a
+    /// [`group`](crate::group) on this thread).
+    pub(crate) raw: RawComm,
+    state: Mutex<State>,
+    /// False for communicators created with `Config::blocking(false)`.
+    pub(crate) blocking: bool,
+    /// The configuration NCCL may keep pointers into (`commName`), alive until the last owner drops.
+    _config: Option<Config>,
+}
+
+/// How long to sleep between polls of a non-blocking call, growing from 10 µs to 1 ms.
+fn backoff(step: &mut u32) {
+    let us = (10u64 << (*step).min(7)).min(1000);
+    *step += 1;
+    std::thread::sleep(Duration::from_micros(us));
+}
+
+impl Shared {
+    fn new(raw: nccl_sys::ncclComm_t, blocking: bool, config: Option<Config>) -> Arc<Self> {
+        Arc::new(Shared {
+            raw: RawComm(raw),
+            state: Mutex::new(State::Live),
+            blocking,
+            _config: config,
+        })
+    }
+
+    /// The state, locked. A poisoned lock is taken over: the state is a plain enum, always consistent.
+    pub(crate) fn lock(&self) -> MutexGuard<'_, State> {
+        self.state.lock().unwrap_or_else(|e| e.into_inner())
+    }
+
+    /// Runs `f` with the live handle while holding the lock; [`Error::Aborted`] if the communicator is gone.
+    /// Inside a [`group`](crate::group) that already holds this lock on this thread, runs `f` directly (the
+    /// group checked the state when it took the lock, and nothing can change it while the lock is held).
+    pub(crate) fn with<R>(&self, op: &'static str, f: impl FnOnce(nccl_sys::ncclComm_t) -> Result<R>) -> Result<R> {
+        if crate::group::held_by_this_thread(self) {
+            return f(self.raw.0);
+        }
+        let guard = self.lock();
+        match *guard {
+            State::Live => f(self.raw.0),
+            _ => Err(Error::Aborted { op }),
+        }
+    }
+
+    /// Issues one NCCL call (`f` returns its raw result) and completes it: on `ncclInProgress` from a
+    /// non-blocking communicator, polls until the call finished. Errors carry NCCL's last-error text.
+    pub(crate) fn call(&self, op: &'static str, f: impl FnOnce(nccl_sys::ncclComm_t) -> Result<i32>) -> Result<()> {
+        let code = self.with(op, |raw| {
+            let code = f(raw)?;
+            if code == IN_PROGRESS && !self.blocking {
+                return Ok(code);
+            }
+            // SAFETY: `raw` is live and we hold the lock.
+            unsafe { result::check(op, code, raw) }?;
+            Ok(code)
+        })?;
+        if code == IN_PROGRESS {
+            self.wait_ready(op, None)?;
+        }
+        Ok(())
+    }
+
+    /// `ncclCommGetAsyncError` once.
+    pub(crate) fn async_status(&self, op: &'static str) -> Result<i32> {
+        self.with(op, |raw| {
+            let mut status: nccl_sys::ncclResult_t = SUCCESS as _;
+            // SAFETY: `raw` is live and we hold the lock; `status` is a valid out-pointer.
+            unsafe {
+                let code = ffi!(op, ncclCommGetAsyncError(raw, &mut status));
+                result::check("ncclCommGetAsyncError", code, raw)?;
+            }
+            #[allow(clippy::unnecessary_cast)]
+            Ok(status as i32)
+        })
+    }
+
+    /// Polls `ncclCommGetAsyncError` until the communicator is no longer `ncclInProgress`, releasing the lock
+    /// between polls. With a deadline, aborts the communicator when it passes and returns [`Error::Timeout`].
+    pub(crate) fn wait_ready(&self, op: &'static str, timeout: Option<Duration>) -> Result<()> {
+        let start = Instant::now();
+        let mut step = 0;
+        loop {
+            let status = self.async_status(op)?;
+            if status == SUCCESS {
+                return Ok(());
+            }
+            if status != IN_PROGRESS {
+                let last = self.with(op, |raw| {
+                    // SAFETY: `raw` is live and we hold the lock.
+                    Ok(unsafe { result::last_error(raw) })
+                })?;
+                return Err(Error::Nccl {
+                    op,
+                    code: status,
+                    last_error: last,
+                });
+            }
+            if let Some(limit) = timeout {
+                if start.elapsed() >= limit {
+                    if let Err(e) = self.abort() {
+                        tracing::warn!("aborting the communicator after {op} timed out failed: {e}");
+                    }
+                    return Err(Error::Timeout {
+                        op,
+                        elapsed: start.elapsed(),
+                        detail: Some("the communicator was still ncclInProgress and has been aborted".into()),
+                    });
+                }
+            }
+            backoff(&mut step);
+        }
+    }
+
+    /// `ncclCommAbort` unless the communicator is already gone. Idempotent.
+    pub(crate) fn abort(&self) -> Result<()> {
+        if crate::group::held_by_this_thread(self) {
+            return Err(Error::invalid(
+                "ncclCommAbort",
+                "cannot abort inside a group on the thread running it",
+            ));
+        }
+        let mut guard = self.lock();
+        if *guard != State::Live {
+            return Ok(());
+        }
+        let raw = self.raw;
+        *guard = State::Aborted;
+        // SAFETY: `raw` was live and is marked aborted before the lock is released, so no call can use it
+        // again; ncclCommAbort frees it (also when operations are in flight, which it kills).
+        let code = unsafe { ffi!("ncclCommAbort", ncclCommAbort(raw.0)) };
+        // NCCL's last error is global after the comm is gone.
+        // SAFETY: a null communicator asks for the global last error.
+        unsafe { result::check("ncclCommAbort", code, std::ptr::null_mut()) }
+    }
+
+    /// True once aborted.
+    pub(crate) fn is_aborted(&self) -> bool {
+        matches!(*self.lock(), State::Aborted)
+    }
+
+    /// `ncclCommDestroy` (after a finalize, or from drop). On a non-blocking communicator destroy may return
+    /// `ncclInProgress`; NCCL documents destroy as completing the teardown itself.
+    fn destroy(&self) -> Result<()> {
+        if crate::group::held_by_this_thread(self) {
+            return Err(Error::invalid("ncclCommDestroy", "cannot destroy inside a group"));
+        }
+        let mut guard = self.lock();
+        if *guard != State::Live {
+            return Ok(());
+        }
+        let raw = self.raw;
+        *guard = State::Closed;
+        // SAFETY: `raw` is live; marking it closed under the lock first means nothing uses it afterwards.
+        let code = unsafe { ffi!("ncclCommDestroy", ncclCommDestroy(raw.0)) };
+        if code == IN_PROGRESS {
+            return Ok(());
+        }
+        // SAFETY: a null communicator asks for the global last error.
+        unsafe { result::check("ncclCommDestroy", code, std::ptr::null_mut()) }
+    }
+}
+
+/// An NCCL communicator (`ncclComm_t`): one rank of a group of GPUs that run collectives together.
+///
+/// Created on every rank with the same [`UniqueId`]; see [`init_rank`](Self::init_rank). Collectives (feature
+/// `cuda`) run on the CUDA stream bound with [`with_stream`](Self::with_stream) or
+/// [`init_rank_on`](Self::init_rank_on); the `*_raw` variants take any stream.
+///
+/// Teardown: [`finalize`](Self::finalize) (collective, flushes outstanding work, then destroys) or
+/// [`abort`](Self::abort) (local, kills outstanding work). Dropping calls `ncclCommDestroy`, or
+/// `ncclCommAbort` when the communicator has an asynchronous error or the thread is panicking; it never
+/// panics. Prefer the explicit calls: teardown driven by drop order can desynchronize ranks.
+///
+/// ```no_run
+/// # #[cfg(feature = "cuda")] fn main() -> nccl::Result<()> {
+/// use cudarc::driver::CudaContext;
+/// use nccl::{Communicator, ReduceOp, UniqueId};
+///
+/// let stream = CudaContext::new(0).unwrap().default_stream();
+/// let id = UniqueId::new()?; // on rank 0; send id.as_bytes() to the others
+/// let comm = Communicator::init_rank_on(stream.clone(), &id, 0, 1)?;
+/// let send = stream.clone_htod(&[1.0f32, 2.0, 3.0]).unwrap();
+/// let mut recv = stream.alloc_zeros::<f32>(3).unwrap();
+/// comm.all_reduce(&send, &mut recv, ReduceOp::Sum)?;
+/// assert_eq!(stream.clone_dtoh(&recv).unwrap(), [1.0, 2.0, 3.0]);
+/// comm.finalize()?;
+/// # Ok(()) }
+/// # #[cfg(not(feature = "cuda"))] fn main() {}
+/// ```
+#[derive(Debug)]
+#[doc(alias = "ncclComm_t")]
+pub struct Communicator {
+    pub(crate) shared: Arc<Shared>,
+    rank: usize,
+    size: usize,
+    device: i32,
+    #[cfg(feature = "cuda")]
+    pub(crate) stream: Option<Arc<cudarc::driver::CudaStream>>,
+    #[cfg(feature = "cuda")]
+    pub(crate) scratch: std::cell::RefCell<Option<cudarc::driver::CudaSlice<i32>>>,
+    /// Send but not Sync: NCCL requires the operations on one communicator to be issued by one thread at a
+    /// time and in the same order on every rank. `&Communicator` shared between threads would let two
+    /// threads interleave collectives nondeterministically, which deadlocks or mismatches them across ranks
+    /// (and NCCL's group state is per thread). Moving the communicator to another thread is fine.
+    _not_sync: PhantomData<Cell<()>>,
+}
+
+fn check_world(op: &'static str, rank: usize, nranks: usize) -> Result<(i32, i32)> {
+    if nranks == 0 || nranks > i32::MAX as usize {
+        return Err(Error::invalid(
+            op,
+            format!("nranks must be in 1..={}, got {nranks}", i32::MAX),
+        ));
+    }
+    crate::counts::check_rank(op, "rank", rank, nranks)?;
+    Ok((rank as i32, nranks as i32))
+}
+
+/// How [`Communicator::shrink`] treats operations still running on the parent.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Default)]
+pub enum ShrinkMode {
+    /// `NCCL_SHRINK_DEFAULT`: the parent must be healthy and idle.
+    #[default]
+    Default,
+    /// `NCCL_SHRINK_ABORT`: first terminate the parent's outstanding operations (after a peer failed).
+    AbortParentOps,
+}
+
+impl Communicator {
+    /// Wraps a freshly created handle. The rank, size and device are given (non-blocking communicators must
+    /// not be queried before they are ready) or, with `None`, asked from NCCL.
+    fn wrap(shared: Arc<Shared>, rank: usize, size: usize) -> Result<Self> {
+        let device = shared.with("ncclCommCuDevice", |raw| {
+            let mut dev = 0i32;
+            // SAFETY: `raw` is live (and ready) and the lock is held; `dev` is a valid out-pointer.
+            unsafe {
+                let code = ffi!("ncclCommCuDevice", ncclCommCuDevice(raw, &mut dev));
+                result::check("ncclCommCuDevice", code, raw)?;
+            }
+            Ok(dev)
+        })?;
+        Ok(Communicator {
+            shared,
+            rank,
+            size,
+            device,
+            #[cfg(feature = "cuda")]
+            stream: None,
+            #[cfg(feature = "cuda")]
+            scratch: std::cell::RefCell::new(None),
+            _not_sync: PhantomData,
+        })
+    }
+
+    /// Handles the outcome of a creating call: `raw` is what NCCL wrote to `*newcomm`. On failure a non-null
+    /// half-built communicator is aborted, so it does not leak.
+    fn finish_create(
+        op: &'static str,
+        code: i32,
+        raw: nccl_sys::ncclComm_t,
+        config: Option<&Config>,
+        rank: usize,
+        size: usize,
+        timeout: Option<Duration>,
+    ) -> Result<Self> {
+        let blocking = !config.is_some_and(Config::is_non_blocking);
+        let accepted = code == SUCCESS || (code == IN_PROGRESS && !blocking);
+        if !accepted {
+            // SAFETY: the creating call failed; `raw` is either null or a communicator that only we know of.
+            let err = unsafe { result::check(op, code, raw) }.unwrap_err();
+            if !raw.is_null() {
+                let shared = Shared::new(raw, true, None);
+                if let Err(e) = shared.abort() {
+                    tracing::warn!("releasing the communicator after {op} failed: {e}");
+                }
+            }
+            return Err(err);
+        }
+        if raw.is_null() {
+            return Err(Error::invalid(op, "NCCL returned no communicator"));
+        }
+        let shared = Shared::new(raw, blocking, config.cloned());
+        if !blocking {
+            shared.wait_ready(op, timeout)?;
+        }
+        Self::wrap(shared, rank, size)
+    }
+
+    /// Creates rank `rank` of a communicator of `nranks` ranks on the current CUDA device
+    /// (`ncclCommInitRank`). Blocks until every rank has called it with the same `id`.
+    ///
+    /// Fails with [`Error::InvalidRank`] when `rank >= nranks`, [`Error::Nccl`] (with NCCL's message) when NCCL
+    /// fails, e.g. code 1 "CUDA driver version is insufficient" on a machine without a GPU.
+    #[doc(alias = "ncclCommInitRank")]
+    pub fn init_rank(id: &UniqueId, rank: usize, nranks: usize) -> Result<Self> {
+        const OP: &str = "ncclCommInitRank";
+        let (r, n) = check_world(OP, rank, nranks)?;
+        let mut raw: nccl_sys::ncclComm_t = std::ptr::null_mut();
+        // SAFETY: `raw` is a valid out-pointer; the id is passed by value.
+        let code = unsafe { ffi!(OP, ncclCommInitRank(&mut raw, n, id.to_raw(), r)) };
+        Self::finish_create(OP, code, raw, None, rank, nranks, None)
+    }
+
+    /// [`init_rank`](Self::init_rank) with a [`Config`] (`ncclCommInitRankConfig`, NCCL 2.14+). Config fields
+    /// newer than the loaded library give [`Error::Unsupported`]. With `blocking(false)` this waits, without a
+    /// deadline, until the communicator is ready; use [`init_rank_timeout`](Self::init_rank_timeout) to bound it.
+    #[doc(alias = "ncclCommInitRankConfig")]
+    pub fn init_rank_config(id: &UniqueId, rank: usize, nranks: usize, config: &Config) -> Result<Self> {
+        Self::init_config(id, rank, nranks, config, None)
+    }
+
+    /// Non-blocking creation with a deadline: sets `blocking = 0`, calls `ncclCommInitRankConfig`, and polls
+    /// `ncclCommGetAsyncError` while it reports `ncclInProgress`. If `timeout` passes first (a rank never
+    /// arrived), the half-built communicator is aborted and [`Error::Timeout`] returned.
+    ///
+    /// The communicator stays non-blocking: later calls return once NCCL accepted them, and this crate
+    /// completes each one by polling, so an [`AbortHandle`] can interrupt any of them.
+    #[doc(alias = "ncclCommInitRankConfig")]
+    #[doc(alias = "ncclCommGetAsyncError")]
+    pub fn init_rank_timeout(
+        id: &UniqueId,
+        rank: usize,
+        nranks: usize,
+        config: &Config,
+        timeout: Duration,
+    ) -> Result<Self> {
+        let config = config.clone().blocking(false);
+        Self::init_config(id, rank, nranks, &config, Some(timeout))
+    }
+
+    fn init_config(
+        id: &UniqueId,
+        rank: usize,
+        nranks: usize,
+        config: &Config,
+        timeout: Option<Duration>,
+    ) -> Result<Self> {
+        const OP: &str = "ncclCommInitRankConfig";
+        let (r, n) = check_world(OP, rank, nranks)?;
+        let lib = result::library(OP)?;
+        result::require(OP, "2.14", lib.version_code())?;
+        config.validate(lib.version_code())?;
+        let config = config.clone();
+        let mut c = config.to_raw();
+        let mut raw: nccl_sys::ncclComm_t = std::ptr::null_mut();
+        // SAFETY: `raw` and `c` are valid pointers for the call; the strings `c` points to live in `config`,
+        // which the communicator keeps (NCCL keeps the `commName` pointer).
+        let code = unsafe { ffi!(OP, ncclCommInitRankConfig(&mut raw, n, id.to_raw(), r, &mut c)) };
+        Self::finish_create(OP, code, raw, Some(&config), rank, nranks, timeout)
+    }
+
+    /// Creates one communicator per device in `devices` (CUDA ordinals) in this process (`ncclCommInitAll`):
+    /// element `i` is rank `i` on `devices[i]`. Operations on them from one thread must be grouped
+    /// ([`group`](crate::group)). Devices must be distinct.
+    #[doc(alias = "ncclCommInitAll")]
+    pub fn init_all(devices: &[usize]) -> Result<Vec<Self>> {
+        const OP: &str = "ncclCommInitAll";
+        if devices.is_empty() || devices.len() > i32::MAX as usize {
+            return Err(Error::invalid(OP, "needs at least one device"));
+        }
+        let mut seen = std::collections::HashSet::new();
+        let mut list = Vec::with_capacity(devices.len());
+        for &d in devices {
+            if !seen.insert(d) {
+                return Err(Error::invalid(
+                    OP,
+                    format!("device {d} is listed twice (NCCL would hang)"),
+                ));
+            }
+            list.push(i32::try_from(d).map_err(|_| Error::invalid(OP, format!("device {d} out of range")))?);
+        }
+        let mut raws: Vec<nccl_sys::ncclComm_t> = vec![std::ptr::null_mut(); devices.len()];
+        // SAFETY: `raws` has room for `devices.len()` handles and `list` holds that many device ordinals.
+        let code = unsafe { ffi!(OP, ncclCommInitAll(raws.as_mut_ptr(), list.len() as i32, list.as_ptr())) };
+        if code != SUCCESS {
+            // SAFETY: a null communicator asks for the global last error.
+            let err = unsafe { result::check(OP, code, std::ptr::null_mut()) }.unwrap_err();
+            for raw in raws.into_iter().filter(|r| !r.is_null()) {
+                let _ = Shared::new(raw, true, None).abort();
+            }
+            return Err(err);
+        }
+        let n = raws.len();
+        let shareds: Vec<_> = raws.into_iter().map(|raw| Shared::new(raw, true, None)).collect();
+        let mut out = Vec::with_capacity(n);
+        for (rank, shared) in shareds.into_iter().enumerate() {
+            out.push(Self::wrap(shared, rank, n)?);
+        }
+        Ok(out)
+    }
+
+    /// Splits this communicator (`ncclCommSplit`, NCCL 2.18+): ranks passing the same `color` form a new
+    /// communicator, ordered by `key` (ties by parent rank). `color: None` (`NCCL_SPLIT_NOCOLOR`) takes part
+    /// without joining one, and returns `Ok(None)`. Collective: every rank of this communicator must call it.
+    /// `config: None` inherits this communicator's configuration. The child is bound to the same stream.
+    #[doc(alias = "ncclCommSplit")]
+    pub fn split(&self, color: Option<u32>, key: i32, config: Option<&Config>) -> Result<Option<Self>> {
+        const OP: &str = "ncclCommSplit";
+        let lib = result::library(OP)?;
+        result::require(OP, "2.18", lib.version_code())?;
+        let color = match color {
+            Some(c) => i32::try_from(c).map_err(|_| Error::invalid(OP, format!("color {c} exceeds i32::MAX")))?,
+            None => nccl_sys::NCCL_SPLIT_NOCOLOR,
+        };
+        if let Some(c) = config {
+            c.validate(lib.version_code())?;
+        }
+        let config = config.cloned();
+        let mut c = config.as_ref().map(Config::to_raw);
+        let cptr = c.as_mut().map_or(std::ptr::null_mut(), |c| c as *mut _);
+        let mut child: nccl_sys::ncclComm_t = std::ptr::null_mut();
+        let code = self.shared.with(OP, |raw| {
+            // SAFETY: `raw` is live under the lock; `child` and `cptr` (null or a config whose strings the child
+            // keeps) are valid for the call.
+            Ok(unsafe { ffi!(OP, ncclCommSplit(raw, color, key, &mut child, cptr)) })
+        })?;
+        let blocking = match &config {
+            Some(c) => !c.is_non_blocking(),
+            None => self.shared.blocking,
+        };
+        let inherited = match config {
+            Some(c) => c,
+            None if blocking => Config::new(),
+            None => Config::new().blocking(false),
+        };
+        if color == nccl_sys::NCCL_SPLIT_NOCOLOR {
+            if code != SUCCESS && code != IN_PROGRESS {
+                // SAFETY: a null communicator asks for the global last error.
+                unsafe { result::check(OP, code, std::ptr::null_mut()) }?;
+            }
+            if code == IN_PROGRESS {
+                self.shared.wait_ready(OP, None)?;
+            }
+            return Ok(None);
+        }
+        let mut comm = Self::finish_create(OP, code, child, Some(&inherited), 0, 0, None)?;
+        comm.fill_rank_size()?;
+        #[cfg(feature = "cuda")]
+        {
+            comm.stream = self.stream.clone();
+        }
+        Ok(Some(comm))
+    }
+
+    /// Creates a communicator without the ranks in `exclude` (`ncclCommShrink`, NCCL 2.27+), e.g. after they
+    /// failed. Every rank not excluded calls it with the same list; excluded ranks do not call it. Ranks are
+    /// renumbered in order. With [`ShrinkMode::AbortParentOps`], outstanding operations on this communicator
+    /// are terminated first.
+    #[doc(alias = "ncclCommShrink")]
+    pub fn shrink(&self, exclude: &[usize], config: Option<&Config>, mode: ShrinkMode) -> Result<Self> {
+        const OP: &str = "ncclCommShrink";
+        let lib = result::library(OP)?;
+        result::require(OP, "2.27", lib.version_code())?;
+        let mut list = Vec::with_capacity(exclude.len());
+        for &r in exclude {
+            crate::counts::check_rank(OP, "excluded rank", r, self.size)?;
+            if r == self.rank {
+                return Err(Error::invalid(
+                    OP,
+                    format!("this rank ({r}) is in the exclude list; it must not call shrink"),
+                ));
+            }
+            if list.contains(&(r as i32)) {
+                return Err(Error::invalid(OP, format!("rank {r} is excluded twice")));
+            }
+            list.push(r as i32);
+        }
+        if list.len() >= self.size {
+            return Err(Error::invalid(OP, "every rank would be excluded"));
+        }
+        if let Some(c) = config {
+            c.validate(lib.version_code())?;
+        }
+        let config = config.cloned();
+        let mut c = config.as_ref().map(Config::to_raw);
+        let cptr = c.as_mut().map_or(std::ptr::null_mut(), |c| c as *mut _);
+        let flags = match mode {
+            ShrinkMode::Default => nccl_sys::NCCL_SHRINK_DEFAULT as i32,
+            ShrinkMode::AbortParentOps => nccl_sys::NCCL_SHRINK_ABORT as i32,
+        };
+        let mut child: nccl_sys::ncclComm_t = std::ptr::null_mut();
+        let code = self.shared.with(OP, |raw| {
+            // SAFETY: `raw` is live under the lock; `list` holds `list.len()` ranks; `child` and `cptr` are valid.
+            Ok(unsafe {
+                ffi!(
+                    OP,
+                    ncclCommShrink(raw, list.as_mut_ptr(), list.len() as i32, &mut child, cptr, flags)
+                )
+            })
+        })?;
+        let blocking = config.as_ref().map_or(self.shared.blocking, |c| !c.is_non_blocking());
+        let inherited = match config {
+            Some(c) => c,
+            None if blocking => Config::new(),
+            None => Config::new().blocking(false),
+        };
+        let mut comm = Self::finish_create(OP, code, child, Some(&inherited), 0, 0, None)?;
+        comm.fill_rank_size()?;
+        #[cfg(feature = "cuda")]
+        {
+            comm.stream = self.stream.clone();
+        }
+        Ok(comm)
+    }
+
+    fn fill_rank_size(&mut self) -> Result<()> {
+        let (rank, size) = self.shared.with("ncclCommUserRank", |raw| {
+            let (mut r, mut n) = (0i32, 0i32);
+            // SAFETY: `raw` is live and ready under the lock; out-pointers are valid.
+            unsafe {
+                let code = ffi!("ncclCommUserRank", ncclCommUserRank(raw, &mut r));
+                result::check("ncclCommUserRank", code, raw)?;
+                let code = ffi!("ncclCommCount", ncclCommCount(raw, &mut n));
+                result::check("ncclCommCount", code, raw)?;
+            }
+            Ok((r, n))
+        })?;
+        self.rank = usize::try_from(rank).map_err(|_| Error::invalid("ncclCommUserRank", "negative rank"))?;
+        self.size = usize::try_from(size).map_err(|_| Error::invalid("ncclCommCount", "negative size"))?;
+        Ok(())
+    }
+
+    /// This rank, in `0..size()` (`ncclCommUserRank`, cached).
+    #[doc(alias = "ncclCommUserRank")]
+    pub fn rank(&self) -> usize {
+        self.rank
+    }
+
+    /// The number of ranks (`ncclCommCount`, cached).
+    #[doc(alias = "ncclCommCount")]
+    pub fn size(&self) -> usize {
+        self.size
+    }
+
+    /// The CUDA device ordinal this rank runs on (`ncclCommCuDevice`, cached).
+    #[doc(alias = "ncclCommCuDevice")]
+    pub fn device(&self) -> usize {
+        self.device.max(0) as usize
+    }
+
+    /// True for a communicator created with `Config::blocking(false)`.
+    pub fn is_non_blocking(&self) -> bool {
+        !self.shared.blocking
+    }
+
+    /// Asks NCCL for an asynchronous error (`ncclCommGetAsyncError`): `Ok(None)` while healthy (or still
+    /// `ncclInProgress`), `Ok(Some(error))` once the communicator failed (e.g. a peer disconnected; abort it),
+    /// `Err` when the query itself failed or the communicator was aborted.
+    #[doc(alias = "ncclCommGetAsyncError")]
+    pub fn async_error(&self) -> Result<Option<Error>> {
+        const OP: &str = "ncclCommGetAsyncError";
+        let status = self.shared.async_status(OP)?;
+        if status == SUCCESS || status == IN_PROGRESS {
+            return Ok(None);
+        }
+        // SAFETY: `raw` is live under the lock.
+        let last = self.shared.with(OP, |raw| Ok(unsafe { result::last_error(raw) }))?;
+        Ok(Some(Error::Nccl {
+            op: OP,
+            code: status,
+            last_error: last,
+        }))
+    }
+
+    /// True when NCCL has finished all pending non-blocking work on this communicator (`ncclCommGetAsyncError`
+    /// is not `ncclInProgress`). Always true for blocking communicators once created.
+    pub fn is_ready(&self) -> Result<bool> {
+        Ok(self.shared.async_status("ncclCommGetAsyncError")? != IN_PROGRESS)
+    }
+
+    /// A handle that can abort this communicator from another thread (a watchdog). See the
+    /// [module docs](self) for what it can interrupt.
+    pub fn abort_handle(&self) -> AbortHandle {
+        AbortHandle {
+            shared: self.shared.clone(),
+        }
+    }
+
+    /// True once aborted (by [`AbortHandle::abort`] or a timeout).
+    pub fn is_aborted(&self) -> bool {
+        self.shared.is_aborted()
+    }
+
+    /// Runs `f` with the raw `ncclComm_t`, holding the communicator's lock so an abort cannot free it
+    /// meanwhile. [`Error::Aborted`] if it was aborted. For calls this crate does not wrap; using the pointer
+    /// is `unsafe` and must not outlive `f` or destroy the communicator.
+    pub fn with_raw<R>(&self, f: impl FnOnce(nccl_sys::ncclComm_t) -> R) -> Result<R> {
+        self.shared.with("with_raw", |raw| Ok(f(raw)))
+    }
+
+    /// Flushes outstanding operations (`ncclCommFinalize`, NCCL 2.14+, collective: every rank calls it), then
+    /// frees the communicator (`ncclCommDestroy`). On a non-blocking communicator waits for the finalize by
+    /// polling. If either step fails, the communicator is aborted (so nothing leaks) and the error returned.
+    #[doc(alias = "ncclCommFinalize")]
+    #[doc(alias = "ncclCommDestroy")]
+    pub fn finalize(self) -> Result<()> {
+        const OP: &str = "ncclCommFinalize";
+        let res = result::require_loaded(OP, "2.14")
+            .and_then(|()| {
+                self.shared.call(OP, |raw| {
+                    // SAFETY: `raw` is live under the lock.
+                    Ok(unsafe { ffi!(OP, ncclCommFinalize(raw)) })
+                })
+            })
+            .and_then(|()| self.shared.destroy());
+        if let Err(e) = &res {
+            if !matches!(e, Error::Aborted { .. }) {
+                if let Err(e2) = self.shared.abort() {
+                    tracing::warn!("aborting after a failed finalize: {e2}");
+                }
+            }
+        }
+        res
+    }
+
+    /// Kills outstanding operations and frees the communicator (`ncclCommAbort`). Local: other ranks see
+    /// their operations on this communicator fail or hang until they abort too. Returns `Ok` when it was
+    /// already aborted.
+    #[doc(alias = "ncclCommAbort")]
+    pub fn abort(self) -> Result<()> {
+        self.shared.abort()
+    }
+}
+
+impl Drop for Communicator {
+    fn drop(&mut self) {
+        if crate::group::held_by_this_thread(&self.shared) || *self.shared.lock() != State::Live {
+            return;
+        }
+        let unhealthy = std::thread::panicking() || !matches!(self.async_error(), Ok(None));
+        let res = if unhealthy {
+            self.shared.abort()
+        } else {
+            self.shared.destroy()
+        };
+        if let Err(e) = res {
+            tracing::warn!(
+                "nccl: releasing communicator (rank {} of {}) failed: {e}",
+                self.rank,
+                self.size
+            );
+        }
+    }
+}
+
+/// Aborts a [`Communicator`] from another thread, e.g. a watchdog that gives up on a hung collective.
+///
+/// Send + Sync and cloneable. After [`abort`](Self::abort), every call on the communicator returns
+/// [`Error::Aborted`]; the communicator itself is still dropped normally. See the [module docs](self) for the
+/// locking that makes this sound and for what it can interrupt.
+///
+/// ```no_run
+/// # fn main() -> nccl::Result<()> {
+/// use std::time::Duration;
+/// let id = nccl::UniqueId::new()?;
+/// let comm = nccl::Communicator::init_rank(&id, 0, 2)?;
+/// let handle = comm.abort_handle();
+/// std::thread::spawn(move || {
+///     std::thread::sleep(Duration::from_secs(600));
+///     let _ = handle.abort(); // nobody finished in ten minutes: kill it
+/// });
+/// # Ok(()) }
+/// ```
+#[derive(Clone, Debug)]
+pub struct AbortHandle {
+    shared: Arc<Shared>,
+}
+
+impl AbortHandle {
+    /// `ncclCommAbort` on the communicator unless it is already gone (aborted or destroyed): then `Ok(())`.
+    #[doc(alias = "ncclCommAbort")]
+    pub fn abort(&self) -> Result<()> {
+        self.shared.abort()
+    }
+
+    /// True once the communicator was aborted.
+    pub fn is_aborted(&self) -> bool {
+        self.shared.is_aborted()
+    }
+
+    /// True while the communicator is usable (neither aborted nor destroyed).
+    pub fn is_live(&self) -> bool {
+        *self.shared.lock() == State::Live
+    }
+}

@@ -1,0 +1,516 @@
+//! GPU tests of the safe layer: every collective in and out of place, every data type, world sizes 1, 2 and
+//! all visible GPUs (one thread per GPU sharing one `UniqueId`, and one thread driving all GPUs with
+//! `init_all` + `group`), group send/recv rings, split, shrink, registration, abort from a watchdog during a
+//! hung collective, and non-blocking init. Results are checked exactly: inputs are small integers that every
+//! type (down to fp8) represents exactly, and so are their sums.
+//!
+//! Run them (they are `#[ignore]`d because CI has no GPU):
+//!
+//! ```text
+//! cargo test -p nccl-rs --features cuda --test nccl_gpu -- --ignored --test-threads=1
+//! ```
+#![cfg(feature = "cuda")]
+
+use cudarc::driver::{CudaContext, CudaSlice, CudaStream, DeviceRepr, ValidAsZeroBits};
+use nccl::{Collectives, Communicator, Config, DataType, Elem, Error, ReduceOp, UniqueId};
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+fn gpus() -> usize {
+    nccl::cuda_device_count()
+}
+
+fn need(n: usize) {
+    assert!(gpus() >= n, "this test needs {n} GPUs, {} visible", gpus());
+}
+
+/// Runs `f` on `n` threads, rank `r` on GPU `r`, all sharing one id; finalizes every communicator.
+fn run_ranks<R: Send>(n: usize, f: impl Fn(&Communicator, &Arc<CudaStream>) -> R + Sync) -> Vec<R> {
+    need(n);
+    let id = UniqueId::new().unwrap();
+    std::thread::scope(|s| {
+        let handles: Vec<_> = (0..n)
+            .map(|rank| {
+                let f = &f;
+                s.spawn(move || {
+                    let stream = CudaContext::new(rank).unwrap().new_stream().unwrap();
+                    let comm = Communicator::init_rank_on(stream.clone(), &id, rank, n).unwrap();
+                    assert_eq!((comm.rank(), comm.size(), comm.device()), (rank, n, rank));
+                    let out = f(&comm, &stream);
+                    comm.finalize().unwrap();
+                    out
+                })
+            })
+            .collect();
+        handles
+            .into_iter()
+            .map(|h| h.join().expect("rank thread panicked"))
+            .collect()
+    })
+}
+
+trait TestElem: Elem + DeviceRepr + ValidAsZeroBits {}
+impl<T: Elem + DeviceRepr + ValidAsZeroBits> TestElem for T {}
+
+/// The largest integer `T` and all smaller ones represent exactly.
+fn max_exact(dt: DataType) -> f64 {
+    match dt {
+        DataType::Int8 => 127.0,
+        DataType::Uint8 => 255.0,
+        DataType::Float16 => 2048.0,
+        DataType::Bfloat16 => 256.0,
+        DataType::Float8e4m3 => 16.0,
+        DataType::Float8e5m2 => 8.0,
+        _ => 1e6,
+    }
+}
+
+fn up<T: TestElem>(s: &Arc<CudaStream>, v: &[f64]) -> CudaSlice<T> {
+    let host: Vec<T> = v.iter().map(|&x| T::from_f64(x)).collect();
+    s.clone_htod(&host).unwrap()
+}
+
+fn down<T: TestElem>(s: &Arc<CudaStream>, b: &CudaSlice<T>) -> Vec<f64> {
+    s.clone_dtoh(b).unwrap().into_iter().map(|x| x.to_f64()).collect()
+}
+
+/// Rank `r`'s input: small positive integers whose sum over `n` ranks (times 2 for PreMulSum) stays exact.
+fn input(dt: DataType, n: usize, r: usize, len: usize) -> Vec<f64> {
+    let k = ((max_exact(dt) / (2.0 * n as f64)).floor() as usize).clamp(1, 7);
+    (0..len).map(|i| ((r + i) % k + 1) as f64).collect()
+}
+
+fn check_collectives<T: TestElem>(comm: &Communicator, s: &Arc<CudaStream>) {
+    let dt = T::DATA_TYPE;
+    let (n, r) = (comm.size(), comm.rank());
+    let c = 37; // per-rank count, not a multiple of anything NCCL likes
+    let mine = input(dt, n, r, c);
+    let all: Vec<Vec<f64>> = (0..n).map(|q| input(dt, n, q, c)).collect();
+    let sum: Vec<f64> = (0..c).map(|i| all.iter().map(|v| v[i]).sum()).collect();
+    let max: Vec<f64> = (0..c)
+        .map(|i| all.iter().map(|v| v[i]).fold(f64::MIN, f64::max))
+        .collect();
+    let min: Vec<f64> = (0..c)
+        .map(|i| all.iter().map(|v| v[i]).fold(f64::MAX, f64::min))
+        .collect();
+    let ctx = |what: &str| format!("{dt:?} n={n} rank={r}: {what}");
+
+    // all_reduce: sum, max, min out of place; sum in place; PreMulSum(2) both ways.
+    let send = up::<T>(s, &mine);
+    for (op, want) in [(ReduceOp::Sum, &sum), (ReduceOp::Max, &max), (ReduceOp::Min, &min)] {
+        let mut recv = s.alloc_zeros::<T>(c).unwrap();
+        comm.all_reduce(&send, &mut recv, op).unwrap();
+        assert_eq!(&down(s, &recv), want, "{}", ctx(&format!("all_reduce {op:?}")));
+    }
+    let mut buf = up::<T>(s, &mine);
+    comm.all_reduce_in_place(&mut buf, ReduceOp::Sum).unwrap();
+    assert_eq!(down(s, &buf), sum, "{}", ctx("all_reduce_in_place"));
+    let doubled: Vec<f64> = sum.iter().map(|x| 2.0 * x).collect();
+    let mut recv = s.alloc_zeros::<T>(c).unwrap();
+    comm.all_reduce(&send, &mut recv, ReduceOp::PreMulSum(2.0)).unwrap();
+    assert_eq!(down(s, &recv), doubled, "{}", ctx("PreMulSum(2)"));
+    // Avg of equal inputs is exact for every type.
+    let mut same = up::<T>(s, &vec![3.0; c]);
+    comm.all_reduce_in_place(&mut same, ReduceOp::Avg).unwrap();
+    assert_eq!(down(s, &same), vec![3.0; c], "{}", ctx("Avg"));
+
+    // broadcast from the last rank, out of place (send only on the root) and in place.
+    let root = n - 1;
+    let mut recv = s.alloc_zeros::<T>(c).unwrap();
+    let root_send = up::<T>(s, &all[root]);
+    let send_opt: Option<&dyn cudarc::driver::DevicePtr<T>> = (r == root).then_some(&root_send);
+    comm.broadcast(send_opt, &mut recv, root).unwrap();
+    assert_eq!(down(s, &recv), all[root], "{}", ctx("broadcast"));
+    let mut buf = up::<T>(s, &mine);
+    comm.broadcast_in_place(&mut buf, root).unwrap();
+    assert_eq!(down(s, &buf), all[root], "{}", ctx("broadcast_in_place"));
+
+    // reduce to rank 0.
+    let mut recv = s.alloc_zeros::<T>(c).unwrap();
+    let recv_opt: Option<&mut dyn cudarc::driver::DevicePtrMut<T>> = if r == 0 { Some(&mut recv) } else { None };
+    comm.reduce(&send, recv_opt, ReduceOp::Sum, 0).unwrap();
+    if r == 0 {
+        assert_eq!(down(s, &recv), sum, "{}", ctx("reduce"));
+    }
+    let mut buf = up::<T>(s, &mine);
+    comm.reduce_in_place(&mut buf, ReduceOp::Sum, 0).unwrap();
+    assert_eq!(
+        down(s, &buf),
+        if r == 0 { sum.clone() } else { mine.clone() },
+        "{}",
+        ctx("reduce_in_place")
+    );
+
+    // all_gather: concatenation in rank order.
+    let gathered: Vec<f64> = all.concat();
+    let mut recv = s.alloc_zeros::<T>(n * c).unwrap();
+    comm.all_gather(&send, &mut recv).unwrap();
+    assert_eq!(down(s, &recv), gathered, "{}", ctx("all_gather"));
+    let mut host = vec![0.0; n * c];
+    host[r * c..(r + 1) * c].copy_from_slice(&mine);
+    let mut buf = up::<T>(s, &host);
+    comm.all_gather_in_place(&mut buf).unwrap();
+    assert_eq!(down(s, &buf), gathered, "{}", ctx("all_gather_in_place"));
+
+    // reduce_scatter: rank q's send is input(q) repeated per block with a block offset; rank r gets block r.
+    let block = |q: usize, b: usize| -> Vec<f64> { input(dt, n, q + b, c) };
+    let send_rs: Vec<f64> = (0..n).flat_map(|b| block(r, b)).collect();
+    let want_rs: Vec<f64> = (0..c).map(|i| (0..n).map(|q| block(q, r)[i]).sum()).collect();
+    let send_buf = up::<T>(s, &send_rs);
+    let mut recv = s.alloc_zeros::<T>(c).unwrap();
+    comm.reduce_scatter(&send_buf, &mut recv, ReduceOp::Sum).unwrap();
+    assert_eq!(down(s, &recv), want_rs, "{}", ctx("reduce_scatter"));
+    let mut buf = up::<T>(s, &send_rs);
+    comm.reduce_scatter_in_place(&mut buf, ReduceOp::Sum).unwrap();
+    assert_eq!(
+        down(s, &buf)[r * c..(r + 1) * c],
+        want_rs[..],
+        "{}",
+        ctx("reduce_scatter_in_place")
+    );
+
+    if nccl::version().unwrap().at_least(2, 28) {
+        // all_to_all: block j of rank q's send (value 10*q + j, scaled to stay exact) lands in block q of rank j.
+        let val = |q: usize, j: usize| ((q * n + j) % max_exact(dt).min(100.0) as usize) as f64;
+        let send_a: Vec<f64> = (0..n).flat_map(|j| vec![val(r, j); c]).collect();
+        let want_a: Vec<f64> = (0..n).flat_map(|q| vec![val(q, r); c]).collect();
+        let send_buf = up::<T>(s, &send_a);
+        let mut recv = s.alloc_zeros::<T>(n * c).unwrap();
+        comm.all_to_all(&send_buf, &mut recv).unwrap();
+        assert_eq!(down(s, &recv), want_a, "{}", ctx("all_to_all"));
+        // gather to the last rank, scatter from rank 0.
+        let mut recv = s.alloc_zeros::<T>(n * c).unwrap();
+        let recv_opt: Option<&mut dyn cudarc::driver::DevicePtrMut<T>> = if r == root { Some(&mut recv) } else { None };
+        comm.gather(&send, recv_opt, root).unwrap();
+        if r == root {
+            assert_eq!(down(s, &recv), gathered, "{}", ctx("gather"));
+        }
+        let scatter_src = up::<T>(s, &gathered);
+        let mut recv = s.alloc_zeros::<T>(c).unwrap();
+        let send_opt: Option<&dyn cudarc::driver::DevicePtr<T>> = (r == 0).then_some(&scatter_src);
+        comm.scatter(send_opt, &mut recv, 0).unwrap();
+        assert_eq!(down(s, &recv), all[r], "{}", ctx("scatter"));
+    }
+
+    // Ring through the group API: send to the next rank, receive from the previous one.
+    let (next, prev) = ((r + 1) % n, (r + n - 1) % n);
+    let mut recv = s.alloc_zeros::<T>(c).unwrap();
+    nccl::group(|g| {
+        g.send(comm, &send, next)?;
+        g.recv(comm, &mut recv, prev)
+    })
+    .unwrap();
+    assert_eq!(down(s, &recv), all[prev], "{}", ctx("group ring"));
+    let mut recv = s.alloc_zeros::<T>(c).unwrap();
+    comm.send_recv(&send, next, &mut recv, prev).unwrap();
+    assert_eq!(down(s, &recv), all[prev], "{}", ctx("send_recv"));
+}
+
+fn check_all_types(comm: &Communicator, s: &Arc<CudaStream>) {
+    check_collectives::<i8>(comm, s);
+    check_collectives::<u8>(comm, s);
+    check_collectives::<i32>(comm, s);
+    check_collectives::<u32>(comm, s);
+    check_collectives::<i64>(comm, s);
+    check_collectives::<u64>(comm, s);
+    check_collectives::<half::f16>(comm, s);
+    check_collectives::<f32>(comm, s);
+    check_collectives::<f64>(comm, s);
+    check_collectives::<half::bf16>(comm, s);
+    if nccl::version().unwrap().at_least(2, 24) {
+        check_collectives::<float8::F8E4M3>(comm, s);
+        check_collectives::<float8::F8E5M2>(comm, s);
+    }
+}
+
+#[test]
+#[ignore = "needs 1 GPU"]
+fn every_collective_every_type_world_1() {
+    run_ranks(1, check_all_types);
+}
+
+#[test]
+#[ignore = "needs 2 GPUs"]
+fn every_collective_every_type_world_2() {
+    run_ranks(2, check_all_types);
+}
+
+#[test]
+#[ignore = "needs 2+ GPUs (uses all visible)"]
+fn every_collective_every_type_all_gpus() {
+    run_ranks(gpus().max(2), check_all_types);
+}
+
+#[test]
+#[ignore = "needs 2+ GPUs (uses all visible)"]
+fn one_thread_drives_all_gpus_with_init_all_and_group() {
+    let n = gpus().max(2);
+    need(n);
+    let streams: Vec<_> = (0..n)
+        .map(|d| CudaContext::new(d).unwrap().new_stream().unwrap())
+        .collect();
+    let comms = Communicator::init_all_on(streams.clone()).unwrap();
+    let c = 1000;
+    let sends: Vec<CudaSlice<f32>> = (0..n).map(|r| up(&streams[r], &vec![(r + 1) as f64; c])).collect();
+    let mut recvs: Vec<CudaSlice<f32>> = (0..n).map(|r| streams[r].alloc_zeros(c).unwrap()).collect();
+    nccl::group(|g| {
+        for ((comm, send), recv) in comms.iter().zip(&sends).zip(recvs.iter_mut()) {
+            g.all_reduce(comm, send, recv, ReduceOp::Sum)?;
+        }
+        Ok(())
+    })
+    .unwrap();
+    let want = (n * (n + 1) / 2) as f64;
+    for r in 0..n {
+        assert_eq!(down(&streams[r], &recvs[r]), vec![want; c], "rank {r}");
+    }
+    // A typed non-group call inside a group is refused (its events would be recorded too early).
+    let err = nccl::group(|_| comms[0].all_reduce(&sends[0], &mut recvs[0], ReduceOp::Sum)).unwrap_err();
+    assert!(matches!(err, Error::InvalidArgument { .. }), "{err:?}");
+    // Teardown of communicators driven by one thread: abort them together.
+    for c in comms {
+        c.abort().unwrap();
+    }
+}
+
+#[test]
+#[ignore = "needs 2+ GPUs (uses all visible)"]
+fn split_by_parity() {
+    let n = gpus().max(2);
+    run_ranks(n, |comm, s| {
+        let r = comm.rank();
+        let child = comm
+            .split(Some((r % 2) as u32), r as i32, None)
+            .unwrap()
+            .expect("every rank has a color");
+        let size = (0..n).filter(|q| q % 2 == r % 2).count();
+        assert_eq!(child.size(), size);
+        assert_eq!(child.rank(), r / 2);
+        let mut buf = up::<i32>(s, &[r as f64; 16]);
+        child.all_reduce_in_place(&mut buf, ReduceOp::Sum).unwrap();
+        let want: f64 = (0..n).filter(|q| q % 2 == r % 2).map(|q| q as f64).sum();
+        assert_eq!(down(s, &buf), vec![want; 16]);
+        child.finalize().unwrap();
+        // NCCL_SPLIT_NOCOLOR: rank 0 takes part without joining.
+        let color = if r == 0 { None } else { Some(0) };
+        let child = comm.split(color, 0, None).unwrap();
+        assert_eq!(child.is_none(), r == 0);
+        if let Some(c) = child {
+            assert_eq!(c.size(), n - 1);
+            c.finalize().unwrap();
+        }
+    });
+}
+
+#[test]
+#[ignore = "needs 3+ GPUs (uses all visible)"]
+fn shrink_excludes_the_last_rank() {
+    let n = gpus().max(3);
+    if !nccl::version().unwrap().at_least(2, 27) {
+        return;
+    }
+    run_ranks(n, |comm, s| {
+        let last = comm.size() - 1;
+        if comm.rank() == last {
+            return; // excluded ranks do not call shrink
+        }
+        let small = comm.shrink(&[last], None, nccl::ShrinkMode::Default).unwrap();
+        assert_eq!(small.size(), n - 1);
+        let mut buf = up::<f32>(s, &[1.0; 8]);
+        small.all_reduce_in_place(&mut buf, ReduceOp::Sum).unwrap();
+        assert_eq!(down(s, &buf), vec![(n - 1) as f64; 8]);
+        small.finalize().unwrap();
+    });
+}
+
+#[test]
+#[ignore = "needs 2 GPUs"]
+fn watchdog_aborts_a_hung_all_reduce() {
+    need(2);
+    let id = UniqueId::new().unwrap();
+    let config = Config::new();
+    std::thread::scope(|s| {
+        for rank in 0..2 {
+            let (id, config) = (&id, &config);
+            s.spawn(move || {
+                let stream = CudaContext::new(rank).unwrap().new_stream().unwrap();
+                // Non-blocking, so host calls return at once and the watchdog's abort gets in between polls.
+                let comm =
+                    Communicator::init_rank_timeout_on(stream.clone(), id, rank, 2, config, Duration::from_secs(120))
+                        .unwrap();
+                let handle = comm.abort_handle();
+                let watchdog = std::thread::spawn(move || {
+                    std::thread::sleep(Duration::from_secs(3));
+                    handle.abort().unwrap();
+                    assert!(handle.is_aborted());
+                });
+                let start = Instant::now();
+                if rank == 0 {
+                    // Rank 1 never joins: this all_reduce cannot complete until the watchdog aborts it.
+                    let send = up::<f32>(&stream, &[1.0; 1 << 20]);
+                    let mut recv = stream.alloc_zeros::<f32>(1 << 20).unwrap();
+                    let res = comm
+                        .all_reduce(&send, &mut recv, ReduceOp::Sum)
+                        .and_then(|()| comm.synchronize());
+                    match res {
+                        Err(Error::Aborted { .. }) | Err(Error::Nccl { .. }) | Ok(()) => {}
+                        Err(e) => panic!("unexpected error after abort: {e}"),
+                    }
+                    let _ = stream.synchronize(); // the aborted kernel has exited
+                }
+                watchdog.join().unwrap();
+                assert!(start.elapsed() < Duration::from_secs(60), "the abort released the hang");
+                assert!(comm.is_aborted());
+                let mut buf = stream.alloc_zeros::<f32>(4).unwrap();
+                assert!(matches!(
+                    comm.all_reduce_in_place(&mut buf, ReduceOp::Sum),
+                    Err(Error::Aborted { .. })
+                ));
+                comm.abort().unwrap(); // idempotent
+            });
+        }
+    });
+}
+
+#[test]
+#[ignore = "needs 2 GPUs"]
+fn non_blocking_init_completes_and_collectives_poll() {
+    need(2);
+    let id = UniqueId::new().unwrap();
+    std::thread::scope(|s| {
+        for rank in 0..2 {
+            let id = &id;
+            s.spawn(move || {
+                let stream = CudaContext::new(rank).unwrap().new_stream().unwrap();
+                let cfg = Config::new().comm_name("nb-test").unwrap();
+                let comm =
+                    Communicator::init_rank_timeout_on(stream.clone(), id, rank, 2, &cfg, Duration::from_secs(120))
+                        .unwrap();
+                assert!(comm.is_non_blocking() && comm.is_ready().unwrap());
+                let mut buf = up::<i64>(&stream, &[(rank + 1) as f64; 1000]);
+                comm.all_reduce_in_place(&mut buf, ReduceOp::Sum).unwrap();
+                assert_eq!(down(&stream, &buf), vec![3.0; 1000]);
+                assert!(comm.async_error().unwrap().is_none());
+                comm.finalize().unwrap();
+            });
+        }
+    });
+}
+
+#[test]
+#[ignore = "needs 1 GPU"]
+fn non_blocking_init_times_out_when_a_rank_never_arrives() {
+    need(1);
+    let id = UniqueId::new().unwrap();
+    let stream = CudaContext::new(0).unwrap().new_stream().unwrap();
+    let start = Instant::now();
+    let err =
+        Communicator::init_rank_timeout_on(stream, &id, 0, 2, &Config::new(), Duration::from_secs(3)).unwrap_err();
+    assert!(matches!(err, Error::Timeout { .. }), "{err:?}");
+    assert!(start.elapsed() < Duration::from_secs(30));
+}
+
+#[test]
+#[ignore = "needs 1 GPU"]
+fn bad_input_is_refused_before_nccl_sees_it() {
+    run_ranks(1, |comm, s| {
+        let send = s.alloc_zeros::<f32>(10).unwrap();
+        let mut recv = s.alloc_zeros::<f32>(9).unwrap();
+        let err = comm.all_reduce(&send, &mut recv, ReduceOp::Sum).unwrap_err();
+        assert!(
+            matches!(
+                err,
+                Error::LengthMismatch {
+                    expected: 10,
+                    actual: 9,
+                    ..
+                }
+            ),
+            "{err:?}"
+        );
+        let mut big = s.alloc_zeros::<f32>(11).unwrap();
+        assert!(matches!(
+            comm.all_gather(&send, &mut big),
+            Err(Error::LengthMismatch { expected: 10, .. })
+        ));
+        assert!(matches!(
+            comm.broadcast_in_place(&mut big, 1),
+            Err(Error::InvalidRank { what: "root", .. })
+        ));
+        assert!(matches!(
+            comm.send(&send, 5),
+            Err(Error::InvalidRank { what: "peer", .. })
+        ));
+        // A PreMulSum is typed: one made for f64 cannot reduce f32.
+        let op = comm.pre_mul_sum(2.0f64).unwrap();
+        assert!(matches!(
+            comm.all_reduce(&send, &mut big, &op),
+            Err(Error::InvalidArgument { .. }) | Err(Error::LengthMismatch { .. })
+        ));
+        let mut ok = s.alloc_zeros::<f32>(10).unwrap();
+        assert!(matches!(
+            comm.all_reduce(&send, &mut ok, &op),
+            Err(Error::InvalidArgument { .. })
+        ));
+        let op32 = comm.pre_mul_sum(3.0f32).unwrap();
+        let mut b = up::<f32>(s, &[2.0; 10]);
+        comm.all_reduce_in_place(&mut b, &op32).unwrap();
+        assert_eq!(down(s, &b), vec![6.0; 10]);
+    });
+}
+
+#[test]
+#[ignore = "needs 2 GPUs"]
+fn buffers_on_another_device_are_refused() {
+    need(2);
+    let other = CudaContext::new(1).unwrap().new_stream().unwrap();
+    run_ranks(1, |comm, s| {
+        let send = other.alloc_zeros::<f32>(4).unwrap();
+        let mut recv = s.alloc_zeros::<f32>(4).unwrap();
+        let err = comm.all_reduce(&send, &mut recv, ReduceOp::Sum).unwrap_err();
+        assert!(err.to_string().contains("device 1"), "{err}");
+    });
+}
+
+#[test]
+#[ignore = "needs 2+ GPUs (uses all visible)"]
+fn registered_buffers_and_nccl_memory() {
+    let n = gpus().max(2);
+    run_ranks(n, |comm, s| {
+        let r = comm.rank();
+        let mut reg = comm.register(up::<f32>(s, &[(r + 1) as f64; 4096])).unwrap();
+        comm.all_reduce_in_place(&mut reg, ReduceOp::Sum).unwrap();
+        let buf = reg.into_inner();
+        assert_eq!(down(s, &buf), vec![(n * (n + 1) / 2) as f64; 4096]);
+        let mut mem = nccl::DeviceMemory::<f32>::alloc_zeros(s, 4096).unwrap();
+        let ones = up::<f32>(s, &[1.0; 4096]);
+        comm.all_reduce(&ones, &mut mem, ReduceOp::Sum).unwrap();
+        let mut out = s.alloc_zeros::<f32>(4096).unwrap();
+        comm.all_reduce(&mem, &mut out, ReduceOp::Max).unwrap();
+        assert_eq!(down(s, &out), vec![n as f64; 4096]);
+        if nccl::version().unwrap().at_least(2, 27) {
+            let mem = nccl::DeviceMemory::<f32>::alloc_zeros(s, 1 << 20).unwrap();
+            let mut win = comm
+                .register_window(mem, nccl::register::window_flags::COLL_SYMMETRIC)
+                .unwrap();
+            comm.all_reduce_in_place(&mut win, ReduceOp::Sum).unwrap();
+            comm.synchronize().unwrap();
+        }
+    });
+}
+
+/// Programs written against the backend trait run on NCCL unchanged.
+fn generic_sum<C: Collectives<Buf<f32> = CudaSlice<f32>>>(c: &C, s: &Arc<CudaStream>) -> Vec<f64> {
+    let send = up::<f32>(s, &[c.rank() as f64 + 1.0; 8]);
+    let mut recv = s.alloc_zeros::<f32>(8).unwrap();
+    c.all_reduce::<f32>(&send, &mut recv, ReduceOp::Sum).unwrap();
+    c.barrier().unwrap();
+    down(s, &recv)
+}
+
+#[test]
+#[ignore = "needs 2 GPUs"]
+fn collectives_trait_on_nccl() {
+    let out = run_ranks(2, generic_sum::<Communicator>);
+    assert_eq!(out, vec![vec![3.0; 8]; 2]);
+}
