@@ -124,9 +124,7 @@ fn q4_k_hand_made() {
     scales[8] = 0x13;
     scales[0] |= 0b01 << 6;
     scales[4] |= 0b10 << 6;
-    for j in 9..12 {
-        scales[j] = 0x01;
-    }
+    scales[9..12].fill(0x01);
     b.extend(scales);
     // qs: chunk c (32 bytes) holds sub-block 2c in low nibbles and 2c+1 in high nibbles; use l % 16 and 15 - l % 16
     let qs: Vec<u8> = (0..128)

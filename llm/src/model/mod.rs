@@ -55,6 +55,12 @@ pub trait WeightSource: Send + Sync {
     fn describe(&self) -> String;
 }
 
+impl std::fmt::Debug for dyn WeightSource {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(&self.describe())
+    }
+}
+
 /// The shape the configuration implies for canonical tensor `name`, or `None` if `name` is not a tensor of the
 /// model (including layer indices past the last layer).
 pub fn expected_shape(cfg: &LlamaConfig, name: &str) -> Option<Vec<usize>> {
