@@ -961,6 +961,11 @@ fn helper_nprocs_program() {
             if role == "nprocs-fail" && info.rank == 1 {
                 std::process::exit(7);
             }
+            if role == "orphan" {
+                println!("@@PID {} {}", info.rank, std::process::id());
+                std::thread::sleep(Duration::from_secs(60));
+                return;
+            }
             let timeout = if role == "nprocs-fail" { 1000 } else { 10_000 };
             let rv = match Rendezvous::new(&info, opts(timeout)) {
                 Ok(rv) => rv,

@@ -221,6 +221,22 @@ impl LocalLaunch {
                 cmd.env(k, v);
             }
             cmd.stdin(Stdio::null());
+            #[cfg(target_os = "linux")]
+            {
+                use std::os::unix::process::CommandExt;
+                // SAFETY: the closure runs in the forked child before exec and only calls `prctl`, which is
+                // async-signal-safe, allocates nothing and touches no lock. It asks the kernel to send SIGTERM to
+                // the worker when the launching thread (which waits for the workers) dies, so a killed launcher
+                // does not leave orphaned workers behind.
+                unsafe {
+                    cmd.pre_exec(|| {
+                        if libc::prctl(libc::PR_SET_PDEATHSIG, libc::SIGTERM) != 0 {
+                            return Err(std::io::Error::last_os_error());
+                        }
+                        Ok(())
+                    });
+                }
+            }
             if self.capture {
                 cmd.stdout(Stdio::piped()).stderr(Stdio::piped());
             }
