@@ -1014,3 +1014,55 @@ fn nprocs_relaunches_the_program() {
     blamed.sort();
     assert_eq!(blamed, ["0 1", "2 1"], "ranks 0 and 2 name rank 1");
 }
+
+/// True while process `pid` exists and is not a zombie.
+fn alive(pid: u32) -> bool {
+    match std::fs::read_to_string(format!("/proc/{pid}/stat")) {
+        // The state follows the parenthesized command name.
+        Ok(stat) => stat.rsplit_once(") ").is_some_and(|(_, rest)| !rest.starts_with('Z')),
+        Err(_) => false,
+    }
+}
+
+#[test]
+#[cfg(target_os = "linux")]
+fn workers_die_with_their_launcher() {
+    use std::io::BufRead;
+    let mut launcher = std::process::Command::new(this_test_binary())
+        .args(helper_args("helper_nprocs_program"))
+        .env(ROLE, "orphan")
+        .env_remove("RANK")
+        .env_remove("WORLD_SIZE")
+        .env_remove("NCCL_RS_LOCAL_WORKER")
+        .stdout(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::null())
+        .spawn()
+        .unwrap();
+    let stdout = launcher.stdout.take().unwrap();
+    let (tx, rx) = std::sync::mpsc::channel();
+    std::thread::spawn(move || {
+        for line in std::io::BufReader::new(stdout).lines().map_while(Result::ok) {
+            let _ = tx.send(line);
+        }
+    });
+    let mut pids = Vec::new();
+    while pids.len() < 3 {
+        let line = rx
+            .recv_timeout(Duration::from_secs(20))
+            .expect("workers report their pids");
+        if let Some(i) = line.find("@@PID ") {
+            pids.push(line[i + 6..].split(' ').nth(1).unwrap().parse::<u32>().unwrap());
+        }
+    }
+    assert!(pids.iter().all(|p| alive(*p)));
+    launcher.kill().unwrap();
+    launcher.wait().unwrap();
+    let t = Instant::now();
+    while pids.iter().any(|p| alive(*p)) && t.elapsed() < Duration::from_secs(10) {
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    assert!(
+        !pids.iter().any(|p| alive(*p)),
+        "orphaned workers {pids:?} outlived their launcher"
+    );
+}
