@@ -686,3 +686,97 @@ fn tiny_model_is_deterministic_and_sane() {
     ));
     let _unused: HashMap<String, Tensor> = HashMap::new();
 }
+
+// ---------------------------------------------------------------------------------------------- GGUF tokenizer
+
+/// GPT-2's byte-to-character table (printable bytes stand for themselves, the rest map to U+0100 onwards).
+fn byte_chars() -> Vec<char> {
+    let printable = |b: u32| (0x21..=0x7E).contains(&b) || (0xA1..=0xAC).contains(&b) || (0xAE..=0xFF).contains(&b);
+    let mut extra = 0;
+    (0..256u32)
+        .map(|b| {
+            if printable(b) {
+                char::from_u32(b).unwrap()
+            } else {
+                extra += 1;
+                char::from_u32(255 + extra).unwrap()
+            }
+        })
+        .collect()
+}
+
+fn toy_vocab_gguf(pre: Option<&str>, model: &str, add_bos: bool) -> GgufSource {
+    let mut tokens: Vec<String> = vec!["<|endoftext|>".into()];
+    tokens.extend(byte_chars().iter().map(|c| c.to_string()));
+    let merges = ["h e", "l l", "he ll", "Ġ w", "1 2"];
+    for m in merges {
+        tokens.push(m.replace(' ', ""));
+    }
+    let mut types = vec![MetaValue::I32(3)];
+    types.extend(std::iter::repeat_n(MetaValue::I32(1), tokens.len() - 1));
+    let mem = random_source(
+        LlamaConfig {
+            vocab_size: tokens.len(),
+            ..LlamaConfig::tiny()
+        },
+        1,
+    )
+    .unwrap();
+    let mut w = gguf_of(&mem)
+        .meta("tokenizer.ggml.model", MetaValue::Str(model.into()))
+        .meta(
+            "tokenizer.ggml.tokens",
+            MetaValue::Array(tokens.into_iter().map(MetaValue::Str).collect()),
+        )
+        .meta("tokenizer.ggml.token_type", MetaValue::Array(types))
+        .meta(
+            "tokenizer.ggml.merges",
+            MetaValue::Array(merges.iter().map(|m| MetaValue::Str(m.to_string())).collect()),
+        )
+        .meta("tokenizer.ggml.add_bos_token", MetaValue::Bool(add_bos));
+    if let Some(p) = pre {
+        w = w.meta("tokenizer.ggml.pre", MetaValue::Str(p.into()));
+    }
+    GgufSource::from_file(GgufFile::from_bytes("tok.gguf", w.to_bytes()).unwrap()).unwrap()
+}
+
+#[test]
+fn gguf_tokenizer_follows_the_pre_tokenizer_and_specials() {
+    let ids_of = |src: &GgufSource, text: &str, special: bool| -> Vec<String> {
+        let tok = src.tokenizer().unwrap().unwrap();
+        let enc = tok.encode(text, special).unwrap();
+        enc.get_tokens().to_vec()
+    };
+    let gpt2 = toy_vocab_gguf(None, "gpt2", false);
+    assert_eq!(
+        ids_of(&gpt2, "hello world", false),
+        ["hell", "o", "Ġw", "o", "r", "l", "d"]
+    );
+    assert_eq!(ids_of(&gpt2, "x12", false), ["x", "12"]);
+    // SmolLM's pre-tokenizer splits digits apart before BPE, so "12" never merges.
+    let smol = toy_vocab_gguf(Some("smollm"), "gpt2", false);
+    assert_eq!(ids_of(&smol, "x12", false), ["x", "1", "2"]);
+    let tok = smol.tokenizer().unwrap().unwrap();
+    let enc = tok.encode("he<|endoftext|>ll", false).unwrap();
+    // ids: 1 + 256 byte tokens, then the merges in order ("he" = 257, "ll" = 258).
+    assert_eq!(enc.get_ids(), [257, 0, 258]);
+    assert_eq!(enc.get_tokens(), ["he", "<|endoftext|>", "ll"]);
+    assert_eq!(tok.decode(enc.get_ids(), false).unwrap(), "he<|endoftext|>ll");
+    assert_eq!(tok.decode(enc.get_ids(), true).unwrap(), "hell");
+    // Llama 3's split regex compiles and keeps numbers in groups of up to three.
+    let l3 = toy_vocab_gguf(Some("llama-bpe"), "gpt2", true);
+    // add_bos_token prepends tokenizer.ggml.bos_token_id (1 here: the byte-0 token "Ā").
+    assert_eq!(ids_of(&l3, "12", true), ["Ā", "12"]);
+    assert_eq!(ids_of(&l3, "12", false), ["12"]);
+    // Vocabularies this crate cannot build say so, naming the field.
+    let e = toy_vocab_gguf(Some("qwen2"), "gpt2", false)
+        .tokenizer()
+        .unwrap_err()
+        .to_string();
+    assert!(e.contains("tokenizer.ggml.pre"), "{e}");
+    let e = toy_vocab_gguf(None, "llama", false)
+        .tokenizer()
+        .unwrap_err()
+        .to_string();
+    assert!(e.contains("tokenizer.ggml.model"), "{e}");
+}
