@@ -123,3 +123,58 @@ fn reference_forward_matches_transformers() {
     // transformers runs in f32; the fixture is rounded to 1e-5.
     assert!(max_abs < 5e-4, "max abs difference {max_abs}");
 }
+
+/// By hand: a Hugging Face directory that transformers wrote from the same GGUF (config.json in the
+/// transformers 5 format, f32 model.safetensors, tokenizer.json), named by `SMOLLM2_HF_DIR`, must give the same
+/// tensors, the same token ids and the same reference logits as the GGUF. Skipped when the variable is unset.
+#[test]
+fn hf_directory_written_by_transformers_matches_the_gguf() {
+    let Some(path) = model_path() else { return };
+    let Some(dir) = std::env::var_os("SMOLLM2_HF_DIR") else {
+        eprintln!("skipping: set SMOLLM2_HF_DIR to a directory saved by transformers from the GGUF");
+        return;
+    };
+    let g = model::open(&path).unwrap();
+    let h = model::open(std::path::Path::new(&dir)).unwrap();
+    let (mut gc, hc) = (g.config().clone(), h.config());
+    // transformers writes the GGUF's f32 epsilon as a double.
+    assert!((gc.rms_norm_eps - hc.rms_norm_eps).abs() < 1e-12);
+    gc.rms_norm_eps = hc.rms_norm_eps;
+    assert_eq!(&gc, hc);
+    for l in [0usize, 17, 29] {
+        for s in [
+            "self_attn.q_proj",
+            "self_attn.k_proj",
+            "self_attn.v_proj",
+            "mlp.down_proj",
+            "input_layernorm",
+        ] {
+            let n = format!("model.layers.{l}.{s}.weight");
+            assert_eq!(g.tensor(&n).unwrap(), h.tensor(&n).unwrap(), "{n}");
+        }
+    }
+    assert_eq!(g.tensor("lm_head.weight").unwrap(), h.tensor("lm_head.weight").unwrap());
+    let (gt, ht) = (g.tokenizer().unwrap().unwrap(), h.tokenizer().unwrap().unwrap());
+    for e in fixture()["encodings"].as_array().unwrap() {
+        let text = e["text"].as_str().unwrap();
+        assert_eq!(
+            gt.encode(text, false).unwrap().get_ids(),
+            ht.encode(text, false).unwrap().get_ids(),
+            "{text:?}"
+        );
+    }
+    assert!(h.chat_template().unwrap().contains("<|im_start|>"));
+    let ids = [504u32, 3575, 282];
+    let (a, b) = (
+        reference::forward_f64(g.as_ref(), &ids).unwrap(),
+        reference::forward_f64(h.as_ref(), &ids).unwrap(),
+    );
+    let d = a
+        .iter()
+        .flatten()
+        .zip(b.iter().flatten())
+        .map(|(x, y)| (x - y).abs())
+        .fold(0.0, f64::max);
+    eprintln!("max |GGUF - HF dir| reference logits: {d:.2e}");
+    assert!(d < 1e-9);
+}
