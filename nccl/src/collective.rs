@@ -16,7 +16,7 @@
 //!
 //! Every rank must issue the same collectives, in the same order, with the same counts and types; a send must
 //! be matched by a recv of the same count and type on the peer. Issued from one thread, point-to-point
-//! exchanges that depend on each other (a ring) must be grouped ([`group`](crate::group)).
+//! exchanges that depend on each other (a ring) must be grouped ([`group`](crate::group())).
 
 use crate::comm::Communicator;
 use crate::error::Result;
@@ -264,7 +264,7 @@ impl Communicator {
     /// `send` and `recv` point to at least `count` elements of `dtype` in device memory of this
     /// communicator's device (or are the same pointer), stay valid until the work on `stream` completes, and
     /// are not written by other work meanwhile (`recv` not read either); `stream` is a valid CUDA stream of
-    /// that device. Inside a [`group`](crate::group) the same holds until the group ends.
+    /// that device. Inside a [`group`](crate::group()) the same holds until the group ends.
     #[doc(alias = "ncclAllReduce")]
     pub unsafe fn all_reduce_raw(
         &self,
@@ -1368,7 +1368,7 @@ mod typed {
         }
 
         /// Sends `buf` to `peer` (`ncclSend`), which must post a matching [`recv`](Self::recv) (same count and
-        /// type). Exchanges that depend on each other must be grouped ([`group`](crate::group)).
+        /// type). Exchanges that depend on each other must be grouped ([`group`](crate::group())).
         #[doc(alias = "ncclSend")]
         pub fn send<T: Elem>(&self, buf: &(impl DevicePtr<T> + ?Sized), peer: usize) -> Result<()> {
             crate::group::not_in_group("send")?;

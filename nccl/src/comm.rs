@@ -48,7 +48,7 @@ pub(crate) enum State {
 #[derive(Debug)]
 pub(crate) struct Shared {
     /// The handle; only passed to NCCL while `state` is `Live` and locked (by this call or by a
-    /// [`group`](crate::group) on this thread).
+    /// [`group`](crate::group()) on this thread).
     pub(crate) raw: RawComm,
     state: Mutex<State>,
     /// False for communicators created with `Config::blocking(false)`.
@@ -80,7 +80,7 @@ impl Shared {
     }
 
     /// Runs `f` with the live handle while holding the lock; [`Error::Aborted`] if the communicator is gone.
-    /// Inside a [`group`](crate::group) that already holds this lock on this thread, runs `f` directly (the
+    /// Inside a [`group`](crate::group()) that already holds this lock on this thread, runs `f` directly (the
     /// group checked the state when it took the lock, and nothing can change it while the lock is held).
     pub(crate) fn with<R>(&self, op: &'static str, f: impl FnOnce(nccl_sys::ncclComm_t) -> Result<R>) -> Result<R> {
         if crate::group::held_by_this_thread(self) {
@@ -238,6 +238,14 @@ impl Shared {
 /// # Ok(()) }
 /// # #[cfg(not(feature = "cuda"))] fn main() {}
 /// ```
+///
+/// `Send` but not `Sync` (the reason is next to the `_not_sync` field): sharing `&Communicator` between threads
+/// does not compile.
+///
+/// ```compile_fail
+/// fn shared<T: Sync>() {}
+/// shared::<nccl::Communicator>();
+/// ```
 #[derive(Debug)]
 #[doc(alias = "ncclComm_t")]
 pub struct Communicator {
@@ -331,10 +339,22 @@ impl Communicator {
             return Err(Error::invalid(op, "NCCL returned no communicator"));
         }
         let shared = Shared::new(raw, blocking, config.cloned());
-        if !blocking {
-            shared.wait_ready(op, timeout)?;
+        let ready = if blocking {
+            Ok(())
+        } else {
+            shared.wait_ready(op, timeout)
+        };
+        match ready.and_then(|()| Self::wrap(shared.clone(), rank, size)) {
+            Ok(comm) => Ok(comm),
+            Err(e) => {
+                // Nothing else owns the half-built communicator: release it (a no-op after a timeout, which
+                // already aborted it).
+                if let Err(e2) = shared.abort() {
+                    tracing::warn!("releasing the communicator after {op} failed: {e2}");
+                }
+                Err(e)
+            }
         }
-        Self::wrap(shared, rank, size)
     }
 
     /// Creates rank `rank` of a communicator of `nranks` ranks on the current CUDA device
@@ -402,7 +422,7 @@ impl Communicator {
 
     /// Creates one communicator per device in `devices` (CUDA ordinals) in this process (`ncclCommInitAll`):
     /// element `i` is rank `i` on `devices[i]`. Operations on them from one thread must be grouped
-    /// ([`group`](crate::group)). Devices must be distinct.
+    /// ([`group`](crate::group())). Devices must be distinct.
     #[doc(alias = "ncclCommInitAll")]
     pub fn init_all(devices: &[usize]) -> Result<Vec<Self>> {
         const OP: &str = "ncclCommInitAll";

@@ -298,8 +298,8 @@ mod typed {
     }
 
     /// A buffer registered with a communicator (`ncclCommRegister`): owns the buffer (so it cannot be freed
-    /// while registered) and can be passed to collectives like the buffer itself. Dropping waits for the
-    /// communicator's stream, deregisters, then drops the buffer; [`into_inner`](Self::into_inner) gives it back.
+    /// while registered) and can be passed to collectives like the buffer itself. Dropping waits for every
+    /// use of the buffer, deregisters, then drops the buffer; [`into_inner`](Self::into_inner) gives it back.
     #[derive(Debug)]
     #[doc(alias = "ncclCommRegister")]
     #[doc(alias = "ncclCommDeregister")]
@@ -328,7 +328,11 @@ mod typed {
             if self.handle.is_null() {
                 return;
             }
-            if let Ok(s) = self.comm.stream() {
+            // Wait for every use of the buffer (on any stream, through its cudarc events) before NCCL forgets
+            // the registration: make the communicator's stream wait for them, then synchronize it.
+            if let (Ok(s), Some(buf)) = (self.comm.stream(), self.buf.as_mut()) {
+                let (_, guard) = buf.device_ptr_mut(s);
+                drop(guard);
                 if let Err(e) = s.synchronize() {
                     tracing::warn!("nccl: synchronize before deregistering failed: {e}");
                 }

@@ -514,3 +514,36 @@ fn collectives_trait_on_nccl() {
     let out = run_ranks(2, generic_sum::<Communicator>);
     assert_eq!(out, vec![vec![3.0; 8]; 2]);
 }
+
+/// The README's example, verbatim: one thread per GPU, an in-place all-reduce, exact check.
+fn readme_example() -> Result<(), Box<dyn std::error::Error>> {
+    use nccl::{cudarc::driver::CudaContext, Communicator, ReduceOp, UniqueId};
+    let n = nccl::cuda_device_count();
+    let id = UniqueId::new()?; // the same id on every rank (across processes: send id.as_bytes())
+    std::thread::scope(|s| {
+        let ranks: Vec<_> = (0..n)
+            .map(|rank| {
+                s.spawn(move || -> nccl::Result<f32> {
+                    let stream = CudaContext::new(rank).unwrap().new_stream().unwrap();
+                    let comm = Communicator::init_rank_on(stream.clone(), &id, rank, n)?;
+                    let mut buf = stream.clone_htod(&vec![rank as f32; 1 << 20]).unwrap();
+                    comm.all_reduce_in_place(&mut buf, ReduceOp::Sum)?;
+                    let first = stream.clone_dtoh(&buf).unwrap()[0];
+                    comm.finalize()?;
+                    Ok(first)
+                })
+            })
+            .collect();
+        for r in ranks {
+            assert_eq!(r.join().unwrap()?, (n * (n - 1) / 2) as f32);
+        }
+        Ok(())
+    })
+}
+
+#[test]
+#[ignore = "needs 1+ GPUs (uses all visible)"]
+fn readme_example_runs() {
+    need(1);
+    readme_example().unwrap();
+}
