@@ -1,0 +1,463 @@
+//! The command line shared by the `tp_llama` and `pp_llama` examples.
+
+use std::io::Write;
+use std::path::PathBuf;
+use std::sync::Arc;
+use std::time::Instant;
+
+use clap::{Parser, ValueEnum};
+
+use crate::chat::{self, Message};
+use crate::engine::{GenerateOutput, GenerateParams, Rank, RankModel, RankPlace};
+use crate::error::{EngineError, Result};
+use crate::launch::{self, RankComms};
+use crate::model::{self, WeightSource};
+use crate::sample::SamplingParams;
+use crate::shard::Layout;
+
+/// Which example is running (decides the default layout).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Example {
+    /// `tp_llama`: `--tp 2` unless given.
+    Tp,
+    /// `pp_llama`: `--pp 2` unless given.
+    Pp,
+}
+
+/// The communication backend.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, ValueEnum)]
+pub enum Backend {
+    /// CPU ranks, collectives over host memory (threads or shared memory between processes).
+    Host,
+    /// NCCL (needs the `cuda` feature and GPUs).
+    Nccl,
+}
+
+/// Tensor- and pipeline-parallel Llama inference on CPU ranks.
+///
+/// Without --model, a small built-in model with deterministic random weights is used (no tokenizer: the
+/// output is token ids). The real model used in CI is .deps/models/SmolLM2-135M-Instruct.Q4_1.gguf
+/// (fetched by scripts/setup.sh).
+#[derive(Parser, Debug, Clone)]
+#[command(version)]
+pub struct Args {
+    /// A GGUF file or a Hugging Face directory (config.json + *.safetensors). Default: the built-in tiny model.
+    #[arg(long)]
+    pub model: Option<PathBuf>,
+    /// The prompt text (tokenized with the model's tokenizer).
+    #[arg(long, conflicts_with = "prompt_ids")]
+    pub prompt: Option<String>,
+    /// The prompt as comma-separated token ids, e.g. 1,2,3.
+    #[arg(long, value_delimiter = ',')]
+    pub prompt_ids: Option<Vec<u32>>,
+    /// Tokens to generate at most.
+    #[arg(long, default_value_t = 32)]
+    pub max_new_tokens: usize,
+    /// Sampling temperature; 0 = greedy.
+    #[arg(long, default_value_t = 0.0)]
+    pub temperature: f32,
+    /// Nucleus sampling: keep the most likely tokens up to this total probability.
+    #[arg(long, default_value_t = 1.0)]
+    pub top_p: f32,
+    /// Seed of the sampler.
+    #[arg(long, default_value_t = 0)]
+    pub seed: u64,
+    /// Wrap the prompt in the model's chat template (as a user message).
+    #[arg(long)]
+    pub chat: bool,
+    /// Do not stop at end-of-sequence tokens (for benchmarks).
+    #[arg(long)]
+    pub ignore_eos: bool,
+    /// Print one JSON object at the end (and no streamed text).
+    #[arg(long)]
+    pub json: bool,
+    /// Write the float32 logits at the last prompt position to this file, as a JSON array.
+    #[arg(long)]
+    pub logits_out: Option<PathBuf>,
+    /// Tensor-parallel degree (1 ..= number of query heads). Default: 2 for tp_llama, 1 for pp_llama.
+    #[arg(long)]
+    pub tp: Option<usize>,
+    /// Pipeline-parallel degree (1 ..= number of layers). Default: 2 for pp_llama, 1 for tp_llama.
+    #[arg(long)]
+    pub pp: Option<usize>,
+    /// Run the ranks as this many local processes instead of threads (must equal tp × pp).
+    #[arg(long)]
+    pub nprocs: Option<usize>,
+    /// Communication backend.
+    #[arg(long, value_enum, default_value = "host")]
+    pub backend: Backend,
+    /// Prompt micro-batches in pipeline-parallel prefill (0 = one per stage).
+    #[arg(long, default_value_t = 0)]
+    pub micro_batches: usize,
+    /// Compute threads per rank (default: available cores ÷ ranks on this host, at least 1).
+    #[arg(long)]
+    pub threads: Option<usize>,
+}
+
+/// Everything a rank needs, shared by the threads of this process.
+struct Job {
+    src: Arc<dyn WeightSource>,
+    layout: Layout,
+    threads: usize,
+    prompt: Vec<u32>,
+    params: GenerateParams,
+    tokenizer: Option<Arc<tokenizers::Tokenizer>>,
+    args: Args,
+}
+
+/// Runs an example with the process's command line; returns the process exit code.
+pub fn main(example: Example) -> i32 {
+    let args = Args::parse();
+    match run(example, args) {
+        Ok(code) => code,
+        Err(e) => {
+            eprintln!("error: {e}");
+            let mut src = std::error::Error::source(&e);
+            while let Some(s) = src {
+                eprintln!("  caused by: {s}");
+                src = s.source();
+            }
+            1
+        }
+    }
+}
+
+fn layout_of(example: Example, args: &Args) -> Result<Layout> {
+    let (mut tp, mut pp) = (args.tp, args.pp);
+    if let Some(n) = args.nprocs {
+        if n == 0 {
+            return Err(EngineError::Config("--nprocs must be at least 1".into()));
+        }
+        match (tp, pp) {
+            (None, None) if example == Example::Tp => tp = Some(n),
+            (None, None) => pp = Some(n),
+            (Some(t), None) => pp = Some((n / t.max(1)).max(1)),
+            (None, Some(p)) => tp = Some((n / p.max(1)).max(1)),
+            _ => {}
+        }
+    }
+    let default = |mine| if mine { 2 } else { 1 };
+    let tp = tp.unwrap_or(default(example == Example::Tp && args.pp.is_none()));
+    let pp = pp.unwrap_or(default(example == Example::Pp));
+    if tp == 0 || pp == 0 {
+        return Err(EngineError::Config("--tp and --pp must be at least 1".into()));
+    }
+    let layout = Layout { tp, pp };
+    if let Some(n) = args.nprocs {
+        if n != layout.world() {
+            return Err(EngineError::Config(format!(
+                "--nprocs {n} must equal --tp {tp} × --pp {pp} = {}",
+                layout.world()
+            )));
+        }
+    }
+    Ok(layout)
+}
+
+/// Runs an example with parsed arguments; returns the process exit code.
+pub fn run(example: Example, args: Args) -> Result<i32> {
+    let layout = layout_of(example, &args)?;
+    if args.backend == Backend::Nccl {
+        if !cfg!(feature = "cuda") {
+            return Err(EngineError::Config(
+                "--backend nccl needs a build with the `cuda` feature (cargo run --features cuda ...) and NVIDIA GPUs; \
+                 use --backend host on this machine"
+                    .into(),
+            ));
+        }
+        return Err(EngineError::Config(
+            "--backend nccl: the GPU engine is not implemented yet (the CPU engine runs with --backend host)".into(),
+        ));
+    }
+    if let Some(code) = launch::spawn_workers(args.nprocs)? {
+        return Ok(code);
+    }
+    let multi_process = launch::is_worker()?;
+    let local_ranks = if multi_process {
+        args.nprocs.unwrap_or(layout.world())
+    } else {
+        layout.world()
+    };
+    let cores = std::thread::available_parallelism().map_or(1, |n| n.get());
+    let threads = args.threads.unwrap_or((cores / local_ranks).max(1)).max(1);
+    if multi_process {
+        // Each process has its own rayon pool: size it to this rank's share of the cores.
+        let _ = rayon::ThreadPoolBuilder::new().num_threads(threads).build_global();
+    }
+
+    let src: Arc<dyn WeightSource> = match &args.model {
+        Some(p) => Arc::from(model::open(p)?),
+        None => {
+            eprintln!("no --model given: using the built-in tiny random model (see --help)");
+            Arc::from(model::tiny_random(0))
+        }
+    };
+    crate::engine::check_layout(src.config(), layout.tp, layout.pp)?;
+    let tokenizer = src.tokenizer()?.map(Arc::new);
+    let prompt = prompt_ids(&args, &*src, tokenizer.as_deref())?;
+    let params = GenerateParams {
+        max_new_tokens: args.max_new_tokens,
+        sampling: SamplingParams {
+            temperature: args.temperature,
+            top_p: args.top_p,
+            seed: args.seed,
+        },
+        ignore_eos: args.ignore_eos,
+        micro_batches: args.micro_batches,
+    };
+    let job = Arc::new(Job {
+        src,
+        layout,
+        threads,
+        prompt,
+        params,
+        tokenizer,
+        args,
+    });
+    let reporter = (layout.pp - 1) * layout.tp;
+
+    if multi_process {
+        let comms = launch::host_process(layout)?;
+        let w = comms.world_rank;
+        let out = run_rank(&job, comms, w == reporter).map_err(|e| EngineError::Rank {
+            rank: w,
+            source: Box::new(e),
+        })?;
+        if w == reporter {
+            report(&job, &out, "host")?;
+        }
+        return Ok(0);
+    }
+
+    let comms = launch::host_threads(layout)?;
+    let backend = comms[0].tp.backend_name();
+    let backend = if backend == "single" { "host" } else { backend };
+    let results: Vec<Result<GenerateOutput>> = std::thread::scope(|s| {
+        let handles: Vec<_> = comms
+            .into_iter()
+            .map(|c| {
+                let job = job.clone();
+                let w = c.world_rank;
+                std::thread::Builder::new()
+                    .name(format!("rank{w}"))
+                    .spawn_scoped(s, move || run_rank(&job, c, w == reporter))
+                    .expect("spawning a rank thread")
+            })
+            .collect();
+        handles
+            .into_iter()
+            .map(|h| {
+                h.join()
+                    .unwrap_or_else(|_| Err(EngineError::Config("a rank thread panicked".into())))
+            })
+            .collect()
+    });
+    let mut outs = Vec::new();
+    // Report the first rank's own error rather than the "peer failed" errors it caused elsewhere.
+    let mut first_err = None;
+    for (w, r) in results.into_iter().enumerate() {
+        match r {
+            Ok(o) => outs.push(o),
+            Err(e) => {
+                let is_peer = matches!(e, EngineError::Comm(nccl::Error::PeerFailed { .. }));
+                if first_err.as_ref().is_none_or(|(p, _, _)| *p && !is_peer) {
+                    first_err = Some((is_peer, w, e));
+                }
+            }
+        }
+    }
+    if let Some((_, w, e)) = first_err {
+        return Err(EngineError::Rank {
+            rank: w,
+            source: Box::new(e),
+        });
+    }
+    report(&job, &outs[reporter], backend)?;
+    Ok(0)
+}
+
+fn prompt_ids(args: &Args, src: &dyn WeightSource, tok: Option<&tokenizers::Tokenizer>) -> Result<Vec<u32>> {
+    if let Some(ids) = &args.prompt_ids {
+        if args.chat {
+            return Err(EngineError::Config(
+                "--chat needs --prompt text, not --prompt-ids".into(),
+            ));
+        }
+        return Ok(ids.clone());
+    }
+    let Some(tok) = tok else {
+        if args.prompt.is_some() || args.chat {
+            return Err(EngineError::Config(format!(
+                "{} has no tokenizer: give the prompt as --prompt-ids 1,2,3",
+                src.describe()
+            )));
+        }
+        let bos = src.config().bos_token_id.unwrap_or(1);
+        return Ok(vec![bos, 10, 20, 30, 40]);
+    };
+    let text = args
+        .prompt
+        .clone()
+        .unwrap_or_else(|| "The capital of France is".to_string());
+    let (text, add_special) = if args.chat {
+        let template = src
+            .chat_template()
+            .ok_or_else(|| EngineError::Config(format!("--chat: {} has no chat template", src.describe())))?;
+        let name = |id: Option<u32>| id.and_then(|i| tok.id_to_token(i)).unwrap_or_default();
+        let cfg = src.config();
+        let msgs = [Message {
+            role: "user".into(),
+            content: text,
+        }];
+        (
+            chat::render(
+                &template,
+                &msgs,
+                &name(cfg.bos_token_id),
+                &name(cfg.eos_token_ids.first().copied()),
+            )?,
+            false,
+        )
+    } else {
+        (text, true)
+    };
+    let enc = tok
+        .encode(text, add_special)
+        .map_err(|e| EngineError::Tokenizer(e.to_string()))?;
+    let ids = enc.get_ids().to_vec();
+    if ids.is_empty() {
+        return Err(EngineError::Config("the prompt tokenizes to no tokens".into()));
+    }
+    Ok(ids)
+}
+
+fn progress_bar(total_hint: usize) -> indicatif::ProgressBar {
+    let pb = indicatif::ProgressBar::new(total_hint as u64);
+    pb.set_style(
+        indicatif::ProgressStyle::with_template("loading weights {bar:30} {pos}/{len} tensors groups {elapsed}")
+            .unwrap_or_else(|_| indicatif::ProgressStyle::default_bar()),
+    );
+    pb
+}
+
+fn run_rank(job: &Job, comms: RankComms, reporter: bool) -> Result<GenerateOutput> {
+    let (stage, tp_rank) = job.layout.coords(comms.world_rank);
+    let place = RankPlace {
+        tp: job.layout.tp,
+        tp_rank,
+        pp: job.layout.pp,
+        stage,
+        threads: job.threads,
+    };
+    let pb = reporter.then(|| progress_bar(0));
+    let t0 = Instant::now();
+    let model = RankModel::load(&*job.src, place, &mut |done, total| {
+        if let Some(pb) = &pb {
+            pb.set_length(total as u64);
+            pb.set_position(done as u64);
+        }
+    })?;
+    if let Some(pb) = pb {
+        pb.finish_and_clear();
+        eprintln!(
+            "{}: loaded in {:.2} s; tp {} × pp {}, {} thread(s) per rank",
+            job.src.describe(),
+            t0.elapsed().as_secs_f64(),
+            job.layout.tp,
+            job.layout.pp,
+            job.threads
+        );
+    }
+    let rank = Rank::new(model, comms.tp, comms.pp)?;
+    // All ranks start generating together so the timings measure generation, not loading skew.
+    rank_barrier(&rank)?;
+    let stream = reporter && !job.args.json;
+    let mut printed = String::new();
+    let mut ids = Vec::new();
+    let mut on_token = |t: u32| {
+        if !stream {
+            return;
+        }
+        ids.push(t);
+        let mut out = std::io::stdout().lock();
+        match &job.tokenizer {
+            Some(tok) => {
+                if let Ok(text) = tok.decode(&ids, true) {
+                    if let Some(new) = text.strip_prefix(printed.as_str()) {
+                        let _ = write!(out, "{new}");
+                        printed = text;
+                    }
+                }
+            }
+            None => {
+                let _ = write!(out, "{t} ");
+            }
+        }
+        let _ = out.flush();
+    };
+    if stream {
+        if let Some(tok) = &job.tokenizer {
+            if let Ok(p) = tok.decode(&job.prompt, false) {
+                print!("{p}");
+            }
+        }
+    }
+    let out = rank.generate(&job.prompt, &job.params, &mut on_token)?;
+    if stream {
+        println!();
+    }
+    Ok(out)
+}
+
+fn rank_barrier(rank: &Rank) -> Result<()> {
+    rank.barrier()
+}
+
+fn report(job: &Job, out: &GenerateOutput, backend: &str) -> Result<()> {
+    let prefill_tps = job.prompt.len() as f64 / out.prefill_secs.max(1e-12);
+    let decode_steps = out.generated.len().saturating_sub(1);
+    let decode_tps = if decode_steps > 0 {
+        decode_steps as f64 / out.decode_secs.max(1e-12)
+    } else {
+        0.0
+    };
+    if let Some(path) = &job.args.logits_out {
+        let logits = out
+            .prompt_logits
+            .as_ref()
+            .ok_or_else(|| EngineError::Config("no logits were computed".into()))?;
+        let text = serde_json::to_string(logits).map_err(|e| EngineError::Config(e.to_string()))?;
+        std::fs::write(path, text).map_err(|source| EngineError::Io {
+            path: path.clone(),
+            source,
+        })?;
+    }
+    let text = job.tokenizer.as_ref().and_then(|t| t.decode(&out.generated, true).ok());
+    if job.args.json {
+        let v = serde_json::json!({
+            "model": job.src.describe(),
+            "prompt_ids": job.prompt,
+            "generated_ids": out.generated,
+            "text": text,
+            "tp": job.layout.tp,
+            "pp": job.layout.pp,
+            "backend": backend,
+            "processes": job.args.nprocs.is_some(),
+            "threads_per_rank": job.threads,
+            "prefill_tokens_per_s": prefill_tps,
+            "decode_tokens_per_s": decode_tps,
+        });
+        println!("{v}");
+    } else {
+        eprintln!(
+            "[{} prompt tokens, {} generated; prefill {:.1} tok/s, decode {:.1} tok/s; tp {} × pp {}, backend {backend}]",
+            job.prompt.len(),
+            out.generated.len(),
+            prefill_tps,
+            decode_tps,
+            job.layout.tp,
+            job.layout.pp
+        );
+    }
+    Ok(())
+}

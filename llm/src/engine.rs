@@ -1,0 +1,620 @@
+//! The tensor- and pipeline-parallel forward pass, KV cache and generation loop of one rank.
+//!
+//! A rank is `(stage, tp_rank)` in a `tp × pp` layout. Its [`RankModel`] holds only its shard:
+//!
+//! * stage 0: its vocabulary rows of the embedding (vocab-parallel; the partial embeddings are summed with
+//!   one all-reduce over the TP group);
+//! * each layer of its stage: the rows of q/k/v (its query heads and the KV heads they read) fused into one
+//!   column-parallel matrix, the matching columns of `o_proj` (row-parallel, then one all-reduce), its rows
+//!   of gate/up (fused) and the matching columns of `down_proj` (row-parallel, then one all-reduce);
+//! * the last stage: the final norm and its vocabulary rows of the LM head (logits gathered with one
+//!   all-gather over the TP group).
+//!
+//! Activations move between stages with send/recv over the pipeline communicator; the prompt is split into
+//! micro-batches so stage `s` works on chunk `c + 1` while stage `s + 1` works on chunk `c`.
+
+use std::ops::Range;
+use std::time::Instant;
+
+use crate::comm::Comm;
+use crate::error::{EngineError, Result};
+use crate::math::{self, Matrix, Rope};
+use crate::model::{self, LlamaConfig, WeightSource};
+use crate::sample::{Sampler, SamplingParams};
+use crate::shard::{self, HeadShard};
+
+/// Where a rank sits and how much it may compute.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct RankPlace {
+    /// Tensor-parallel degree.
+    pub tp: usize,
+    /// This rank in its TP group.
+    pub tp_rank: usize,
+    /// Pipeline-parallel degree.
+    pub pp: usize,
+    /// This rank's stage.
+    pub stage: usize,
+    /// Threads this rank may use for its matrix products.
+    pub threads: usize,
+}
+
+struct Layer {
+    attn_norm: Vec<f32>,
+    mlp_norm: Vec<f32>,
+    /// Rows: local q heads, then local k heads, then local v heads (`head_dim` rows each).
+    qkv: Matrix,
+    /// `[hidden, local q heads * head_dim]`.
+    o: Matrix,
+    /// Rows: local gate rows, then the same up rows.
+    gate_up: Matrix,
+    /// `[hidden, local intermediate]`.
+    down: Matrix,
+}
+
+/// The weights one rank owns.
+pub struct RankModel {
+    cfg: LlamaConfig,
+    place: RankPlace,
+    heads: HeadShard,
+    ffn_local: usize,
+    layers_range: Range<usize>,
+    layers: Vec<Layer>,
+    vocab_rows: Range<usize>,
+    vocab_per: usize,
+    embed: Option<Matrix>,
+    final_norm: Option<Vec<f32>>,
+    /// `None` with a tied head on a single-stage layout: the embedding shard is the head.
+    lm_head: Option<Matrix>,
+    rope: Rope,
+}
+
+fn expect_shape(name: &str, t: &model::Tensor, expected: &[usize]) -> Result<()> {
+    if t.shape != expected {
+        return Err(EngineError::Shape {
+            name: name.to_string(),
+            expected: expected.to_vec(),
+            actual: t.shape.clone(),
+        });
+    }
+    Ok(())
+}
+
+fn load_rows(src: &dyn WeightSource, name: &str, rows: Range<usize>, full_rows: usize, cols: usize) -> Result<Matrix> {
+    if rows.end > full_rows {
+        return Err(EngineError::Config(format!("{name}: rows {rows:?} exceed {full_rows}")));
+    }
+    let t = src.tensor_rows(name, rows.clone())?;
+    expect_shape(name, &t, &[rows.len(), cols])?;
+    Ok(Matrix::new(rows.len(), cols, t.data))
+}
+
+/// Columns `cols` of a `[rows, full_cols]` tensor.
+fn load_cols(src: &dyn WeightSource, name: &str, rows: usize, full_cols: usize, cols: Range<usize>) -> Result<Matrix> {
+    let t = src.tensor(name)?;
+    expect_shape(name, &t, &[rows, full_cols])?;
+    let mut data = Vec::with_capacity(rows * cols.len());
+    for r in 0..rows {
+        data.extend_from_slice(&t.data[r * full_cols + cols.start..r * full_cols + cols.end]);
+    }
+    Ok(Matrix::new(rows, cols.len(), data))
+}
+
+fn load_vector(src: &dyn WeightSource, name: &str, len: usize) -> Result<Vec<f32>> {
+    let t = src.tensor(name)?;
+    if t.data.len() != len || t.shape.iter().product::<usize>() != len {
+        return Err(EngineError::Shape {
+            name: name.to_string(),
+            expected: vec![len],
+            actual: t.shape.clone(),
+        });
+    }
+    Ok(t.data)
+}
+
+fn stack(parts: Vec<Matrix>) -> Matrix {
+    let cols = parts.first().map_or(0, |m| m.cols);
+    let rows = parts.iter().map(|m| m.rows).sum();
+    let mut data = Vec::with_capacity(rows * cols);
+    for p in parts {
+        debug_assert_eq!(p.cols, cols);
+        data.extend(p.data);
+    }
+    Matrix::new(rows, cols, data)
+}
+
+/// Checks that `cfg` can be split as `tp × pp`.
+pub fn check_layout(cfg: &LlamaConfig, tp: usize, pp: usize) -> Result<()> {
+    shard::check_tp(cfg.num_attention_heads, cfg.num_key_value_heads, tp).map_err(EngineError::Config)?;
+    if pp == 0 || pp > cfg.num_hidden_layers {
+        return Err(EngineError::Config(format!(
+            "--pp {pp}: the pipeline degree must be between 1 and the number of layers ({})",
+            cfg.num_hidden_layers
+        )));
+    }
+    if cfg.head_dim == 0 || cfg.head_dim % 2 != 0 {
+        return Err(EngineError::Config(format!(
+            "head_dim {} must be even and non-zero",
+            cfg.head_dim
+        )));
+    }
+    if cfg.hidden_size == 0 || cfg.vocab_size == 0 {
+        return Err(EngineError::Config(
+            "hidden_size and vocab_size must be non-zero".into(),
+        ));
+    }
+    Ok(())
+}
+
+impl RankModel {
+    /// Loads this rank's shard. `progress(done, total)` is called after each tensor.
+    pub fn load(src: &dyn WeightSource, place: RankPlace, progress: &mut dyn FnMut(usize, usize)) -> Result<Self> {
+        let cfg = src.config().clone();
+        check_layout(&cfg, place.tp, place.pp)?;
+        let (h, hd, inter) = (cfg.hidden_size, cfg.head_dim, cfg.intermediate_size);
+        let heads = shard::head_shard(
+            cfg.num_attention_heads,
+            cfg.num_key_value_heads,
+            place.tp,
+            place.tp_rank,
+        );
+        let ffn = shard::even_range(inter, place.tp, place.tp_rank);
+        let layers_range = shard::stage_layers(cfg.num_hidden_layers, place.pp, place.stage);
+        let (vocab_rows, vocab_per) = shard::vocab_shard(cfg.vocab_size, place.tp, place.tp_rank);
+        let first = place.stage == 0;
+        let last = place.stage + 1 == place.pp;
+        let total = layers_range.len() + usize::from(first) + usize::from(last);
+        let mut done = 0;
+
+        let embed = if first {
+            let m = load_rows(src, "model.embed_tokens.weight", vocab_rows.clone(), cfg.vocab_size, h)?;
+            done += 1;
+            progress(done, total);
+            Some(m)
+        } else {
+            None
+        };
+
+        let q_rows = heads.q_heads.start * hd..heads.q_heads.end * hd;
+        let kv_rows = heads.kv_heads.start * hd..heads.kv_heads.end * hd;
+        let (q_all, kv_all) = (cfg.num_attention_heads * hd, cfg.num_key_value_heads * hd);
+        let mut layers = Vec::with_capacity(layers_range.len());
+        for i in layers_range.clone() {
+            let p = format!("model.layers.{i}");
+            let qkv = stack(vec![
+                load_rows(src, &format!("{p}.self_attn.q_proj.weight"), q_rows.clone(), q_all, h)?,
+                load_rows(src, &format!("{p}.self_attn.k_proj.weight"), kv_rows.clone(), kv_all, h)?,
+                load_rows(src, &format!("{p}.self_attn.v_proj.weight"), kv_rows.clone(), kv_all, h)?,
+            ]);
+            let gate_up = stack(vec![
+                load_rows(src, &format!("{p}.mlp.gate_proj.weight"), ffn.clone(), inter, h)?,
+                load_rows(src, &format!("{p}.mlp.up_proj.weight"), ffn.clone(), inter, h)?,
+            ]);
+            layers.push(Layer {
+                attn_norm: load_vector(src, &format!("{p}.input_layernorm.weight"), h)?,
+                mlp_norm: load_vector(src, &format!("{p}.post_attention_layernorm.weight"), h)?,
+                qkv,
+                o: load_cols(src, &format!("{p}.self_attn.o_proj.weight"), h, q_all, q_rows.clone())?,
+                gate_up,
+                down: load_cols(src, &format!("{p}.mlp.down_proj.weight"), h, inter, ffn.clone())?,
+            });
+            done += 1;
+            progress(done, total);
+        }
+
+        let (final_norm, lm_head) = if last {
+            let norm = load_vector(src, "model.norm.weight", h)?;
+            let head = if cfg.tie_word_embeddings && first {
+                None
+            } else {
+                Some(load_rows(src, "lm_head.weight", vocab_rows.clone(), cfg.vocab_size, h)?)
+            };
+            done += 1;
+            progress(done, total);
+            (Some(norm), head)
+        } else {
+            (None, None)
+        };
+
+        let rope = Rope::new(model::rope_inv_freq(&cfg));
+        Ok(RankModel {
+            ffn_local: ffn.len(),
+            cfg,
+            place,
+            heads,
+            layers_range,
+            layers,
+            vocab_rows,
+            vocab_per,
+            embed,
+            final_norm,
+            lm_head,
+            rope,
+        })
+    }
+
+    /// The model configuration.
+    pub fn config(&self) -> &LlamaConfig {
+        &self.cfg
+    }
+
+    /// This rank's place.
+    pub fn place(&self) -> RankPlace {
+        self.place
+    }
+
+    /// The global layers this rank runs.
+    pub fn layers(&self) -> Range<usize> {
+        self.layers_range.clone()
+    }
+
+    /// Bytes of weights this rank reads per decoded token (all its matrices and norms).
+    pub fn weight_bytes(&self) -> usize {
+        let layers: usize = self
+            .layers
+            .iter()
+            .map(|l| l.qkv.bytes() + l.o.bytes() + l.gate_up.bytes() + l.down.bytes() + 8 * l.attn_norm.len())
+            .sum();
+        let head = self.lm_head.as_ref().or(if self.final_norm.is_some() {
+            self.embed.as_ref()
+        } else {
+            None
+        });
+        layers + head.map_or(0, |m| m.bytes())
+    }
+
+    fn is_first(&self) -> bool {
+        self.place.stage == 0
+    }
+
+    fn is_last(&self) -> bool {
+        self.place.stage + 1 == self.place.pp
+    }
+
+    /// An empty KV cache for up to `max_seq` positions.
+    pub fn new_cache(&self, max_seq: usize) -> KvCache {
+        let per = self.heads.kv_heads.len() * max_seq * self.cfg.head_dim;
+        KvCache {
+            k: (0..self.layers.len()).map(|_| vec![0.0; per]).collect(),
+            v: (0..self.layers.len()).map(|_| vec![0.0; per]).collect(),
+            max_seq,
+            len: 0,
+        }
+    }
+
+    /// Embeds `tokens` into `x` (`tokens.len() * hidden`): each rank writes its vocabulary rows, then one
+    /// all-reduce over the TP group completes every row.
+    pub fn embed(&self, tokens: &[u32], tp: &dyn Comm) -> Result<Vec<f32>> {
+        let embed = self
+            .embed
+            .as_ref()
+            .ok_or_else(|| EngineError::Config("embed called on a later stage".into()))?;
+        let h = self.cfg.hidden_size;
+        let mut x = vec![0.0f32; tokens.len() * h];
+        for (t, &tok) in tokens.iter().enumerate() {
+            let tok = tok as usize;
+            if tok >= self.cfg.vocab_size {
+                return Err(EngineError::Config(format!(
+                    "token id {tok} is out of range for a vocabulary of {}",
+                    self.cfg.vocab_size
+                )));
+            }
+            if self.vocab_rows.contains(&tok) {
+                let r = tok - self.vocab_rows.start;
+                x[t * h..(t + 1) * h].copy_from_slice(&embed.data[r * h..(r + 1) * h]);
+            }
+        }
+        tp.all_reduce_sum(&mut x)?;
+        Ok(x)
+    }
+
+    /// Runs this stage's layers on `n` rows of activations `x` at positions `pos0..pos0 + n`, appending their
+    /// keys and values to `cache`.
+    pub fn forward_layers(&self, x: &mut [f32], n: usize, cache: &mut KvCache, tp: &dyn Comm) -> Result<()> {
+        let cfg = &self.cfg;
+        let (h, hd) = (cfg.hidden_size, cfg.head_dim);
+        let pos0 = cache.len;
+        if pos0 + n > cache.max_seq {
+            return Err(EngineError::Config(format!(
+                "sequence of {} tokens exceeds the KV cache ({} positions)",
+                pos0 + n,
+                cache.max_seq
+            )));
+        }
+        let threads = self.place.threads;
+        let eps = cfg.rms_norm_eps as f32;
+        let nq = self.heads.q_heads.len();
+        let nkv = self.heads.kv_heads.len();
+        let group = cfg.num_attention_heads / cfg.num_key_value_heads;
+        let qkv_w = (nq + 2 * nkv) * hd;
+        let scale = 1.0 / (hd as f32).sqrt();
+        let angles: Vec<(Vec<f32>, Vec<f32>)> = (0..n).map(|t| self.rope.angles(pos0 + t)).collect();
+
+        let mut normed = vec![0.0f32; n * h];
+        let mut qkv = vec![0.0f32; n * qkv_w];
+        let mut attn = vec![0.0f32; n * nq * hd];
+        let mut proj = vec![0.0f32; n * h];
+        let mut gu = vec![0.0f32; n * 2 * self.ffn_local];
+        let mut act = vec![0.0f32; n * self.ffn_local];
+        let mut scores = vec![0.0f32; pos0 + n];
+
+        for (li, layer) in self.layers.iter().enumerate() {
+            // Attention.
+            math::rms_norm(x, &layer.attn_norm, eps, &mut normed);
+            math::linear(&normed, n, &layer.qkv, &mut qkv, threads);
+            let (kc, vc) = (&mut cache.k[li], &mut cache.v[li]);
+            for t in 0..n {
+                let row = &mut qkv[t * qkv_w..(t + 1) * qkv_w];
+                let (cos, sin) = &angles[t];
+                self.rope.apply(&mut row[..(nq + nkv) * hd], cos, sin);
+                let pos = pos0 + t;
+                for j in 0..nkv {
+                    let dst = (j * cache.max_seq + pos) * hd;
+                    kc[dst..dst + hd].copy_from_slice(&row[(nq + j) * hd..(nq + j + 1) * hd]);
+                    vc[dst..dst + hd].copy_from_slice(&row[(nq + nkv + j) * hd..(nq + nkv + j + 1) * hd]);
+                }
+            }
+            for t in 0..n {
+                let ctx = pos0 + t + 1;
+                for i in 0..nq {
+                    let gq = self.heads.q_heads.start + i;
+                    let j = gq / group - self.heads.kv_heads.start;
+                    let q = &qkv[t * qkv_w + i * hd..t * qkv_w + (i + 1) * hd];
+                    let kbase = j * cache.max_seq * hd;
+                    let s = &mut scores[..ctx];
+                    for (p, sc) in s.iter_mut().enumerate() {
+                        *sc = math::dot(q, &kc[kbase + p * hd..kbase + (p + 1) * hd]) * scale;
+                    }
+                    math::softmax(s);
+                    let out = &mut attn[(t * nq + i) * hd..(t * nq + i + 1) * hd];
+                    out.fill(0.0);
+                    for (p, &w) in s.iter().enumerate() {
+                        let v = &vc[kbase + p * hd..kbase + (p + 1) * hd];
+                        for (o, &vv) in out.iter_mut().zip(v) {
+                            *o += w * vv;
+                        }
+                    }
+                }
+            }
+            math::linear(&attn, n, &layer.o, &mut proj, threads);
+            tp.all_reduce_sum(&mut proj)?;
+            for (a, b) in x.iter_mut().zip(&proj) {
+                *a += b;
+            }
+
+            // MLP.
+            math::rms_norm(x, &layer.mlp_norm, eps, &mut normed);
+            math::linear(&normed, n, &layer.gate_up, &mut gu, threads);
+            let f = self.ffn_local;
+            for t in 0..n {
+                let row = &gu[t * 2 * f..(t + 1) * 2 * f];
+                let a = &mut act[t * f..(t + 1) * f];
+                a.copy_from_slice(&row[..f]);
+                math::silu_mul(a, &row[f..]);
+            }
+            math::linear(&act, n, &layer.down, &mut proj, threads);
+            tp.all_reduce_sum(&mut proj)?;
+            for (a, b) in x.iter_mut().zip(&proj) {
+                *a += b;
+            }
+        }
+        cache.len = pos0 + n;
+        Ok(())
+    }
+
+    /// Logits of the last row of `x` (last stage only): final norm, this rank's vocabulary rows, then one
+    /// all-gather over the TP group. Returns all `vocab_size` logits on every TP rank.
+    pub fn logits(&self, x: &[f32], tp: &dyn Comm) -> Result<Vec<f32>> {
+        let h = self.cfg.hidden_size;
+        let norm = self
+            .final_norm
+            .as_ref()
+            .ok_or_else(|| EngineError::Config("logits called on an earlier stage".into()))?;
+        let head = self
+            .lm_head
+            .as_ref()
+            .or(self.embed.as_ref())
+            .expect("the last stage holds a head");
+        let last = &x[x.len() - h..];
+        let mut normed = vec![0.0f32; h];
+        math::rms_norm(last, norm, self.cfg.rms_norm_eps as f32, &mut normed);
+        let mut local = vec![0.0f32; self.vocab_per];
+        math::matvec(&normed, head, &mut local[..self.vocab_rows.len()], self.place.threads);
+        let mut all = vec![0.0f32; self.vocab_per * self.place.tp];
+        tp.all_gather(&local, &mut all)?;
+        all.truncate(self.cfg.vocab_size);
+        Ok(all)
+    }
+}
+
+/// Keys and values of this rank's KV heads for this stage's layers.
+pub struct KvCache {
+    /// Per layer: `[kv head][position][head_dim]`.
+    k: Vec<Vec<f32>>,
+    v: Vec<Vec<f32>>,
+    max_seq: usize,
+    len: usize,
+}
+
+impl KvCache {
+    /// Positions filled so far.
+    pub fn len(&self) -> usize {
+        self.len
+    }
+    /// True when nothing was cached yet.
+    pub fn is_empty(&self) -> bool {
+        self.len == 0
+    }
+    /// Forgets every position (the buffers are kept).
+    pub fn clear(&mut self) {
+        self.len = 0;
+    }
+}
+
+/// What one generation asks for.
+#[derive(Clone, Debug)]
+pub struct GenerateParams {
+    /// Tokens to generate at most.
+    pub max_new_tokens: usize,
+    /// Sampling settings.
+    pub sampling: SamplingParams,
+    /// Keep going past end-of-sequence tokens.
+    pub ignore_eos: bool,
+    /// Prompt micro-batches in pipeline-parallel prefill (0 = one per stage).
+    pub micro_batches: usize,
+}
+
+/// What one generation produced, seen from one rank.
+#[derive(Clone, Debug, Default)]
+pub struct GenerateOutput {
+    /// The generated tokens (every rank knows them).
+    pub generated: Vec<u32>,
+    /// Logits at the last prompt position (ranks of the last stage only).
+    pub prompt_logits: Option<Vec<f32>>,
+    /// Seconds from start to the first sampled token.
+    pub prefill_secs: f64,
+    /// Seconds spent decoding the following tokens.
+    pub decode_secs: f64,
+}
+
+/// One rank: its shard, its communicators and its KV cache.
+pub struct Rank {
+    model: RankModel,
+    tp: Box<dyn Comm>,
+    pp: Box<dyn Comm>,
+}
+
+impl Rank {
+    /// A rank from its shard, its TP-group communicator and its pipeline-group communicator (whose rank is
+    /// the stage).
+    pub fn new(model: RankModel, tp: Box<dyn Comm>, pp: Box<dyn Comm>) -> Result<Self> {
+        let place = model.place;
+        if tp.size() != place.tp || tp.rank() != place.tp_rank || pp.size() != place.pp || pp.rank() != place.stage {
+            return Err(EngineError::Config(format!(
+                "communicators (tp {}/{}, pp {}/{}) do not match the rank's place {place:?}",
+                tp.rank(),
+                tp.size(),
+                pp.rank(),
+                pp.size()
+            )));
+        }
+        Ok(Rank { model, tp, pp })
+    }
+
+    /// Waits until every rank of this rank's TP group and pipeline has called it.
+    pub fn barrier(&self) -> Result<()> {
+        self.tp.barrier()?;
+        self.pp.barrier()?;
+        Ok(())
+    }
+
+    /// The shard.
+    pub fn model(&self) -> &RankModel {
+        &self.model
+    }
+
+    /// Runs the stage on one chunk: embed or receive, layers, then send or (last stage) nothing.
+    fn run_chunk(&self, tokens: &[u32], cache: &mut KvCache) -> Result<Vec<f32>> {
+        let n = tokens.len();
+        let h = self.model.cfg.hidden_size;
+        let stage = self.model.place.stage;
+        let mut x = if self.model.is_first() {
+            self.model.embed(tokens, &*self.tp)?
+        } else {
+            let mut x = vec![0.0f32; n * h];
+            self.pp.recv(&mut x, stage - 1)?;
+            x
+        };
+        self.model.forward_layers(&mut x, n, cache, &*self.tp)?;
+        if !self.model.is_last() {
+            self.pp.send(&x, stage + 1)?;
+        }
+        Ok(x)
+    }
+
+    /// The last stage tells every other stage which token was chosen.
+    fn share_token(&self, token: Option<u32>) -> Result<u32> {
+        let pp = self.model.place.pp;
+        let stage = self.model.place.stage;
+        if self.model.is_last() {
+            let t = token.expect("the last stage samples");
+            for s in 0..pp - 1 {
+                self.pp.send(&[t as f32], s)?;
+            }
+            Ok(t)
+        } else {
+            let mut b = [0.0f32];
+            self.pp.recv(&mut b, pp - 1)?;
+            let _ = stage;
+            Ok(b[0] as u32)
+        }
+    }
+
+    /// Generates up to `params.max_new_tokens` tokens after `prompt`, calling `on_token` with each new token
+    /// as soon as it is known. Every rank of the layout calls this with the same arguments.
+    pub fn generate(
+        &self,
+        prompt: &[u32],
+        params: &GenerateParams,
+        on_token: &mut dyn FnMut(u32),
+    ) -> Result<GenerateOutput> {
+        let cfg = &self.model.cfg;
+        if prompt.is_empty() {
+            return Err(EngineError::Config("the prompt is empty".into()));
+        }
+        let max_seq = prompt.len() + params.max_new_tokens;
+        if max_seq > cfg.max_position_embeddings {
+            return Err(EngineError::Config(format!(
+                "prompt ({}) + max new tokens ({}) exceeds the model's context of {} positions",
+                prompt.len(),
+                params.max_new_tokens,
+                cfg.max_position_embeddings
+            )));
+        }
+        let mut out = GenerateOutput::default();
+        if params.max_new_tokens == 0 {
+            return Ok(out);
+        }
+        let mut cache = self.model.new_cache(max_seq);
+        let mut sampler = Sampler::new(params.sampling.clone());
+        let start = Instant::now();
+
+        // Prefill, in micro-batches so pipeline stages overlap.
+        let pp = self.model.place.pp;
+        let chunks = if params.micro_batches == 0 {
+            pp
+        } else {
+            params.micro_batches
+        }
+        .clamp(1, prompt.len());
+        let mut last_x = Vec::new();
+        for c in 0..chunks {
+            let r = shard::even_range(prompt.len(), chunks, c);
+            last_x = self.run_chunk(&prompt[r], &mut cache)?;
+        }
+        let mut token = None;
+        if self.model.is_last() {
+            let logits = self.model.logits(&last_x, &*self.tp)?;
+            token = Some(sampler.sample(&logits));
+            out.prompt_logits = Some(logits);
+        }
+        let mut t = self.share_token(token)?;
+        out.prefill_secs = start.elapsed().as_secs_f64();
+        out.generated.push(t);
+        on_token(t);
+
+        let decode_start = Instant::now();
+        while out.generated.len() < params.max_new_tokens && (params.ignore_eos || !cfg.eos_token_ids.contains(&t)) {
+            let x = self.run_chunk(&[t], &mut cache)?;
+            let mut token = None;
+            if self.model.is_last() {
+                let logits = self.model.logits(&x, &*self.tp)?;
+                token = Some(sampler.sample(&logits));
+            }
+            t = self.share_token(token)?;
+            out.generated.push(t);
+            on_token(t);
+        }
+        out.decode_secs = decode_start.elapsed().as_secs_f64();
+        Ok(out)
+    }
+}

@@ -1,0 +1,201 @@
+//! Creating each rank's communicators: ranks as threads of this process, or as processes (one per rank)
+//! started by `--nprocs`, torchrun, mpirun or srun.
+//!
+//! A rank of a `tp × pp` layout (world rank `stage * tp + tp_rank`) gets a communicator over its TP group
+//! (the ranks of its stage) and one over its pipeline group (the ranks with its `tp_rank`, one per stage). A
+//! group of one rank gets [`SingleComm`].
+
+use std::net::{IpAddr, Ipv4Addr};
+
+use nccl::bootstrap::{launch, Launcher, RankInfo, Rendezvous, RendezvousOptions};
+use nccl::host::{HostComm, HostOptions};
+
+use crate::comm::{Comm, HostCollComm, SingleComm};
+use crate::error::{EngineError, Result};
+use crate::shard::Layout;
+
+/// The two communicators of one rank.
+pub struct RankComms {
+    /// World rank (`stage * tp + tp_rank`).
+    pub world_rank: usize,
+    /// Over the ranks of this rank's stage; its rank is `tp_rank`.
+    pub tp: Box<dyn Comm>,
+    /// Over this rank's pipeline (one rank per stage); its rank is the stage.
+    pub pp: Box<dyn Comm>,
+}
+
+fn boxed(c: HostComm) -> Box<dyn Comm> {
+    Box::new(HostCollComm(c))
+}
+
+/// Host communicators for every rank of `layout`, ranks as threads: element `w` is world rank `w`'s.
+pub fn host_threads(layout: Layout) -> Result<Vec<RankComms>> {
+    let (tp, pp) = (layout.tp, layout.pp);
+    let mut tp_comms: Vec<Option<Box<dyn Comm>>> = (0..layout.world()).map(|_| None).collect();
+    let mut pp_comms: Vec<Option<Box<dyn Comm>>> = (0..layout.world()).map(|_| None).collect();
+    for stage in 0..pp {
+        let group = layout.tp_group(stage);
+        if tp == 1 {
+            tp_comms[group[0]] = Some(Box::new(SingleComm));
+        } else {
+            for (w, c) in group.into_iter().zip(HostComm::threads(tp, HostOptions::default())?) {
+                tp_comms[w] = Some(boxed(c));
+            }
+        }
+    }
+    for t in 0..tp {
+        let group = layout.pp_group(t);
+        if pp == 1 {
+            pp_comms[group[0]] = Some(Box::new(SingleComm));
+        } else {
+            for (w, c) in group.into_iter().zip(HostComm::threads(pp, HostOptions::default())?) {
+                pp_comms[w] = Some(boxed(c));
+            }
+        }
+    }
+    Ok(tp_comms
+        .into_iter()
+        .zip(pp_comms)
+        .enumerate()
+        .map(|(w, (t, p))| RankComms {
+            world_rank: w,
+            tp: t.expect("every rank is in a TP group"),
+            pp: p.expect("every rank is in a pipeline"),
+        })
+        .collect())
+}
+
+/// In the parent of `--nprocs N`: starts the workers and returns their exit code. Returns `None` in a
+/// worker (or when `nprocs` is `None`): continue with [`host_process`].
+pub fn spawn_workers(nprocs: Option<usize>) -> Result<Option<i32>> {
+    launch::spawn_local_if_requested(nprocs).map_err(|e| EngineError::Comm(e.into()))
+}
+
+/// True when this process is one rank of several (started by `--nprocs` or an outside launcher).
+pub fn is_worker() -> Result<bool> {
+    let info = RankInfo::from_env().map_err(|e| EngineError::Comm(e.into()))?;
+    Ok(info.launcher != Launcher::Single || info.world_size > 1)
+}
+
+/// This process's communicators, ranks as processes: a rendezvous over the world, then (for 2-D layouts) one
+/// sub-rendezvous per group on ports chosen by each group's first rank and shared through the world.
+pub fn host_process(layout: Layout) -> Result<RankComms> {
+    let comm_err = |e: nccl::bootstrap::BootstrapError| EngineError::Comm(e.into());
+    let info = RankInfo::from_env().map_err(comm_err)?;
+    if info.world_size != layout.world() {
+        return Err(EngineError::Config(format!(
+            "{} processes were started, but --tp {} × --pp {} needs {}",
+            info.world_size,
+            layout.tp,
+            layout.pp,
+            layout.world()
+        )));
+    }
+    let rv = Rendezvous::new(&info, RendezvousOptions::from_env().map_err(comm_err)?).map_err(comm_err)?;
+    let w = info.rank;
+    if layout.pp == 1 {
+        let c = HostComm::from_rendezvous(&rv, HostOptions::default())?;
+        return Ok(RankComms {
+            world_rank: w,
+            tp: boxed(c),
+            pp: Box::new(SingleComm),
+        });
+    }
+    if layout.tp == 1 {
+        let c = HostComm::from_rendezvous(&rv, HostOptions::default())?;
+        return Ok(RankComms {
+            world_rank: w,
+            tp: Box::new(SingleComm),
+            pp: boxed(c),
+        });
+    }
+    // 2-D: every rank offers a free port; group g's leader's port hosts the group's rendezvous.
+    let (stage, t) = layout.coords(w);
+    let local = IpAddr::V4(Ipv4Addr::LOCALHOST);
+    let mine = [
+        launch::free_port(local).map_err(comm_err)?,
+        launch::free_port(local).map_err(comm_err)?,
+    ];
+    let ports = rv
+        .all_gather(&[mine[0].to_le_bytes(), mine[1].to_le_bytes()].concat())
+        .map_err(comm_err)?;
+    let port_of = |rank: usize, which: usize| -> Result<u16> {
+        let b = ports
+            .get(rank)
+            .filter(|b| b.len() == 4)
+            .ok_or_else(|| EngineError::Config("bad port exchange".into()))?;
+        Ok(u16::from_le_bytes([b[2 * which], b[2 * which + 1]]))
+    };
+    let sub = |rank: usize, size: usize, leader: usize, which: usize| -> Result<HostComm> {
+        let sub_info = RankInfo {
+            rank,
+            world_size: size,
+            local_rank: rank,
+            local_world_size: size,
+            master_addr: "127.0.0.1".to_string(),
+            master_port: port_of(leader, which)?,
+            launcher: info.launcher,
+        };
+        let srv = Rendezvous::new(&sub_info, RendezvousOptions::from_env().map_err(comm_err)?).map_err(comm_err)?;
+        Ok(HostComm::from_rendezvous(&srv, HostOptions::default())?)
+    };
+    let tp = sub(t, layout.tp, layout.tp_group(stage)[0], 0)?;
+    rv.barrier().map_err(comm_err)?;
+    let pp = sub(stage, layout.pp, layout.pp_group(t)[0], 1)?;
+    Ok(RankComms {
+        world_rank: w,
+        tp: boxed(tp),
+        pp: boxed(pp),
+    })
+}
+
+/// Loads and runs a whole `layout` on threads of this process (host backend) and returns every rank's
+/// output, indexed by world rank. `threads` is each rank's compute threads.
+pub fn generate_in_threads(
+    src: &dyn crate::model::WeightSource,
+    layout: Layout,
+    threads: usize,
+    prompt: &[u32],
+    params: &crate::engine::GenerateParams,
+) -> Result<Vec<crate::engine::GenerateOutput>> {
+    use crate::engine::{Rank, RankModel, RankPlace};
+    crate::engine::check_layout(src.config(), layout.tp, layout.pp)?;
+    let comms = host_threads(layout)?;
+    let results: Vec<Result<crate::engine::GenerateOutput>> = std::thread::scope(|s| {
+        let handles: Vec<_> = comms
+            .into_iter()
+            .map(|c| {
+                s.spawn(move || {
+                    let (stage, tp_rank) = layout.coords(c.world_rank);
+                    let place = RankPlace {
+                        tp: layout.tp,
+                        tp_rank,
+                        pp: layout.pp,
+                        stage,
+                        threads,
+                    };
+                    let model = RankModel::load(src, place, &mut |_, _| {})?;
+                    let rank = Rank::new(model, c.tp, c.pp)?;
+                    rank.generate(prompt, params, &mut |_| {})
+                })
+            })
+            .collect();
+        handles
+            .into_iter()
+            .map(|h| {
+                h.join()
+                    .unwrap_or_else(|_| Err(EngineError::Config("a rank thread panicked".into())))
+            })
+            .collect()
+    });
+    results
+        .into_iter()
+        .enumerate()
+        .map(|(w, r)| {
+            r.map_err(|e| EngineError::Rank {
+                rank: w,
+                source: Box::new(e),
+            })
+        })
+        .collect()
+}
