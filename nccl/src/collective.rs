@@ -40,6 +40,14 @@ fn rank_arg(op: &'static str, what: &'static str, value: usize, size: usize) -> 
     Ok(value as i32)
 }
 
+static EMULATE: std::sync::atomic::AtomicBool = std::sync::atomic::AtomicBool::new(false);
+
+/// Makes AlltoAll, Gather and Scatter run as grouped sends and receives, as they do on NCCL older than 2.28,
+/// even on a newer library. For tests of that path; process-wide; off by default.
+pub fn force_p2p_emulation(on: bool) {
+    EMULATE.store(on, std::sync::atomic::Ordering::Relaxed);
+}
+
 /// One NCCL call with its arguments, issued directly or inside a group.
 #[derive(Clone, Copy, Debug)]
 pub(crate) enum Call {
@@ -144,15 +152,95 @@ impl Call {
         }
     }
 
-    /// The version gate: AlltoAll, Gather and Scatter arrived in NCCL 2.28.
-    fn check_supported(&self) -> Result<()> {
-        match self {
-            Call::AllToAll { .. } | Call::Gather { .. } | Call::Scatter { .. } => {
-                result::require_loaded(self.name(), "2.28")?
-            }
-            _ => {}
+    /// True for AlltoAll, Gather and Scatter when they must be emulated: the loaded library predates 2.28 (or
+    /// [`force_p2p_emulation`] is on).
+    fn needs_emulation(&self) -> Result<bool> {
+        if !matches!(self, Call::AllToAll { .. } | Call::Gather { .. } | Call::Scatter { .. }) {
+            return Ok(false);
         }
-        check_dtype(self.name(), self.dtype())
+        if EMULATE.load(std::sync::atomic::Ordering::Relaxed) {
+            return Ok(true);
+        }
+        let lib = result::library(self.name())?;
+        Ok(lib.version_code() < result::version_code(2, 28, 0))
+    }
+
+    /// AlltoAll, Gather and Scatter as the grouped sends and receives NCCL documented for them before 2.28
+    /// (block `j` at element offset `j * count`).
+    fn as_send_recv(&self, nranks: usize, rank: usize) -> Vec<Call> {
+        let at = |p: *const c_void, dt: DataType, count: usize, j: usize| -> *mut c_void {
+            (p as usize + j * count * dt.size()) as *mut c_void
+        };
+        let mut parts = Vec::new();
+        match *self {
+            Call::AllToAll { send, recv, count, dt } => {
+                for j in 0..nranks {
+                    let peer = j as i32;
+                    parts.push(Call::Send {
+                        buf: at(send, dt, count, j),
+                        count,
+                        dt,
+                        peer,
+                    });
+                    parts.push(Call::Recv {
+                        buf: at(recv, dt, count, j),
+                        count,
+                        dt,
+                        peer,
+                    });
+                }
+            }
+            Call::Gather {
+                send,
+                recv,
+                count,
+                dt,
+                root,
+            } => {
+                parts.push(Call::Send {
+                    buf: send,
+                    count,
+                    dt,
+                    peer: root,
+                });
+                if rank == root as usize {
+                    for j in 0..nranks {
+                        parts.push(Call::Recv {
+                            buf: at(recv, dt, count, j),
+                            count,
+                            dt,
+                            peer: j as i32,
+                        });
+                    }
+                }
+            }
+            Call::Scatter {
+                send,
+                recv,
+                count,
+                dt,
+                root,
+            } => {
+                if rank == root as usize {
+                    for j in 0..nranks {
+                        parts.push(Call::Send {
+                            buf: at(send, dt, count, j),
+                            count,
+                            dt,
+                            peer: j as i32,
+                        });
+                    }
+                }
+                parts.push(Call::Recv {
+                    buf: recv,
+                    count,
+                    dt,
+                    peer: root,
+                });
+            }
+            other => parts.push(other),
+        }
+        parts
     }
 
     /// Calls the C function; returns the raw result.
@@ -247,8 +335,39 @@ impl Communicator {
     ///
     /// # Safety
     /// As [`Call::issue`], except that the communicator's liveness is checked here.
+    ///
+    /// AlltoAll, Gather and Scatter on a library older than 2.28 (which lacks them) run as one group of
+    /// `ncclSend`/`ncclRecv` calls with the same semantics (NCCL's documented recipe; groups nest).
     pub(crate) unsafe fn submit(&self, call: Call, stream: nccl_sys::cudaStream_t) -> Result<()> {
-        call.check_supported()?;
+        check_dtype(call.name(), call.dtype())?;
+        if call.needs_emulation()? {
+            let parts = call.as_send_recv(self.size(), self.rank());
+            return self.shared.call(call.name(), |raw| {
+                // SAFETY: `raw` is live under the lock. Each part addresses one `count`-element block inside
+                // the buffers the caller vouched for (offsets `j * count` for `j < nranks`), on `stream`.
+                unsafe {
+                    let code = ffi!("ncclGroupStart", ncclGroupStart());
+                    result::check("ncclGroupStart", code, raw)?;
+                    let mut first_err = None;
+                    let mut load_err = None;
+                    for part in parts {
+                        match part.issue(raw, stream) {
+                            Ok(code) if code != result::SUCCESS && first_err.is_none() => first_err = Some(code),
+                            Ok(_) => {}
+                            Err(e) => {
+                                load_err.get_or_insert(e);
+                            }
+                        }
+                    }
+                    // Always close the group, even after a failed part.
+                    let end = ffi!("ncclGroupEnd", ncclGroupEnd());
+                    match load_err {
+                        Some(e) => Err(e),
+                        None => Ok(first_err.unwrap_or(end)),
+                    }
+                }
+            });
+        }
         // SAFETY: `with` (inside `call`) passes a live communicator under its lock; the rest is the caller's.
         self.shared.call(call.name(), |raw| unsafe { call.issue(raw, stream) })
     }
@@ -414,7 +533,7 @@ impl Communicator {
         unsafe { self.submit(call, stream) }
     }
 
-    /// `ncclAlltoAll` on raw pointers (NCCL 2.28+): block `j` (`count` elements at `j * count`) of `send` goes
+    /// `ncclAlltoAll` on raw pointers (NCCL 2.28+; grouped send/recv before): block `j` (`count` elements at `j * count`) of `send` goes
     /// to rank `j`, arriving as block `rank()` of its `recv`. Both hold `size() * count` elements; not in place.
     ///
     /// # Safety
@@ -443,7 +562,7 @@ impl Communicator {
         }
     }
 
-    /// `ncclGather` on raw pointers (NCCL 2.28+): every rank's `count` elements land at `r * count` in the root's
+    /// `ncclGather` on raw pointers (NCCL 2.28+; grouped send/recv before): every rank's `count` elements land at `r * count` in the root's
     /// `recv` (`size() * count`, written on the root only). In place when `send == recv + root * count`.
     ///
     /// # Safety
@@ -475,7 +594,7 @@ impl Communicator {
         }
     }
 
-    /// `ncclScatter` on raw pointers (NCCL 2.28+): block `r` (`count` elements at `r * count`) of the root's
+    /// `ncclScatter` on raw pointers (NCCL 2.28+; grouped send/recv before): block `r` (`count` elements at `r * count`) of the root's
     /// `send` (`size() * count`, read on the root only) goes to rank `r`'s `recv`. In place when
     /// `recv == send + root * count`.
     ///
@@ -986,7 +1105,6 @@ mod typed {
             send: &'a (impl DevicePtr<T> + ?Sized),
             recv: &'a mut (impl DevicePtrMut<T> + ?Sized),
         ) -> Result<Prepared<'a>> {
-            result::require_loaded("ncclAlltoAll", "2.28")?;
             self.prep_pair(Op::AllToAll, send, recv, None)
         }
 
@@ -1051,7 +1169,6 @@ mod typed {
             root: usize,
         ) -> Result<Prepared<'a>> {
             const OP: &str = "gather";
-            result::require_loaded("ncclGather", "2.28")?;
             let stream = self.begin::<T>(OP)?;
             self.on_device(OP, "send buffer", send)?;
             if let Some(r) = &recv {
@@ -1094,7 +1211,6 @@ mod typed {
             root: usize,
         ) -> Result<Prepared<'a>> {
             const OP: &str = "scatter";
-            result::require_loaded("ncclScatter", "2.28")?;
             let stream = self.begin::<T>(OP)?;
             if let Some(s) = send {
                 self.on_device(OP, "send buffer", s)?;
@@ -1330,7 +1446,7 @@ mod typed {
         }
 
         /// Block `j` of `send` goes to rank `j`, arriving as block `rank()` of its `recv` (`ncclAlltoAll`,
-        /// NCCL 2.28+). Both hold `size() * count` elements; no in-place form.
+        /// NCCL 2.28+, emulated with send/recv before). Both hold `size() * count` elements; no in-place form.
         #[doc(alias = "ncclAlltoAll")]
         pub fn all_to_all<T: Elem>(
             &self,
@@ -1342,7 +1458,7 @@ mod typed {
         }
 
         /// Every rank's `send` (`count`) lands at `r * count` in the root's `recv` (`size() * count`, required on
-        /// the root only) (`ncclGather`, NCCL 2.28+).
+        /// the root only) (`ncclGather`, NCCL 2.28+; grouped send/recv before).
         #[doc(alias = "ncclGather")]
         pub fn gather<T: Elem>(
             &self,
@@ -1355,7 +1471,7 @@ mod typed {
         }
 
         /// Block `r` of the root's `send` (`size() * count`, required on the root only) goes to rank `r`'s
-        /// `recv` (`count`) (`ncclScatter`, NCCL 2.28+).
+        /// `recv` (`count`) (`ncclScatter`, NCCL 2.28+; grouped send/recv before).
         #[doc(alias = "ncclScatter")]
         pub fn scatter<T: Elem>(
             &self,
@@ -1504,5 +1620,93 @@ mod typed {
         fn synchronize(&self) -> Result<()> {
             Communicator::synchronize(self)
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn addr(p: *const c_void) -> usize {
+        p as usize
+    }
+
+    #[test]
+    fn all_to_all_emulation_pairs_every_block_with_its_peer() {
+        let (send, recv) = (0x1000 as *const c_void, 0x9000 as *mut c_void);
+        let call = Call::AllToAll {
+            send,
+            recv,
+            count: 4,
+            dt: DataType::Float32,
+        };
+        let parts = call.as_send_recv(3, 1);
+        assert_eq!(parts.len(), 6);
+        for j in 0..3 {
+            match (parts[2 * j], parts[2 * j + 1]) {
+                (
+                    Call::Send {
+                        buf, count: 4, peer, ..
+                    },
+                    Call::Recv {
+                        buf: rbuf,
+                        count: 4,
+                        peer: rpeer,
+                        ..
+                    },
+                ) => {
+                    assert_eq!((peer, rpeer), (j as i32, j as i32));
+                    assert_eq!(addr(buf), 0x1000 + j * 16);
+                    assert_eq!(addr(rbuf), 0x9000 + j * 16);
+                }
+                other => panic!("{other:?}"),
+            }
+        }
+    }
+
+    #[test]
+    fn gather_and_scatter_emulation_only_the_root_touches_every_block() {
+        let (send, recv) = (0x1000 as *const c_void, 0x9000 as *mut c_void);
+        let gather = Call::Gather {
+            send,
+            recv,
+            count: 2,
+            dt: DataType::Float64,
+            root: 2,
+        };
+        let leaf = gather.as_send_recv(4, 0);
+        assert!(matches!(leaf[..], [Call::Send { peer: 2, count: 2, .. }]));
+        let root = gather.as_send_recv(4, 2);
+        assert_eq!(root.len(), 5);
+        let recvs: Vec<(i32, usize)> = root[1..]
+            .iter()
+            .map(|c| match *c {
+                Call::Recv { buf, peer, .. } => (peer, addr(buf)),
+                other => panic!("{other:?}"),
+            })
+            .collect();
+        assert_eq!(recvs, (0..4).map(|j| (j as i32, 0x9000 + j * 16)).collect::<Vec<_>>());
+        let scatter = Call::Scatter {
+            send,
+            recv,
+            count: 3,
+            dt: DataType::Int8,
+            root: 0,
+        };
+        let leaf = scatter.as_send_recv(4, 3);
+        assert!(matches!(leaf[..], [Call::Recv { peer: 0, count: 3, .. }]));
+        let root = scatter.as_send_recv(4, 0);
+        assert_eq!(root.len(), 5);
+        for (j, c) in root[..4].iter().enumerate() {
+            assert!(matches!(*c, Call::Send { peer, buf, .. } if peer == j as i32 && addr(buf) == 0x1000 + j * 3));
+        }
+        // Other calls pass through unchanged.
+        let ar = Call::Send {
+            buf: send,
+            count: 1,
+            dt: DataType::Uint8,
+            peer: 1,
+        };
+        assert_eq!(ar.as_send_recv(2, 0).len(), 1);
     }
 }
