@@ -95,6 +95,17 @@ fn expect_len(op: &'static str, what: &'static str, expected: usize, actual: usi
     }
 }
 
+/// `count * nranks`, or an error instead of an overflow (which would wrap in release builds and accept a
+/// too-short buffer).
+fn times(op: &'static str, count: usize, nranks: usize) -> Result<usize> {
+    count.checked_mul(nranks).ok_or_else(|| {
+        Error::invalid(
+            op,
+            format!("{count} elements per rank times {nranks} ranks overflows usize"),
+        )
+    })
+}
+
 fn divisible(op: &'static str, what: &'static str, len: usize, nranks: usize) -> Result<usize> {
     if len % nranks == 0 {
         Ok(len / nranks)
@@ -102,7 +113,7 @@ fn divisible(op: &'static str, what: &'static str, len: usize, nranks: usize) ->
         Err(Error::LengthMismatch {
             op,
             what,
-            expected: (len / nranks + 1) * nranks,
+            expected: (len / nranks).saturating_add(1).saturating_mul(nranks),
             actual: len,
         })
     }
@@ -162,12 +173,22 @@ pub fn check(op: Op, nranks: usize, rank: usize, root: usize, lens: Lens) -> Res
         }
         Op::AllGather => {
             let s = need(lens.send, "send buffer")?;
-            expect_len(name, "recv buffer", s * nranks, need(lens.recv, "recv buffer")?)?;
+            expect_len(
+                name,
+                "recv buffer",
+                times(name, s, nranks)?,
+                need(lens.recv, "recv buffer")?,
+            )?;
             Ok(s)
         }
         Op::ReduceScatter => {
             let r = need(lens.recv, "recv buffer")?;
-            expect_len(name, "send buffer", r * nranks, need(lens.send, "send buffer")?)?;
+            expect_len(
+                name,
+                "send buffer",
+                times(name, r, nranks)?,
+                need(lens.send, "send buffer")?,
+            )?;
             Ok(r)
         }
         Op::AllToAll => {
@@ -179,14 +200,24 @@ pub fn check(op: Op, nranks: usize, rank: usize, root: usize, lens: Lens) -> Res
         Op::Gather => {
             let s = need(lens.send, "send buffer")?;
             if is_root {
-                expect_len(name, "recv buffer (root)", s * nranks, need(lens.recv, "recv buffer")?)?;
+                expect_len(
+                    name,
+                    "recv buffer (root)",
+                    times(name, s, nranks)?,
+                    need(lens.recv, "recv buffer")?,
+                )?;
             }
             Ok(s)
         }
         Op::Scatter => {
             let r = need(lens.recv, "recv buffer")?;
             if is_root {
-                expect_len(name, "send buffer (root)", r * nranks, need(lens.send, "send buffer")?)?;
+                expect_len(
+                    name,
+                    "send buffer (root)",
+                    times(name, r, nranks)?,
+                    need(lens.send, "send buffer")?,
+                )?;
             }
             Ok(r)
         }

@@ -243,3 +243,50 @@ fn in_place_offsets_follow_nccl() {
         }
     }
 }
+
+#[test]
+fn huge_lengths_are_refused_not_wrapped() {
+    // usize::MAX / 2 + 1 elements times 2 ranks wraps to 0 in release builds; it must not match an empty buffer.
+    let s = usize::MAX / 2 + 1;
+    for op in [Op::AllGather, Op::Gather] {
+        let got = check(
+            op,
+            2,
+            0,
+            0,
+            Lens {
+                send: Some(s),
+                recv: Some(0),
+            },
+        );
+        assert!(matches!(got, Err(Error::InvalidArgument { .. })), "{op:?}: {got:?}");
+    }
+    for op in [Op::ReduceScatter, Op::Scatter] {
+        let got = check(
+            op,
+            2,
+            0,
+            0,
+            Lens {
+                send: Some(0),
+                recv: Some(s),
+            },
+        );
+        assert!(matches!(got, Err(Error::InvalidArgument { .. })), "{op:?}: {got:?}");
+    }
+    // A non-divisible all_to_all length near usize::MAX reports a saturated "expected" instead of overflowing.
+    let got = check(
+        Op::AllToAll,
+        2,
+        0,
+        0,
+        Lens {
+            send: Some(usize::MAX),
+            recv: Some(usize::MAX),
+        },
+    );
+    assert!(
+        matches!(got, Err(Error::LengthMismatch { actual: usize::MAX, .. })),
+        "{got:?}"
+    );
+}
