@@ -214,8 +214,8 @@ impl Shared {
 /// An NCCL communicator (`ncclComm_t`): one rank of a group of GPUs that run collectives together.
 ///
 /// Created on every rank with the same [`UniqueId`]; see [`init_rank`](Self::init_rank). Collectives (feature
-/// `cuda`) run on the CUDA stream bound with [`with_stream`](Self::with_stream) or
-/// [`init_rank_on`](Self::init_rank_on); the `*_raw` variants take any stream.
+/// `cuda`) run on the CUDA stream bound with `with_stream` or `init_rank_on`; the `*_raw` variants take any
+/// stream.
 ///
 /// Teardown: [`finalize`](Self::finalize) (collective, flushes outstanding work, then destroys) or
 /// [`abort`](Self::abort) (local, kills outstanding work). Dropping calls `ncclCommDestroy`, or

@@ -3,7 +3,7 @@
 //!
 //! Registrations and windows own the buffer they cover and borrow the communicator (`'c`), so neither can be
 //! freed while registered; dropping deregisters first. `ncclMemAlloc` takes no communicator, so its memory
-//! ([`NcclMemory`], [`DeviceMemory`]) is not tied to one: the same buffer can be registered with a parent
+//! ([`NcclMemory`], and `DeviceMemory` with feature `cuda`) is not tied to one: the same buffer can be registered with a parent
 //! communicator and its split children.
 
 use crate::comm::Communicator;
@@ -136,7 +136,7 @@ impl Communicator {
 /// and symmetric windows. Freed (`ncclMemFree`) on drop.
 ///
 /// This raw form does not track GPU work: dropping it while a kernel still uses it is the user's bug, which
-/// is why only `unsafe` calls can hand its pointer to NCCL. With feature `cuda`, [`DeviceMemory`] tracks work
+/// is why only `unsafe` calls can hand its pointer to NCCL. With feature `cuda`, `DeviceMemory` tracks work
 /// with events like a `CudaSlice`.
 #[derive(Debug)]
 #[doc(alias = "ncclMemAlloc")]
