@@ -337,6 +337,7 @@ impl Drop for EndOnUnwind {
 /// them outside the closure:
 ///
 /// ```no_run
+/// # #[cfg(feature = "cuda")]
 /// # fn f(comm: &nccl::Communicator, send: &cudarc::driver::CudaSlice<f32>,
 /// #      recv: &mut cudarc::driver::CudaSlice<f32>) -> nccl::Result<()> {
 /// // A ring exchange: send to the next rank, receive from the previous one, without deadlock.
