@@ -11,6 +11,8 @@
 //!   errors naming the failing rank ([`rendezvous`], [`wire`]).
 //! - [`launch::spawn_local_if_requested`]: `--nprocs N` without any launcher.
 //! - [`run_threads`]: N ranks as N threads of one process.
+//! - [`Communicator::from_env`](crate::Communicator::from_env) and [`share_unique_id`]: all of the above
+//!   plus `ncclCommInitRank` in one call.
 //!
 //! ```no_run
 //! use nccl::bootstrap::{RankInfo, Rendezvous, RendezvousOptions};
@@ -23,6 +25,7 @@
 //! # let _ = (id, hosts); Ok(()) }
 //! ```
 
+mod comm;
 pub mod env;
 mod error;
 pub mod launch;
@@ -30,6 +33,7 @@ pub mod rendezvous;
 mod threads;
 pub mod wire;
 
+pub use comm::share_unique_id;
 pub use env::{Launcher, RankInfo};
 pub use error::{BootstrapError, Peer, RejectReason};
 pub use rendezvous::{Rendezvous, RendezvousListener, RendezvousOptions};
