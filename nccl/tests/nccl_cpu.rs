@@ -480,3 +480,25 @@ fn groups_do_not_nest_and_always_end() {
     assert!(!nccl::group::in_group());
     nccl::group(|_| Ok(())).expect("a new group works after the panic");
 }
+
+/// cudarc's `CudaContext::new` panics without a driver; the probes must not.
+#[cfg(feature = "cuda")]
+#[test]
+fn cuda_probes_never_panic() {
+    let present = nccl::cuda_available();
+    let count = nccl::cuda_device_count();
+    if !present {
+        assert_eq!(count, 0, "no driver, no devices");
+    }
+    // The driver library exists exactly when the loader finds one of its names.
+    let on_disk = ["libcuda.so.1", "libcuda.so"].iter().any(|n| {
+        std::process::Command::new("sh")
+            .arg("-c")
+            .arg(format!("ldconfig -p 2>/dev/null | grep -q '{n}'"))
+            .status()
+            .is_ok_and(|s| s.success())
+    });
+    if !on_disk && std::env::var_os("LD_LIBRARY_PATH").is_none() {
+        assert!(!present, "cuda_available() claims a driver the loader cannot see");
+    }
+}
