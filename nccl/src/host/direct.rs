@@ -27,6 +27,7 @@
 
 use std::sync::atomic::Ordering::{Acquire, Release};
 
+use super::copy::{self, copy_out, STREAM_MIN_BYTES};
 use super::reduce::{self, Plan};
 use super::region::rec;
 use super::slot::{rd, wr, Io};
@@ -63,6 +64,8 @@ struct Closing<'a> {
 
 impl Drop for Closing<'_> {
     fn drop(&mut self) {
+        // Streaming stores of the data phase become visible before the barrier publishes them.
+        copy::fence();
         // A non-breakable barrier never fails and never gives up (module docs, step 4).
         let _ = self.comm.ctl().barrier(self.phase, false, "close");
     }
@@ -115,6 +118,8 @@ pub(super) fn reduce<T: Elem>(comm: &HostComm, s: &Sig, io: Io<T>, plan: Plan, a
     run(comm, s, io, plan.scale, |p| {
         let (lo, hi) = (split::<T>(count, n, comm.rank), split::<T>(count, n, comm.rank + 1));
         let mut acc = vec![T::default(); block::<T>().min(hi - lo)];
+        let outs = if all { n } else { 1 };
+        let stream = outs * count * std::mem::size_of::<T>() >= STREAM_MIN_BYTES;
         let mut at = lo;
         while at < hi {
             let len = acc.len().min(hi - at);
@@ -132,7 +137,7 @@ pub(super) fn reduce<T: Elem>(comm: &HostComm, s: &Sig, io: Io<T>, plan: Plan, a
                 if all || j == s.root {
                     // SAFETY: rank j's recv holds `count` elements; this rank is the only one touching this
                     // range of it during the phase (partition by `split`).
-                    unsafe { wr(p.recv::<T>(j).add(at), len).copy_from_slice(a) };
+                    unsafe { copy_out(p.recv::<T>(j).add(at), a.as_ptr(), len, stream) };
                 }
             }
             at += len;
@@ -147,6 +152,7 @@ pub(super) fn broadcast<T: Elem>(comm: &HostComm, s: &Sig, io: Io<T>) -> Result<
     run(comm, s, io, None, |p| {
         let (lo, hi) = (split::<T>(count, n, comm.rank), split::<T>(count, n, comm.rank + 1));
         let src = p.send::<T>(s.root);
+        let stream = n * count * std::mem::size_of::<T>() >= STREAM_MIN_BYTES;
         for j in 0..n {
             let dst = p.recv::<T>(j);
             if std::ptr::eq(dst, src) {
@@ -154,7 +160,7 @@ pub(super) fn broadcast<T: Elem>(comm: &HostComm, s: &Sig, io: Io<T>) -> Result<
             }
             // SAFETY: root's send and every recv hold `count` elements; part `lo..hi` of `dst` is written
             // only by this rank; `dst` does not overlap the root's send (distinct borrows, see module docs).
-            unsafe { wr(dst.add(lo), hi - lo).copy_from_slice(rd(src.add(lo), hi - lo)) };
+            unsafe { copy_out(dst.add(lo), src.add(lo), hi - lo, stream) };
         }
     })
 }
@@ -165,6 +171,7 @@ pub(super) fn broadcast<T: Elem>(comm: &HostComm, s: &Sig, io: Io<T>) -> Result<
 pub(super) fn gather<T: Elem>(comm: &HostComm, s: &Sig, io: Io<T>, in_place: bool) -> Result<()> {
     let (n, count) = (comm.n, s.count);
     let all = s.op == crate::counts::Op::AllGather;
+    let stream = n * n * count * std::mem::size_of::<T>() >= STREAM_MIN_BYTES;
     run(comm, s, io, None, |p| {
         for j in 0..n {
             if !(all || j == s.root) || (in_place && j == comm.rank) {
@@ -173,7 +180,7 @@ pub(super) fn gather<T: Elem>(comm: &HostComm, s: &Sig, io: Io<T>, in_place: boo
             // SAFETY: rank j's recv holds `n * count` elements; block `rank` is written only by this rank;
             // this rank's send (count elements) is read-only during the phase.
             unsafe {
-                wr(p.recv::<T>(j).add(comm.rank * count), count).copy_from_slice(rd(io.send, count));
+                copy_out(p.recv::<T>(j).add(comm.rank * count), io.send, count, stream);
             }
         }
     })

@@ -32,6 +32,7 @@
 //! arrived, and breaks the communicator for everyone. [`HostComm::abort`] breaks it with
 //! [`Error::Aborted`]. A broken communicator stays broken (as NCCL's after an error); make a new one.
 
+mod copy;
 mod direct;
 mod p2p;
 mod reduce;

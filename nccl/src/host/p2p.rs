@@ -12,7 +12,7 @@
 use std::sync::atomic::Ordering::{Acquire, Relaxed, Release};
 
 use super::region::{chan, Region, LINE};
-use super::sync::{Backoff, Ctl, Kind};
+use super::sync::{notify, Backoff, Ctl, Kind};
 use crate::error::{Error, Result};
 use crate::types::DataType;
 
@@ -41,6 +41,12 @@ impl SendSide {
         self.started && self.done == self.bytes
     }
 
+    /// True when a chunk could be published now.
+    fn can_progress(&self, region: &Region, me: usize) -> bool {
+        let c = region.chan(me, self.peer);
+        !self.finished() && region.word(c + chan::HEAD).load(Relaxed) - region.word(c + chan::TAIL).load(Acquire) < 2
+    }
+
     /// Publishes as many chunks as there is room for; true if any was published.
     fn progress(&mut self, region: &Region, me: usize) -> bool {
         let c = region.chan(me, self.peer);
@@ -63,6 +69,7 @@ impl SendSide {
             region.word(meta + 8).store(self.dtype.raw() as u64, Relaxed);
             region.word(meta + 16).store(n as u64, Relaxed);
             head_w.store(head + 1, Release);
+            notify(region);
             self.done += n;
             self.started = true;
             any = true;
@@ -74,6 +81,12 @@ impl SendSide {
 impl RecvSide {
     fn finished(&self) -> bool {
         self.started && self.done == self.bytes
+    }
+
+    /// True when a chunk is waiting.
+    fn can_progress(&self, region: &Region, me: usize) -> bool {
+        let c = region.chan(self.peer, me);
+        !self.finished() && region.word(c + chan::HEAD).load(Acquire) > region.word(c + chan::TAIL).load(Relaxed)
     }
 
     /// Consumes available chunks; true if any was consumed. A mismatched message breaks the communicator.
@@ -115,6 +128,7 @@ impl RecvSide {
             // caller's recv slice, exclusively borrowed for the whole transfer) and `done + n <= bytes`.
             unsafe { std::ptr::copy_nonoverlapping(region.chan_buf(c, i), self.data.add(self.done), n) };
             tail_w.store(tail + 1, Release);
+            notify(region);
             self.done += n;
             self.started = true;
             any = true;
@@ -151,7 +165,12 @@ pub(crate) fn run(
         if ctl.is_broken() {
             return Err(ctl.failure(op, b.elapsed()));
         }
-        if b.snooze() {
+        let ready = || {
+            ctl.is_broken()
+                || send.as_ref().is_some_and(|s| s.can_progress(ctl.region, ctl.rank))
+                || recv.as_ref().is_some_and(|r| r.can_progress(ctl.region, ctl.rank))
+        };
+        if b.snooze(ctl.region, ready) {
             let peers = [
                 send.as_ref().filter(|s| !s.finished()).map(|s| s.peer),
                 recv.as_ref().filter(|r| !r.finished()).map(|r| r.peer),

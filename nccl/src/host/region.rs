@@ -5,7 +5,7 @@
 //! (ranks as processes). Everything other ranks touch concurrently is either an atomic or a data area whose
 //! accesses are ordered by the barrier / channel protocol (see `sync.rs`, `slot.rs`, `p2p.rs`).
 
-use std::sync::atomic::AtomicU64;
+use std::sync::atomic::{AtomicU32, AtomicU64};
 
 /// Bytes per cache line; every shared word sits on its own line unless noted.
 pub(crate) const LINE: usize = 64;
@@ -106,6 +106,10 @@ pub(crate) mod off {
     pub const MSG_LEN: usize = 2 * LINE + 8;
     /// The failure message bytes.
     pub const MSG: usize = 3 * LINE;
+    /// Number of ranks parked in `futex_wait` (32-bit).
+    pub const SLEEPERS: usize = 48;
+    /// The futex word parked ranks wait on (32-bit); bumped by whoever makes progress while someone sleeps.
+    pub const WAKE: usize = 7 * LINE;
 }
 
 /// Words of a rank record (byte offsets inside it).
@@ -194,6 +198,13 @@ impl Region {
         // SAFETY: in bounds and 8-aligned (checked; base is page aligned); the memory is zero-initialised or
         // written only through atomics, so it is a valid `AtomicU64`, and lives as long as `self`.
         unsafe { &*(self.base.add(o) as *const AtomicU64) }
+    }
+
+    /// The 32-bit atomic at byte offset `o` (futex words).
+    pub fn word32(&self, o: usize) -> &AtomicU32 {
+        assert!(o % 4 == 0 && o + 4 <= self.len, "region word {o} out of bounds");
+        // SAFETY: as for `word`, with 4-byte alignment and size.
+        unsafe { &*(self.base.add(o) as *const AtomicU32) }
     }
 
     /// A word of rank `r`'s record.

@@ -19,7 +19,8 @@
 //! form a release sequence, so everything any rank wrote before arriving happens-before everything every
 //! rank does after the phase completes.
 
-use std::sync::atomic::Ordering::{AcqRel, Acquire, Relaxed, Release};
+use std::sync::atomic::Ordering::{AcqRel, Acquire, Relaxed, Release, SeqCst};
+use std::sync::atomic::{fence, AtomicU32};
 use std::time::{Duration, Instant};
 
 use super::region::{off, rec, Region, MSG_CAP};
@@ -56,7 +57,15 @@ fn phase_of(w: u64) -> u64 {
     (w >> 32) & PHASE_MASK
 }
 
-/// Spin, then yield, then sleep, with periodic deadline/liveness checks.
+/// Spin briefly, then park on the region's futex word until someone makes progress (or 1 ms passes, for
+/// deadline and liveness checks).
+///
+/// Parking protocol (no lost wake-ups): a waiter increments `SLEEPERS`, issues a SeqCst fence, reads `WAKE`,
+/// re-checks its condition and only then sleeps while `WAKE` is unchanged. A rank that makes progress
+/// (completes a barrier phase, publishes or consumes a chunk, breaks the communicator) issues a SeqCst fence
+/// after its store and, if `SLEEPERS` is non-zero, bumps `WAKE` and wakes everyone. With the two fences,
+/// either the waiter sees the progress when it re-checks, or the notifier sees the sleeper and changes
+/// `WAKE` (so the futex wait returns at once or is woken).
 pub(crate) struct Backoff {
     pub start: Instant,
     iter: u32,
@@ -72,20 +81,24 @@ impl Backoff {
         }
     }
 
-    /// Waits a little; returns true when the caller should check deadlines and liveness (every ~64 steps).
+    /// Waits a little; returns true when the caller should check deadlines and liveness.
     #[inline]
-    pub fn snooze(&mut self) -> bool {
+    pub fn snooze(&mut self, region: &Region, ready: impl Fn() -> bool) -> bool {
         self.iter = self.iter.wrapping_add(1);
         if self.iter < self.spin {
             std::hint::spin_loop();
-            self.iter % 256 == 0
-        } else if self.iter < self.spin + 4000 {
-            std::thread::yield_now();
-            self.iter % 16 == 0
-        } else {
-            std::thread::sleep(Duration::from_micros(50));
-            true
+            return self.iter % 256 == 0;
         }
+        let sleepers = region.word32(off::SLEEPERS);
+        let wake = region.word32(off::WAKE);
+        sleepers.fetch_add(1, SeqCst);
+        fence(SeqCst);
+        let seen = wake.load(SeqCst);
+        if !ready() {
+            futex_wait(wake, seen, Duration::from_millis(1));
+        }
+        sleepers.fetch_sub(1, SeqCst);
+        true
     }
 
     pub fn elapsed(&self) -> Duration {
@@ -93,14 +106,74 @@ impl Backoff {
     }
 }
 
+/// Wakes parked ranks, if any (call after publishing progress).
+#[inline]
+pub(crate) fn notify(region: &Region) {
+    fence(SeqCst);
+    if region.word32(off::SLEEPERS).load(SeqCst) != 0 {
+        let wake = region.word32(off::WAKE);
+        wake.fetch_add(1, SeqCst);
+        futex_wake(wake);
+    }
+}
+
+#[cfg(target_os = "linux")]
+fn futex_wait(word: &AtomicU32, expected: u32, timeout: Duration) {
+    let ts = libc::timespec {
+        tv_sec: timeout.as_secs() as libc::time_t,
+        tv_nsec: timeout.subsec_nanos() as _,
+    };
+    // SAFETY: FUTEX_WAIT on a live, aligned 32-bit word (shared between processes: no PRIVATE flag); the
+    // kernel only reads the word and the timespec. Spurious returns (EAGAIN, EINTR, timeout) are fine: every
+    // caller re-checks its condition in a loop.
+    unsafe {
+        libc::syscall(
+            libc::SYS_futex,
+            word.as_ptr(),
+            libc::FUTEX_WAIT,
+            expected,
+            &ts as *const libc::timespec,
+            0usize,
+            0u32,
+        );
+    }
+}
+
+#[cfg(target_os = "linux")]
+fn futex_wake(word: &AtomicU32) {
+    // SAFETY: FUTEX_WAKE on a live, aligned 32-bit word; wakes every waiter, touches no memory.
+    unsafe {
+        libc::syscall(
+            libc::SYS_futex,
+            word.as_ptr(),
+            libc::FUTEX_WAKE,
+            i32::MAX,
+            0usize,
+            0usize,
+            0u32,
+        );
+    }
+}
+
+#[cfg(not(target_os = "linux"))]
+fn futex_wait(word: &AtomicU32, expected: u32, _timeout: Duration) {
+    if word.load(SeqCst) == expected {
+        std::thread::sleep(Duration::from_micros(50));
+    }
+}
+
+#[cfg(not(target_os = "linux"))]
+fn futex_wake(_word: &AtomicU32) {}
+
 fn spin_budget(nranks: usize) -> u32 {
     static CORES: std::sync::OnceLock<usize> = std::sync::OnceLock::new();
     let cores = *CORES.get_or_init(|| std::thread::available_parallelism().map(|n| n.get()).unwrap_or(1));
     if nranks <= cores {
-        20_000
+        // A few microseconds: a peer that is running arrives within that; one that is not needs our core.
+        400
     } else {
-        // Oversubscribed: the peer we wait for probably needs our core; spin only briefly.
-        64
+        // Oversubscribed: the peer we wait for probably needs our core; park almost at once.
+        16
     }
 }
 
@@ -128,6 +201,7 @@ impl Ctl<'_> {
     pub fn break_comm(&self, kind: Kind, rank: usize, msg: &str) {
         self.set_reason(kind, rank, msg);
         self.bar().fetch_or(BROKEN, AcqRel);
+        notify(self.region);
     }
 
     fn set_reason(&self, kind: Kind, rank: usize, msg: &str) {
@@ -203,7 +277,10 @@ impl Ctl<'_> {
                 w + 1
             };
             match bar.compare_exchange_weak(w, new, AcqRel, Acquire) {
-                Ok(_) if last => return Ok(()),
+                Ok(_) if last => {
+                    notify(self.region);
+                    return Ok(());
+                }
                 Ok(_) => break,
                 Err(x) => w = x,
             }
@@ -217,7 +294,10 @@ impl Ctl<'_> {
             if breakable && w & BROKEN != 0 {
                 return Err(self.failure(op, b.elapsed()));
             }
-            if b.snooze() && breakable {
+            if b.snooze(self.region, || {
+                phase_of(bar.load(Acquire)) != pm || bar.load(Acquire) & BROKEN != 0
+            }) && breakable
+            {
                 if let Some((dead, why)) = self.find_gone(|j| self.arrived(j) <= phase) {
                     self.break_comm(Kind::Gone, dead, &why);
                     continue;
@@ -232,6 +312,7 @@ impl Ctl<'_> {
                     // Give up only if the phase is still incomplete (see the module docs).
                     if bar.compare_exchange(w, w | BROKEN, AcqRel, Acquire).is_ok() {
                         self.set_reason(Kind::Timeout, self.rank, &msg);
+                        notify(self.region);
                         return Err(Error::Timeout {
                             op,
                             elapsed,
