@@ -430,6 +430,34 @@ fn duplicate_rank_is_rejected() {
 }
 
 #[test]
+fn a_rank_reconnecting_after_its_first_connection_died_is_accepted() {
+    let (l, port) = listen(3, opts(5000));
+    let out = std::thread::scope(|s| {
+        let root = s.spawn(move || l.accept_ranks());
+        // A first rank 1 completes its hello and then dies (e.g. it was restarted by its launcher).
+        let mut ghost = Raw::connect(port);
+        ghost.read_frame();
+        ghost.send(&Raw::hello(1, 3));
+        std::thread::sleep(Duration::from_millis(200));
+        drop(ghost);
+        std::thread::sleep(Duration::from_millis(100));
+        let one = s.spawn(move || Rendezvous::new(&info(1, 3, "127.0.0.1", port), opts(5000)));
+        std::thread::sleep(Duration::from_millis(200));
+        let two = s.spawn(move || Rendezvous::new(&info(2, 3, "127.0.0.1", port), opts(5000)));
+        [root.join().unwrap(), one.join().unwrap(), two.join().unwrap()]
+    });
+    let rvs: Vec<Rendezvous> = out
+        .into_iter()
+        .map(|o| o.expect("the new rank 1 replaces the dead one"))
+        .collect();
+    std::thread::scope(|s| {
+        for rv in &rvs {
+            s.spawn(move || assert_eq!(rv.all_gather(&[rv.rank() as u8]).unwrap(), [[0], [1], [2]]));
+        }
+    });
+}
+
+#[test]
 fn out_of_range_rank_is_refused_before_connecting() {
     let e = Rendezvous::new(&info(3, 3, "127.0.0.1", 4000), opts(500)).unwrap_err();
     assert!(matches!(e, BootstrapError::InvalidVar { var: "rank", .. }), "{e:?}");

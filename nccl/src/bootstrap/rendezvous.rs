@@ -755,6 +755,13 @@ impl RendezvousListener {
                 idle = false;
                 match result {
                     Ok(j) => match &joined[j.rank] {
+                        Some(first) if is_closed(&first.stream) => {
+                            // The first claimant has gone (e.g. it gave up and was restarted): take the new one.
+                            tracing::warn!(rank = j.rank, old = %first.addr, new = %j.addr,
+                                "bootstrap: rank reconnected; its earlier connection is closed");
+                            let r = j.rank;
+                            joined[r] = Some(j);
+                        }
                         Some(first) => {
                             let e = BootstrapError::DuplicateRank {
                                 rank: j.rank,
@@ -886,6 +893,24 @@ fn closing_barrier(rv: Rendezvous, deadline: Instant) -> Result<Rendezvous, Boot
     rv.barrier()?;
     rv.op_timeout = op_timeout;
     Ok(rv)
+}
+
+/// True when the peer has closed (or reset) a connection that is waiting for its welcome. Such a connection
+/// has nothing to read, so a non-blocking peek sees either "would block" (alive) or end of stream (closed).
+fn is_closed(stream: &TcpStream) -> bool {
+    if stream.set_nonblocking(true).is_err() {
+        return true;
+    }
+    let mut b = [0u8; 1];
+    let closed = match stream.peek(&mut b) {
+        Ok(0) => true,
+        Ok(_) => false,
+        Err(e) => !matches!(
+            e.kind(),
+            std::io::ErrorKind::WouldBlock | std::io::ErrorKind::Interrupted
+        ),
+    };
+    closed || stream.set_nonblocking(false).is_err()
 }
 
 struct PendingGuard(Arc<AtomicUsize>);
