@@ -54,7 +54,7 @@ pub(crate) struct Shared {
     /// False for communicators created with `Config::blocking(false)`.
     pub(crate) blocking: bool,
     /// The configuration NCCL may keep pointers into (`commName`), alive until the last owner drops.
-    _config: Option<Config>,
+    pub(crate) config: Option<Config>,
 }
 
 /// How long to sleep between polls of a non-blocking call, growing from 10 µs to 1 ms.
@@ -70,7 +70,7 @@ impl Shared {
             raw: RawComm(raw),
             state: Mutex::new(State::Live),
             blocking,
-            _config: config,
+            config,
         })
     }
 
@@ -317,12 +317,12 @@ impl Communicator {
         op: &'static str,
         code: i32,
         raw: nccl_sys::ncclComm_t,
-        config: Option<&Config>,
+        config: Option<Config>,
         rank: usize,
         size: usize,
         timeout: Option<Duration>,
     ) -> Result<Self> {
-        let blocking = !config.is_some_and(Config::is_non_blocking);
+        let blocking = !config.as_ref().is_some_and(Config::is_non_blocking);
         let accepted = code == SUCCESS || (code == IN_PROGRESS && !blocking);
         if !accepted {
             // SAFETY: the creating call failed; `raw` is either null or a communicator that only we know of.
@@ -338,7 +338,8 @@ impl Communicator {
         if raw.is_null() {
             return Err(Error::invalid(op, "NCCL returned no communicator"));
         }
-        let shared = Shared::new(raw, blocking, config.cloned());
+        // Moved, not cloned: NCCL keeps pointers into this config's heap strings (`commName`).
+        let shared = Shared::new(raw, blocking, config);
         let ready = if blocking {
             Ok(())
         } else {
@@ -417,7 +418,7 @@ impl Communicator {
         // SAFETY: `raw` and `c` are valid pointers for the call; the strings `c` points to live in `config`,
         // which the communicator keeps (NCCL keeps the `commName` pointer).
         let code = unsafe { ffi!(OP, ncclCommInitRankConfig(&mut raw, n, id.to_raw(), r, &mut c)) };
-        Self::finish_create(OP, code, raw, Some(&config), rank, nranks, timeout)
+        Self::finish_create(OP, code, raw, Some(config), rank, nranks, timeout)
     }
 
     /// Creates one communicator per device in `devices` (CUDA ordinals) in this process (`ncclCommInitAll`):
@@ -463,7 +464,7 @@ impl Communicator {
     /// Splits this communicator (`ncclCommSplit`, NCCL 2.18+): ranks passing the same `color` form a new
     /// communicator, ordered by `key` (ties by parent rank). `color: None` (`NCCL_SPLIT_NOCOLOR`) takes part
     /// without joining one, and returns `Ok(None)`. Collective: every rank of this communicator must call it.
-    /// `config: None` inherits this communicator's configuration. The child is bound to the same stream.
+    /// `config: None` reuses this communicator's configuration. The child is bound to the same stream.
     #[doc(alias = "ncclCommSplit")]
     pub fn split(&self, color: Option<u32>, key: i32, config: Option<&Config>) -> Result<Option<Self>> {
         const OP: &str = "ncclCommSplit";
@@ -476,24 +477,14 @@ impl Communicator {
         if let Some(c) = config {
             c.validate(lib.version_code())?;
         }
-        let config = config.cloned();
-        let mut c = config.as_ref().map(Config::to_raw);
-        let cptr = c.as_mut().map_or(std::ptr::null_mut(), |c| c as *mut _);
+        let inherited = self.child_config(config);
+        let mut c = inherited.to_raw();
         let mut child: nccl_sys::ncclComm_t = std::ptr::null_mut();
         let code = self.shared.with(OP, |raw| {
-            // SAFETY: `raw` is live under the lock; `child` and `cptr` (null or a config whose strings the child
-            // keeps) are valid for the call.
-            Ok(unsafe { ffi!(OP, ncclCommSplit(raw, color, key, &mut child, cptr)) })
+            // SAFETY: `raw` is live under the lock; `child` and `c` are valid for the call, and the strings `c`
+            // points to live in `inherited`, which the child keeps.
+            Ok(unsafe { ffi!(OP, ncclCommSplit(raw, color, key, &mut child, &mut c)) })
         })?;
-        let blocking = match &config {
-            Some(c) => !c.is_non_blocking(),
-            None => self.shared.blocking,
-        };
-        let inherited = match config {
-            Some(c) => c,
-            None if blocking => Config::new(),
-            None => Config::new().blocking(false),
-        };
         if color == nccl_sys::NCCL_SPLIT_NOCOLOR {
             if code != SUCCESS && code != IN_PROGRESS {
                 // SAFETY: a null communicator asks for the global last error.
@@ -504,7 +495,7 @@ impl Communicator {
             }
             return Ok(None);
         }
-        let mut comm = Self::finish_create(OP, code, child, Some(&inherited), 0, 0, None)?;
+        let mut comm = Self::finish_create(OP, code, child, Some(inherited), 0, 0, None)?;
         comm.fill_rank_size()?;
         #[cfg(feature = "cuda")]
         {
@@ -542,9 +533,9 @@ impl Communicator {
         if let Some(c) = config {
             c.validate(lib.version_code())?;
         }
-        let config = config.cloned();
-        let mut c = config.as_ref().map(Config::to_raw);
-        let cptr = c.as_mut().map_or(std::ptr::null_mut(), |c| c as *mut _);
+        let inherited = self.child_config(config);
+        let mut c = inherited.to_raw();
+        let cptr: *mut nccl_sys::ncclConfig_t = &mut c;
         let flags = match mode {
             ShrinkMode::Default => nccl_sys::NCCL_SHRINK_DEFAULT as i32,
             ShrinkMode::AbortParentOps => nccl_sys::NCCL_SHRINK_ABORT as i32,
@@ -559,19 +550,25 @@ impl Communicator {
                 )
             })
         })?;
-        let blocking = config.as_ref().map_or(self.shared.blocking, |c| !c.is_non_blocking());
-        let inherited = match config {
-            Some(c) => c,
-            None if blocking => Config::new(),
-            None => Config::new().blocking(false),
-        };
-        let mut comm = Self::finish_create(OP, code, child, Some(&inherited), 0, 0, None)?;
+        let mut comm = Self::finish_create(OP, code, child, Some(inherited), 0, 0, None)?;
         comm.fill_rank_size()?;
         #[cfg(feature = "cuda")]
         {
             comm.stream = self.stream.clone();
         }
         Ok(comm)
+    }
+
+    /// The configuration of a split/shrink child: the one given, else this communicator's own. Always passed
+    /// explicitly (never NULL): with NULL, NCCL copies the parent's `commName` *pointer*, which would dangle
+    /// once the parent is dropped; an explicit copy lives as long as the child.
+    fn child_config(&self, config: Option<&Config>) -> Config {
+        match (config, &self.shared.config) {
+            (Some(c), _) => c.clone(),
+            (None, Some(parent)) => parent.clone(),
+            (None, None) if self.shared.blocking => Config::new(),
+            (None, None) => Config::new().blocking(false),
+        }
     }
 
     fn fill_rank_size(&mut self) -> Result<()> {
@@ -752,5 +749,22 @@ impl AbortHandle {
     /// True while the communicator is usable (neither aborted nor destroyed).
     pub fn is_live(&self) -> bool {
         *self.shared.lock() == State::Live
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// NCCL keeps the `commName` pointer it was given: the communicator must own that very allocation, not a
+    /// copy of the string.
+    #[test]
+    fn shared_state_keeps_the_strings_nccl_points_to() {
+        let cfg = Config::new().comm_name("tp-0").unwrap();
+        let given = cfg.to_raw().commName;
+        let shared = Shared::new(std::ptr::null_mut(), false, Some(cfg));
+        assert_eq!(shared.config.as_ref().unwrap().to_raw().commName, given);
+        assert!(!shared.blocking);
+        assert_eq!(*shared.lock(), State::Live);
     }
 }
