@@ -95,13 +95,10 @@ impl Communicator {
         const OP: &str = "ncclCommRegister";
         result::require_loaded(OP, "2.19")?;
         let mut handle: *mut c_void = std::ptr::null_mut();
-        self.shared.with(OP, |raw| {
+        self.shared.call(OP, |raw| {
             // SAFETY: `raw` is live under its lock; the memory range is the caller's promise; `handle` is a
-            // valid out-pointer.
-            unsafe {
-                let code = ffi!(OP, ncclCommRegister(raw, ptr, bytes, &mut handle));
-                result::check(OP, code, raw)
-            }
+            // valid out-pointer that NCCL fills before the call (or its non-blocking completion) returns.
+            Ok(unsafe { ffi!(OP, ncclCommRegister(raw, ptr, bytes, &mut handle)) })
         })?;
         Ok(RawRegistration { comm: self, handle })
     }
