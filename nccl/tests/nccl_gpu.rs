@@ -493,16 +493,18 @@ fn registered_buffers_and_nccl_memory() {
     let n = gpus().max(2);
     run_ranks(n, |comm, s| {
         let r = comm.rank();
-        let mut reg = comm.register(up::<f32>(s, &[(r + 1) as f64; 4096])).unwrap();
-        comm.all_reduce_in_place(&mut reg, ReduceOp::Sum).unwrap();
-        let buf = reg.into_inner();
-        assert_eq!(down(s, &buf), vec![(n * (n + 1) / 2) as f64; 4096]);
+        let sum = (n * (n + 1) / 2) as f64;
+        // ncclMemAlloc memory, tracked with events like a CudaSlice.
         let mut mem = nccl::DeviceMemory::<f32>::alloc_zeros(s, 4096).unwrap();
-        let ones = up::<f32>(s, &[1.0; 4096]);
-        comm.all_reduce(&ones, &mut mem, ReduceOp::Sum).unwrap();
+        let mine = up::<f32>(s, &[(r + 1) as f64; 4096]);
+        comm.all_reduce(&mine, &mut mem, ReduceOp::Sum).unwrap();
+        // Registered (NCCL's recommended memory for registration), used in place through the registration.
+        let mut reg = comm.register(mem).unwrap();
+        comm.all_reduce_in_place(&mut reg, ReduceOp::Sum).unwrap();
+        let mem = reg.into_inner();
         let mut out = s.alloc_zeros::<f32>(4096).unwrap();
         comm.all_reduce(&mem, &mut out, ReduceOp::Max).unwrap();
-        assert_eq!(down(s, &out), vec![n as f64; 4096]);
+        assert_eq!(down(s, &out), vec![n as f64 * sum; 4096]);
         if nccl::version().unwrap().at_least(2, 27) {
             let mem = nccl::DeviceMemory::<f32>::alloc_zeros(s, 1 << 20).unwrap();
             let mut win = comm
