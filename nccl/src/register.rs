@@ -285,7 +285,10 @@ mod typed {
 
     impl<T> Drop for DeviceMemory<T> {
         fn drop(&mut self) {
-            // Wait for every use before `NcclMemory`'s drop frees the memory.
+            // Wait for every use before `NcclMemory`'s drop frees the memory, with the device current for it.
+            if let Err(err) = self.stream.context().bind_to_thread() {
+                tracing::warn!("nccl: binding the device before ncclMemFree failed: {err}");
+            }
             for e in [&self.read, &self.write].into_iter().flatten() {
                 if let Err(err) = e.synchronize() {
                     tracing::warn!("nccl: waiting for DeviceMemory's last use failed: {err}");
