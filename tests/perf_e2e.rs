@@ -1,0 +1,294 @@
+//! End to end: the built `nccl-perf` binary on the real host backend (ranks as threads, and as processes).
+
+use std::process::{Command, Output};
+
+const BIN: &str = env!("CARGO_BIN_EXE_nccl-perf");
+
+fn perf(args: &[&str], envs: &[(&str, &str)]) -> Output {
+    let mut cmd = Command::new(BIN);
+    cmd.args(args).env_remove("NCCL_PERF_TEST_CORRUPT");
+    for (k, v) in envs {
+        cmd.env(k, v);
+    }
+    cmd.output().expect("run nccl-perf")
+}
+
+fn text(o: &Output) -> String {
+    format!(
+        "{}\n--- stderr ---\n{}",
+        String::from_utf8_lossy(&o.stdout),
+        String::from_utf8_lossy(&o.stderr)
+    )
+}
+
+/// The table's data rows, split on whitespace.
+fn rows(o: &Output) -> Vec<Vec<String>> {
+    String::from_utf8_lossy(&o.stdout)
+        .lines()
+        .filter(|l| !l.starts_with('#') && !l.trim().is_empty())
+        .map(|l| l.split_whitespace().map(String::from).collect())
+        .collect()
+}
+
+const OPS: [&str; 9] = [
+    "all_reduce",
+    "all_gather",
+    "broadcast",
+    "reduce",
+    "reduce_scatter",
+    "alltoall",
+    "gather",
+    "scatter",
+    "sendrecv",
+];
+
+fn has_in_place(op: &str) -> bool {
+    matches!(
+        op,
+        "all_reduce" | "all_gather" | "broadcast" | "reduce" | "reduce_scatter"
+    )
+}
+
+#[test]
+fn every_op_on_2_and_3_host_ranks_is_correct() {
+    for g in ["2", "3"] {
+        for op in OPS {
+            let o = perf(
+                &[
+                    op,
+                    "--backend",
+                    "host",
+                    "-g",
+                    g,
+                    "-b",
+                    "64",
+                    "-e",
+                    "4K",
+                    "-f",
+                    "4",
+                    "-n",
+                    "2",
+                    "-c",
+                    "1",
+                ],
+                &[],
+            );
+            let t = text(&o);
+            assert_eq!(o.status.code(), Some(0), "{op} -g {g}\n{t}");
+            let r = rows(&o);
+            assert_eq!(r.len(), 4, "{op} -g {g}: sizes 64, 256, 1K, 4K\n{t}");
+            for row in &r {
+                assert_eq!(row.len(), 13, "{op}: {row:?}");
+                assert_eq!(row[8], "0", "{op} -g {g} out-of-place #wrong\n{t}");
+                if has_in_place(op) {
+                    assert_eq!(row[12], "0", "{op} -g {g} in-place #wrong\n{t}");
+                } else {
+                    assert_eq!(row[12], "N/A", "{op}: {row:?}");
+                }
+            }
+            // The largest row moved data (non-zero count), and every rank has a device line.
+            assert_ne!(r[3][1], "0", "{t}");
+            let devices = t.lines().filter(|l| l.starts_with("#  Rank ")).count();
+            assert_eq!(devices.to_string(), g, "{t}");
+            assert!(t.contains("# Out of bounds values : 0 OK"), "{t}");
+        }
+    }
+}
+
+#[test]
+fn every_type_and_reduction_on_3_ranks() {
+    for op in ["all_reduce", "reduce_scatter", "reduce"] {
+        let o = perf(
+            &[
+                op,
+                "--backend",
+                "host",
+                "-g",
+                "3",
+                "-b",
+                "1K",
+                "-e",
+                "1K",
+                "-n",
+                "1",
+                "-w",
+                "0",
+                "-d",
+                "all",
+                "-o",
+                "all",
+                "-r",
+                "all",
+            ],
+            &[],
+        );
+        let t = text(&o);
+        assert_eq!(o.status.code(), Some(0), "{t}");
+        let r = rows(&o);
+        let roots = if op == "reduce" { 3 } else { 1 };
+        assert_eq!(r.len(), 12 * 6 * roots, "{t}");
+        assert!(r.iter().all(|row| row[8] == "0" && row[12] == "0"), "{t}");
+    }
+}
+
+#[test]
+fn corrupted_result_is_reported_and_fails() {
+    for op in ["all_reduce", "gather", "sendrecv"] {
+        let o = perf(
+            &[
+                op,
+                "--backend",
+                "host",
+                "-g",
+                "2",
+                "-b",
+                "256",
+                "-e",
+                "1K",
+                "-f",
+                "2",
+                "-n",
+                "1",
+            ],
+            &[("NCCL_PERF_TEST_CORRUPT", "1")],
+        );
+        let t = text(&o);
+        assert_eq!(o.status.code(), Some(1), "{op}\n{t}");
+        let r = rows(&o);
+        assert_eq!(r.len(), 3, "{t}");
+        assert!(r.iter().all(|row| row[8] == "1"), "one flipped element per row\n{t}");
+        assert!(t.contains("# Out of bounds values : 3 FAILED"), "{t}");
+    }
+}
+
+#[test]
+fn json_output_has_every_row_and_column() {
+    let dir = std::env::temp_dir().join(format!("nccl-perf-json-{}", std::process::id()));
+    std::fs::create_dir_all(&dir).unwrap();
+    let path = dir.join("out.json");
+    let p = path.to_str().unwrap();
+    let o = perf(
+        &[
+            "all_gather",
+            "--backend",
+            "host",
+            "-g",
+            "2",
+            "-b",
+            "64",
+            "-e",
+            "256",
+            "-f",
+            "2",
+            "-n",
+            "1",
+            "-J",
+            p,
+        ],
+        &[],
+    );
+    assert_eq!(o.status.code(), Some(0), "{}", text(&o));
+    let v: serde_json::Value = serde_json::from_str(&std::fs::read_to_string(&path).unwrap()).unwrap();
+    assert_eq!(v["backend"], "host");
+    assert_eq!(v["program"], "all_gather_perf");
+    assert!(v["command_line"].as_str().unwrap().contains("-J"));
+    assert!(v["library_version"].as_str().unwrap().contains("0.1.0"));
+    assert!(v["date"].as_str().unwrap().ends_with('Z'));
+    let results = v["results"].as_array().unwrap();
+    assert_eq!(results.len(), 3);
+    let table = rows(&o);
+    for (row, obj) in table.iter().zip(results) {
+        assert_eq!(obj["size"].to_string(), row[0]);
+        assert_eq!(obj["count"].to_string(), row[1]);
+        assert_eq!(obj["type"], "float");
+        assert_eq!(obj["redop"], "none");
+        assert_eq!(obj["root"], -1);
+        for key in ["out_of_place", "in_place"] {
+            for col in ["time", "alg_bw", "bus_bw", "nwrong"] {
+                assert!(obj[key][col].is_number(), "{key}.{col} in {obj}");
+            }
+        }
+    }
+    assert_eq!(v["out_of_bounds"]["okay"], true);
+    std::fs::remove_dir_all(&dir).ok();
+}
+
+#[test]
+fn flags_modes_and_aggregation_run() {
+    for extra in [
+        &["-z", "1"][..],
+        &["-z", "2", "-m", "2"],
+        &["-z", "3"],
+        &["-a", "0"],
+        &["-a", "2"],
+        &["-a", "3", "-C", "1"],
+        &["-t", "2", "-g", "1"],
+        &["-i", "512", "-f", "1", "-T", "60"],
+    ] {
+        let mut args = vec![
+            "all_reduce",
+            "--backend",
+            "host",
+            "-g",
+            "2",
+            "-b",
+            "512",
+            "-e",
+            "1K",
+            "-n",
+            "2",
+        ];
+        args.extend_from_slice(extra);
+        let o = perf(&args, &[]);
+        let t = text(&o);
+        assert_eq!(o.status.code(), Some(0), "{extra:?}\n{t}");
+        assert!(!rows(&o).is_empty(), "{t}");
+        if extra.contains(&"-C") {
+            assert!(t.contains("cputime"), "{t}");
+        }
+    }
+}
+
+#[test]
+fn usage_errors_exit_2_with_usage() {
+    for args in [
+        &["all_reduce", "--bogus"][..],
+        &["all_reduce", "-b", "1M", "-e", "1K"],
+        &["all_reduce", "--backend", "host", "-G", "2"],
+        &["nope"],
+    ] {
+        let o = perf(args, &[]);
+        let t = text(&o);
+        assert_eq!(o.status.code(), Some(2), "{args:?}\n{t}");
+        assert!(t.contains("Usage:"), "{args:?}\n{t}");
+    }
+}
+
+#[test]
+fn multi_process_nprocs_2() {
+    let o = perf(
+        &[
+            "all_reduce",
+            "--backend",
+            "host",
+            "--nprocs",
+            "2",
+            "-b",
+            "256",
+            "-e",
+            "1K",
+            "-f",
+            "2",
+            "-n",
+            "2",
+        ],
+        &[],
+    );
+    let t = text(&o);
+    assert_eq!(o.status.code(), Some(0), "{t}");
+    let r = rows(&o);
+    assert_eq!(r.len(), 3, "rank 0 alone prints the table\n{t}");
+    assert!(r.iter().all(|row| row[8] == "0" && row[12] == "0"), "{t}");
+    assert_eq!(t.lines().filter(|l| l.starts_with("#  Rank ")).count(), 2, "{t}");
+    assert_eq!(t.matches("# Out of bounds values").count(), 1, "{t}");
+}
