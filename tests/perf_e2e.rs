@@ -292,3 +292,56 @@ fn multi_process_nprocs_2() {
     assert_eq!(t.lines().filter(|l| l.starts_with("#  Rank ")).count(), 2, "{t}");
     assert_eq!(t.matches("# Out of bounds values").count(), 1, "{t}");
 }
+
+/// The NCCL path end to end: every operation on 2 GPUs of one process, checked.
+/// Run with: `cargo test --release --features cuda --test perf_e2e -- --ignored`
+#[cfg(feature = "cuda")]
+#[test]
+#[ignore = "needs 2 GPUs"]
+fn nccl_backend_every_op_on_2_gpus() {
+    for op in OPS {
+        let o = perf(
+            &[
+                op,
+                "--backend",
+                "nccl",
+                "-g",
+                "2",
+                "-b",
+                "8",
+                "-e",
+                "8M",
+                "-f",
+                "8",
+                "-n",
+                "5",
+            ],
+            &[],
+        );
+        let t = text(&o);
+        assert_eq!(o.status.code(), Some(0), "{op}\n{t}");
+        assert!(t.contains("backend: nccl library: NCCL 2."), "{t}");
+        for row in rows(&o) {
+            assert_eq!(row[8], "0", "{op}\n{t}");
+        }
+    }
+    let o = perf(
+        &[
+            "all_reduce",
+            "--backend",
+            "nccl",
+            "-g",
+            "2",
+            "-b",
+            "1M",
+            "-e",
+            "1M",
+            "-d",
+            "all",
+            "-o",
+            "all",
+        ],
+        &[],
+    );
+    assert_eq!(o.status.code(), Some(0), "{}", text(&o));
+}

@@ -327,7 +327,7 @@ fn run_type<C: PerfComm, T: Elem>(
     let redop_v = redop.unwrap_or(ReduceOp::Sum);
     comm.barrier()?;
     // Warm-up: every size from -b to -e doubling, out of place.
-    for &size in &plan.warmup_sizes {
+    for &size in plan.warmup_sizes.iter().filter(|_| plan.warmup_iters > 0) {
         let counts = op.counts(size / elt, elt, n);
         let mut bufs = alloc_bufs::<C, T>(comm, op, counts, root_u, false)?;
         for _ in 0..plan.warmup_iters {
@@ -669,4 +669,25 @@ fn bench<C: PerfComm, T: Elem>(
         busbw,
         wrong,
     })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn progress_reports_the_longest_busy_rank() {
+        let p = Progress::new(3);
+        assert_eq!(p.longest_busy(), None);
+        p.start(1);
+        std::thread::sleep(Duration::from_millis(20));
+        p.start(2);
+        let (slot, busy) = p.longest_busy().unwrap();
+        assert_eq!(slot, 1);
+        assert!(busy >= Duration::from_millis(15), "{busy:?}");
+        p.stop(1);
+        p.stop(2);
+        assert_eq!(p.longest_busy(), None);
+        p.start(7); // out of range: ignored, never panics
+    }
 }
