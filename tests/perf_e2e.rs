@@ -255,6 +255,19 @@ fn usage_errors_exit_2_with_usage() {
         &["all_reduce", "--bogus"][..],
         &["all_reduce", "-b", "1M", "-e", "1K"],
         &["all_reduce", "--backend", "host", "-G", "2"],
+        &[
+            "reduce",
+            "--backend",
+            "host",
+            "-g",
+            "2",
+            "-r",
+            "2",
+            "-b",
+            "1K",
+            "-e",
+            "1K",
+        ],
         &["nope"],
     ] {
         let o = perf(args, &[]);

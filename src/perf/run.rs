@@ -170,6 +170,11 @@ where
     let Some(first) = comms.first() else {
         return Err(Error::invalid("nccl-perf", "no ranks to run"));
     };
+    if let (true, super::cli::RootSel::One(r)) = (cli.op.has_root(), cli.root) {
+        if r >= nranks {
+            return usage_error(format!("-r {r}: the root must be a rank below {nranks} (or all)"));
+        }
+    }
     let version = first.library_version();
     let mut plan = make_plan(cli, first, nranks, &version, backend);
     let progress = Arc::new(Progress::new(comms.len()));
