@@ -13,6 +13,8 @@ use nccl::host::{HostComm, HostOptions};
 use nccl::{Collectives, Error, ReduceOp};
 
 const CHILD: &str = "NCCL_RS_HOST_TEST_CHILD";
+/// Exit code of a rank 0 that could not bind the rendezvous port.
+const PORT_TAKEN: i32 = 75;
 
 /// In a child: this test's communicator. `None` in the parent.
 fn child(test: &str, o: HostOptions) -> Option<HostComm> {
@@ -20,7 +22,12 @@ fn child(test: &str, o: HostOptions) -> Option<HostComm> {
         return None;
     }
     let info = RankInfo::from_env().expect("rank info from the environment");
-    let rv = Rendezvous::new(&info, RendezvousOptions::default()).expect("rendezvous");
+    let rv = match Rendezvous::new(&info, RendezvousOptions::default()) {
+        Ok(rv) => rv,
+        // Another test took the port between `free_port` and the bind: tell the parent to retry.
+        Err(e) if info.rank == 0 && format!("{e:?}").contains("PortInUse") => std::process::exit(PORT_TAKEN),
+        Err(e) => panic!("rendezvous: {e:?}"),
+    };
     Some(HostComm::from_rendezvous(&rv, o).expect("host communicator"))
 }
 
@@ -31,8 +38,18 @@ struct Exit {
     out: String,
 }
 
-/// Runs `test` as `n` child processes (ranks 0..n) and waits for all of them (killing them after 120 s).
+/// Runs `test` as `n` child processes (ranks 0..n) and waits for all of them (killing them after 120 s);
+/// retries with a new port when another test took the one picked.
 fn spawn_world(test: &str, n: usize) -> Vec<Exit> {
+    for _ in 0..5 {
+        if let Some(exits) = try_spawn_world(test, n) {
+            return exits;
+        }
+    }
+    panic!("could not find a free rendezvous port in 5 attempts");
+}
+
+fn try_spawn_world(test: &str, n: usize) -> Option<Vec<Exit>> {
     use std::os::unix::process::ExitStatusExt;
     let port = nccl::bootstrap::launch::free_port("127.0.0.1".parse().unwrap()).unwrap();
     let exe = std::env::current_exe().unwrap();
@@ -55,6 +72,24 @@ fn spawn_world(test: &str, n: usize) -> Vec<Exit> {
         .collect();
     let deadline = Instant::now() + Duration::from_secs(120);
     let mut exits = vec![];
+    let first = loop {
+        if let Some(st) = kids[0].try_wait().unwrap() {
+            break Some(st);
+        }
+        if Instant::now() > deadline {
+            break None;
+        }
+        std::thread::sleep(Duration::from_millis(5));
+    };
+    if let Some(st) = first {
+        if st.code() == Some(PORT_TAKEN) {
+            for k in kids.iter_mut() {
+                let _ = k.kill();
+                let _ = k.wait();
+            }
+            return None;
+        }
+    }
     for k in kids.iter_mut() {
         while k.try_wait().unwrap().is_none() {
             if Instant::now() > deadline {
@@ -78,7 +113,7 @@ fn spawn_world(test: &str, n: usize) -> Vec<Exit> {
             out,
         });
     }
-    exits
+    Some(exits)
 }
 
 /// No segment created by rank 0 (named after its pid) is left in /dev/shm.

@@ -231,14 +231,17 @@ impl HostComm {
 }
 
 impl Drop for HostComm {
+    /// Marks this rank gone (not the whole communicator broken: ranks still finishing point-to-point
+    /// transfers with others are unaffected). Whoever waits for this rank, now or later, sees it and fails
+    /// with [`Error::PeerFailed`]; parked waiters are woken to look.
     fn drop(&mut self) {
-        let why = if std::thread::panicking() {
-            "the rank panicked"
+        let state = if std::thread::panicking() {
+            rec::PANICKED
         } else {
-            "the rank was dropped"
+            rec::DROPPED
         };
-        self.region.rank_word(self.rank, rec::ALIVE).store(2, Release);
-        self.ctl().break_comm(Kind::Gone, self.rank, why);
+        self.region.rank_word(self.rank, rec::ALIVE).store(state, Release);
+        sync::notify(&self.region);
     }
 }
 

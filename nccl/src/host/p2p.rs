@@ -176,8 +176,21 @@ pub(crate) fn run(
                 recv.as_ref().filter(|r| !r.finished()).map(|r| r.peer),
             ];
             for p in peers.into_iter().flatten() {
-                if let Some(why) = ctl.gone(p) {
-                    ctl.break_comm(Kind::Gone, p, &why);
+                if let Some(reason) = ctl.gone(p) {
+                    // Everything the peer published before leaving is visible now (its gone-mark was
+                    // acquired after): one more attempt, then fail this call only. The communicator stays
+                    // usable for transfers between the remaining ranks; collectives see the gone rank.
+                    if let Some(s) = send.as_mut() {
+                        s.progress(ctl.region, ctl.rank);
+                    }
+                    if let Some(r) = recv.as_mut() {
+                        r.progress(ctl, op)?;
+                    }
+                    let stuck = send.as_ref().is_some_and(|s| s.peer == p && !s.finished())
+                        || recv.as_ref().is_some_and(|r| r.peer == p && !r.finished());
+                    if stuck {
+                        return Err(Error::PeerFailed { op, rank: p, reason });
+                    }
                 }
             }
             let elapsed = b.elapsed();

@@ -117,8 +117,12 @@ pub(crate) mod rec {
     use super::LINE;
     /// Last barrier phase this rank arrived at, plus one (0 = none yet).
     pub const ARRIVED: usize = 0;
-    /// 0 = not joined, 1 = alive, 2 = gone (dropped or panicked).
+    /// 0 = not joined, 1 = alive, [`DROPPED`], [`PANICKED`].
     pub const ALIVE: usize = 8;
+    /// `ALIVE` value of a rank whose communicator was dropped.
+    pub const DROPPED: u64 = 2;
+    /// `ALIVE` value of a rank whose communicator was dropped while its thread panicked.
+    pub const PANICKED: u64 = 3;
     pub const PID: usize = 16;
     pub const START: usize = 24;
     /// Two op signatures of 4 words each, indexed by phase parity.

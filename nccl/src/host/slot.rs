@@ -13,6 +13,7 @@
 //! `recv` for writes of the lengths [`crate::counts`] checked; they alias only in the in-place forms, where
 //! each round reads a part of `send` before (program order) it writes the overlapping part of `recv`.
 
+use super::copy::{self, copy_out, STREAM_MIN_BYTES};
 use super::reduce::{self, Plan};
 use super::{direct, HostComm, Sig};
 use crate::counts::Op;
@@ -94,6 +95,15 @@ impl HostComm {
         }
         let c = self.per_slot::<T>(1);
         let me = all || self.rank == s.root;
+        let stream = super::bytes::<T>(s.count) >= STREAM_MIN_BYTES;
+        let mut acc = vec![
+            T::default();
+            if stream {
+                (8192 / std::mem::size_of::<T>()).max(1)
+            } else {
+                0
+            }
+        ];
         for k in 0..rounds(s.count, c) {
             let lo = k * c;
             let len = c.min(s.count - lo);
@@ -108,7 +118,26 @@ impl HostComm {
                     )
                 }
             })?;
-            if me {
+            if me && stream {
+                // Large: reduce through a small cached buffer and stream it out (no read-for-ownership).
+                let mut at = 0;
+                while at < len {
+                    let l = acc.len().min(len - at);
+                    let a = &mut acc[..l];
+                    // SAFETY: slots readable in this phase (module docs), `at + l <= len <= c` elements;
+                    // `recv[lo+at..lo+at+l]` is inside the caller's recv slice (root or all_reduce), its
+                    // in-place overlap with `send` was staged above.
+                    unsafe {
+                        a.copy_from_slice(rd(self.slot_of::<T>(0, phase).add(at), l));
+                        for j in 1..self.n {
+                            reduce::combine(a, rd(self.slot_of::<T>(j, phase).add(at), l), plan.red, None);
+                        }
+                        reduce::finish(a, plan.div);
+                        copy_out(io.recv.add(lo + at), a.as_ptr(), l, true);
+                    }
+                    at += l;
+                }
+            } else if me {
                 // SAFETY: `recv[lo..lo+len]` is inside the caller's recv slice (this rank is the root or the op
                 // is all_reduce, so `recv` is non-null and checked); its in-place overlap with `send` was read
                 // above; the slots are readable in this phase (module docs).
@@ -122,6 +151,7 @@ impl HostComm {
                 }
             }
         }
+        copy::fence();
         Ok(())
     }
 
@@ -159,6 +189,7 @@ impl HostComm {
         }
         let c = self.per_slot::<T>(1);
         let me = all || self.rank == s.root;
+        let stream = super::bytes::<T>(s.count.saturating_mul(self.n)) >= STREAM_MIN_BYTES;
         for k in 0..rounds(s.count, c) {
             let lo = k * c;
             let len = c.min(s.count - lo);
@@ -178,12 +209,15 @@ impl HostComm {
                         if !in_place {
                             dst.copy_from_slice(rd(io.send.add(lo), len));
                         }
+                    } else if stream {
+                        copy_out(dst.as_mut_ptr(), self.slot_of::<T>(j, phase), len, true);
                     } else {
                         dst.copy_from_slice(rd(self.slot_of::<T>(j, phase), len));
                     }
                 }
             }
         }
+        copy::fence();
         Ok(())
     }
 

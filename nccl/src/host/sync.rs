@@ -69,15 +69,18 @@ fn phase_of(w: u64) -> u64 {
 pub(crate) struct Backoff {
     pub start: Instant,
     iter: u32,
-    spin: u32,
+    spinning: bool,
+    spin_for: Duration,
 }
 
 impl Backoff {
     pub fn new(nranks: usize) -> Backoff {
+        let spin_for = spin_budget(nranks);
         Backoff {
             start: Instant::now(),
             iter: 0,
-            spin: spin_budget(nranks),
+            spinning: !spin_for.is_zero(),
+            spin_for,
         }
     }
 
@@ -85,9 +88,13 @@ impl Backoff {
     #[inline]
     pub fn snooze(&mut self, region: &Region, ready: impl Fn() -> bool) -> bool {
         self.iter = self.iter.wrapping_add(1);
-        if self.iter < self.spin {
+        if self.spinning {
             std::hint::spin_loop();
-            return self.iter % 256 == 0;
+            if self.iter % 64 != 0 {
+                return false;
+            }
+            self.spinning = self.start.elapsed() < self.spin_for;
+            return self.iter % 1024 == 0;
         }
         let sleepers = region.word32(off::SLEEPERS);
         let wake = region.word32(off::WAKE);
@@ -165,15 +172,16 @@ fn futex_wait(word: &AtomicU32, expected: u32, _timeout: Duration) {
 #[cfg(not(target_os = "linux"))]
 fn futex_wake(_word: &AtomicU32) {}
 
-fn spin_budget(nranks: usize) -> u32 {
+fn spin_budget(nranks: usize) -> Duration {
     static CORES: std::sync::OnceLock<usize> = std::sync::OnceLock::new();
     let cores = *CORES.get_or_init(|| std::thread::available_parallelism().map(|n| n.get()).unwrap_or(1));
     if nranks <= cores {
-        // A few microseconds: a peer that is running arrives within that; one that is not needs our core.
-        400
+        // Longer than a futex wake-up takes (tens of microseconds in a VM): if both sides parked, every
+        // later call would pay a wake-up (a convoy); a running peer arrives well within this.
+        Duration::from_micros(60)
     } else {
-        // Oversubscribed: the peer we wait for probably needs our core; park almost at once.
-        16
+        // Oversubscribed: the peer we wait for probably needs our core; park at once.
+        Duration::ZERO
     }
 }
 
@@ -330,15 +338,19 @@ impl Ctl<'_> {
 
     /// A rank among those `pred` selects that is gone (dropped, or its process died), with why.
     pub fn find_gone(&self, pred: impl Fn(usize) -> bool) -> Option<(usize, String)> {
+        // Liveness first, then `pred` (e.g. "has not arrived"), read after the gone-mark was acquired: a rank
+        // that arrived and then left is not a culprit.
         (0..self.n)
-            .filter(|&j| j != self.rank && pred(j))
-            .find_map(|j| self.gone(j).map(|why| (j, why)))
+            .filter(|&j| j != self.rank)
+            .find_map(|j| self.gone(j).filter(|_| pred(j)).map(|why| (j, why)))
     }
 
     /// Why rank `j` is gone, if it is.
     pub fn gone(&self, j: usize) -> Option<String> {
-        if self.region.rank_word(j, rec::ALIVE).load(Acquire) == 2 {
-            return Some("the rank was dropped (returned early or panicked)".into());
+        match self.region.rank_word(j, rec::ALIVE).load(Acquire) {
+            rec::DROPPED => return Some("the rank was dropped (returned or left early)".into()),
+            rec::PANICKED => return Some("the rank panicked".into()),
+            _ => {}
         }
         if !self.procs {
             return None;

@@ -65,10 +65,10 @@ pub fn scalar_for<T: TestElem>(n: usize, r: usize) -> f64 {
 pub fn val<T: TestElem>(g: Gen, n: usize, r: usize, i: usize) -> f64 {
     let b = T::BUDGET as usize;
     match g {
-        Gen::Sum => ((r * 7 + i * 3 + 1) % (b / n).max(1).min(1000).saturating_add(1)) as f64,
+        Gen::Sum => ((r * 7 + i * 3 + 1) % ((b / n).clamp(1, 1000) + 1)) as f64,
         Gen::Pre => {
             let smax = if b / (2 * n) >= 1 { 2 } else { 1 };
-            ((r * 5 + i * 3 + 2) % (b / (n * smax)).max(1).min(1000).saturating_add(1)) as f64
+            ((r * 5 + i * 3 + 2) % ((b / (n * smax)).clamp(1, 1000) + 1)) as f64
         }
         Gen::Prod => (1 + (r + i) % 2) as f64,
         Gen::MaxMin => {
