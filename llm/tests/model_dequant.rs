@@ -33,6 +33,8 @@ fn matches_gguf_py_reference() {
             "Q5_0" => GgmlType::Q5_0,
             "Q5_1" => GgmlType::Q5_1,
             "Q8_0" => GgmlType::Q8_0,
+            "Q2_K" => GgmlType::Q2_K,
+            "Q3_K" => GgmlType::Q3_K,
             "Q4_K" => GgmlType::Q4_K,
             "Q5_K" => GgmlType::Q5_K,
             "Q6_K" => GgmlType::Q6_K,
@@ -55,7 +57,7 @@ fn matches_gguf_py_reference() {
         }
         seen.push(name.to_string());
     }
-    assert_eq!(seen.len(), 8, "fixture covers {seen:?}");
+    assert_eq!(seen.len(), 10, "fixture covers {seen:?}");
 }
 
 fn h(x: f32) -> [u8; 2] {
@@ -200,7 +202,7 @@ fn bad_lengths_and_types_are_errors() {
         Err(ModelError::InvalidInput(_))
     ));
     assert!(matches!(
-        dequantize(GgmlType::Q2_K, &[0u8; 84], &mut vec![0f32; 256]),
+        dequantize(GgmlType::Q8_K, &[0u8; 292], &mut vec![0f32; 256]),
         Err(ModelError::Unsupported(_))
     ));
     assert!(matches!(

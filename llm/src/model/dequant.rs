@@ -9,6 +9,8 @@
 //! | Q5_0 | 32 | 22 | `d: f16, qh: u32, qs: [u8; 16]`; 5th bit of value `j` is bit `j` of `qh`; `(q - 16) * d` |
 //! | Q5_1 | 32 | 24 | `d: f16, m: f16, qh: u32, qs: [u8; 16]`; `q * d + m` |
 //! | Q8_0 | 32 | 34 | `d: f16, qs: [i8; 32]`; `q * d` |
+//! | Q2_K | 256 | 84 | `scales: [u8; 16]` (low nibble scale, high nibble min), `qs: [u8; 64], d, dmin: f16` |
+//! | Q3_K | 256 | 110 | `hmask: [u8; 32], qs: [u8; 64], scales: [u8; 12]` (16 six-bit scales), `d: f16` |
 //! | Q4_K | 256 | 144 | `d, dmin: f16, scales: [u8; 12]` (8 six-bit scale/min pairs), `qs: [u8; 128]` |
 //! | Q5_K | 256 | 176 | `d, dmin: f16, scales: [u8; 12], qh: [u8; 32], qs: [u8; 128]` |
 //! | Q6_K | 256 | 210 | `ql: [u8; 128], qh: [u8; 64], scales: [i8; 16], d: f16` |
@@ -38,9 +40,9 @@ pub enum GgmlType {
     Q8_0,
     /// 8-bit with sum, per 32 (id 9; not dequantized).
     Q8_1,
-    /// 2-bit k-quant (id 10; not dequantized).
+    /// 2-bit k-quant, super-blocks of 256 (id 10).
     Q2_K,
-    /// 3-bit k-quant (id 11; not dequantized).
+    /// 3-bit k-quant, super-blocks of 256 (id 11).
     Q3_K,
     /// 4-bit k-quant, super-blocks of 256 (id 12).
     Q4_K,
@@ -152,7 +154,7 @@ impl GgmlType {
         use GgmlType::*;
         matches!(
             self,
-            F32 | F16 | BF16 | F64 | Q4_0 | Q4_1 | Q5_0 | Q5_1 | Q8_0 | Q4_K | Q5_K | Q6_K
+            F32 | F16 | BF16 | F64 | Q4_0 | Q4_1 | Q5_0 | Q5_1 | Q8_0 | Q2_K | Q3_K | Q4_K | Q5_K | Q6_K
         )
     }
 
@@ -263,6 +265,61 @@ pub fn dequantize(ty: GgmlType, src: &[u8], dst: &mut [f32]) -> Result<(), Model
                     let hi = ((q >> 4) as u32 | (((qh >> (j + 16)) & 1) << 4)) as i32 - bias;
                     y[j] = lo as f32 * d + m;
                     y[j + 16] = hi as f32 * d + m;
+                }
+            }
+        }
+        Q2_K => {
+            for (y, b) in dst.chunks_exact_mut(256).zip(src.chunks_exact(84)) {
+                let (scales, qs) = (&b[0..16], &b[16..80]);
+                let (d, dmin) = (f16_at(b, 80), f16_at(b, 82));
+                let mut is = 0;
+                let mut out = y.iter_mut();
+                for half in 0..2 {
+                    let q = &qs[32 * half..32 * half + 32];
+                    for shift in [0, 2, 4, 6] {
+                        for part in 0..2 {
+                            let sc = scales[is];
+                            is += 1;
+                            let (dl, ml) = (d * (sc & 0x0F) as f32, dmin * (sc >> 4) as f32);
+                            for &ql in &q[16 * part..16 * part + 16] {
+                                if let Some(o) = out.next() {
+                                    *o = dl * ((ql >> shift) & 3) as f32 - ml;
+                                }
+                            }
+                        }
+                    }
+                }
+            }
+        }
+        Q3_K => {
+            for (y, b) in dst.chunks_exact_mut(256).zip(src.chunks_exact(110)) {
+                let (hmask, qs, raw) = (&b[0..32], &b[32..96], &b[96..108]);
+                let d = f16_at(b, 108);
+                // 16 six-bit scales: low nibbles from bytes 0..8, top two bits from bytes 8..12.
+                let mut scales = [0i32; 16];
+                for (j, s) in scales.iter_mut().enumerate() {
+                    let low = if j < 8 { raw[j] & 0x0F } else { raw[j - 8] >> 4 };
+                    let high = (raw[8 + j % 4] >> (2 * (j / 4))) & 3;
+                    *s = (low | (high << 4)) as i32 - 32;
+                }
+                let mut is = 0;
+                let mut m = 1u8;
+                let mut out = y.iter_mut();
+                for half in 0..2 {
+                    let q = &qs[32 * half..32 * half + 32];
+                    for shift in [0, 2, 4, 6] {
+                        for part in 0..2 {
+                            let dl = d * scales[is] as f32;
+                            is += 1;
+                            for l in 16 * part..16 * part + 16 {
+                                let v = ((q[l] >> shift) & 3) as i32 - if hmask[l] & m != 0 { 0 } else { 4 };
+                                if let Some(o) = out.next() {
+                                    *o = dl * v as f32;
+                                }
+                            }
+                        }
+                        m <<= 1;
+                    }
                 }
             }
         }

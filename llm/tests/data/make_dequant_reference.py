@@ -13,7 +13,7 @@ from gguf.constants import GGML_QUANT_SIZES
 rng = np.random.default_rng(1234)
 # byte offsets of the f16 scale fields, which must be finite numbers of moderate size
 F16_FIELDS = {T.Q4_0: [0], T.Q4_1: [0, 2], T.Q5_0: [0], T.Q5_1: [0, 2], T.Q8_0: [0],
-              T.Q4_K: [0, 2], T.Q5_K: [0, 2], T.Q6_K: [208]}
+              T.Q2_K: [80, 82], T.Q3_K: [108], T.Q4_K: [0, 2], T.Q5_K: [0, 2], T.Q6_K: [208]}
 cases = []
 for ty, fields in F16_FIELDS.items():
     block, size = GGML_QUANT_SIZES[ty]
