@@ -28,7 +28,8 @@ pub const TIMEOUT_VAR: &str = "NCCL_RS_BOOTSTRAP_TIMEOUT";
 #[derive(Clone)]
 pub struct RendezvousOptions {
     /// How long [`Rendezvous::new`] may take: rank 0 waiting for everyone, the others retrying to connect.
-    /// Default 120 s.
+    /// Default 300 s (ranks of a large job may start minutes apart). While waiting, a `tracing` warning every
+    /// 10 s says who is still missing.
     pub timeout: Duration,
     /// How long one [`broadcast`](Rendezvous::broadcast), [`all_gather`](Rendezvous::all_gather) or
     /// [`barrier`](Rendezvous::barrier) may wait for the slowest rank. Default 600 s (ranks may be loading a
@@ -63,7 +64,7 @@ impl std::fmt::Debug for RendezvousOptions {
 impl Default for RendezvousOptions {
     fn default() -> Self {
         RendezvousOptions {
-            timeout: Duration::from_secs(120),
+            timeout: Duration::from_secs(300),
             op_timeout: Duration::from_secs(600),
             handshake_timeout: Duration::from_secs(5),
             max_pending_handshakes: 64,
@@ -238,6 +239,9 @@ pub struct Rendezvous {
     info: RankInfo,
     state: Mutex<State>,
 }
+
+/// How often a waiting rank says so (`tracing` warning).
+const NOTE_EVERY: Duration = Duration::from_secs(10);
 
 /// At most this many rejected connections are kept for diagnostics.
 const KEEP_REJECTED: usize = 16;
@@ -720,8 +724,20 @@ impl RendezvousListener {
                 rejected.push(e);
             }
         };
+        let mut next_note = Instant::now() + NOTE_EVERY;
         while arrived < world_size {
             let mut idle = true;
+            if Instant::now() >= next_note {
+                next_note += NOTE_EVERY;
+                let missing: Vec<usize> = (1..world_size).filter(|r| joined[*r].is_none()).collect();
+                tracing::warn!(
+                    waited = ?start.elapsed(),
+                    deadline = ?opts.timeout,
+                    ?missing,
+                    rejected = rejected.len(),
+                    "bootstrap: rank 0 is still waiting for ranks"
+                );
+            }
             match listener.accept() {
                 Ok((stream, addr)) => {
                     idle = false;
@@ -1187,13 +1203,18 @@ fn connect(info: &RankInfo, opts: RendezvousOptions) -> Result<Rendezvous, Boots
     let mut attempts = 0u32;
     let mut backoff = Duration::from_millis(10);
     let mut last_error: Option<std::io::Error>;
+    let mut next_note = start + NOTE_EVERY;
     loop {
         attempts += 1;
         match try_join(info, &opts, start, deadline, grace) {
             Ok(rv) => return Ok(rv),
             Err(Attempt::Fatal(e)) => return Err(e),
             Err(Attempt::Retry(e)) => {
-                tracing::trace!(rank = info.rank, error = %e, "bootstrap: rank 0 not reachable yet");
+                if Instant::now() >= next_note {
+                    next_note += NOTE_EVERY;
+                    tracing::warn!(rank = info.rank, target = %target, waited = ?start.elapsed(), error = %e,
+                        "bootstrap: rank 0 is not reachable yet; retrying");
+                }
                 last_error = Some(e);
             }
         }
