@@ -60,7 +60,7 @@ pub struct Cli {
     /// Timed iterations per size.
     #[arg(short = 'n', long = "iters", default_value_t = 20)]
     pub iters: usize,
-    /// Operations per iteration (aggregated in one group on NCCL).
+    /// Operations per iteration, issued back to back (nccl-tests groups them on NCCL; nccl-perf does not).
     #[arg(short = 'm', long = "agg_iters", default_value_t = 1)]
     pub agg_iters: usize,
     /// Warm-up iterations (for every size, before the timed ones).
