@@ -178,7 +178,7 @@ fn spin_budget(nranks: usize) -> Duration {
     if nranks <= cores {
         // Longer than a futex wake-up takes (tens of microseconds in a VM): if both sides parked, every
         // later call would pay a wake-up (a convoy); a running peer arrives well within this.
-        Duration::from_micros(60)
+        Duration::from_micros(1000)
     } else {
         // Oversubscribed: the peer we wait for probably needs our core; park at once.
         Duration::ZERO
