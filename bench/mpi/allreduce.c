@@ -27,7 +27,7 @@ int main(int argc, char **argv) {
     if (rank == 0) printf("# MPI_Allreduce float sum, %d ranks\n%10s %12s %9s\n", size, "bytes", "time_us", "algbw_GB/s");
     for (unsigned s = 0; s < sizeof sizes / sizeof sizes[0]; s++) {
         long bytes = sizes[s], n = bytes / 4, it = iters_for(bytes);
-        for (long i = 0; i < (it < 50 ? it : 50); i++) MPI_Allreduce(send, recv, (int)n, MPI_FLOAT, MPI_SUM, MPI_COMM_WORLD);
+        for (long i = 0; i < (it < 1000 ? it : 1000); i++) MPI_Allreduce(send, recv, (int)n, MPI_FLOAT, MPI_SUM, MPI_COMM_WORLD);
         MPI_Barrier(MPI_COMM_WORLD);
         double t = MPI_Wtime();
         for (long i = 0; i < it; i++) MPI_Allreduce(send, recv, (int)n, MPI_FLOAT, MPI_SUM, MPI_COMM_WORLD);

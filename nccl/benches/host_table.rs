@@ -44,7 +44,9 @@ fn table_rank(c: &HostComm) -> Vec<(usize, Duration)> {
     for bytes in sizes() {
         let n = bytes / 4;
         let iters = iters_for(bytes);
-        for _ in 0..iters.min(50) {
+        // Warm up for ~1000 calls or 50 ms worth, whichever is less (the first sizes otherwise pay for
+        // thread start-up and page faults).
+        for _ in 0..iters.min(1000) {
             c.all_reduce(&send[..n], &mut recv[..n], ReduceOp::Sum).unwrap();
         }
         c.barrier().unwrap();
