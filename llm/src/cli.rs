@@ -252,26 +252,7 @@ pub fn run(example: Example, args: Args) -> Result<i32> {
             })
             .collect()
     });
-    let mut outs = Vec::new();
-    // Report the first rank's own error rather than the "peer failed" errors it caused elsewhere.
-    let mut first_err = None;
-    for (w, r) in results.into_iter().enumerate() {
-        match r {
-            Ok(o) => outs.push(o),
-            Err(e) => {
-                let is_peer = matches!(e, EngineError::Comm(nccl::Error::PeerFailed { .. }));
-                if first_err.as_ref().is_none_or(|(p, _, _)| *p && !is_peer) {
-                    first_err = Some((is_peer, w, e));
-                }
-            }
-        }
-    }
-    if let Some((_, w, e)) = first_err {
-        return Err(EngineError::Rank {
-            rank: w,
-            source: Box::new(e),
-        });
-    }
+    let outs = launch::first_error(results)?;
     report(&job, &outs[reporter], backend)?;
     Ok(0)
 }

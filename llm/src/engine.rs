@@ -615,6 +615,8 @@ impl Rank {
             on_token(t);
         }
         out.decode_secs = decode_start.elapsed().as_secs_f64();
+        // A rank that drops its communicators breaks them for everyone: nobody leaves before all are done.
+        self.barrier()?;
         Ok(out)
     }
 }

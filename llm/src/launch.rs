@@ -188,14 +188,30 @@ pub fn generate_in_threads(
             })
             .collect()
     });
-    results
-        .into_iter()
-        .enumerate()
-        .map(|(w, r)| {
-            r.map_err(|e| EngineError::Rank {
-                rank: w,
-                source: Box::new(e),
-            })
-        })
-        .collect()
+    first_error(results)
+}
+
+/// All ranks' outputs, or the error of the rank that failed first: an error of its own is preferred over the
+/// "peer failed" errors it caused on the others.
+pub fn first_error<T>(results: Vec<Result<T>>) -> Result<Vec<T>> {
+    let mut outs = Vec::with_capacity(results.len());
+    let mut err: Option<(bool, usize, EngineError)> = None;
+    for (w, r) in results.into_iter().enumerate() {
+        match r {
+            Ok(o) => outs.push(o),
+            Err(e) => {
+                let is_peer = matches!(e, EngineError::Comm(nccl::Error::PeerFailed { .. }));
+                if err.as_ref().is_none_or(|(p, _, _)| *p && !is_peer) {
+                    err = Some((is_peer, w, e));
+                }
+            }
+        }
+    }
+    match err {
+        Some((_, rank, e)) => Err(EngineError::Rank {
+            rank,
+            source: Box::new(e),
+        }),
+        None => Ok(outs),
+    }
 }
