@@ -71,6 +71,7 @@ pub(crate) struct Backoff {
     iter: u32,
     spinning: bool,
     spin_for: Duration,
+    last_yield: u128,
 }
 
 impl Backoff {
@@ -81,6 +82,7 @@ impl Backoff {
             iter: 0,
             spinning: !spin_for.is_zero(),
             spin_for,
+            last_yield: 0,
         }
     }
 
@@ -93,7 +95,14 @@ impl Backoff {
             if self.iter % 64 != 0 {
                 return false;
             }
-            self.spinning = self.start.elapsed() < self.spin_for;
+            let el = self.start.elapsed();
+            self.spinning = el < self.spin_for;
+            // Every ~16 us give the core away if something else (possibly the peer we wait for, when the
+            // scheduler put it on our core) is runnable; costs one syscall when nothing is.
+            if el.as_micros() / 16 != self.last_yield {
+                self.last_yield = el.as_micros() / 16;
+                std::thread::yield_now();
+            }
             return self.iter % 1024 == 0;
         }
         let sleepers = region.word32(off::SLEEPERS);
