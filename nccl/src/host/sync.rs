@@ -71,7 +71,7 @@ pub(crate) struct Backoff {
     iter: u32,
     spinning: bool,
     spin_for: Duration,
-    last_yield: u128,
+    next_yield: u128,
 }
 
 impl Backoff {
@@ -82,7 +82,7 @@ impl Backoff {
             iter: 0,
             spinning: !spin_for.is_zero(),
             spin_for,
-            last_yield: 0,
+            next_yield: 2,
         }
     }
 
@@ -97,10 +97,11 @@ impl Backoff {
             }
             let el = self.start.elapsed();
             self.spinning = el < self.spin_for;
-            // Every ~16 us give the core away if something else (possibly the peer we wait for, when the
-            // scheduler put it on our core) is runnable; costs one syscall when nothing is.
-            if el.as_micros() / 16 != self.last_yield {
-                self.last_yield = el.as_micros() / 16;
+            // After 2 us, and every 8 us after that, give the core away if something else is runnable
+            // (often the peer we wait for: the scheduler likes to put communicating ranks on one core);
+            // costs one syscall when nothing is.
+            if el.as_micros() >= self.next_yield {
+                self.next_yield = el.as_micros() + 8;
                 std::thread::yield_now();
             }
             return self.iter % 1024 == 0;
