@@ -2,8 +2,9 @@
 //!
 //! The engine is written once against [`Comm`]; a backend plugs in by implementing it. Implemented here for
 //! any [`nccl::Collectives`] backend whose buffers are host slices (the host backend, through
-//! [`HostCollComm`]), for a single rank ([`SingleComm`]), and, with the `cuda` feature, for the NCCL
-//! communicator by staging through device memory ([`cuda::StagedNcclComm`]).
+//! [`HostCollComm`]), for a single rank ([`SingleComm`]) and, with the `cuda` feature, for an NCCL
+//! communicator by staging the host slices through device memory (`cuda::StagedNcclComm`: a seam for the GPU
+//! engine, which will keep activations on the device instead).
 //!
 //! For 2-D parallelism (TP × PP) each rank holds two communicators: one over its tensor-parallel group and
 //! one over its pipeline group. Ranks passed to [`Comm::send`] / [`Comm::recv`] are ranks *of that
@@ -117,5 +118,68 @@ where
     }
     fn barrier(&self) -> nccl::Result<()> {
         self.0.barrier()
+    }
+}
+
+/// [`Comm`] over an NCCL communicator, staging host slices through device buffers on its stream.
+#[cfg(feature = "cuda")]
+pub mod cuda {
+    use super::Comm;
+    use nccl::{Collectives, Communicator, ReduceOp};
+
+    /// An NCCL communicator (with a bound stream) used by the CPU engine: each call copies the host data to
+    /// the device, runs the NCCL operation, copies the result back and synchronizes the stream.
+    pub struct StagedNcclComm(pub Communicator);
+
+    fn cuda_err(op: &'static str, e: impl std::fmt::Display) -> nccl::Error {
+        nccl::Error::Cuda {
+            op,
+            message: e.to_string(),
+        }
+    }
+
+    impl Comm for StagedNcclComm {
+        fn rank(&self) -> usize {
+            Collectives::rank(&self.0)
+        }
+        fn size(&self) -> usize {
+            Collectives::size(&self.0)
+        }
+        fn backend_name(&self) -> &'static str {
+            "nccl"
+        }
+        fn all_reduce_sum(&self, buf: &mut [f32]) -> nccl::Result<()> {
+            let s = self.0.stream()?.clone();
+            let mut d = s.clone_htod(buf).map_err(|e| cuda_err("all_reduce_sum", e))?;
+            self.0.all_reduce_in_place::<f32>(&mut d, ReduceOp::Sum)?;
+            s.memcpy_dtoh(&d, buf).map_err(|e| cuda_err("all_reduce_sum", e))?;
+            s.synchronize().map_err(|e| cuda_err("all_reduce_sum", e))
+        }
+        fn all_gather(&self, send: &[f32], recv: &mut [f32]) -> nccl::Result<()> {
+            let s = self.0.stream()?.clone();
+            let d_send = s.clone_htod(send).map_err(|e| cuda_err("all_gather", e))?;
+            let mut d_recv = s
+                .alloc_zeros::<f32>(recv.len())
+                .map_err(|e| cuda_err("all_gather", e))?;
+            self.0.all_gather::<f32>(&d_send, &mut d_recv)?;
+            s.memcpy_dtoh(&d_recv, recv).map_err(|e| cuda_err("all_gather", e))?;
+            s.synchronize().map_err(|e| cuda_err("all_gather", e))
+        }
+        fn send(&self, buf: &[f32], peer: usize) -> nccl::Result<()> {
+            let s = self.0.stream()?.clone();
+            let d = s.clone_htod(buf).map_err(|e| cuda_err("send", e))?;
+            self.0.send::<f32>(&d, peer)?;
+            s.synchronize().map_err(|e| cuda_err("send", e))
+        }
+        fn recv(&self, buf: &mut [f32], peer: usize) -> nccl::Result<()> {
+            let s = self.0.stream()?.clone();
+            let mut d = s.alloc_zeros::<f32>(buf.len()).map_err(|e| cuda_err("recv", e))?;
+            self.0.recv::<f32>(&mut d, peer)?;
+            s.memcpy_dtoh(&d, buf).map_err(|e| cuda_err("recv", e))?;
+            s.synchronize().map_err(|e| cuda_err("recv", e))
+        }
+        fn barrier(&self) -> nccl::Result<()> {
+            Collectives::barrier(&self.0)
+        }
     }
 }
