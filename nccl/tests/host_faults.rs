@@ -352,3 +352,11 @@ fn sixty_four_ranks() {
     });
     assert!(res.iter().all(|&s| s == 63 * 64 / 2));
 }
+
+#[test]
+fn send_but_not_sync() {
+    fn send<T: Send>() {}
+    fn send_sync<T: Send + Sync>() {}
+    send::<HostComm>();
+    send_sync::<nccl::host::AbortHandle>();
+}
