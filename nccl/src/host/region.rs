@@ -48,7 +48,7 @@ impl Geometry {
         let min_slot = (n * 8 * 16).next_multiple_of(LINE).max(4 * 1024);
         let slot = match slot_bytes {
             Some(s) => s.next_multiple_of(LINE).max(n * 8).next_multiple_of(LINE),
-            None => round_down((8usize << 20) / n, 4096).clamp(min_slot, 4 << 20),
+            None => round_down((8usize << 20) / n, 4096).clamp(min_slot, 1 << 20),
         };
         let chan = round_down((4usize << 20) / (n * n), 4096).clamp(4096, 256 * 1024);
         Geometry {
