@@ -24,10 +24,12 @@ cargo build --release --example tp_llama >&2
 BIN="$CARGO_TARGET_DIR/release/examples/tp_llama"
 IDS=$(python3 -c 'print(",".join(str(1000 + 37 * i % 40000) for i in range(64)))')
 
-for TP in 1 2; do
+# tp:threads-per-rank; total threads = tp × threads, compared with llama.cpp -t <total>.
+for CFG in 1:1 1:2 2:1; do
+  TP=${CFG%:*}; TH=${CFG#*:}
   for r in $(seq "$REPS"); do
-    "$BIN" --model "$MODEL" --tp "$TP" --prompt-ids "$IDS" --max-new-tokens 65 --ignore-eos --json 2>/dev/null \
-      | tail -1 > "$OUT/engine_tp${TP}_$r.json"
+    "$BIN" --model "$MODEL" --tp "$TP" --threads "$TH" --prompt-ids "$IDS" --max-new-tokens 65 --ignore-eos \
+      --json 2>/dev/null | tail -1 > "$OUT/engine_tp${TP}_th${TH}_$r.json"
   done
 done
 
@@ -42,9 +44,9 @@ python3 - "$OUT" "$MODEL" <<'PY'
 import glob, json, os, sys
 out, model = sys.argv[1], sys.argv[2]
 rows = {}
-for tp in (1, 2):
-    runs = [json.load(open(f)) for f in glob.glob(f"{out}/engine_tp{tp}_*.json") if os.path.getsize(f)]
-    rows[tp] = (max(r["prefill_tokens_per_s"] for r in runs), max(r["decode_tokens_per_s"] for r in runs))
+for tp, th in ((1, 1), (1, 2), (2, 1)):
+    runs = [json.load(open(f)) for f in glob.glob(f"{out}/engine_tp{tp}_th{th}_*.json") if os.path.getsize(f)]
+    rows[(tp, th)] = (max(r["prefill_tokens_per_s"] for r in runs), max(r["decode_tokens_per_s"] for r in runs))
 lc = {}
 if os.path.exists(f"{out}/llamacpp.json"):
     for r in json.load(open(f"{out}/llamacpp.json")):
@@ -57,15 +59,15 @@ cfg = dict(h=576, f=1536, L=30, v=49152, q=576, kv=192)
 params = cfg["L"] * (cfg["h"] * (cfg["q"] + 2 * cfg["kv"]) + cfg["q"] * cfg["h"] + 3 * cfg["h"] * cfg["f"]) + cfg["v"] * cfg["h"]
 f32_bytes = params * 4
 q_bytes = os.path.getsize(model)
-print(f"| threads (= TP ranks × 1) | engine prefill tok/s | llama.cpp prefill tok/s | ratio | engine decode tok/s | llama.cpp decode tok/s | ratio | decode limit f32 (engine) | decode limit Q4_1 (llama.cpp) |")
-print("|---|---|---|---|---|---|---|---|---|")
-for tp in (1, 2):
-    p, d = rows[tp]
-    lp, ld = lc.get((tp, "prefill")), lc.get((tp, "decode"))
+print(f"| engine layout | threads (llama.cpp -t) | engine prefill tok/s | llama.cpp prefill tok/s | ratio | engine decode tok/s | llama.cpp decode tok/s | ratio | decode limit f32 (engine) | decode limit Q4_1 (llama.cpp) |")
+print("|---|---|---|---|---|---|---|---|---|---|")
+for (tp, th), (p, d) in rows.items():
+    t = tp * th
+    lp, ld = lc.get((t, "prefill")), lc.get((t, "decode"))
     fmt = lambda x: f"{x:.1f}" if x else "n/a"
     ratio = lambda a, b: f"{a / b:.2f}" if b else "n/a"
-    print(f"| {tp} | {p:.1f} | {fmt(lp)} | {ratio(p, lp)} | {d:.1f} | {fmt(ld)} | {ratio(d, ld)} | "
-          f"{bw[tp] * 1e9 / f32_bytes:.1f} | {bw[tp] * 1e9 / q_bytes:.1f} |")
+    print(f"| TP={tp}, {th} thread(s)/rank | {t} | {p:.1f} | {fmt(lp)} | {ratio(p, lp)} | {d:.1f} | {fmt(ld)} | {ratio(d, ld)} | "
+          f"{bw[t] * 1e9 / f32_bytes:.1f} | {bw[t] * 1e9 / q_bytes:.1f} |")
 print(f"\nread bandwidth: {', '.join(f'{t} thread(s) {g:.2f} GB/s' for t, g in sorted(bw.items()))}; "
       f"bytes per token: engine {f32_bytes / 1e6:.0f} MB (f32), llama.cpp ≤ {q_bytes / 1e6:.0f} MB (Q4_1 file)")
 PY
