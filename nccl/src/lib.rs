@@ -25,17 +25,17 @@ pub use types::{DataType, Elem, ReduceOp};
 
 pub use comm::{AbortHandle, Communicator, ShrinkMode};
 pub use config::Config;
-pub use group::{group, Group};
-pub use id::{UniqueId, UNIQUE_ID_BYTES};
-pub use premul::{PreMulSum, Reduction};
-pub use register::{NcclMemory, RawRegistration, RawWindow};
-#[cfg(feature = "cuda")]
-pub use register::{DeviceMemory, Registered, Window};
-pub use version::{header_version, nccl_available, version, Version};
-#[cfg(feature = "cuda")]
-pub use version::{cuda_available, cuda_device_count};
-/// The raw bindings this crate is built on.
-pub use nccl_sys as sys;
 /// The cudarc this crate's buffer types come from (use it to avoid version mismatches).
 #[cfg(feature = "cuda")]
 pub use cudarc;
+pub use group::{group, Group};
+pub use id::{UniqueId, UNIQUE_ID_BYTES};
+/// The raw bindings this crate is built on.
+pub use nccl_sys as sys;
+pub use premul::{PreMulSum, Reduction};
+#[cfg(feature = "cuda")]
+pub use register::{DeviceMemory, Registered, Window};
+pub use register::{NcclMemory, RawRegistration, RawWindow};
+#[cfg(feature = "cuda")]
+pub use version::{cuda_available, cuda_device_count};
+pub use version::{header_version, nccl_available, version, Version};
