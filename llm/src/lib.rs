@@ -1,11 +1,11 @@
 //! Llama-family inference engine (tensor and pipeline parallel) used by the examples.
-pub mod model;
+pub mod chat;
+pub mod cli;
 pub mod comm;
 pub mod engine;
 pub mod error;
+pub mod launch;
 pub mod math;
+pub mod model;
 pub mod sample;
 pub mod shard;
-pub mod launch;
-pub mod chat;
-pub mod cli;
