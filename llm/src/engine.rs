@@ -18,7 +18,7 @@ use std::time::Instant;
 
 use crate::comm::Comm;
 use crate::error::{EngineError, Result};
-use crate::math::{self, Matrix, Rope};
+use crate::math::{self, Matrix, QMatrix, Rope, Weight};
 use crate::model::{self, LlamaConfig, WeightSource};
 use crate::sample::{Sampler, SamplingParams};
 use crate::shard::{self, HeadShard};
@@ -42,13 +42,13 @@ struct Layer {
     attn_norm: Vec<f32>,
     mlp_norm: Vec<f32>,
     /// Rows: local q heads, then local k heads, then local v heads (`head_dim` rows each).
-    qkv: Matrix,
+    qkv: Weight,
     /// `[hidden, local q heads * head_dim]`.
-    o: Matrix,
+    o: Weight,
     /// Rows: local gate rows, then the same up rows.
-    gate_up: Matrix,
+    gate_up: Weight,
     /// `[hidden, local intermediate]`.
-    down: Matrix,
+    down: Weight,
 }
 
 /// The weights one rank owns.
@@ -61,10 +61,10 @@ pub struct RankModel {
     layers: Vec<Layer>,
     vocab_rows: Range<usize>,
     vocab_per: usize,
-    embed: Option<Matrix>,
+    embed: Option<Weight>,
     final_norm: Option<Vec<f32>>,
     /// `None` with a tied head on a single-stage layout: the embedding shard is the head.
-    lm_head: Option<Matrix>,
+    lm_head: Option<Weight>,
     rope: Rope,
 }
 
@@ -79,24 +79,71 @@ fn expect_shape(name: &str, t: &model::Tensor, expected: &[usize]) -> Result<()>
     Ok(())
 }
 
-fn load_rows(src: &dyn WeightSource, name: &str, rows: Range<usize>, full_rows: usize, cols: usize) -> Result<Matrix> {
+/// Rows `rows` of matrix `name` as the source stores them, if it keeps them block-quantized in a layout the
+/// kernels support (and `f32_weights` is off).
+fn load_quant(
+    src: &dyn WeightSource,
+    name: &str,
+    rows: Range<usize>,
+    cols: usize,
+    f32_weights: bool,
+) -> Result<Option<QMatrix>> {
+    if f32_weights {
+        return Ok(None);
+    }
+    let Some(q) = src.tensor_rows_quantized(name, rows.clone())? else {
+        return Ok(None);
+    };
+    if q.rows != rows.len() || q.cols != cols || q.data.len() != q.rows * q.row_bytes {
+        return Err(EngineError::Shape {
+            name: name.to_string(),
+            expected: vec![rows.len(), cols],
+            actual: vec![q.rows, q.cols],
+        });
+    }
+    Ok(QMatrix::from_ggml(q.ty, q.rows, q.cols, &q.data))
+}
+
+fn load_rows(
+    src: &dyn WeightSource,
+    name: &str,
+    rows: Range<usize>,
+    full_rows: usize,
+    cols: usize,
+    f32_weights: bool,
+) -> Result<Weight> {
     if rows.end > full_rows {
         return Err(EngineError::Config(format!("{name}: rows {rows:?} exceed {full_rows}")));
     }
+    if let Some(q) = load_quant(src, name, rows.clone(), cols, f32_weights)? {
+        return Ok(Weight::Quant(q));
+    }
     let t = src.tensor_rows(name, rows.clone())?;
     expect_shape(name, &t, &[rows.len(), cols])?;
-    Ok(Matrix::new(rows.len(), cols, t.data))
+    Ok(Weight::F32(Matrix::new(rows.len(), cols, t.data)))
 }
 
-/// Columns `cols` of a `[rows, full_cols]` tensor.
-fn load_cols(src: &dyn WeightSource, name: &str, rows: usize, full_cols: usize, cols: Range<usize>) -> Result<Matrix> {
+/// Columns `cols` of a `[rows, full_cols]` tensor (kept quantized when the columns are whole blocks).
+fn load_cols(
+    src: &dyn WeightSource,
+    name: &str,
+    rows: usize,
+    full_cols: usize,
+    cols: Range<usize>,
+    f32_weights: bool,
+) -> Result<Weight> {
+    if let Some(q) = load_quant(src, name, 0..rows, full_cols, f32_weights)? {
+        if let Some(part) = q.columns(cols.clone()) {
+            return Ok(Weight::Quant(part));
+        }
+    }
     let t = src.tensor(name)?;
     expect_shape(name, &t, &[rows, full_cols])?;
     let mut data = Vec::with_capacity(rows * cols.len());
     for r in 0..rows {
         data.extend_from_slice(&t.data[r * full_cols + cols.start..r * full_cols + cols.end]);
     }
-    Ok(Matrix::new(rows, cols.len(), data))
+    Ok(Weight::F32(Matrix::new(rows, cols.len(), data)))
 }
 
 fn load_vector(src: &dyn WeightSource, name: &str, len: usize) -> Result<Vec<f32>> {
@@ -111,7 +158,26 @@ fn load_vector(src: &dyn WeightSource, name: &str, len: usize) -> Result<Vec<f32
     Ok(t.data)
 }
 
-fn stack(parts: Vec<Matrix>) -> Matrix {
+/// The rows of `parts` one after the other: quantized when all parts are of the same quantized kind, f32
+/// otherwise.
+fn stack(parts: Vec<Weight>) -> Weight {
+    let same_kind = match parts.first() {
+        Some(Weight::Quant(first)) => parts
+            .iter()
+            .all(|p| matches!(p, Weight::Quant(q) if q.kind() == first.kind() && q.cols == first.cols)),
+        _ => false,
+    };
+    if same_kind {
+        let q: Vec<QMatrix> = parts
+            .into_iter()
+            .filter_map(|p| match p {
+                Weight::Quant(q) => Some(q),
+                Weight::F32(_) => None,
+            })
+            .collect();
+        return Weight::Quant(QMatrix::stack(q).expect("parts of one kind and width"));
+    }
+    let parts: Vec<Matrix> = parts.into_iter().map(Weight::into_f32).collect();
     let cols = parts.first().map_or(0, |m| m.cols);
     let rows = parts.iter().map(|m| m.rows).sum();
     let mut data = Vec::with_capacity(rows * cols);
@@ -119,8 +185,12 @@ fn stack(parts: Vec<Matrix>) -> Matrix {
         debug_assert_eq!(p.cols, cols);
         data.extend(p.data);
     }
-    Matrix::new(rows, cols, data)
+    Weight::F32(Matrix::new(rows, cols, data))
 }
+
+/// Environment variable that makes [`RankModel::load`] dequantize every weight to f32 (e.g. to compare the
+/// speed of both paths): `NCCL_LLM_F32_WEIGHTS=1`.
+pub const F32_WEIGHTS_ENV: &str = "NCCL_LLM_F32_WEIGHTS";
 
 /// Checks that `cfg` can be split as `tp × pp`.
 pub fn check_layout(cfg: &LlamaConfig, tp: usize, pp: usize) -> Result<()> {
@@ -147,7 +217,23 @@ pub fn check_layout(cfg: &LlamaConfig, tp: usize, pp: usize) -> Result<()> {
 
 impl RankModel {
     /// Loads this rank's shard. `progress(done, total)` is called after each tensor.
+    ///
+    /// Matrices the source stores as `Q4_0`, `Q4_1` or `Q8_0` blocks stay quantized (decode computes on the
+    /// blocks) unless the environment variable [`F32_WEIGHTS_ENV`] is set to anything but `0` or empty, which
+    /// dequantizes every weight to f32 as [`RankModel::load_with`] does with `f32_weights = true`.
     pub fn load(src: &dyn WeightSource, place: RankPlace, progress: &mut dyn FnMut(usize, usize)) -> Result<Self> {
+        let f32_weights = std::env::var(F32_WEIGHTS_ENV).is_ok_and(|v| !v.is_empty() && v != "0");
+        Self::load_with(src, place, f32_weights, progress)
+    }
+
+    /// [`RankModel::load`] with an explicit choice: `f32_weights = true` dequantizes every weight to f32,
+    /// `false` keeps block-quantized matrices quantized.
+    pub fn load_with(
+        src: &dyn WeightSource,
+        place: RankPlace,
+        f32_weights: bool,
+        progress: &mut dyn FnMut(usize, usize),
+    ) -> Result<Self> {
         let cfg = src.config().clone();
         check_layout(&cfg, place.tp, place.pp)?;
         let (h, hd, inter) = (cfg.hidden_size, cfg.head_dim, cfg.intermediate_size);
@@ -166,7 +252,14 @@ impl RankModel {
         let mut done = 0;
 
         let embed = if first {
-            let m = load_rows(src, "model.embed_tokens.weight", vocab_rows.clone(), cfg.vocab_size, h)?;
+            let m = load_rows(
+                src,
+                "model.embed_tokens.weight",
+                vocab_rows.clone(),
+                cfg.vocab_size,
+                h,
+                f32_weights,
+            )?;
             done += 1;
             progress(done, total);
             Some(m)
@@ -181,21 +274,70 @@ impl RankModel {
         for i in layers_range.clone() {
             let p = format!("model.layers.{i}");
             let qkv = stack(vec![
-                load_rows(src, &format!("{p}.self_attn.q_proj.weight"), q_rows.clone(), q_all, h)?,
-                load_rows(src, &format!("{p}.self_attn.k_proj.weight"), kv_rows.clone(), kv_all, h)?,
-                load_rows(src, &format!("{p}.self_attn.v_proj.weight"), kv_rows.clone(), kv_all, h)?,
+                load_rows(
+                    src,
+                    &format!("{p}.self_attn.q_proj.weight"),
+                    q_rows.clone(),
+                    q_all,
+                    h,
+                    f32_weights,
+                )?,
+                load_rows(
+                    src,
+                    &format!("{p}.self_attn.k_proj.weight"),
+                    kv_rows.clone(),
+                    kv_all,
+                    h,
+                    f32_weights,
+                )?,
+                load_rows(
+                    src,
+                    &format!("{p}.self_attn.v_proj.weight"),
+                    kv_rows.clone(),
+                    kv_all,
+                    h,
+                    f32_weights,
+                )?,
             ]);
             let gate_up = stack(vec![
-                load_rows(src, &format!("{p}.mlp.gate_proj.weight"), ffn.clone(), inter, h)?,
-                load_rows(src, &format!("{p}.mlp.up_proj.weight"), ffn.clone(), inter, h)?,
+                load_rows(
+                    src,
+                    &format!("{p}.mlp.gate_proj.weight"),
+                    ffn.clone(),
+                    inter,
+                    h,
+                    f32_weights,
+                )?,
+                load_rows(
+                    src,
+                    &format!("{p}.mlp.up_proj.weight"),
+                    ffn.clone(),
+                    inter,
+                    h,
+                    f32_weights,
+                )?,
             ]);
             layers.push(Layer {
                 attn_norm: load_vector(src, &format!("{p}.input_layernorm.weight"), h)?,
                 mlp_norm: load_vector(src, &format!("{p}.post_attention_layernorm.weight"), h)?,
                 qkv,
-                o: load_cols(src, &format!("{p}.self_attn.o_proj.weight"), h, q_all, q_rows.clone())?,
+                o: load_cols(
+                    src,
+                    &format!("{p}.self_attn.o_proj.weight"),
+                    h,
+                    q_all,
+                    q_rows.clone(),
+                    f32_weights,
+                )?,
                 gate_up,
-                down: load_cols(src, &format!("{p}.mlp.down_proj.weight"), h, inter, ffn.clone())?,
+                down: load_cols(
+                    src,
+                    &format!("{p}.mlp.down_proj.weight"),
+                    h,
+                    inter,
+                    ffn.clone(),
+                    f32_weights,
+                )?,
             });
             done += 1;
             progress(done, total);
@@ -206,7 +348,14 @@ impl RankModel {
             let head = if cfg.tie_word_embeddings && first {
                 None
             } else {
-                Some(load_rows(src, "lm_head.weight", vocab_rows.clone(), cfg.vocab_size, h)?)
+                Some(load_rows(
+                    src,
+                    "lm_head.weight",
+                    vocab_rows.clone(),
+                    cfg.vocab_size,
+                    h,
+                    f32_weights,
+                )?)
             };
             done += 1;
             progress(done, total);
@@ -300,7 +449,7 @@ impl RankModel {
             }
             if self.vocab_rows.contains(&tok) {
                 let r = tok - self.vocab_rows.start;
-                x[t * h..(t + 1) * h].copy_from_slice(&embed.data[r * h..(r + 1) * h]);
+                embed.row_into(r, &mut x[t * h..(t + 1) * h]);
             }
         }
         tp.all_reduce_sum(&mut x)?;
@@ -340,7 +489,7 @@ impl RankModel {
         for (li, layer) in self.layers.iter().enumerate() {
             // Attention.
             math::rms_norm(x, &layer.attn_norm, eps, &mut normed);
-            math::linear(&normed, n, &layer.qkv, &mut qkv, threads);
+            layer.qkv.linear(&normed, n, &mut qkv, threads);
             let (kc, vc) = (&mut cache.k[li], &mut cache.v[li]);
             for t in 0..n {
                 let row = &mut qkv[t * qkv_w..(t + 1) * qkv_w];
@@ -375,7 +524,7 @@ impl RankModel {
                     }
                 }
             }
-            math::linear(&attn, n, &layer.o, &mut proj, threads);
+            layer.o.linear(&attn, n, &mut proj, threads);
             tp.all_reduce_sum(&mut proj)?;
             for (a, b) in x.iter_mut().zip(&proj) {
                 *a += b;
@@ -383,7 +532,7 @@ impl RankModel {
 
             // MLP.
             math::rms_norm(x, &layer.mlp_norm, eps, &mut normed);
-            math::linear(&normed, n, &layer.gate_up, &mut gu, threads);
+            layer.gate_up.linear(&normed, n, &mut gu, threads);
             let f = self.ffn_local;
             for t in 0..n {
                 let row = &gu[t * 2 * f..(t + 1) * 2 * f];
@@ -391,7 +540,7 @@ impl RankModel {
                 a.copy_from_slice(&row[..f]);
                 math::silu_mul(a, &row[f..]);
             }
-            math::linear(&act, n, &layer.down, &mut proj, threads);
+            layer.down.linear(&act, n, &mut proj, threads);
             tp.all_reduce_sum(&mut proj)?;
             for (a, b) in x.iter_mut().zip(&proj) {
                 *a += b;
@@ -418,7 +567,7 @@ impl RankModel {
         let mut normed = vec![0.0f32; h];
         math::rms_norm(last, norm, self.cfg.rms_norm_eps as f32, &mut normed);
         let mut local = vec![0.0f32; self.vocab_per];
-        math::matvec(&normed, head, &mut local[..self.vocab_rows.len()], self.place.threads);
+        head.matvec(&normed, &mut local[..self.vocab_rows.len()], self.place.threads);
         let mut all = vec![0.0f32; self.vocab_per * self.place.tp];
         tp.all_gather(&local, &mut all)?;
         all.truncate(self.cfg.vocab_size);

@@ -135,6 +135,401 @@ pub fn dot(a: &[f32], b: &[f32]) -> f32 {
     s + tail
 }
 
+/// Values per quantization block (`Q4_0`, `Q4_1`, `Q8_0`).
+pub const QBLOCK: usize = 32;
+
+/// The storage of a [`QMatrix`].
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum QKind {
+    /// 4-bit: `w = d * q + m` with `q` in `0..16` (GGUF `Q4_1`; `Q4_0` is stored with `m = -8 d`).
+    Q4,
+    /// 8-bit: `w = d * q` with `q` an `i8` (GGUF `Q8_0`).
+    Q8,
+}
+
+/// A block-quantized row-major matrix (`[rows, cols]`, `cols` a multiple of [`QBLOCK`]), repacked from GGUF
+/// blocks into separate arrays: per-block scales `d` (and minimums `m` for [`QKind::Q4`]) as f32, and the
+/// quants (`Q4`: 16 bytes per block in GGUF nibble order, value `j` in the low nibble of byte `j`, value
+/// `j + 16` in its high nibble; `Q8`: 32 `i8` per block).
+#[derive(Clone, Debug)]
+pub struct QMatrix {
+    /// Number of rows (output features).
+    pub rows: usize,
+    /// Number of columns (input features), a multiple of [`QBLOCK`].
+    pub cols: usize,
+    kind: QKind,
+    d: Vec<f32>,
+    m: Vec<f32>,
+    qs: Vec<u8>,
+}
+
+fn f16_le(b: &[u8]) -> f32 {
+    half::f16::from_bits(u16::from_le_bytes([b[0], b[1]])).to_f32()
+}
+
+impl QMatrix {
+    /// Repacks `rows` rows of `cols` values of GGUF type `ty` (`data`: `rows` rows of whole blocks). `None`
+    /// for other types, a `cols` that is not a whole number of blocks, or a `data` of the wrong length.
+    pub fn from_ggml(ty: crate::model::dequant::GgmlType, rows: usize, cols: usize, data: &[u8]) -> Option<Self> {
+        use crate::model::dequant::GgmlType;
+        if cols % QBLOCK != 0 {
+            return None;
+        }
+        let (kind, block_bytes) = match ty {
+            GgmlType::Q4_0 => (QKind::Q4, 18),
+            GgmlType::Q4_1 => (QKind::Q4, 20),
+            GgmlType::Q8_0 => (QKind::Q8, 34),
+            _ => return None,
+        };
+        let nb = rows.checked_mul(cols / QBLOCK)?;
+        if data.len() != nb.checked_mul(block_bytes)? {
+            return None;
+        }
+        let qlen = if kind == QKind::Q4 { 16 } else { 32 };
+        let mut q = QMatrix {
+            rows,
+            cols,
+            kind,
+            d: Vec::with_capacity(nb),
+            m: Vec::with_capacity(if kind == QKind::Q4 { nb } else { 0 }),
+            qs: Vec::with_capacity(nb * qlen),
+        };
+        for b in data.chunks_exact(block_bytes) {
+            let d = f16_le(&b[0..2]);
+            q.d.push(d);
+            match ty {
+                GgmlType::Q4_0 => {
+                    q.m.push(-8.0 * d);
+                    q.qs.extend_from_slice(&b[2..18]);
+                }
+                GgmlType::Q4_1 => {
+                    q.m.push(f16_le(&b[2..4]));
+                    q.qs.extend_from_slice(&b[4..20]);
+                }
+                _ => q.qs.extend_from_slice(&b[2..34]),
+            }
+        }
+        Some(q)
+    }
+
+    /// The storage kind.
+    pub fn kind(&self) -> QKind {
+        self.kind
+    }
+
+    fn qlen(&self) -> usize {
+        match self.kind {
+            QKind::Q4 => 16,
+            QKind::Q8 => 32,
+        }
+    }
+
+    /// Bytes of weights this matrix holds (scales, minimums and quants).
+    pub fn bytes(&self) -> usize {
+        (self.d.len() + self.m.len()) * std::mem::size_of::<f32>() + self.qs.len()
+    }
+
+    /// Dequantizes row `r` into `out` (`cols` values).
+    pub fn dequantize_row(&self, r: usize, out: &mut [f32]) {
+        assert_eq!(out.len(), self.cols, "dequantize_row: output length");
+        let nb = self.cols / QBLOCK;
+        let ql = self.qlen();
+        for (b, o) in out.chunks_exact_mut(QBLOCK).enumerate() {
+            let bi = r * nb + b;
+            let d = self.d[bi];
+            let q = &self.qs[bi * ql..(bi + 1) * ql];
+            match self.kind {
+                QKind::Q4 => {
+                    let m = self.m[bi];
+                    for j in 0..16 {
+                        o[j] = d * f32::from(q[j] & 15) + m;
+                        o[j + 16] = d * f32::from(q[j] >> 4) + m;
+                    }
+                }
+                QKind::Q8 => {
+                    for j in 0..32 {
+                        o[j] = d * f32::from(q[j] as i8);
+                    }
+                }
+            }
+        }
+    }
+
+    /// The whole matrix dequantized.
+    pub fn to_f32(&self) -> Matrix {
+        let mut data = vec![0.0f32; self.rows * self.cols];
+        if self.cols > 0 {
+            for (r, o) in data.chunks_exact_mut(self.cols).enumerate() {
+                self.dequantize_row(r, o);
+            }
+        }
+        Matrix::new(self.rows, self.cols, data)
+    }
+
+    /// The rows of `parts` one after the other; `None` unless all have the same kind and width.
+    pub fn stack(parts: Vec<QMatrix>) -> Option<QMatrix> {
+        let first = parts.first()?;
+        let (kind, cols) = (first.kind, first.cols);
+        if parts.iter().any(|p| p.kind != kind || p.cols != cols) {
+            return None;
+        }
+        let mut out = QMatrix {
+            rows: 0,
+            cols,
+            kind,
+            d: Vec::new(),
+            m: Vec::new(),
+            qs: Vec::new(),
+        };
+        for p in parts {
+            out.rows += p.rows;
+            out.d.extend(p.d);
+            out.m.extend(p.m);
+            out.qs.extend(p.qs);
+        }
+        Some(out)
+    }
+
+    /// Columns `cols` of every row; `None` unless both ends are whole blocks within the matrix.
+    pub fn columns(&self, cols: std::ops::Range<usize>) -> Option<QMatrix> {
+        if cols.start % QBLOCK != 0 || cols.end % QBLOCK != 0 || cols.start > cols.end || cols.end > self.cols {
+            return None;
+        }
+        let (nb, b0, b1, ql) = (self.cols / QBLOCK, cols.start / QBLOCK, cols.end / QBLOCK, self.qlen());
+        let mut out = QMatrix {
+            rows: self.rows,
+            cols: cols.len(),
+            kind: self.kind,
+            d: Vec::with_capacity(self.rows * (b1 - b0)),
+            m: Vec::new(),
+            qs: Vec::with_capacity(self.rows * (b1 - b0) * ql),
+        };
+        for r in 0..self.rows {
+            out.d.extend_from_slice(&self.d[r * nb + b0..r * nb + b1]);
+            if self.kind == QKind::Q4 {
+                out.m.extend_from_slice(&self.m[r * nb + b0..r * nb + b1]);
+            }
+            out.qs
+                .extend_from_slice(&self.qs[(r * nb + b0) * ql..(r * nb + b1) * ql]);
+        }
+        Some(out)
+    }
+
+    /// `y[r] = row r · x` for the rows `r0..r0 + y.len()`; `xsum` holds the sum of each block of `x`.
+    #[inline(always)]
+    fn rows_dot(&self, x: &[f32], xsum: &[f32], r0: usize, y: &mut [f32]) {
+        let nb = self.cols / QBLOCK;
+        for (i, o) in y.iter_mut().enumerate() {
+            let r = r0 + i;
+            let d = &self.d[r * nb..(r + 1) * nb];
+            match self.kind {
+                QKind::Q4 => {
+                    let m = &self.m[r * nb..(r + 1) * nb];
+                    let qs = &self.qs[r * nb * 16..(r + 1) * nb * 16];
+                    let mut acc = [0.0f32; 16];
+                    let mut macc = 0.0f32;
+                    for b in 0..nb {
+                        let q: &[u8; 16] = qs[b * 16..b * 16 + 16].try_into().expect("16 bytes");
+                        let xb: &[f32; 32] = x[b * 32..b * 32 + 32].try_into().expect("32 values");
+                        let db = d[b];
+                        for j in 0..16 {
+                            let lo = f32::from(q[j] & 15) * xb[j];
+                            let hi = f32::from(q[j] >> 4) * xb[j + 16];
+                            acc[j] += db * (lo + hi);
+                        }
+                        macc += m[b] * xsum[b];
+                    }
+                    *o = acc.iter().sum::<f32>() + macc;
+                }
+                QKind::Q8 => {
+                    let qs = &self.qs[r * nb * 32..(r + 1) * nb * 32];
+                    let mut acc = [0.0f32; 16];
+                    for b in 0..nb {
+                        let q: &[u8; 32] = qs[b * 32..b * 32 + 32].try_into().expect("32 bytes");
+                        let xb: &[f32; 32] = x[b * 32..b * 32 + 32].try_into().expect("32 values");
+                        let db = d[b];
+                        for j in 0..16 {
+                            let s = f32::from(q[j] as i8) * xb[j] + f32::from(q[j + 16] as i8) * xb[j + 16];
+                            acc[j] += db * s;
+                        }
+                    }
+                    *o = acc.iter().sum::<f32>();
+                }
+            }
+        }
+    }
+
+    /// [`QMatrix::rows_dot`] compiled for AVX2 + FMA.
+    ///
+    /// # Safety
+    /// The CPU must support AVX2 and FMA.
+    #[cfg(target_arch = "x86_64")]
+    #[target_feature(enable = "avx2,fma")]
+    unsafe fn rows_dot_avx2(&self, x: &[f32], xsum: &[f32], r0: usize, y: &mut [f32]) {
+        self.rows_dot(x, xsum, r0, y)
+    }
+
+    fn rows_dot_dispatch(&self, x: &[f32], xsum: &[f32], r0: usize, y: &mut [f32]) {
+        #[cfg(target_arch = "x86_64")]
+        if std::arch::is_x86_feature_detected!("avx2") && std::arch::is_x86_feature_detected!("fma") {
+            // SAFETY: the CPU supports AVX2 and FMA (checked just above), the only requirement of
+            // `rows_dot_avx2`; the function itself is safe code.
+            unsafe { self.rows_dot_avx2(x, xsum, r0, y) };
+            return;
+        }
+        self.rows_dot(x, xsum, r0, y)
+    }
+
+    /// `y = W · x` for one vector, on the quantized blocks (exact f32 arithmetic on f32 `x`: for `Q4`,
+    /// `Σ_b d_b Σ_j q_j x_j + m_b Σ_j x_j`).
+    pub fn matvec(&self, x: &[f32], y: &mut [f32], threads: usize) {
+        assert_eq!(x.len(), self.cols, "matvec: input length");
+        assert_eq!(y.len(), self.rows, "matvec: output length");
+        let xsum: Vec<f32> = if self.kind == QKind::Q4 {
+            x.chunks_exact(QBLOCK).map(|c| c.iter().sum()).collect()
+        } else {
+            Vec::new()
+        };
+        let kernel = |(chunk, out): (usize, &mut [f32])| self.rows_dot_dispatch(x, &xsum, chunk * MATVEC_CHUNK, out);
+        if threads > 1 && self.rows >= 2 * MATVEC_CHUNK {
+            y.par_chunks_mut(MATVEC_CHUNK).enumerate().for_each(kernel);
+        } else {
+            y.chunks_mut(MATVEC_CHUNK).enumerate().for_each(kernel);
+        }
+    }
+}
+
+/// Rows dequantized at a time by the quantized prefill path of [`Weight::linear`].
+const PREFILL_TILE: usize = 256;
+
+/// A linear layer's weights: dense f32, or kept block-quantized.
+#[derive(Clone, Debug)]
+pub enum Weight {
+    /// Dense f32.
+    F32(Matrix),
+    /// Block-quantized (decode computes on the blocks; prefill dequantizes tiles of rows).
+    Quant(QMatrix),
+}
+
+impl Weight {
+    /// Number of rows (output features).
+    pub fn rows(&self) -> usize {
+        match self {
+            Weight::F32(m) => m.rows,
+            Weight::Quant(q) => q.rows,
+        }
+    }
+
+    /// Number of columns (input features).
+    pub fn cols(&self) -> usize {
+        match self {
+            Weight::F32(m) => m.cols,
+            Weight::Quant(q) => q.cols,
+        }
+    }
+
+    /// Bytes of weights held (read once per decoded token).
+    pub fn bytes(&self) -> usize {
+        match self {
+            Weight::F32(m) => m.bytes(),
+            Weight::Quant(q) => q.bytes(),
+        }
+    }
+
+    /// Row `r` as f32 into `out` (`cols` values).
+    pub fn row_into(&self, r: usize, out: &mut [f32]) {
+        match self {
+            Weight::F32(m) => out.copy_from_slice(&m.data[r * m.cols..(r + 1) * m.cols]),
+            Weight::Quant(q) => q.dequantize_row(r, out),
+        }
+    }
+
+    /// The dense f32 form (a copy for quantized weights).
+    pub fn into_f32(self) -> Matrix {
+        match self {
+            Weight::F32(m) => m,
+            Weight::Quant(q) => q.to_f32(),
+        }
+    }
+
+    /// `y = W · x` for one vector.
+    pub fn matvec(&self, x: &[f32], y: &mut [f32], threads: usize) {
+        match self {
+            Weight::F32(m) => matvec(x, m, y, threads),
+            Weight::Quant(q) => q.matvec(x, y, threads),
+        }
+    }
+
+    /// `y[t, :] = W · x[t, :]` for `n` rows of `x`, as [`linear`].
+    pub fn linear(&self, x: &[f32], n: usize, y: &mut [f32], threads: usize) {
+        let q = match self {
+            Weight::F32(m) => return linear(x, n, m, y, threads),
+            Weight::Quant(q) => q,
+        };
+        assert_eq!(x.len(), n * q.cols, "linear: input length");
+        assert_eq!(y.len(), n * q.rows, "linear: output length");
+        if q.rows == 0 || n == 0 {
+            return;
+        }
+        if q.cols == 0 {
+            y.fill(0.0);
+            return;
+        }
+        if n <= 2 {
+            for t in 0..n {
+                q.matvec(
+                    &x[t * q.cols..(t + 1) * q.cols],
+                    &mut y[t * q.rows..(t + 1) * q.rows],
+                    threads,
+                );
+            }
+            return;
+        }
+        let parallelism = if threads > 1 {
+            gemm::Parallelism::Rayon(threads)
+        } else {
+            gemm::Parallelism::None
+        };
+        let mut tile = vec![0.0f32; PREFILL_TILE.min(q.rows) * q.cols];
+        let mut r0 = 0;
+        while r0 < q.rows {
+            let tr = PREFILL_TILE.min(q.rows - r0);
+            let t = &mut tile[..tr * q.cols];
+            for (i, o) in t.chunks_exact_mut(q.cols).enumerate() {
+                q.dequantize_row(r0 + i, o);
+            }
+            // SAFETY: `y` holds n·rows values (checked above); the destination starts at column r0 and is
+            // addressed as y[r0 + i·rows + j] for i < n, j < tr with r0 + tr ≤ rows, so it stays inside `y`.
+            // `x` holds n·cols values addressed as x[i·cols + k]; `tile` holds tr·cols values addressed as
+            // tile[j·cols + k]. `y` is borrowed mutably and does not alias the inputs; `read_dst = false`.
+            unsafe {
+                gemm::gemm(
+                    n,
+                    tr,
+                    q.cols,
+                    y.as_mut_ptr().add(r0),
+                    1,
+                    q.rows as isize,
+                    false,
+                    x.as_ptr(),
+                    1,
+                    q.cols as isize,
+                    t.as_ptr(),
+                    q.cols as isize,
+                    1,
+                    0.0f32,
+                    1.0f32,
+                    false,
+                    false,
+                    false,
+                    parallelism,
+                );
+            }
+            r0 += tr;
+        }
+    }
+}
+
 /// RMSNorm of each `weight.len()`-wide row of `x` into `out`: `x / sqrt(mean(x²) + eps) * weight`.
 pub fn rms_norm(x: &[f32], weight: &[f32], eps: f32, out: &mut [f32]) {
     let d = weight.len();
@@ -254,6 +649,73 @@ mod tests {
                     assert!((a - b).abs() < 1e-4 * (1.0 + b.abs()), "{n}x{rows}x{cols}: {a} vs {b}");
                 }
             }
+        }
+    }
+
+    fn q_blocks(kind: u8, rows: usize, nb: usize, seed: u32) -> (crate::model::dequant::GgmlType, Vec<u8>) {
+        use crate::model::dequant::GgmlType;
+        let bytes = pseudo(rows * nb * 40, seed);
+        let mut raw: Vec<u8> = bytes.iter().map(|v| ((v + 1.0) * 127.0) as u8).collect();
+        let (ty, bb) = match kind {
+            0 => (GgmlType::Q4_0, 18),
+            1 => (GgmlType::Q4_1, 20),
+            _ => (GgmlType::Q8_0, 34),
+        };
+        raw.truncate(rows * nb * bb);
+        // Finite, moderate scales: f16 0x2000..0x3000 (about 0.0078..0.125), minimum negative.
+        for (i, b) in raw.chunks_exact_mut(bb).enumerate() {
+            b[0..2].copy_from_slice(&(0x2000 + (i * 37 % 0x1000) as u16).to_le_bytes());
+            if kind == 1 {
+                b[2..4].copy_from_slice(&(0xA000 + (i * 91 % 0x1000) as u16).to_le_bytes());
+            }
+        }
+        (ty, raw)
+    }
+
+    #[test]
+    fn quantized_rows_dequantize_like_the_model_loader() {
+        for kind in 0..3 {
+            let (rows, nb) = (5, 3);
+            let (ty, raw) = q_blocks(kind, rows, nb, 7);
+            let q = QMatrix::from_ggml(ty, rows, nb * QBLOCK, &raw).unwrap();
+            let mut want = vec![0.0f32; rows * nb * QBLOCK];
+            crate::model::dequant::dequantize(ty, &raw, &mut want).unwrap();
+            for (a, b) in q.to_f32().data.iter().zip(&want) {
+                assert!((a - b).abs() <= 1e-6 * (1.0 + b.abs()), "{ty}: {a} vs {b}");
+            }
+        }
+        assert!(QMatrix::from_ggml(crate::model::dequant::GgmlType::Q4_1, 2, 32, &[0; 39]).is_none());
+        assert!(QMatrix::from_ggml(crate::model::dequant::GgmlType::F32, 1, 32, &[0; 128]).is_none());
+    }
+
+    proptest::proptest! {
+        #![proptest_config(proptest::prelude::ProptestConfig::with_cases(24))]
+        #[test]
+        fn quantized_linear_matches_dequantized(
+            kind in 0u8..3, rows in 1usize..300, nb in 1usize..6, n in 1usize..5, seed in 0u32..1000,
+            threads in 1usize..3, col_lo in 0usize..3,
+        ) {
+            let (ty, raw) = q_blocks(kind, rows, nb, seed);
+            let cols = nb * QBLOCK;
+            let q = QMatrix::from_ggml(ty, rows, cols, &raw).unwrap();
+            let dense = q.to_f32();
+            let x = pseudo(n * cols, seed + 1);
+            let mut y = vec![f32::NAN; n * rows];
+            Weight::Quant(q.clone()).linear(&x, n, &mut y, threads);
+            let r = naive(&x, n, &dense);
+            for (a, b) in y.iter().zip(&r) {
+                proptest::prop_assert!((a - b).abs() < 1e-4 * (1.0 + b.abs()), "{ty} {n}x{rows}x{cols}: {a} vs {b}");
+            }
+            // Column slices and stacking agree with the same operations on the dense matrix.
+            let lo = col_lo.min(nb - 1) * QBLOCK;
+            let part = q.columns(lo..cols).unwrap();
+            let pd = part.to_f32();
+            for r in 0..rows {
+                proptest::prop_assert_eq!(&pd.data[r * (cols - lo)..(r + 1) * (cols - lo)], &dense.data[r * cols + lo..(r + 1) * cols]);
+            }
+            let st = QMatrix::stack(vec![q.clone(), q.clone()]).unwrap().to_f32();
+            proptest::prop_assert_eq!(&st.data[..rows * cols], &dense.data[..]);
+            proptest::prop_assert_eq!(&st.data[rows * cols..], &dense.data[..]);
         }
     }
 

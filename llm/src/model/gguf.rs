@@ -10,7 +10,7 @@ use std::ops::Range;
 use std::path::{Path, PathBuf};
 
 use super::dequant::{dequantize, GgmlType};
-use super::{expected_shape, LlamaConfig, ModelError, RopeScaling, Tensor, WeightSource};
+use super::{expected_shape, LlamaConfig, ModelError, QuantRows, RopeScaling, Tensor, WeightSource};
 
 const MAGIC: &[u8; 4] = b"GGUF";
 const DEFAULT_ALIGNMENT: usize = 32;
@@ -807,6 +807,39 @@ impl WeightSource for GgufSource {
     fn tensor_rows(&self, name: &str, rows: Range<usize>) -> Result<Tensor, ModelError> {
         let (g, order, _) = self.resolve(name)?;
         self.file.dequantize_rows(&g, rows, |r| order.map(r))
+    }
+
+    fn tensor_rows_quantized(&self, name: &str, rows: Range<usize>) -> Result<Option<QuantRows>, ModelError> {
+        let (g, order, shape) = self.resolve(name)?;
+        let info = self.file.tensor_info(&g).ok_or_else(|| ModelError::MissingTensor {
+            name: name.into(),
+            source_desc: self.description.clone(),
+        })?;
+        if !matches!(info.ty, GgmlType::Q4_0 | GgmlType::Q4_1 | GgmlType::Q8_0) || shape.len() != 2 {
+            return Ok(None);
+        }
+        let (n_rows, cols) = (shape[0], shape[1]);
+        if rows.start > rows.end || rows.end > n_rows {
+            return Err(ModelError::InvalidInput(format!(
+                "tensor `{name}`: rows {rows:?} out of 0..{n_rows}"
+            )));
+        }
+        let Some(row_bytes) = info.ty.bytes_for(cols).filter(|_| cols > 0) else {
+            return Ok(None);
+        };
+        let bytes = self.file.tensor_bytes(&g)?;
+        let mut data = Vec::with_capacity(rows.len() * row_bytes);
+        for r in rows.clone() {
+            let src = order.map(r);
+            data.extend_from_slice(&bytes[src * row_bytes..(src + 1) * row_bytes]);
+        }
+        Ok(Some(QuantRows {
+            ty: info.ty,
+            rows: rows.len(),
+            cols,
+            row_bytes,
+            data,
+        }))
     }
 
     fn tokenizer(&self) -> Result<Option<tokenizers::Tokenizer>, ModelError> {
