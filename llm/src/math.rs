@@ -231,6 +231,11 @@ impl QMatrix {
 
     /// Dequantizes row `r` into `out` (`cols` values).
     pub fn dequantize_row(&self, r: usize, out: &mut [f32]) {
+        self.dequantize_row_inline(r, out)
+    }
+
+    #[inline(always)]
+    fn dequantize_row_inline(&self, r: usize, out: &mut [f32]) {
         assert_eq!(out.len(), self.cols, "dequantize_row: output length");
         let nb = self.cols / QBLOCK;
         let ql = self.qlen();
@@ -253,6 +258,27 @@ impl QMatrix {
                 }
             }
         }
+    }
+
+    /// [`QMatrix::dequantize_row`] compiled for AVX2 + FMA.
+    ///
+    /// # Safety
+    /// The CPU must support AVX2 and FMA.
+    #[cfg(target_arch = "x86_64")]
+    #[target_feature(enable = "avx2,fma")]
+    unsafe fn dequantize_row_avx2(&self, r: usize, out: &mut [f32]) {
+        self.dequantize_row_inline(r, out)
+    }
+
+    fn dequantize_row_dispatch(&self, r: usize, out: &mut [f32]) {
+        #[cfg(target_arch = "x86_64")]
+        if std::arch::is_x86_feature_detected!("avx2") && std::arch::is_x86_feature_detected!("fma") {
+            // SAFETY: the CPU supports AVX2 and FMA (checked just above), the only requirement of
+            // `dequantize_row_avx2`; the function itself is safe code.
+            unsafe { self.dequantize_row_avx2(r, out) };
+            return;
+        }
+        self.dequantize_row_inline(r, out)
     }
 
     /// The whole matrix dequantized.
@@ -400,7 +426,7 @@ impl QMatrix {
 }
 
 /// Rows dequantized at a time by the quantized prefill path of [`Weight::linear`].
-const PREFILL_TILE: usize = 256;
+const PREFILL_TILE: usize = 1024;
 
 /// A linear layer's weights: dense f32, or kept block-quantized.
 #[derive(Clone, Debug)]
@@ -495,8 +521,11 @@ impl Weight {
         while r0 < q.rows {
             let tr = PREFILL_TILE.min(q.rows - r0);
             let t = &mut tile[..tr * q.cols];
-            for (i, o) in t.chunks_exact_mut(q.cols).enumerate() {
-                q.dequantize_row(r0 + i, o);
+            let dq = |(i, o): (usize, &mut [f32])| q.dequantize_row_dispatch(r0 + i, o);
+            if threads > 1 {
+                t.par_chunks_exact_mut(q.cols).enumerate().for_each(dq);
+            } else {
+                t.chunks_exact_mut(q.cols).enumerate().for_each(dq);
             }
             // SAFETY: `y` holds n·rows values (checked above); the destination starts at column r0 and is
             // addressed as y[r0 + i·rows + j] for i < n, j < tr with r0 + tr ≤ rows, so it stays inside `y`.
