@@ -1,6 +1,13 @@
 //! The `tp_llama` / `pp_llama` example binaries end to end: ranks as processes (`--nprocs`) give the same
 //! tokens and logits as ranks as threads; `--json` and `--logits-out` write what they promise; bad
 //! arguments are clear errors. `cargo test` builds the examples next to this test binary.
+//!
+//! `--backend nccl`: without the `cuda` feature, and with it on a host without a CUDA device, it is a clear
+//! error. The GPU tests (ignored on CI) compare it with the host backend; on a machine with at least 2 GPUs:
+//!
+//! ```text
+//! cargo test -p nccl-stack --features cuda --test llama_cli -- --ignored
+//! ```
 
 use std::path::PathBuf;
 use std::process::{Command, Output};
@@ -18,12 +25,16 @@ fn example(name: &str) -> PathBuf {
 }
 
 fn run(name: &str, args: &[&str]) -> Output {
-    let out = Command::new(example(name))
-        .args(args)
-        .env("NCCL_RS_HOST_TIMEOUT_MS", "60000")
-        .output()
-        .expect("run example");
-    out
+    run_env(name, args, &[])
+}
+
+fn run_env(name: &str, args: &[&str], env: &[(&str, &str)]) -> Output {
+    let mut cmd = Command::new(example(name));
+    cmd.args(args).env("NCCL_RS_HOST_TIMEOUT_MS", "60000");
+    for (k, v) in env {
+        cmd.env(k, v);
+    }
+    cmd.output().expect("run example")
 }
 
 fn json_of(out: &Output) -> serde_json::Value {
@@ -122,4 +133,119 @@ fn bad_arguments_are_clear_errors() {
         assert_eq!(out.status.code(), Some(1), "{args:?}: exit code ({err})");
         assert!(err.contains("error:") && err.contains(needle), "{args:?}: {err}");
     }
+}
+
+/// The error of a `--backend nccl` run: exit code 1 (not a panic's 101), `needle` on stderr.
+fn assert_nccl_error(args: &[&str], env: &[(&str, &str)], needle: &str) {
+    for name in ["tp_llama", "pp_llama"] {
+        let out = run_env(name, args, env);
+        let err = String::from_utf8_lossy(&out.stderr);
+        assert_eq!(out.status.code(), Some(1), "{name} {args:?}: exit code ({err})");
+        assert!(err.contains("error:") && err.contains(needle), "{name} {args:?}: {err}");
+        assert!(!err.contains("panicked"), "{name} {args:?}: {err}");
+    }
+}
+
+#[cfg(not(feature = "cuda"))]
+#[test]
+fn nccl_backend_without_the_cuda_feature_says_rebuild() {
+    for args in [&["--backend", "nccl"][..], &["--backend", "nccl", "--nprocs", "2"][..]] {
+        assert_nccl_error(args, &[], "rebuild with --features cuda");
+    }
+}
+
+/// With the `cuda` feature but no visible device (this CI machine has none; CUDA_VISIBLE_DEVICES="" hides
+/// them on a GPU machine too), `--backend nccl` names the missing device, as threads, as processes and 2-D.
+#[cfg(feature = "cuda")]
+#[test]
+fn nccl_backend_without_a_device_is_a_clear_error() {
+    let hide = [("CUDA_VISIBLE_DEVICES", "")];
+    for args in [
+        &["--backend", "nccl"][..],
+        &["--backend", "nccl", "--nprocs", "2"][..],
+        &["--backend", "nccl", "--tp", "2", "--pp", "2"][..],
+    ] {
+        assert_nccl_error(args, &hide, "no CUDA device was found");
+    }
+}
+
+/// `name` with `--backend nccl` and with `--backend host` (same layout, same other arguments): same tokens,
+/// logits within 1e-4 of the largest, and the JSON says which backend ran. Compute is on the CPU either way;
+/// only the communication differs (NCCL staged through GPU memory vs host memory).
+#[cfg(feature = "cuda")]
+fn nccl_matches_host(name: &str, layout_args: &[&str]) {
+    let dir = std::env::temp_dir().join(format!(
+        "llama_cli_nccl_{}_{name}_{}",
+        std::process::id(),
+        layout_args.len()
+    ));
+    std::fs::create_dir_all(&dir).unwrap();
+    let common = [
+        "--prompt-ids",
+        "1,5,9,42,7",
+        "--max-new-tokens",
+        "6",
+        "--ignore-eos",
+        "--json",
+    ];
+    let mut got = Vec::new();
+    for backend in ["host", "nccl"] {
+        let path = dir.join(format!("{backend}.json"));
+        let args = [
+            &common[..],
+            layout_args,
+            &["--backend", backend, "--logits-out", path.to_str().unwrap()],
+        ]
+        .concat();
+        let out = run(name, &args);
+        let j = json_of(&out);
+        assert_eq!(j["backend"], serde_json::json!(backend), "{name} {layout_args:?}");
+        if backend == "nccl" {
+            let err = String::from_utf8_lossy(&out.stderr);
+            assert!(err.contains("compute stays on the CPU"), "the log line says so: {err}");
+        }
+        got.push((j, logits(&path)));
+    }
+    let ((jh, lh), (jn, ln)) = (&got[0], &got[1]);
+    for key in ["prompt_ids", "generated_ids", "tp", "pp"] {
+        assert_eq!(jh[key], jn[key], "{name} {layout_args:?}: {key}");
+    }
+    assert_eq!(jn["generated_ids"].as_array().unwrap().len(), 6);
+    assert_eq!(lh.len(), 256, "tiny model vocabulary");
+    assert_eq!(ln.len(), lh.len());
+    let scale = lh.iter().fold(0f32, |m, v| m.max(v.abs()));
+    let diff = lh.iter().zip(ln).map(|(x, y)| (x - y).abs()).fold(0f32, f32::max);
+    assert!(
+        diff <= 1e-4 * scale,
+        "{name} {layout_args:?}: NCCL vs host logits differ by {diff} (scale {scale})"
+    );
+    let _ = std::fs::remove_dir_all(&dir);
+}
+
+#[cfg(feature = "cuda")]
+#[test]
+#[ignore = "needs 2 GPUs"]
+fn nccl_tp2_threads_matches_host() {
+    nccl_matches_host("tp_llama", &["--tp", "2"]);
+}
+
+#[cfg(feature = "cuda")]
+#[test]
+#[ignore = "needs 2 GPUs"]
+fn nccl_pp2_threads_matches_host() {
+    nccl_matches_host("pp_llama", &["--pp", "2"]);
+}
+
+#[cfg(feature = "cuda")]
+#[test]
+#[ignore = "needs 2 GPUs"]
+fn nccl_tp2_processes_matches_host() {
+    nccl_matches_host("tp_llama", &["--tp", "2", "--nprocs", "2"]);
+}
+
+#[cfg(feature = "cuda")]
+#[test]
+#[ignore = "needs 4 GPUs"]
+fn nccl_tp2_pp2_processes_matches_host() {
+    nccl_matches_host("pp_llama", &["--tp", "2", "--pp", "2", "--nprocs", "4"]);
 }

@@ -29,7 +29,9 @@ pub enum Example {
 pub enum Backend {
     /// CPU ranks, collectives over host memory (threads or shared memory between processes).
     Host,
-    /// NCCL (needs the `cuda` feature and GPUs).
+    /// NCCL between GPUs (needs a build with `--features cuda` and one GPU per rank: as threads rank r uses
+    /// device r % device count, as processes device LOCAL_RANK). Compute stays on the CPU: each collective is
+    /// staged host → GPU → NCCL → host (the GPU engine comes later).
     Nccl,
 }
 
@@ -83,7 +85,7 @@ pub struct Args {
     /// Run the ranks as this many local processes instead of threads (must equal tp × pp).
     #[arg(long)]
     pub nprocs: Option<usize>,
-    /// Communication backend.
+    /// Communication backend. `nccl` moves the communication to NCCL on GPUs; compute stays on the CPU.
     #[arg(long, value_enum, default_value = "host")]
     pub backend: Backend,
     /// Prompt micro-batches in pipeline-parallel prefill (0 = one per stage).
@@ -157,17 +159,9 @@ fn layout_of(example: Example, args: &Args) -> Result<Layout> {
 /// Runs an example with parsed arguments; returns the process exit code.
 pub fn run(example: Example, args: Args) -> Result<i32> {
     let layout = layout_of(example, &args)?;
-    if args.backend == Backend::Nccl {
-        if !cfg!(feature = "cuda") {
-            return Err(EngineError::Config(
-                "--backend nccl needs a build with the `cuda` feature (cargo run --features cuda ...) and NVIDIA GPUs; \
-                 use --backend host on this machine"
-                    .into(),
-            ));
-        }
-        return Err(EngineError::Config(
-            "--backend nccl: the GPU engine is not implemented yet (the CPU engine runs with --backend host)".into(),
-        ));
+    let nccl = args.backend == Backend::Nccl;
+    if nccl {
+        check_nccl_build()?;
     }
     if let Some(code) = launch::spawn_workers(args.nprocs)? {
         return Ok(code);
@@ -217,30 +211,50 @@ pub fn run(example: Example, args: Args) -> Result<i32> {
     let reporter = (layout.pp - 1) * layout.tp;
 
     if multi_process {
-        let comms = launch::host_process(layout)?;
+        let comms = if nccl {
+            nccl_process(layout)?
+        } else {
+            launch::host_process(layout)?
+        };
         let w = comms.world_rank;
+        if nccl && w == reporter {
+            eprintln!("{}", nccl_log_line(layout, "processes, device LOCAL_RANK each"));
+        }
         let out = run_rank(&job, comms, w == reporter).map_err(|e| EngineError::Rank {
             rank: w,
             source: Box::new(e),
         })?;
         if w == reporter {
-            report(&job, &out, "host")?;
+            report(&job, &out, if nccl { "nccl" } else { "host" })?;
         }
         return Ok(0);
     }
 
-    let comms = launch::host_threads(layout)?;
-    let backend = comms[0].tp.backend_name();
-    let backend = if backend == "single" { "host" } else { backend };
+    // Each rank thread gets its communicators from `comms_of` (NCCL creates them on the rank's own thread).
+    let (comms_of, backend) = if nccl {
+        nccl_threads(layout)?
+    } else {
+        let comms = launch::host_threads(layout)?;
+        let backend = comms[0].tp.backend_name();
+        let backend = if backend == "single" { "host" } else { backend };
+        let slots: Vec<std::sync::Mutex<Option<RankComms>>> =
+            comms.into_iter().map(|c| std::sync::Mutex::new(Some(c))).collect();
+        let take: CommsOf = Box::new(move |w| {
+            slots
+                .get(w)
+                .and_then(|m| m.lock().ok()?.take())
+                .ok_or_else(|| EngineError::Config(format!("no communicators for rank {w}")))
+        });
+        (take, backend)
+    };
     let results: Vec<Result<GenerateOutput>> = std::thread::scope(|s| {
-        let handles: Vec<_> = comms
-            .into_iter()
-            .map(|c| {
+        let handles: Vec<_> = (0..layout.world())
+            .map(|w| {
                 let job = job.clone();
-                let w = c.world_rank;
+                let comms_of = &comms_of;
                 std::thread::Builder::new()
                     .name(format!("rank{w}"))
-                    .spawn_scoped(s, move || run_rank(&job, c, w == reporter))
+                    .spawn_scoped(s, move || run_rank(&job, comms_of(w)?, w == reporter))
                     .expect("spawning a rank thread")
             })
             .collect();
@@ -255,6 +269,70 @@ pub fn run(example: Example, args: Args) -> Result<i32> {
     let outs = launch::first_error(results)?;
     report(&job, &outs[reporter], backend)?;
     Ok(0)
+}
+
+/// Gives rank thread `w` its communicators.
+type CommsOf = Box<dyn Fn(usize) -> Result<RankComms> + Send + Sync>;
+
+/// `--backend nccl` needs the `cuda` feature and a CUDA device; checked before any worker process starts.
+fn check_nccl_build() -> Result<()> {
+    #[cfg(not(feature = "cuda"))]
+    {
+        Err(no_cuda_feature())
+    }
+    #[cfg(feature = "cuda")]
+    {
+        if nccl::cuda_device_count() == 0 {
+            return Err(launch::no_cuda_device());
+        }
+        Ok(())
+    }
+}
+
+#[cfg(not(feature = "cuda"))]
+fn no_cuda_feature() -> EngineError {
+    EngineError::Config(
+        "--backend nccl is not in this build: rebuild with --features cuda (e.g. cargo run --release \
+         --features cuda --example tp_llama -- --backend nccl); use --backend host without GPUs"
+            .into(),
+    )
+}
+
+fn nccl_log_line(layout: Layout, placement: &str) -> String {
+    format!(
+        "backend nccl: tp {} × pp {} ranks as {placement}; compute stays on the CPU, each collective is staged \
+         host → GPU → NCCL → host (the GPU engine comes later)",
+        layout.tp, layout.pp
+    )
+}
+
+#[cfg(feature = "cuda")]
+fn nccl_process(layout: Layout) -> Result<RankComms> {
+    launch::nccl_process(layout)
+}
+
+#[cfg(not(feature = "cuda"))]
+fn nccl_process(_layout: Layout) -> Result<RankComms> {
+    Err(no_cuda_feature())
+}
+
+#[cfg(feature = "cuda")]
+fn nccl_threads(layout: Layout) -> Result<(CommsOf, &'static str)> {
+    let nt = launch::NcclThreads::new(layout)?;
+    let devices: Vec<String> = (0..layout.world())
+        .filter_map(|w| nt.device(w))
+        .map(|d| d.to_string())
+        .collect();
+    eprintln!(
+        "{}",
+        nccl_log_line(layout, &format!("threads on CUDA device(s) {}", devices.join(",")))
+    );
+    Ok((Box::new(move |w| nt.rank(w)), "nccl"))
+}
+
+#[cfg(not(feature = "cuda"))]
+fn nccl_threads(_layout: Layout) -> Result<(CommsOf, &'static str)> {
+    Err(no_cuda_feature())
 }
 
 fn prompt_ids(args: &Args, src: &dyn WeightSource, tok: Option<&tokenizers::Tokenizer>) -> Result<Vec<u32>> {

@@ -215,3 +215,206 @@ pub fn first_error<T>(results: Vec<Result<T>>) -> Result<Vec<T>> {
         None => Ok(outs),
     }
 }
+
+/// The CUDA device of each world rank when `world` ranks run as threads of one process with `--backend nccl`:
+/// rank `r` on device `r % device_count`. Fails (no panic) when no device is visible.
+///
+/// Several ranks share a GPU only when there are fewer devices than ranks (each then gets its own stream).
+pub fn nccl_thread_devices(world: usize, device_count: usize) -> Result<Vec<usize>> {
+    if device_count == 0 {
+        return Err(no_cuda_device());
+    }
+    Ok((0..world).map(|r| r % device_count).collect())
+}
+
+/// The error of `--backend nccl` on a host where the CUDA driver reports no device.
+pub fn no_cuda_device() -> EngineError {
+    EngineError::Config(
+        "--backend nccl: no CUDA device was found (the CUDA driver is missing or reports 0 devices; check \
+         nvidia-smi and CUDA_VISIBLE_DEVICES); use --backend host on this machine"
+            .into(),
+    )
+}
+
+/// The process's device for `--backend nccl` with ranks as processes: `local_rank`, checked against the
+/// visible devices.
+pub fn nccl_process_device(local_rank: usize, device_count: usize) -> Result<usize> {
+    if device_count == 0 {
+        return Err(no_cuda_device());
+    }
+    if local_rank >= device_count {
+        return Err(EngineError::Config(format!(
+            "--backend nccl: local rank {local_rank} needs CUDA device {local_rank}, but only {device_count} \
+             device(s) are visible (start at most {device_count} rank(s) per host)"
+        )));
+    }
+    Ok(local_rank)
+}
+
+#[cfg(feature = "cuda")]
+pub use nccl_launch::{nccl_process, NcclThreads};
+
+/// NCCL communicators for the CPU engine (`--backend nccl`): one world communicator per rank, split into the
+/// TP and pipeline groups; each is wrapped in [`StagedNcclComm`](crate::comm::cuda::StagedNcclComm).
+#[cfg(feature = "cuda")]
+mod nccl_launch {
+    use std::sync::Arc;
+
+    use nccl::bootstrap::{RankInfo, Rendezvous, RendezvousOptions};
+    use nccl::cudarc::driver::{CudaContext, CudaStream};
+    use nccl::{Communicator, UniqueId};
+
+    use super::{nccl_process_device, nccl_thread_devices, RankComms};
+    use crate::comm::cuda::StagedNcclComm;
+    use crate::comm::{Comm, SingleComm};
+    use crate::error::{EngineError, Result};
+    use crate::shard::Layout;
+
+    fn stream_on(device: usize) -> Result<Arc<CudaStream>> {
+        let cuda = |op: &'static str, e: nccl::cudarc::driver::DriverError| {
+            EngineError::Comm(nccl::Error::Cuda {
+                op,
+                message: format!("device {device}: {e}"),
+            })
+        };
+        let ctx = CudaContext::new(device).map_err(|e| cuda("CudaContext::new", e))?;
+        ctx.new_stream().map_err(|e| cuda("CudaContext::new_stream", e))
+    }
+
+    fn staged(c: Communicator) -> Box<dyn Comm> {
+        Box::new(StagedNcclComm(c))
+    }
+
+    /// Turns world rank `w`'s world communicator into its TP and pipeline communicators. 1-D layouts use the
+    /// world communicator itself; 2-D layouts split it (TP groups: color = stage, key = tp_rank; pipelines:
+    /// color = tp_rank, key = stage), then finalize it. Collective over the world: every rank calls it.
+    fn split_world(world: Communicator, layout: Layout, w: usize) -> Result<RankComms> {
+        if layout.pp == 1 {
+            return Ok(RankComms {
+                world_rank: w,
+                tp: staged(world),
+                pp: Box::new(SingleComm),
+            });
+        }
+        if layout.tp == 1 {
+            return Ok(RankComms {
+                world_rank: w,
+                tp: Box::new(SingleComm),
+                pp: staged(world),
+            });
+        }
+        let (stage, t) = layout.coords(w);
+        let split = |color: usize, key: usize, what: &str| -> Result<Communicator> {
+            let color = u32::try_from(color).map_err(|_| EngineError::Config(format!("{what} color {color}")))?;
+            let key = i32::try_from(key).map_err(|_| EngineError::Config(format!("{what} key {key}")))?;
+            world
+                .split(Some(color), key, None)?
+                .ok_or_else(|| EngineError::Config(format!("ncclCommSplit gave rank {w} no {what} communicator")))
+        };
+        let tp = split(stage, t, "TP")?;
+        let pp = split(t, stage, "pipeline")?;
+        for (c, size, rank, what) in [(&tp, layout.tp, t, "TP"), (&pp, layout.pp, stage, "pipeline")] {
+            if c.size() != size || c.rank() != rank {
+                return Err(EngineError::Config(format!(
+                    "rank {w}: the {what} communicator is rank {} of {}, expected {rank} of {size}",
+                    c.rank(),
+                    c.size()
+                )));
+            }
+        }
+        world.finalize()?;
+        Ok(RankComms {
+            world_rank: w,
+            tp: staged(tp),
+            pp: staged(pp),
+        })
+    }
+
+    /// Ranks as threads of this process with NCCL: one stream per rank (rank `r` on device
+    /// `r % device_count`) and one shared [`UniqueId`], all made before any rank thread starts, so a failure
+    /// there cannot leave other ranks waiting in `ncclCommInitRank`.
+    pub struct NcclThreads {
+        layout: Layout,
+        id: UniqueId,
+        streams: Vec<Arc<CudaStream>>,
+    }
+
+    impl NcclThreads {
+        /// Checks the devices (an error names a host without any), creates the streams and the unique id.
+        pub fn new(layout: Layout) -> Result<Self> {
+            let devices = nccl_thread_devices(layout.world(), nccl::cuda_device_count())?;
+            let mut contexts: Vec<(usize, Arc<CudaStream>)> = Vec::new();
+            let mut streams = Vec::with_capacity(devices.len());
+            for d in devices {
+                // One context per device (CudaContext::new retains the primary context), a stream per rank.
+                let s = match contexts.iter().find(|(dev, _)| *dev == d) {
+                    Some((_, first)) => first.context().new_stream().map_err(|e| {
+                        EngineError::Comm(nccl::Error::Cuda {
+                            op: "CudaContext::new_stream",
+                            message: format!("device {d}: {e}"),
+                        })
+                    })?,
+                    None => stream_on(d)?,
+                };
+                contexts.push((d, s.clone()));
+                streams.push(s);
+            }
+            Ok(NcclThreads {
+                layout,
+                id: UniqueId::new()?,
+                streams,
+            })
+        }
+
+        /// The CUDA device of world rank `w`.
+        pub fn device(&self, w: usize) -> Option<usize> {
+            self.streams.get(w).map(|s| s.context().ordinal())
+        }
+
+        /// World rank `w`'s communicators (`ncclCommInitRank` on its stream, then the splits). Call it on
+        /// rank `w`'s own thread, for every rank concurrently: it blocks until all have joined.
+        pub fn rank(&self, w: usize) -> Result<RankComms> {
+            let stream = self.streams.get(w).cloned().ok_or_else(|| {
+                EngineError::Config(format!("world rank {w} out of range (world {})", self.streams.len()))
+            })?;
+            let world = Communicator::init_rank_on(stream, &self.id, w, self.layout.world())?;
+            split_world(world, self.layout, w)
+        }
+    }
+
+    /// This process's communicators with NCCL, ranks as processes (`--nprocs`, torchrun, mpirun, srun):
+    /// device `LOCAL_RANK`, a rendezvous, then `ncclCommInitRank` with an id from rank 0 and the splits.
+    /// Every rank first shares whether it got its device, so a rank without one fails them all at once
+    /// instead of leaving them waiting.
+    pub fn nccl_process(layout: Layout) -> Result<RankComms> {
+        let comm_err = |e: nccl::bootstrap::BootstrapError| EngineError::Comm(e.into());
+        let info = RankInfo::from_env().map_err(comm_err)?;
+        if info.world_size != layout.world() {
+            return Err(EngineError::Config(format!(
+                "{} processes were started, but --tp {} × --pp {} needs {}",
+                info.world_size,
+                layout.tp,
+                layout.pp,
+                layout.world()
+            )));
+        }
+        let rv = Rendezvous::new(&info, RendezvousOptions::from_env().map_err(comm_err)?).map_err(comm_err)?;
+        let stream = nccl_process_device(info.local_rank, nccl::cuda_device_count()).and_then(stream_on);
+        let status = match &stream {
+            Ok(_) => Vec::new(),
+            Err(e) => e.to_string().into_bytes(),
+        };
+        let all = rv.all_gather(&status).map_err(comm_err)?;
+        if let Some((r, text)) = all.iter().enumerate().find(|(_, s)| !s.is_empty()) {
+            return match stream {
+                Err(e) if r == info.rank => Err(e),
+                _ => Err(EngineError::Config(format!(
+                    "rank {r} could not use its CUDA device: {}",
+                    String::from_utf8_lossy(text)
+                ))),
+            };
+        }
+        let world = Communicator::from_rendezvous_on(&rv, stream?)?;
+        split_world(world, layout, info.rank)
+    }
+}
