@@ -1,12 +1,13 @@
 //! The `tp_llama` / `pp_llama` example binaries end to end: ranks as processes (`--nprocs`) give the same
 //! tokens and logits as ranks as threads; `--json` and `--logits-out` write what they promise; bad
-//! arguments are clear errors. `cargo test` builds the examples next to this test binary.
+//! arguments are clear errors. `cargo test` builds the examples next to this test binary (`--test llama_cli`
+//! alone does not: build them first with `cargo build -p nccl-stack --examples`, same features).
 //!
 //! `--backend nccl`: without the `cuda` feature, and with it on a host without a CUDA device, it is a clear
 //! error. The GPU tests (ignored on CI) compare it with the host backend; on a machine with at least 2 GPUs:
 //!
 //! ```text
-//! cargo test -p nccl-stack --features cuda --test llama_cli -- --ignored
+//! cargo build -p nccl-stack --features cuda --examples && cargo test -p nccl-stack --features cuda --test llama_cli -- --ignored
 //! ```
 
 use std::path::PathBuf;
