@@ -77,9 +77,9 @@ pub fn is_worker() -> Result<bool> {
     Ok(info.launcher != Launcher::Single || info.world_size > 1)
 }
 
-/// This process's communicators, ranks as processes: a rendezvous over the world, then (for 2-D layouts) one
-/// sub-rendezvous per group on ports chosen by each group's first rank and shared through the world.
-pub fn host_process(layout: Layout) -> Result<RankComms> {
+/// This process's place among launched ranks, checked against the layout, and the world rendezvous (shared
+/// by the host and NCCL process modes).
+fn world_rendezvous(layout: Layout) -> Result<(RankInfo, Rendezvous)> {
     let comm_err = |e: nccl::bootstrap::BootstrapError| EngineError::Comm(e.into());
     let info = RankInfo::from_env().map_err(comm_err)?;
     if info.world_size != layout.world() {
@@ -92,6 +92,14 @@ pub fn host_process(layout: Layout) -> Result<RankComms> {
         )));
     }
     let rv = Rendezvous::new(&info, RendezvousOptions::from_env().map_err(comm_err)?).map_err(comm_err)?;
+    Ok((info, rv))
+}
+
+/// This process's communicators, ranks as processes: a rendezvous over the world, then (for 2-D layouts) one
+/// sub-rendezvous per group on ports chosen by each group's first rank and shared through the world.
+pub fn host_process(layout: Layout) -> Result<RankComms> {
+    let comm_err = |e: nccl::bootstrap::BootstrapError| EngineError::Comm(e.into());
+    let (info, rv) = world_rendezvous(layout)?;
     let w = info.rank;
     if layout.pp == 1 {
         let c = HostComm::from_rendezvous(&rv, HostOptions::default())?;
@@ -260,11 +268,10 @@ pub use nccl_launch::{nccl_process, NcclThreads};
 mod nccl_launch {
     use std::sync::Arc;
 
-    use nccl::bootstrap::{RankInfo, Rendezvous, RendezvousOptions};
     use nccl::cudarc::driver::{CudaContext, CudaStream};
     use nccl::{Communicator, UniqueId};
 
-    use super::{nccl_process_device, nccl_thread_devices, RankComms};
+    use super::{nccl_process_device, nccl_thread_devices, world_rendezvous, RankComms};
     use crate::comm::cuda::StagedNcclComm;
     use crate::comm::{Comm, SingleComm};
     use crate::error::{EngineError, Result};
@@ -388,17 +395,7 @@ mod nccl_launch {
     /// instead of leaving them waiting.
     pub fn nccl_process(layout: Layout) -> Result<RankComms> {
         let comm_err = |e: nccl::bootstrap::BootstrapError| EngineError::Comm(e.into());
-        let info = RankInfo::from_env().map_err(comm_err)?;
-        if info.world_size != layout.world() {
-            return Err(EngineError::Config(format!(
-                "{} processes were started, but --tp {} × --pp {} needs {}",
-                info.world_size,
-                layout.tp,
-                layout.pp,
-                layout.world()
-            )));
-        }
-        let rv = Rendezvous::new(&info, RendezvousOptions::from_env().map_err(comm_err)?).map_err(comm_err)?;
+        let (info, rv) = world_rendezvous(layout)?;
         let stream = nccl_process_device(info.local_rank, nccl::cuda_device_count()).and_then(stream_on);
         let status = match &stream {
             Ok(_) => Vec::new(),
