@@ -892,42 +892,7 @@ mod typed {
             recv: &'a mut (impl DevicePtrMut<T> + ?Sized),
             root: usize,
         ) -> Result<Prepared<'a>> {
-            const OP: &str = "broadcast";
-            let stream = self.begin::<T>(OP)?;
-            if let Some(s) = send {
-                self.on_device(OP, "send buffer", s)?;
-            }
-            self.on_device(OP, "recv buffer", recv)?;
-            let lens = Lens {
-                send: send.map(|s| s.len()),
-                recv: Some(recv.len()),
-            };
-            let count = counts::check(Op::Broadcast, self.size(), self.rank(), root, lens)?;
-            let mut guards = Vec::with_capacity(2);
-            // Only the root's send buffer is read; elsewhere it is ignored (not even synchronized on).
-            let s = match send.filter(|_| self.rank() == root) {
-                Some(s) => {
-                    let (p, g) = s.device_ptr(stream);
-                    guards.push(g);
-                    ptr(p)
-                }
-                None => std::ptr::null_mut(),
-            };
-            let (r, gr) = recv.device_ptr_mut(stream);
-            guards.push(gr);
-            let call = Call::Broadcast {
-                send: s,
-                recv: ptr(r),
-                count,
-                dt: T::DATA_TYPE,
-                root: root as i32,
-            };
-            Ok(Prepared {
-                call,
-                stream,
-                guards,
-                op: None,
-            })
+            self.prep_root_sends(Op::Broadcast, send, recv, root)
         }
 
         pub(crate) fn prep_broadcast_in_place<'a, T: Elem>(
@@ -962,42 +927,13 @@ mod typed {
             op: &impl Reduction,
             root: usize,
         ) -> Result<Prepared<'a>> {
-            const OP: &str = "reduce";
-            let stream = self.begin::<T>(OP)?;
-            self.on_device(OP, "send buffer", send)?;
-            if let Some(r) = &recv {
-                self.on_device(OP, "recv buffer", &**r)?;
-            }
-            let lens = Lens {
-                send: Some(send.len()),
-                recv: recv.as_ref().map(|r| r.len()),
-            };
-            let count = counts::check(Op::Reduce, self.size(), self.rank(), root, lens)?;
-            let op = op.resolve(self, T::DATA_TYPE)?;
-            let (s, gs) = send.device_ptr(stream);
-            let mut guards = vec![gs];
-            let r = match recv.filter(|_| self.rank() == root) {
-                Some(r) => {
-                    let (p, g) = r.device_ptr_mut(stream);
-                    guards.push(g);
-                    ptr(p)
-                }
-                None => std::ptr::null_mut(),
-            };
-            let call = Call::Reduce {
-                send: ptr(s),
-                recv: r,
-                count,
-                dt: T::DATA_TYPE,
-                op: op.raw,
-                root: root as i32,
-            };
-            Ok(Prepared {
-                call,
-                stream,
-                guards,
-                op: Some(op),
-            })
+            self.prep_root_receives(
+                Op::Reduce,
+                send,
+                recv,
+                root,
+                Some(&|c: &Self| op.resolve(c, T::DATA_TYPE)),
+            )
         }
 
         pub(crate) fn prep_reduce_in_place<'a, T: Elem>(
@@ -1168,17 +1104,31 @@ mod typed {
             recv: Option<&'a mut (dyn DevicePtrMut<T> + 'b)>,
             root: usize,
         ) -> Result<Prepared<'a>> {
-            const OP: &str = "gather";
-            let stream = self.begin::<T>(OP)?;
-            self.on_device(OP, "send buffer", send)?;
+            self.prep_root_receives(Op::Gather, send, recv, root, None)
+        }
+
+        /// Reduce (with its operation) and gather: only the root's recv buffer is written; elsewhere it is
+        /// ignored and NULL is passed.
+        fn prep_root_receives<'a, 'b, T: Elem>(
+            &'a self,
+            which: Op,
+            send: &'a (impl DevicePtr<T> + ?Sized),
+            recv: Option<&'a mut (dyn DevicePtrMut<T> + 'b)>,
+            root: usize,
+            op: Option<OpMaker<'_>>,
+        ) -> Result<Prepared<'a>> {
+            let name = which.name();
+            let stream = self.begin::<T>(name)?;
+            self.on_device(name, "send buffer", send)?;
             if let Some(r) = &recv {
-                self.on_device(OP, "recv buffer", &**r)?;
+                self.on_device(name, "recv buffer", &**r)?;
             }
             let lens = Lens {
                 send: Some(send.len()),
                 recv: recv.as_ref().map(|r| r.len()),
             };
-            let count = counts::check(Op::Gather, self.size(), self.rank(), root, lens)?;
+            let count = counts::check(which, self.size(), self.rank(), root, lens)?;
+            let op = op.map(|f| f(self)).transpose()?;
             let (s, gs) = send.device_ptr(stream);
             let mut guards = vec![gs];
             let r = match recv.filter(|_| self.rank() == root) {
@@ -1189,18 +1139,29 @@ mod typed {
                 }
                 None => std::ptr::null_mut(),
             };
-            let call = Call::Gather {
-                send: ptr(s),
-                recv: r,
-                count,
-                dt: T::DATA_TYPE,
-                root: root as i32,
+            let (send, dt, root) = (ptr(s), T::DATA_TYPE, root as i32);
+            let call = match which {
+                Op::Reduce => Call::Reduce {
+                    send,
+                    recv: r,
+                    count,
+                    dt,
+                    op: op.as_ref().map_or(0, |o| o.raw),
+                    root,
+                },
+                _ => Call::Gather {
+                    send,
+                    recv: r,
+                    count,
+                    dt,
+                    root,
+                },
             };
             Ok(Prepared {
                 call,
                 stream,
                 guards,
-                op: None,
+                op,
             })
         }
 
@@ -1210,17 +1171,29 @@ mod typed {
             recv: &'a mut (impl DevicePtrMut<T> + ?Sized),
             root: usize,
         ) -> Result<Prepared<'a>> {
-            const OP: &str = "scatter";
-            let stream = self.begin::<T>(OP)?;
+            self.prep_root_sends(Op::Scatter, send, recv, root)
+        }
+
+        /// Broadcast and scatter: only the root's send buffer is read; elsewhere it is ignored (not even
+        /// synchronized on) and NULL is passed.
+        fn prep_root_sends<'a, T: Elem>(
+            &'a self,
+            which: Op,
+            send: Option<&'a dyn DevicePtr<T>>,
+            recv: &'a mut (impl DevicePtrMut<T> + ?Sized),
+            root: usize,
+        ) -> Result<Prepared<'a>> {
+            let name = which.name();
+            let stream = self.begin::<T>(name)?;
             if let Some(s) = send {
-                self.on_device(OP, "send buffer", s)?;
+                self.on_device(name, "send buffer", s)?;
             }
-            self.on_device(OP, "recv buffer", recv)?;
+            self.on_device(name, "recv buffer", recv)?;
             let lens = Lens {
                 send: send.map(|s| s.len()),
                 recv: Some(recv.len()),
             };
-            let count = counts::check(Op::Scatter, self.size(), self.rank(), root, lens)?;
+            let count = counts::check(which, self.size(), self.rank(), root, lens)?;
             let mut guards = Vec::with_capacity(2);
             let s = match send.filter(|_| self.rank() == root) {
                 Some(s) => {
@@ -1232,12 +1205,22 @@ mod typed {
             };
             let (r, gr) = recv.device_ptr_mut(stream);
             guards.push(gr);
-            let call = Call::Scatter {
-                send: s,
-                recv: ptr(r),
-                count,
-                dt: T::DATA_TYPE,
-                root: root as i32,
+            let (recv, dt, root) = (ptr(r), T::DATA_TYPE, root as i32);
+            let call = match which {
+                Op::Broadcast => Call::Broadcast {
+                    send: s,
+                    recv,
+                    count,
+                    dt,
+                    root,
+                },
+                _ => Call::Scatter {
+                    send: s,
+                    recv,
+                    count,
+                    dt,
+                    root,
+                },
             };
             Ok(Prepared {
                 call,
