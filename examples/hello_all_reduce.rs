@@ -42,8 +42,7 @@ fn run() -> Result<i32, Box<dyn std::error::Error>> {
         return Ok(code);
     }
     if nprocs.is_some() {
-        let info = nccl::bootstrap::RankInfo::from_env()?;
-        let rv = nccl::bootstrap::Rendezvous::new(&info, Default::default())?;
+        let rv = nccl::bootstrap::Rendezvous::from_env()?;
         rank_main(&HostComm::from_rendezvous(&rv, HostOptions::default())?)?;
         return Ok(0);
     }
@@ -65,10 +64,11 @@ fn run() -> Result<i32, Box<dyn std::error::Error>> {
 }
 
 fn main() {
+    nccl_stack::init_logging();
     match run() {
         Ok(code) => std::process::exit(code),
         Err(e) => {
-            eprintln!("error: {e}");
+            eprintln!("error: {}", nccl::report::chain(&*e));
             std::process::exit(1);
         }
     }

@@ -9,5 +9,6 @@
 //! ```
 
 fn main() {
+    nccl_stack::init_logging();
     std::process::exit(nccl_llm::cli::main(nccl_llm::cli::Example::Pp));
 }

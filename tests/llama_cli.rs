@@ -31,6 +31,10 @@ fn run(name: &str, args: &[&str]) -> Output {
 
 fn run_env(name: &str, args: &[&str], env: &[(&str, &str)]) -> Output {
     let mut cmd = Command::new(example(name));
+    // These tests use the built-in tiny model unless they name one (the default is the fetched SmolLM2).
+    if !args.contains(&"--model") {
+        cmd.arg("--tiny");
+    }
     cmd.args(args).env("NCCL_RS_HOST_TIMEOUT_MS", "60000");
     for (k, v) in env {
         cmd.env(k, v);

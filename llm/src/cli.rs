@@ -37,15 +37,22 @@ pub enum Backend {
 
 /// Tensor- and pipeline-parallel Llama inference on CPU ranks.
 ///
-/// Without --model, a small built-in model with deterministic random weights is used (no tokenizer: the
-/// output is token ids). The real model used in CI is .deps/models/SmolLM2-135M-Instruct.Q4_1.gguf
-/// (fetched by scripts/setup.sh).
+/// Without --model, the real SmolLM2-135M-Instruct that scripts/setup.sh fetched
+/// (.deps/models/SmolLM2-135M-Instruct.Q4_1.gguf) is used with a chat prompt; where that file is absent (or
+/// with --tiny), a small built-in model with deterministic random weights (no tokenizer: the output is
+/// token ids), and the program says so.
 #[derive(Parser, Debug, Clone)]
 #[command(version)]
 pub struct Args {
-    /// A GGUF file or a Hugging Face directory (config.json + *.safetensors). Default: the built-in tiny model.
+    /// A GGUF file or a Hugging Face directory (config.json + *.safetensors). Default: the SmolLM2 GGUF that
+    /// scripts/setup.sh puts in .deps/models (then also --chat with a default question), else the built-in
+    /// tiny model.
     #[arg(long)]
     pub model: Option<PathBuf>,
+    /// Use the built-in tiny model with deterministic random weights (no tokenizer), even where a real model
+    /// was fetched.
+    #[arg(long, conflicts_with = "model")]
+    pub tiny: bool,
     /// The prompt text (tokenized with the model's tokenizer).
     #[arg(long, conflicts_with = "prompt_ids")]
     pub prompt: Option<String>,
@@ -113,12 +120,7 @@ pub fn main(example: Example) -> i32 {
     match run(example, args) {
         Ok(code) => code,
         Err(e) => {
-            eprintln!("error: {e}");
-            let mut src = std::error::Error::source(&e);
-            while let Some(s) = src {
-                eprintln!("  caused by: {s}");
-                src = s.source();
-            }
+            eprintln!("error: {}", nccl::report::chain(&e));
             1
         }
     }
@@ -179,10 +181,33 @@ pub fn run(example: Example, args: Args) -> Result<i32> {
         let _ = rayon::ThreadPoolBuilder::new().num_threads(threads).build_global();
     }
 
-    let src: Arc<dyn WeightSource> = match &args.model {
-        Some(p) => Arc::from(model::open(p)?),
-        None => {
-            eprintln!("no --model given: using the built-in tiny random model (see --help)");
+    let mut args = args;
+    let src: Arc<dyn WeightSource> = match (&args.model, args.tiny) {
+        (Some(p), _) => Arc::from(model::open(p)?),
+        (None, false) if default_model().is_some() => {
+            let p = default_model().unwrap_or_default();
+            if launch::reports_notices()? {
+                eprintln!("no --model given: using {} (fetched by scripts/setup.sh)", p.display());
+            }
+            // The main job's default: a question in the model's own chat template, so it shows fluent text.
+            if args.prompt.is_none() && args.prompt_ids.is_none() {
+                args.prompt = Some(DEFAULT_QUESTION.to_string());
+                args.chat = true;
+            }
+            Arc::from(model::open(&p)?)
+        }
+        _ => {
+            if launch::reports_notices()? {
+                eprintln!(
+                    "{}: using the built-in tiny model with random weights (output is token ids; run \
+                     scripts/setup.sh for the real SmolLM2, or pass --model)",
+                    if args.tiny {
+                        "--tiny"
+                    } else {
+                        "no --model given and no model fetched"
+                    }
+                );
+            }
             Arc::from(model::tiny_random(0))
         }
     };
@@ -269,6 +294,24 @@ pub fn run(example: Example, args: Args) -> Result<i32> {
     let outs = launch::first_error(results)?;
     report(&job, &outs[reporter], backend)?;
     Ok(0)
+}
+
+/// The question asked when the default model runs without a prompt.
+pub const DEFAULT_QUESTION: &str = "What is the capital of France? Answer in two sentences.";
+
+/// The file name of the real model that scripts/setup.sh fetches into `.deps/models`.
+pub const DEFAULT_MODEL_FILE: &str = "SmolLM2-135M-Instruct.Q4_1.gguf";
+
+/// The real model fetched by scripts/setup.sh, where it exists: `$NCCL_STACK_DEPS/models/…` (set by the
+/// workspace's `.cargo/config.toml` under `cargo run`), else the same folder as seen when this was built.
+pub fn default_model() -> Option<PathBuf> {
+    let at_run = std::env::var_os("NCCL_STACK_DEPS").map(PathBuf::from);
+    let at_build = option_env!("NCCL_STACK_DEPS").map(PathBuf::from);
+    [at_run, at_build]
+        .into_iter()
+        .flatten()
+        .map(|d| d.join("models").join(DEFAULT_MODEL_FILE))
+        .find(|p| p.is_file())
 }
 
 /// Gives rank thread `w` its communicators.

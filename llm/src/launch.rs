@@ -77,6 +77,12 @@ pub fn is_worker() -> Result<bool> {
     Ok(info.launcher != Launcher::Single || info.world_size > 1)
 }
 
+/// True in the one process that prints notices for the job: a single process, or rank 0 of launched ranks.
+pub fn reports_notices() -> Result<bool> {
+    let info = RankInfo::from_env().map_err(|e| EngineError::Comm(e.into()))?;
+    Ok(info.rank == 0)
+}
+
 /// This process's place among launched ranks, checked against the layout, and the world rendezvous (shared
 /// by the host and NCCL process modes).
 fn world_rendezvous(layout: Layout) -> Result<(RankInfo, Rendezvous)> {
@@ -91,7 +97,7 @@ fn world_rendezvous(layout: Layout) -> Result<(RankInfo, Rendezvous)> {
             layout.world()
         )));
     }
-    let rv = Rendezvous::new(&info, RendezvousOptions::from_env().map_err(comm_err)?).map_err(comm_err)?;
+    let rv = Rendezvous::from_env().map_err(comm_err)?;
     Ok((info, rv))
 }
 
@@ -139,7 +145,7 @@ pub fn host_process(layout: Layout) -> Result<RankComms> {
             rank,
             world_size: size,
             local_rank: rank,
-            local_world_size: size,
+            local_world_size: Some(size),
             master_addr: "127.0.0.1".to_string(),
             master_port: port_of(leader, which)?,
             launcher: info.launcher,

@@ -2,7 +2,10 @@
 //! the independent f64 reference forward (`model::reference::forward_f64`).
 //!
 //! Runs on the built-in tiny random model always, and on SmolLM2-135M (Q4_1 GGUF) when
-//! `.deps/models/SmolLM2-135M-Instruct.Q4_1.gguf` exists (CI fetches it; otherwise the test says it skipped).
+//! `.deps/models/SmolLM2-135M-Instruct.Q4_1.gguf` exists (scripts/setup.sh fetches it; without it the test fails under CI and skips loudly elsewhere).
+
+#[path = "../../tests/support/prereq.rs"]
+mod prereq;
 
 use std::path::PathBuf;
 
@@ -140,14 +143,7 @@ fn bad_layouts_and_inputs_are_clear_errors() {
 }
 
 fn smollm2_path() -> Option<PathBuf> {
-    let root = PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("..");
-    let p = root.join(".deps/models/SmolLM2-135M-Instruct.Q4_1.gguf");
-    if p.exists() {
-        Some(p)
-    } else {
-        println!("SKIPPED: {} is absent (scripts/setup.sh fetches it)", p.display());
-        None
-    }
+    prereq::deps_file("models/SmolLM2-135M-Instruct.Q4_1.gguf")
 }
 
 #[test]

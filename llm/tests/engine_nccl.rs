@@ -33,7 +33,15 @@ fn process_ranks_use_their_local_rank_as_device() {
 }
 
 fn nccl_args(extra: &[&str]) -> Args {
-    let base = ["tp_llama", "--backend", "nccl", "--max-new-tokens", "2", "--json"];
+    let base = [
+        "tp_llama",
+        "--tiny",
+        "--backend",
+        "nccl",
+        "--max-new-tokens",
+        "2",
+        "--json",
+    ];
     Args::try_parse_from(base.iter().chain(extra)).expect("valid arguments")
 }
 

@@ -6,6 +6,9 @@
 //! NCCL_HOME at the project's pip wheel). Regenerate the checked-in files after changing the generator or the
 //! header with `NCCL_SYS_REGENERATE=1 cargo test -p nccl-sys --test bindings`.
 
+#[path = "../../tests/support/prereq.rs"]
+mod prereq;
+
 #[path = "../bindgen_config.rs"]
 mod bindgen_config;
 
@@ -123,7 +126,7 @@ fn the_parser_finds_declarations_and_nothing_else() {
 #[test]
 fn every_function_in_the_header_is_bound_and_nothing_else() {
     let Some(dir) = include_dir() else {
-        println!("SKIPPED: nccl.h not found (set NCCL_INCLUDE_DIR or NCCL_HOME; run scripts/setup.sh)");
+        prereq::missing("nccl.h", "set NCCL_INCLUDE_DIR or NCCL_HOME; run scripts/setup.sh");
         return;
     };
     let header = std::fs::read_to_string(dir.join("nccl.h")).expect("read nccl.h");
@@ -175,20 +178,23 @@ fn every_bound_function_has_a_since_version() {
 #[test]
 fn checked_in_bindings_equal_a_fresh_generation() {
     let Some(dir) = include_dir() else {
-        println!("SKIPPED: nccl.h not found (set NCCL_INCLUDE_DIR or NCCL_HOME; run scripts/setup.sh)");
+        prereq::missing("nccl.h", "set NCCL_INCLUDE_DIR or NCCL_HOME; run scripts/setup.sh");
         return;
     };
     let header = std::fs::read_to_string(dir.join("nccl.h")).expect("read nccl.h");
     if !header.contains("#define NCCL_VERSION_CODE 23203") {
-        println!(
-            "SKIPPED: {} is not NCCL 2.32.3, the header the bindings were generated from",
-            dir.display()
+        prereq::missing(
+            &format!("NCCL 2.32.3's nccl.h (the one in {} is another version)", dir.display()),
+            "run scripts/setup.sh (it installs nvidia-nccl-cu12==2.32.3)",
         );
         return;
     }
     let probe = std::panic::catch_unwind(bindgen::clang_version);
     let Ok(clang) = probe else {
-        println!("SKIPPED: libclang not found (apt-get install libclang-dev, or set LIBCLANG_PATH)");
+        prereq::missing(
+            "libclang (for bindgen)",
+            "apt-get install libclang-dev, or set LIBCLANG_PATH",
+        );
         return;
     };
     let start = std::time::Instant::now();

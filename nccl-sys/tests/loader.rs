@@ -2,6 +2,9 @@
 //! or not NCCL, an exhausted search, and a symbol absent from an older library (a stand-in libnccl built here
 //! with the C compiler that cargo links with).
 
+#[path = "../../tests/support/prereq.rs"]
+mod prereq;
+
 use std::path::{Path, PathBuf};
 use std::process::Command;
 
@@ -13,7 +16,8 @@ fn scratch(name: &str) -> PathBuf {
     dir
 }
 
-/// Builds a shared library from C `source` at `dir/file`; `None` (test skipped) when no C compiler works.
+/// Builds a shared library from C `source` at `dir/file`; `None` when no C compiler works (a failure under CI,
+/// a loud skip elsewhere: see `prereq`).
 fn build_c_library(dir: &Path, file: &str, source: &str) -> Option<PathBuf> {
     let src = dir.join(format!("{file}.c"));
     std::fs::write(&src, source).unwrap();
@@ -27,11 +31,17 @@ fn build_c_library(dir: &Path, file: &str, source: &str) -> Option<PathBuf> {
     {
         Ok(o) if o.status.success() => Some(out),
         Ok(o) => {
-            println!("SKIPPED: {cc} failed: {}", String::from_utf8_lossy(&o.stderr));
+            prereq::missing(
+                &format!(
+                    "a working C compiler ({cc} failed: {})",
+                    String::from_utf8_lossy(&o.stderr)
+                ),
+                "install gcc or set CC",
+            );
             None
         }
         Err(e) => {
-            println!("SKIPPED: no C compiler ({cc}: {e})");
+            prereq::missing(&format!("a C compiler ({cc}: {e})"), "install gcc or set CC");
             None
         }
     }

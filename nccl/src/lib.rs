@@ -15,6 +15,7 @@ pub mod host;
 pub mod id;
 pub mod premul;
 pub mod register;
+pub mod report;
 pub mod result;
 pub mod types;
 pub mod version;

@@ -2,6 +2,9 @@
 //! binary running one helper test), under `mpirun` when installed, and every fault the issue lists, each
 //! ending in a typed error within its deadline.
 
+#[path = "../../tests/support/prereq.rs"]
+mod prereq;
+
 use std::io::{Read, Write};
 use std::net::{Ipv4Addr, SocketAddr, TcpListener, TcpStream};
 use std::sync::{Arc, Barrier};
@@ -30,7 +33,7 @@ fn info(rank: usize, world: usize, addr: &str, port: u16) -> RankInfo {
         rank,
         world_size: world,
         local_rank: rank,
-        local_world_size: world,
+        local_world_size: Some(world),
         master_addr: addr.to_string(),
         master_port: port,
         launcher: Launcher::Explicit,
@@ -127,7 +130,7 @@ fn ipv6_loopback_with_and_without_brackets() {
     let l = match RendezvousListener::bind(&info(0, 3, "[::1]", 0), opts(5000)) {
         Ok(l) => l,
         Err(e) => {
-            eprintln!("skipped: IPv6 loopback unavailable here: {e}");
+            prereq::missing(&format!("IPv6 loopback ([::1]: {e})"), "enable IPv6 on lo");
             return;
         }
     };
@@ -830,8 +833,7 @@ fn two_four_and_eight_processes_rendezvous() {
 
 #[test]
 fn under_mpirun_with_env_discovery_only() {
-    let Some(mpirun) = which("mpirun") else {
-        eprintln!("skipped: mpirun not found on PATH (install Debian's openmpi-bin)");
+    let Some(mpirun) = prereq::program("mpirun", "install Debian's openmpi-bin (scripts/setup.sh does)") else {
         return;
     };
     let mut cmd = std::process::Command::new(mpirun);
@@ -906,14 +908,6 @@ fn srun_style_env_processes() {
         stdout.extend_from_slice(&out.stdout);
     }
     check_world_output(&stdout, 2);
-}
-
-fn which(prog: &str) -> Option<std::path::PathBuf> {
-    std::env::var_os("PATH")?
-        .to_str()?
-        .split(':')
-        .map(|d| std::path::Path::new(d).join(prog))
-        .find(|p| p.is_file())
 }
 
 /// Helper: rank 2 completes its hello and then the process exits; the others must name rank 2.

@@ -144,7 +144,7 @@ pub fn run_nccl(cli: &Cli, args: &[String], info: &RankInfo, local: usize) -> Re
     }
     let nranks = info.world_size * local;
     let id = if info.world_size > 1 {
-        let rv = nccl::bootstrap::Rendezvous::new(info, Default::default())?;
+        let rv = nccl::bootstrap::Rendezvous::for_rank(info)?;
         nccl::bootstrap::share_unique_id(&rv)?
     } else {
         UniqueId::new()?

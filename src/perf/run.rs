@@ -40,7 +40,7 @@ pub fn main_with(args: Vec<String>) -> i32 {
         Ok(code) => code,
         Err(e) => {
             let _ = std::io::stdout().flush();
-            eprintln!("nccl-perf: error: {e}");
+            eprintln!("nccl-perf: error: {}", nccl::report::chain(&e));
             EXIT_ERROR
         }
     }
@@ -107,7 +107,7 @@ fn run_host(cli: &Cli, args: &[String], info: &RankInfo, local: usize) -> Result
                 info.world_size, info.launcher, local
             ));
         }
-        let rv = nccl::bootstrap::Rendezvous::new(info, Default::default())?;
+        let rv = nccl::bootstrap::Rendezvous::for_rank(info)?;
         let comm = HostComm::from_rendezvous(&rv, HostOptions::default())?;
         return run_ranks(cli, args, "host", vec![comm], info.world_size);
     }

@@ -2,7 +2,7 @@
 
 use super::env::RankInfo;
 use super::error::{BootstrapError, Peer};
-use super::rendezvous::{Rendezvous, RendezvousOptions};
+use super::rendezvous::Rendezvous;
 use crate::error::{Error, Result};
 use crate::{Communicator, UniqueId, UNIQUE_ID_BYTES};
 
@@ -53,7 +53,7 @@ pub fn share_unique_id(rv: &Rendezvous) -> Result<UniqueId> {
 
 impl Communicator {
     /// Creates this process's communicator from its launcher's environment: [`RankInfo::from_env`],
-    /// [`Rendezvous::new`] with [`RendezvousOptions::from_env`], [`share_unique_id`], then
+    /// [`Rendezvous::for_rank`] (options from the environment), [`share_unique_id`], then
     /// `ncclCommInitRank`. With the `cuda` feature, the device is `LOCAL_RANK` (an error names it when the
     /// host has fewer devices) and collectives are bound to a new stream on it.
     ///
@@ -71,7 +71,7 @@ impl Communicator {
     #[doc(alias = "ncclCommInitRank")]
     pub fn from_env() -> Result<(Communicator, Rendezvous)> {
         let info = RankInfo::from_env()?;
-        let rv = Rendezvous::new(&info, RendezvousOptions::from_env()?)?;
+        let rv = Rendezvous::for_rank(&info)?;
         #[cfg(feature = "cuda")]
         {
             let stream = local_device_stream(&info)?;
@@ -107,8 +107,7 @@ mod cuda {
         /// `LOCAL_RANK`).
         #[doc(alias = "ncclCommInitRank")]
         pub fn from_env_on(stream: Arc<CudaStream>) -> Result<(Communicator, Rendezvous)> {
-            let info = RankInfo::from_env()?;
-            let rv = Rendezvous::new(&info, RendezvousOptions::from_env()?)?;
+            let rv = Rendezvous::from_env()?;
             let comm = Communicator::from_rendezvous_on(&rv, stream)?;
             Ok((comm, rv))
         }

@@ -8,8 +8,9 @@
 //! | Slurm `srun` | `SLURM_PROCID`, `SLURM_NTASKS` | `SLURM_LOCALID`, `SLURM_STEP_TASKS_PER_NODE` at `SLURM_NODEID` | `MASTER_ADDR`, else the first host of `SLURM_STEP_NODELIST`/`SLURM_JOB_NODELIST` | `MASTER_PORT`, else derived from `SLURM_JOB_ID` and `SLURM_STEP_ID` |
 //!
 //! The first launcher in this order whose rank variable is set wins (torchrun started inside a Slurm job is a
-//! torchrun launch). When the local variables are both absent, all ranks are assumed to share one host. When
-//! the address is absent and all ranks share one host, rank 0 is at `127.0.0.1`. The default port is 29500,
+//! torchrun launch). When the local variables are both absent, all ranks are assumed to share one host; a local
+//! rank without a local world size (PyTorch's `env://` needs none) leaves the local size unknown. When the
+//! address is absent and all ranks share one host, rank 0 is at `127.0.0.1`. The default port is 29500,
 //! as in PyTorch. A launcher's variables that are present but unparsable, inconsistent (rank ≥ world size) or
 //! missing while their siblings are set give an error naming the variable.
 
@@ -62,10 +63,12 @@ pub struct RankInfo {
     pub rank: usize,
     /// The number of ranks.
     pub world_size: usize,
-    /// The rank among the processes of this host (selects the GPU), in `0..local_world_size`.
+    /// The rank among the processes of this host (selects the GPU), below `local_world_size` when known.
     pub local_rank: usize,
     /// The number of ranks on this host.
-    pub local_world_size: usize,
+    /// `None` when the launcher gave a local rank but no local world size (`LOCAL_RANK` alone, as
+    /// hand-written launch scripts often do): nothing here needs it, so it is left unknown.
+    pub local_world_size: Option<usize>,
     /// Host name or address of rank 0 (IPv4, IPv6 with or without brackets, or a name).
     pub master_addr: String,
     /// The TCP port rank 0 listens on.
@@ -107,7 +110,7 @@ impl RankInfo {
             rank: 0,
             world_size: 1,
             local_rank: 0,
-            local_world_size: 1,
+            local_world_size: Some(1),
             master_addr: "127.0.0.1".to_string(),
             master_port: DEFAULT_PORT,
             launcher: Launcher::Single,
@@ -168,18 +171,22 @@ impl RankInfo {
                 format!("must be below the world size {}", self.world_size),
             );
         }
-        if self.local_world_size == 0 || self.local_world_size > self.world_size {
-            return bad(
-                "local_world_size",
-                self.local_world_size,
-                format!("must be in 1..={} (the world size)", self.world_size),
-            );
-        }
-        if self.local_rank >= self.local_world_size {
+        let local_limit = match self.local_world_size {
+            Some(lw) if lw == 0 || lw > self.world_size => {
+                return bad(
+                    "local_world_size",
+                    lw,
+                    format!("must be in 1..={} (the world size)", self.world_size),
+                )
+            }
+            Some(lw) => lw,
+            None => self.world_size,
+        };
+        if self.local_rank >= local_limit {
             return bad(
                 "local_rank",
                 self.local_rank,
-                format!("must be below the local world size {}", self.local_world_size),
+                format!("must be below the local world size {local_limit}"),
             );
         }
         if self.world_size > 1 && self.master_port == 0 {
@@ -237,7 +244,11 @@ fn check_addr(var: &'static str, value: String) -> Result<String, BootstrapError
 }
 
 /// Rank, world size and local values from one launcher's four variables, checked for consistency.
-fn counts(get: &Get<'_>, launcher: Launcher, names: &VarNames) -> Result<(usize, usize, usize, usize), BootstrapError> {
+fn counts(
+    get: &Get<'_>,
+    launcher: Launcher,
+    names: &VarNames,
+) -> Result<(usize, usize, usize, Option<usize>), BootstrapError> {
     let world_raw = required(get, names.world, launcher, &format!("{} is set", names.rank))?;
     let rank_raw = required(get, names.rank, launcher, &format!("{} is set", names.world))?;
     let world = parse_usize(names.world, &world_raw)?;
@@ -257,13 +268,18 @@ fn counts(get: &Get<'_>, launcher: Launcher, names: &VarNames) -> Result<(usize,
         });
     }
     let (local_rank, local_world) = match (get(names.local_rank), get(names.local_world)) {
-        (None, None) => (rank, world),
-        (Some(_), None) => {
-            return Err(BootstrapError::MissingVar {
-                var: names.local_world,
-                launcher,
-                context: format!("{} is set", names.local_rank),
-            })
+        (None, None) => (rank, Some(world)),
+        (Some(lr), None) => {
+            // PyTorch's env:// needs no local world size; a local rank alone is enough to pick a device.
+            let lr_n = parse_usize(names.local_rank, &lr)?;
+            if lr_n >= world {
+                return Err(BootstrapError::InvalidVar {
+                    var: names.local_rank,
+                    value: lr,
+                    reason: format!("must be below {}={world}", names.world),
+                });
+            }
+            (lr_n, None)
         }
         (None, Some(_)) => {
             return Err(BootstrapError::MissingVar {
@@ -289,7 +305,7 @@ fn counts(get: &Get<'_>, launcher: Launcher, names: &VarNames) -> Result<(usize,
                     reason: format!("must be below {}={lw_n}", names.local_world),
                 });
             }
-            (lr_n, lw_n)
+            (lr_n, Some(lw_n))
         }
     };
     Ok((rank, world, local_rank, local_world))
@@ -307,7 +323,7 @@ fn generic(get: &Get<'_>, launcher: Launcher, names: &VarNames) -> Result<RankIn
     let port_var = pick("NCCL_RS_MASTER_PORT", "MASTER_PORT");
     let master_addr = match get(addr_var) {
         Some(v) => check_addr(addr_var, v)?,
-        None if local_world_size == world_size => "127.0.0.1".to_string(),
+        None if local_world_size == Some(world_size) => "127.0.0.1".to_string(),
         None => {
             let context = match launcher {
                 Launcher::OpenMpi => "the ranks span several hosts; pass `-x MASTER_ADDR=<host of rank 0>` to mpirun",
@@ -460,7 +476,7 @@ fn slurm(get: &Get<'_>) -> Result<RankInfo, BootstrapError> {
         rank,
         world_size,
         local_rank,
-        local_world_size,
+        local_world_size: Some(local_world_size),
         master_addr,
         master_port,
         launcher: L,
@@ -674,14 +690,38 @@ mod tests {
             ("MASTER_PORT", "29400"),
         ])
         .unwrap();
-        assert_eq!((i.rank, i.world_size, i.local_rank, i.local_world_size), (5, 8, 1, 4));
+        assert_eq!(
+            (i.rank, i.world_size, i.local_rank, i.local_world_size),
+            (5, 8, 1, Some(4))
+        );
         assert_eq!(
             (i.master_addr.as_str(), i.master_port, i.launcher),
             ("10.1.2.3", 29400, Launcher::Torchrun)
         );
         let local = info(&[("RANK", "1"), ("WORLD_SIZE", "2"), (LOCAL_WORKER_VAR, "1")]).unwrap();
         assert_eq!(local.launcher, Launcher::Local);
-        assert_eq!((local.local_rank, local.local_world_size), (1, 2));
+        assert_eq!((local.local_rank, local.local_world_size), (1, Some(2)));
+        // LOCAL_RANK alone (PyTorch's env:// needs no LOCAL_WORLD_SIZE): accepted, local size unknown.
+        let lr = info(&[
+            ("RANK", "3"),
+            ("WORLD_SIZE", "4"),
+            ("LOCAL_RANK", "1"),
+            ("MASTER_ADDR", "10.0.0.1"),
+            ("MASTER_PORT", "29400"),
+        ])
+        .unwrap();
+        assert_eq!((lr.local_rank, lr.local_world_size), (1, None));
+        lr.validate().unwrap();
+        // Without the local size the ranks may span hosts, so rank 0's address must be given.
+        let e = info(&[("RANK", "3"), ("WORLD_SIZE", "4"), ("LOCAL_RANK", "1")]).unwrap_err();
+        assert!(
+            matches!(e, BootstrapError::MissingVar { var: "MASTER_ADDR", .. }),
+            "{e:?}"
+        );
+        assert_eq!(
+            invalid_var(info(&[("RANK", "0"), ("WORLD_SIZE", "2"), ("LOCAL_RANK", "2")]).unwrap_err()),
+            ("LOCAL_RANK", "2".to_string())
+        );
         assert_eq!(
             (local.master_addr.as_str(), local.master_port),
             ("127.0.0.1", DEFAULT_PORT)
@@ -716,15 +756,10 @@ mod tests {
         assert_eq!(invalid_var(e), ("MASTER_PORT", "70000".into()));
         let e = info(&[("RANK", "0"), ("WORLD_SIZE", "2"), ("MASTER_ADDR", "")]).unwrap_err();
         assert_eq!(invalid_var(e).0, "MASTER_ADDR");
-        let e = info(&[("RANK", "0"), ("WORLD_SIZE", "2"), ("LOCAL_RANK", "0")]).unwrap_err();
+        // LOCAL_WORLD_SIZE without LOCAL_RANK cannot place the rank: named.
+        let e = info(&[("RANK", "0"), ("WORLD_SIZE", "2"), ("LOCAL_WORLD_SIZE", "2")]).unwrap_err();
         assert!(
-            matches!(
-                e,
-                BootstrapError::MissingVar {
-                    var: "LOCAL_WORLD_SIZE",
-                    ..
-                }
-            ),
+            matches!(e, BootstrapError::MissingVar { var: "LOCAL_RANK", .. }),
             "{e:?}"
         );
         let e = info(&[
@@ -788,7 +823,10 @@ mod tests {
             ("SLURM_STEP_ID", "3"),
         ];
         let i = info(&base).unwrap();
-        assert_eq!((i.rank, i.world_size, i.local_rank, i.local_world_size), (5, 7, 1, 2));
+        assert_eq!(
+            (i.rank, i.world_size, i.local_rank, i.local_world_size),
+            (5, 7, 1, Some(2))
+        );
         assert_eq!(i.master_addr, "gpu007");
         assert_eq!(i.master_port, derive_port("slurm:424242:3"));
         assert_eq!(i.launcher, Launcher::Slurm);
@@ -875,7 +913,7 @@ mod tests {
         i.rank = 1;
         assert!(i.validate().is_err());
         i.world_size = 2;
-        i.local_world_size = 2;
+        i.local_world_size = Some(2);
         assert!(i.validate().is_ok());
         i.master_port = 0;
         assert!(i.validate().is_err());

@@ -30,6 +30,7 @@ pub mod env;
 mod error;
 pub mod launch;
 pub mod rendezvous;
+pub mod store;
 mod threads;
 pub mod wire;
 

@@ -14,17 +14,28 @@ use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::{mpsc, Arc, Mutex};
 use std::time::{Duration, Instant};
 
-use super::env::RankInfo;
+use super::env::{Launcher, RankInfo};
 use super::error::{BootstrapError, Peer, RejectReason};
+use super::store::{self, StoreClient};
 use super::wire::{self, Ctx, Kind, Reader, HANDSHAKE_MAX, MAC_LEN, NONCE_LEN};
 
 /// The variable holding the shared token ([`RendezvousOptions::token`]).
 pub const TOKEN_VAR: &str = "NCCL_RS_BOOTSTRAP_TOKEN";
 /// The variable holding the rendezvous timeout in seconds ([`RendezvousOptions::timeout`]).
 pub const TIMEOUT_VAR: &str = "NCCL_RS_BOOTSTRAP_TIMEOUT";
+/// The variable holding the per-operation timeout in seconds ([`RendezvousOptions::op_timeout`]).
+pub const OP_TIMEOUT_VAR: &str = "NCCL_RS_BOOTSTRAP_OP_TIMEOUT";
+/// Set to `True` by torchrun when its agent serves a c10d `TCPStore` on `MASTER_ADDR:MASTER_PORT`.
+pub const AGENT_STORE_VAR: &str = "TORCHELASTIC_USE_AGENT_STORE";
+/// torchrun's restart counter, part of the store keys of one attempt.
+pub const RESTART_COUNT_VAR: &str = "TORCHELASTIC_RESTART_COUNT";
 
-/// Knobs of the rendezvous. [`Default`] reads the token from `NCCL_RS_BOOTSTRAP_TOKEN`;
-/// [`from_env`](Self::from_env) also reads the timeout from `NCCL_RS_BOOTSTRAP_TIMEOUT`.
+/// Knobs of the rendezvous.
+///
+/// Programs should take them from [`from_env`](Self::from_env) (or call [`Rendezvous::from_env`], which does),
+/// so that every binary honours the same variables: `NCCL_RS_BOOTSTRAP_TOKEN`, `NCCL_RS_BOOTSTRAP_TIMEOUT`,
+/// `NCCL_RS_BOOTSTRAP_OP_TIMEOUT` and torchrun's agent store. [`Default`] is the built-in values alone and
+/// reads no variable (for tests and embedders that decide everything themselves).
 #[derive(Clone)]
 pub struct RendezvousOptions {
     /// How long [`Rendezvous::new`] may take: rank 0 waiting for everyone, the others retrying to connect.
@@ -44,8 +55,14 @@ pub struct RendezvousOptions {
     /// all-gather). Default 64 MiB; at most `u32::MAX`.
     pub max_frame: usize,
     /// A shared secret every rank must have (all or none). Checked by HMAC-SHA256 challenge-response with
-    /// fresh nonces on both sides: the token is never sent, and both sides prove they know it.
+    /// fresh nonces on both sides: the token is never sent, and both sides prove they know it. This is how to
+    /// keep other users of a cluster out of a job's rendezvous port. (Not used with
+    /// [`torch_store`](Self::torch_store): torchrun's store has no authentication of its own.)
     pub token: Option<Vec<u8>>,
+    /// Rendezvous through the c10d `TCPStore` at `MASTER_ADDR:MASTER_PORT` (torchrun's agent serves one there)
+    /// under this key prefix, instead of rank 0 listening itself. Set by [`from_env`](Self::from_env) when
+    /// `TORCHELASTIC_USE_AGENT_STORE=True` (see [`store`](super::store)).
+    pub torch_store: Option<String>,
 }
 
 impl std::fmt::Debug for RendezvousOptions {
@@ -57,6 +74,7 @@ impl std::fmt::Debug for RendezvousOptions {
             .field("max_pending_handshakes", &self.max_pending_handshakes)
             .field("max_frame", &self.max_frame)
             .field("token", &self.token.as_ref().map(|_| "<redacted>"))
+            .field("torch_store", &self.torch_store)
             .finish()
     }
 }
@@ -69,7 +87,8 @@ impl Default for RendezvousOptions {
             handshake_timeout: Duration::from_secs(5),
             max_pending_handshakes: 64,
             max_frame: 64 << 20,
-            token: token_from_env(),
+            token: None,
+            torch_store: None,
         }
     }
 }
@@ -84,11 +103,50 @@ fn token_from_env() -> Option<Vec<u8>> {
 }
 
 impl RendezvousOptions {
-    /// The defaults, with `timeout` from `NCCL_RS_BOOTSTRAP_TIMEOUT` (seconds, e.g. `30` or `2.5`) when set.
+    /// The defaults, with the token from `NCCL_RS_BOOTSTRAP_TOKEN`, `timeout` from `NCCL_RS_BOOTSTRAP_TIMEOUT`
+    /// and `op_timeout` from `NCCL_RS_BOOTSTRAP_OP_TIMEOUT` (seconds, e.g. `30` or `2.5`) when set, and
+    /// [`torch_store`](Self::torch_store) when torchrun's agent serves a store. A value that does not parse is
+    /// an error naming the variable.
     pub fn from_env() -> Result<Self, BootstrapError> {
-        let mut o = RendezvousOptions::default();
-        if let Ok(v) = std::env::var(TIMEOUT_VAR) {
+        Self::from_vars(|k| std::env::var(k).ok())
+    }
+
+    /// [`from_env`](Self::from_env) over any variable source (the token still comes from the process
+    /// environment, where it may not be UTF-8).
+    pub fn from_vars(get: impl Fn(&str) -> Option<String>) -> Result<Self, BootstrapError> {
+        let mut o = RendezvousOptions {
+            token: token_from_env(),
+            ..RendezvousOptions::default()
+        };
+        if let Some(v) = get(TIMEOUT_VAR) {
             o.timeout = parse_seconds(TIMEOUT_VAR, &v)?;
+        }
+        if let Some(v) = get(OP_TIMEOUT_VAR) {
+            o.op_timeout = parse_seconds(OP_TIMEOUT_VAR, &v)?;
+        }
+        if let Some(v) = get(AGENT_STORE_VAR) {
+            let on = match v.trim().to_ascii_lowercase().as_str() {
+                "true" | "1" | "yes" => true,
+                "false" | "0" | "no" | "" => false,
+                _ => {
+                    return Err(BootstrapError::InvalidVar {
+                        var: AGENT_STORE_VAR,
+                        value: v,
+                        reason: "expected True or False".into(),
+                    })
+                }
+            };
+            if on {
+                let attempt = get(RESTART_COUNT_VAR).unwrap_or_else(|| "0".into());
+                if attempt.trim().parse::<u64>().is_err() {
+                    return Err(BootstrapError::InvalidVar {
+                        var: RESTART_COUNT_VAR,
+                        value: attempt,
+                        reason: "expected a non-negative integer".into(),
+                    });
+                }
+                o.torch_store = Some(store::torchrun_prefix(attempt.trim()));
+            }
         }
         Ok(o)
     }
@@ -135,6 +193,9 @@ impl RendezvousOptions {
         }
         if self.token.as_ref().is_some_and(|t| t.is_empty()) {
             return bad("RendezvousOptions::token", "an empty token is not a secret; use None");
+        }
+        if self.torch_store.as_ref().is_some_and(|p| p.is_empty()) {
+            return bad("RendezvousOptions::torch_store", "the key prefix must not be empty");
         }
         Ok(())
     }
@@ -212,6 +273,8 @@ enum Role {
     Root(Vec<Conn>),
     /// Any other rank: the connection to rank 0.
     Leaf(Conn),
+    /// Every rank: a client of a c10d `TCPStore` (torchrun's agent store), with the key prefix.
+    Store(StoreClient, String),
 }
 
 #[derive(Debug)]
@@ -252,6 +315,9 @@ impl Rendezvous {
     /// answered a closing barrier, so a rank that died during the handshake is reported here, by rank.
     ///
     /// A world of one needs no sockets at all.
+    ///
+    /// With [`RendezvousOptions::torch_store`] set, every rank is instead a client of the c10d `TCPStore` at
+    /// `master_addr:master_port` (see [`store`](super::store)).
     pub fn new(info: &RankInfo, opts: RendezvousOptions) -> Result<Rendezvous, BootstrapError> {
         info.validate()?;
         if info.world_size == 1 {
@@ -270,11 +336,32 @@ impl Rendezvous {
                 }),
             });
         }
+        if let Some(prefix) = opts.torch_store.clone() {
+            return store_join(info, opts, prefix);
+        }
         if info.rank == 0 {
             RendezvousListener::bind(info, opts)?.accept_ranks()
         } else {
             connect(info, opts)
         }
+    }
+
+    /// The one call for programs: [`RankInfo::from_env`], [`RendezvousOptions::from_env`], then
+    /// [`new`](Self::new). Works unchanged under torchrun (through its agent's store), `mpirun`, `srun`,
+    /// `--nprocs` workers, explicit `NCCL_RS_*` variables, and as a single process.
+    pub fn from_env() -> Result<Rendezvous, BootstrapError> {
+        Rendezvous::for_rank(&RankInfo::from_env()?)
+    }
+
+    /// [`new`](Self::new) for `info` with [`RendezvousOptions::from_env`]: for programs that have read (and
+    /// checked) their [`RankInfo`] already. torchrun's agent store is used only for a torchrun launch.
+    pub fn for_rank(info: &RankInfo) -> Result<Rendezvous, BootstrapError> {
+        let mut opts = RendezvousOptions::from_env()?;
+        if info.launcher != Launcher::Torchrun {
+            // Only torchrun's own workers are served by its agent's store.
+            opts.torch_store = None;
+        }
+        Rendezvous::new(info, opts)
     }
 
     /// This rank.
@@ -342,10 +429,12 @@ impl Rendezvous {
             return Err(e);
         }
         let deadline = Instant::now() + self.op_timeout;
-        let result = match &st.role {
+        let (rank, size) = (self.rank, self.size);
+        let result = match &mut st.role {
             Role::Single => Ok(vec![data.to_vec()]),
             Role::Root(peers) => root_collective(peers, op, seq, data, deadline, self.max_frame),
-            Role::Leaf(conn) => leaf_collective(conn, self.rank, self.size, op, seq, data, deadline, self.max_frame),
+            Role::Leaf(conn) => leaf_collective(conn, rank, size, op, seq, data, deadline, self.max_frame),
+            Role::Store(client, prefix) => store_collective(client, prefix, rank, size, op, seq, data, deadline),
         };
         if let Err(e) = &result {
             poison(&mut st, self.rank, e);
@@ -357,11 +446,20 @@ impl Rendezvous {
 /// Marks the rendezvous failed; rank 0 tells every other rank who failed. All connections are closed.
 fn poison(st: &mut State, rank: usize, e: &BootstrapError) {
     st.poisoned = Some(e.to_string());
-    match &st.role {
+    match &mut st.role {
         Role::Single => {}
         Role::Root(peers) => abort_peers(peers, e),
         Role::Leaf(conn) => {
             let _ = conn.stream.shutdown(Shutdown::Both);
+        }
+        Role::Store(client, prefix) => {
+            // Tell the other ranks at once rather than at their deadline (best effort).
+            let why = format!("rank {rank} failed: {e}");
+            let _ = client.set(
+                &abort_key(prefix),
+                why.as_bytes(),
+                Instant::now() + Duration::from_secs(2),
+            );
         }
     }
     tracing::debug!(rank, error = %e, "bootstrap rendezvous failed");
@@ -1400,4 +1498,129 @@ fn reject_error(rank: usize, payload: &[u8], root: Peer) -> Attempt {
         return Attempt::Retry(std::io::Error::other(format!("{root} is busy: {message}")));
     }
     Attempt::Fatal(BootstrapError::Rejected { rank, reason, message })
+}
+
+// ---------------------------------------------------------------------------------------------------------
+// Through a c10d TCPStore (torchrun's agent store).
+
+fn abort_key(prefix: &str) -> String {
+    format!("{prefix}/abort")
+}
+
+fn store_op_key(prefix: &str, seq: u64, rank: usize) -> String {
+    format!("{prefix}/op/{seq}/{rank}")
+}
+
+/// The ranks among `keys` (key `r` belongs to rank `r`) that are not in the store yet.
+fn missing_ranks(client: &mut StoreClient, keys: &[String]) -> Vec<usize> {
+    let deadline = Instant::now() + Duration::from_secs(2);
+    (0..keys.len())
+        .filter(|&r| !matches!(client.check(std::slice::from_ref(&keys[r]), deadline), Ok(true)))
+        .collect()
+}
+
+fn store_join(info: &RankInfo, opts: RendezvousOptions, prefix: String) -> Result<Rendezvous, BootstrapError> {
+    opts.check()?;
+    let start = Instant::now();
+    let deadline = start + opts.timeout;
+    let addrs = resolve(&info.master_addr, info.master_port)?;
+    let mut client = StoreClient::connect(&addrs, info.rank, opts.max_frame, deadline)?;
+    let claims = client.add(&format!("{prefix}/join/{}/claims", info.rank), 1, deadline)?;
+    if claims > 1 {
+        return Err(BootstrapError::DuplicateRank {
+            rank: info.rank,
+            first: Peer::Rank {
+                rank: info.rank,
+                addr: None,
+            },
+            second: Peer::Rank {
+                rank: info.rank,
+                addr: None,
+            },
+        });
+    }
+    let keys: Vec<String> = (0..info.world_size).map(|r| format!("{prefix}/join/{r}")).collect();
+    client.set(&keys[info.rank], &(info.world_size as u64).to_le_bytes(), deadline)?;
+    let waited = client.wait(&keys, &abort_key(&prefix), deadline, "the rendezvous", |c| {
+        format!("ranks {:?}", missing_ranks(c, &keys))
+    });
+    if let Err(e) = waited {
+        return Err(match e {
+            BootstrapError::Timeout { .. } => BootstrapError::RanksMissing {
+                missing: missing_ranks(&mut client, &keys),
+                world_size: info.world_size,
+                elapsed: start.elapsed(),
+                rejected: Vec::new(),
+            },
+            other => other,
+        });
+    }
+    for (r, v) in client.multi_get(&keys, deadline)?.into_iter().enumerate() {
+        let theirs = <[u8; 8]>::try_from(v.as_slice()).map_or(u64::MAX, u64::from_le_bytes);
+        if theirs != info.world_size as u64 {
+            return Err(BootstrapError::WorldSizeMismatch {
+                peer: Peer::Rank { rank: r, addr: None },
+                theirs,
+                ours: info.world_size,
+            });
+        }
+    }
+    Ok(Rendezvous {
+        rank: info.rank,
+        size: info.world_size,
+        op_timeout: opts.op_timeout,
+        max_frame: opts.max_frame,
+        rejected: Vec::new(),
+        info: info.clone(),
+        state: Mutex::new(State {
+            role: Role::Store(client, prefix),
+            next_seq: 1,
+            poisoned: None,
+        }),
+    })
+}
+
+/// Every operation is an all-gather of `[op, payload]` (the payload only where it is needed), so each rank
+/// sees the others' operations.
+#[allow(clippy::too_many_arguments)]
+fn store_collective(
+    client: &mut StoreClient,
+    prefix: &str,
+    rank: usize,
+    size: usize,
+    op: Op,
+    seq: u64,
+    data: &[u8],
+    deadline: Instant,
+) -> Result<Vec<Vec<u8>>, BootstrapError> {
+    let during = op_label(op, seq);
+    let mut mine = vec![op as u8];
+    if op == Op::AllGather || (op == Op::Broadcast && rank == 0) {
+        mine.extend_from_slice(data);
+    }
+    let keys: Vec<String> = (0..size).map(|r| store_op_key(prefix, seq, r)).collect();
+    client.set(&keys[rank], &mine, deadline)?;
+    client.wait(&keys, &abort_key(prefix), deadline, &during, |c| {
+        format!("ranks {:?}", missing_ranks(c, &keys))
+    })?;
+    let mut values = client.multi_get(&keys, deadline)?;
+    for (r, v) in values.iter().enumerate() {
+        let theirs = v.first().copied().unwrap_or(0);
+        if theirs != op as u8 {
+            return Err(BootstrapError::OpMismatch {
+                rank,
+                peer: Peer::Rank { rank: r, addr: None },
+                theirs: match Op::from_u8(theirs) {
+                    Some(o) => op_label(o, seq),
+                    None => format!("unknown operation {theirs} #{seq}"),
+                },
+                ours: during,
+            });
+        }
+    }
+    Ok(match op {
+        Op::Barrier => Vec::new(),
+        Op::Broadcast => vec![values.swap_remove(0).split_off(1)],
+        Op::AllGather => values.into_iter().map(|mut v| v.split_off(1)).collect(),
+    })
 }
