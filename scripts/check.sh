@@ -7,6 +7,8 @@ cd "$(dirname "$0")/.."
 bash scripts/setup.sh
 
 step() { printf '\n==> %s\n' "$*"; }
+step "unused dependencies"
+python3 scripts/check-deps.py
 step "cargo fmt --check"
 cargo fmt --all --check
 step "cargo clippy (all targets, all features, warnings denied)"

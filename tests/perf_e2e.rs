@@ -358,3 +358,59 @@ fn nccl_backend_every_op_on_2_gpus() {
     );
     assert_eq!(o.status.code(), Some(0), "{}", text(&o));
 }
+
+/// nccl-perf takes its rendezvous options from the environment like every binary: a rank whose peers never
+/// come gives up after `NCCL_RS_BOOTSTRAP_TIMEOUT`, says who it waited for on the way (the tracing warning,
+/// on by default), and prints the failure once (not once per error layer).
+#[test]
+fn bootstrap_timeout_from_the_environment_and_who_is_missing() {
+    let port = nccl::bootstrap::launch::free_port("127.0.0.1".parse().unwrap()).unwrap();
+    let port = port.to_string();
+    let env = |rank: &'static str, secs: &'static str| {
+        [
+            ("RANK", rank),
+            ("WORLD_SIZE", "2"),
+            ("MASTER_ADDR", "127.0.0.1"),
+            ("NCCL_RS_BOOTSTRAP_TIMEOUT", secs),
+        ]
+    };
+    // Rank 1 alone: rank 0 is unreachable; 2 s, not the 300 s default.
+    let t0 = std::time::Instant::now();
+    let mut e1 = env("1", "2").to_vec();
+    e1.push(("MASTER_PORT", &port));
+    let o = perf(&["all_reduce", "--backend", "host"], &e1);
+    assert!(t0.elapsed() < std::time::Duration::from_secs(30), "{:?}", t0.elapsed());
+    let err = String::from_utf8_lossy(&o.stderr).into_owned();
+    assert_eq!(o.status.code(), Some(3), "{err}");
+    assert_eq!(err.matches("could not reach rank 0").count(), 1, "{err}");
+    // Rank 0 alone for 11 s: at 10 s it names rank 1 as missing, then fails naming it once.
+    let mut e0 = env("0", "11").to_vec();
+    e0.push(("MASTER_PORT", &port));
+    let o = perf(&["all_reduce", "--backend", "host"], &e0);
+    let err = String::from_utf8_lossy(&o.stderr).into_owned();
+    assert_eq!(o.status.code(), Some(3), "{err}");
+    assert!(
+        err.contains("WARN") && err.contains("[1]"),
+        "a warning names the missing rank: {err}"
+    );
+    assert_eq!(err.matches("never arrived").count(), 1, "{err}");
+}
+
+/// The header names the build, as nccl-tests' does: the version and the commit (root build.rs).
+#[test]
+fn header_names_version_and_commit() {
+    let o = perf(&["all_reduce", "-g", "1", "-b", "8", "-e", "8"], &[]);
+    let out = text(&o);
+    assert!(o.status.success(), "{out}");
+    let first = out.lines().next().unwrap_or_default();
+    let git = first
+        .strip_prefix(concat!("# nccl-perf version ", env!("CARGO_PKG_VERSION"), " (git "))
+        .and_then(|r| r.split_once(')'))
+        .map(|(g, _)| g)
+        .unwrap_or_else(|| panic!("header: {first}"));
+    assert!(
+        !git.is_empty() && git != "unknown",
+        "built in a git checkout, so the commit is known: {first}"
+    );
+    assert_eq!(git, env!("NCCL_STACK_GIT"));
+}

@@ -1191,3 +1191,24 @@ fn from_env_creates_communicators_on_two_gpus() {
     inits.sort();
     assert_eq!(inits, ["0 ok", "1 ok"]);
 }
+
+#[test]
+fn rank_zero_listens_where_the_launch_says() {
+    use nccl::bootstrap::rendezvous::listen_candidates;
+    let a = |s: &str| s.parse::<std::net::SocketAddr>().unwrap();
+    // One host: exactly the given address, loopback or not (never every interface).
+    assert_eq!(listen_candidates(&[a("127.0.0.1:29500")], true), [a("127.0.0.1:29500")]);
+    assert_eq!(listen_candidates(&[a("10.1.2.3:29500")], true), [a("10.1.2.3:29500")]);
+    // Several hosts: the address itself first, every interface of its family only as a fallback.
+    assert_eq!(
+        listen_candidates(&[a("10.1.2.3:29500")], false),
+        [a("10.1.2.3:29500"), a("0.0.0.0:29500")]
+    );
+    assert_eq!(
+        listen_candidates(&[a("[fd00::5]:29500")], false),
+        [a("[fd00::5]:29500"), a("[::]:29500")]
+    );
+    // Several hosts, but the name resolves to loopback here (Debian's 127.0.1.1): loopback is unreachable
+    // from the other hosts, so every interface.
+    assert_eq!(listen_candidates(&[a("127.0.1.1:29500")], false), [a("0.0.0.0:29500")]);
+}

@@ -122,8 +122,9 @@ pub fn make_plan<C: PerfComm>(cli: &Cli, probe: &C, nranks: usize, version: &str
         DtypeSel::All => DataType::ALL.into_iter().filter(|&d| probe.supports(d)).collect(),
     };
     let mut preamble = format!(
-        "# nccl-perf version {} (nccl-tests format) backend: {backend} library: {version} ranks: {nranks}\n",
-        env!("CARGO_PKG_VERSION")
+        "# nccl-perf version {} (git {}) (nccl-tests format) backend: {backend} library: {version} ranks: {nranks}\n",
+        env!("CARGO_PKG_VERSION"),
+        env!("NCCL_STACK_GIT")
     );
     preamble += &format!("# Collective test starting: {}\n", cli.op.program_name());
     preamble += &format::config_line(

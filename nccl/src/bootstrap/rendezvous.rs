@@ -725,11 +725,33 @@ pub fn resolve(addr: &str, port: u16) -> Result<Vec<SocketAddr>, BootstrapError>
     Ok(resolved)
 }
 
+/// Where rank 0 tries to listen, in order: where the launch says (`addrs`, `master_addr` resolved). A job on
+/// one host listens exactly there, loopback included, so it stays private. A job across hosts listens on the
+/// resolved addresses that are not loopback, then on every interface of their family (a host name may resolve
+/// here to an address this host does not have); when the name resolves only to loopback here (Debian maps the
+/// host's own name to 127.0.1.1) but the ranks span hosts, on every interface, since loopback cannot be reached
+/// from the others.
+pub fn listen_candidates(addrs: &[SocketAddr], one_host: bool) -> Vec<SocketAddr> {
+    if one_host {
+        return addrs.to_vec();
+    }
+    let mut out: Vec<SocketAddr> = addrs.iter().filter(|a| !a.ip().is_loopback()).copied().collect();
+    if let Some(first) = addrs.first() {
+        let any: IpAddr = match out.first().unwrap_or(first) {
+            SocketAddr::V4(_) => Ipv4Addr::UNSPECIFIED.into(),
+            SocketAddr::V6(_) => Ipv6Addr::UNSPECIFIED.into(),
+        };
+        out.push(SocketAddr::new(any, first.port()));
+    }
+    out
+}
+
 impl RendezvousListener {
-    /// Binds rank 0's socket. If `master_addr` resolves to loopback addresses only, rank 0 listens there (a
-    /// one-host run stays private); otherwise it listens on all interfaces of that address family (like
-    /// torchrun), since a host name may resolve to a different address locally than on the other hosts. Port 0
-    /// picks a free port (see [`local_addr`](Self::local_addr)).
+    /// Binds rank 0's socket where the launch says (see [`listen_candidates`]): a one-host job listens exactly
+    /// on `master_addr` (loopback stays private); a job across hosts on `master_addr`'s address, or every
+    /// interface where that address is not this host's. Listening beyond loopback without a
+    /// [`token`](RendezvousOptions::token) logs a warning. Port 0 picks a free port (see
+    /// [`local_addr`](Self::local_addr)).
     pub fn bind(info: &RankInfo, opts: RendezvousOptions) -> Result<RendezvousListener, BootstrapError> {
         opts.check()?;
         let mut check = info.clone();
@@ -742,19 +764,17 @@ impl RendezvousListener {
             });
         }
         let addrs = resolve(&info.master_addr, info.master_port)?;
-        let candidates: Vec<SocketAddr> = if addrs.iter().all(|a| a.ip().is_loopback()) {
-            addrs
-        } else {
-            let any: IpAddr = match addrs[0] {
-                SocketAddr::V4(_) => Ipv4Addr::UNSPECIFIED.into(),
-                SocketAddr::V6(_) => Ipv6Addr::UNSPECIFIED.into(),
-            };
-            vec![SocketAddr::new(any, info.master_port)]
-        };
+        let one_host = info.local_world_size == Some(info.world_size);
         let mut last = None;
-        for addr in candidates {
+        for addr in listen_candidates(&addrs, one_host) {
             match TcpListener::bind(addr) {
                 Ok(listener) => {
+                    if !addr.ip().is_loopback() && opts.token.is_none() {
+                        tracing::warn!(
+                            "bootstrap: rank 0 listens on {addr} without {TOKEN_VAR}: anyone who can reach it \
+                             can join or disturb this job's rendezvous; set the same {TOKEN_VAR} on every rank"
+                        );
+                    }
                     let mut info = info.clone();
                     if let Ok(a) = listener.local_addr() {
                         info.master_port = a.port();
@@ -769,6 +789,10 @@ impl RendezvousListener {
                 }
                 Err(source) if source.kind() == std::io::ErrorKind::AddrInUse => {
                     return Err(BootstrapError::PortInUse { addr, source })
+                }
+                // A host name that resolves here to an address this host does not have: try the next one.
+                Err(source) if source.kind() == std::io::ErrorKind::AddrNotAvailable => {
+                    last = Some(BootstrapError::Bind { addr, source })
                 }
                 Err(source) => last = Some(BootstrapError::Bind { addr, source }),
             }

@@ -1,7 +1,7 @@
 //! Host backend, 2 ranks as threads: all_reduce (f32 sum) and all_gather at 4 KiB, 1 MiB and 64 MiB, with a
 //! single-thread memcpy of the same size as the reference measured in the same run.
 //!
-//! `cargo bench -p nccl-rs --bench host`. Throughput is algbw: bytes of the (per-rank) all_reduce buffer,
+//! `cargo bench --bench host_collectives` (root package). Throughput is algbw: bytes of the (per-rank) all_reduce buffer,
 //! bytes of the gathered output for all_gather.
 
 use std::sync::mpsc;

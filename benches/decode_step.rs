@@ -1,0 +1,91 @@
+//! The engine's decode step: one token through every layer and the LM head (TP=1, this thread), on the real
+//! SmolLM2 that scripts/setup.sh fetched (else the built-in tiny model), with the weights kept as the file
+//! stores them and with the f32 path (`NCCL_LLM_F32_WEIGHTS=1` at load). The reference measured in the same
+//! run is one pass of reading the f32 weights' bytes (`weight_bytes`), i.e. the memory-bandwidth floor of the
+//! f32 path. `cargo bench --bench decode_step`.
+
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use criterion::{criterion_group, criterion_main, Criterion, Throughput};
+use nccl_llm::comm::SingleComm;
+use nccl_llm::engine::{RankModel, RankPlace};
+use nccl_llm::model::{self, WeightSource};
+
+const CONTEXT: usize = 256;
+
+fn source() -> Arc<dyn WeightSource> {
+    match nccl_llm::cli::default_model() {
+        Some(p) => Arc::from(model::open(&p).expect("open the fetched model")),
+        None => {
+            eprintln!("decode_step: no fetched model (run scripts/setup.sh); benchmarking the built-in tiny model");
+            Arc::from(model::tiny_random(0))
+        }
+    }
+}
+
+fn load(src: &dyn WeightSource, f32_weights: bool) -> RankModel {
+    // The engine reads the switch when it loads (it decides how matrices are kept).
+    if f32_weights {
+        std::env::set_var("NCCL_LLM_F32_WEIGHTS", "1");
+    } else {
+        std::env::remove_var("NCCL_LLM_F32_WEIGHTS");
+    }
+    let place = RankPlace {
+        tp: 1,
+        tp_rank: 0,
+        pp: 1,
+        stage: 0,
+        threads: 1,
+    };
+    RankModel::load(src, place, &mut |_, _| {}).expect("load the model")
+}
+
+/// `iters` decode steps at positions 8.., refilling the cache (untimed) when it is full.
+fn decode(m: &RankModel, iters: u64) -> Duration {
+    let comm = SingleComm;
+    let mut cache = m.new_cache(CONTEXT);
+    let prompt = [1u32, 2, 3, 4, 5, 6, 7, 8];
+    let mut total = Duration::ZERO;
+    let prefill = |cache: &mut nccl_llm::engine::KvCache| {
+        cache.clear();
+        let mut x = m.embed(&prompt, &comm).unwrap();
+        m.forward_layers(&mut x, prompt.len(), cache, &comm).unwrap();
+    };
+    prefill(&mut cache);
+    for i in 0..iters {
+        if cache.len() == CONTEXT {
+            prefill(&mut cache);
+        }
+        let t = Instant::now();
+        let mut x = m.embed(&[(i % 100) as u32 + 10], &comm).unwrap();
+        m.forward_layers(&mut x, 1, &mut cache, &comm).unwrap();
+        let logits = m.logits(&x, &comm).unwrap();
+        std::hint::black_box(logits);
+        total += t.elapsed();
+    }
+    total
+}
+
+fn bench(c: &mut Criterion) {
+    let src = source();
+    let mut g = c.benchmark_group("decode_step");
+    g.sample_size(20).measurement_time(Duration::from_secs(5));
+    let quantized = load(&*src, false);
+    let f32_model = load(&*src, true);
+    std::env::remove_var("NCCL_LLM_F32_WEIGHTS");
+    let bytes = f32_model.weight_bytes();
+    let weights: Vec<f32> = vec![1.0; bytes / 4];
+    g.throughput(Throughput::Bytes(bytes as u64));
+    g.bench_function("read f32 weight bytes once (reference)", |b| {
+        b.iter(|| std::hint::black_box(weights.iter().sum::<f32>()))
+    });
+    g.bench_function("quantized weights (as stored)", |b| {
+        b.iter_custom(|n| decode(&quantized, n))
+    });
+    g.bench_function("f32 weights", |b| b.iter_custom(|n| decode(&f32_model, n)));
+    g.finish();
+}
+
+criterion_group!(benches, bench);
+criterion_main!(benches);
