@@ -1,23 +1,29 @@
 //! Direct collectives between threads: every rank reads and writes the other ranks' buffers in place.
 //!
 //! # Protocol and soundness
-//! 1. Each rank publishes pointers to its buffers (and its `PreMulSum` scalar) in its record, then arrives
-//!    at an *opening* barrier (breakable: it may fail by timeout, abort or a dropped peer).
-//! 2. If, and only if, the opening barrier completed, every rank enters the *data phase*. Completion and
-//!    failure of a barrier phase are decided by a single atomic word (`sync.rs`), so either no rank enters
-//!    the data phase (everyone returns an error, nobody touched another rank's memory) or all ranks do.
+//! 1. Each rank publishes pointers to its buffers (and its `PreMulSum` scalar) in its record and its
+//!    *stamp* for the opening phase (op, type, count, root, reduction, phase number, "direct open"), then
+//!    arrives at an *opening* barrier (breakable: it may fail by timeout, abort or a dropped peer).
+//! 2. If the opening barrier completed, every rank compares all stamps of that phase. Completion and
+//!    failure of a barrier phase are decided by a single atomic word (`sync.rs`), and every rank stamps
+//!    every phase it passes (collective rounds, barriers, both phases here), so after the phase all ranks
+//!    read the same stamps, written for this very phase, and reach the same verdict. On a mismatch every
+//!    rank returns the error at once: nobody enters the data phase, nobody touches another rank's memory,
+//!    and nobody waits for a closing phase (a peer on the staged path, or in a barrier, would never come).
+//!    Only when every rank stamped the same direct call does every rank enter the *data phase*.
 //! 3. In the data phase each rank reads other ranks' `send` buffers and writes a part of other ranks'
 //!    `recv` buffers chosen so that, across all ranks, **every element written is written by exactly one
 //!    rank and read by no other rank** during the phase (stated per operation below). Reads of shared
-//!    inputs by several ranks are fine. No rank waits on anything during the phase, so it ends in bounded
-//!    time.
-//! 4. Every rank then arrives at a *closing* barrier that is **not breakable and has no deadline**, and
-//!    only returns after it completed, i.e. after every rank finished its data phase. The arrival is made
-//!    by a guard's `Drop`, so it also happens when the data phase unwinds from a panic. Hence no rank
-//!    returns (and frees or reuses its buffers) while another might still access them. Waiting without a
-//!    deadline is bounded because every rank that entered the data phase reaches the closing barrier
-//!    after finite work (a dropped rank cannot be inside a call; a panicking one arrives from its guard;
-//!    threads cannot die individually).
+//!    inputs by several ranks are fine. No rank waits on anything during the phase; between blocks it
+//!    checks whether the communicator broke (abort, timeout, panic) and, if so, stops early.
+//! 4. Every rank then stamps the *closing* phase (with whether it finished its part) and arrives at it. The
+//!    closing wait ([`Wait::Drain`]) ignores the broken bit and returns only after every rank arrived, i.e.
+//!    after every rank finished or stopped its data phase, so no rank returns (and frees or reuses its
+//!    buffers) while another might still access them. It is bounded: every rank in the data phase arrives
+//!    after finite work (a dropped rank cannot be inside a call; a panicking one arrives from its guard's
+//!    `Drop`; threads cannot die individually), and on the timeout the waiter breaks the communicator, so
+//!    the others stop at their next block. The call succeeds on every rank iff every closing stamp says
+//!    "finished"; otherwise it fails on every rank with the failure that stopped someone.
 //!
 //! The buffers themselves: each rank's slices are borrowed for the whole call (both barriers included),
 //! so they stay allocated; Rust's borrow rules guarantee that different ranks' buffers do not overlap
@@ -30,13 +36,16 @@ use std::sync::atomic::Ordering::{Acquire, Release};
 use super::copy::{self, copy_out, STREAM_MIN_BYTES};
 use super::reduce::{self, Plan};
 use super::region::rec;
-use super::slot::{rd, wr, Io};
-use super::{HostComm, Sig};
+use super::slot::{rd, Io};
+use super::sync::{Kind, Wait};
+use super::{HostComm, Sig, Step};
 use crate::error::Result;
 use crate::types::Elem;
 
 /// Bytes of the per-rank accumulation buffer (stays in L1 while inputs stream through).
 const BLOCK_BYTES: usize = 8 * 1024;
+/// Bytes copied between two checks of the broken bit in the data phase.
+const PIECE_BYTES: usize = 256 * 1024;
 
 /// The other ranks' published buffers.
 struct Peers<'a> {
@@ -54,27 +63,79 @@ impl Peers<'_> {
         let has = self.comm.region.rank_word(j, rec::DESC + 24).load(Acquire);
         (has != 0).then(|| f64::from_bits(self.comm.region.rank_word(j, rec::DESC + 16).load(Acquire)))
     }
+    /// True when the communicator broke: the data phase stops at the next block (module docs, step 3).
+    fn stop(&self) -> bool {
+        self.comm.ctl().is_broken()
+    }
+
+    /// Copies `len` elements from `src` to `dst` in pieces, checking [`Peers::stop`] before each; false if
+    /// it stopped early.
+    ///
+    /// # Safety
+    /// As [`copy_out`].
+    unsafe fn copy<T>(&self, dst: *mut T, src: *const T, len: usize, stream: bool) -> bool {
+        let piece = (PIECE_BYTES / std::mem::size_of::<T>().max(1)).max(1);
+        let mut at = 0;
+        while at < len {
+            if self.stop() {
+                return false;
+            }
+            let l = piece.min(len - at);
+            // SAFETY: `at + l <= len`: inside both ranges of the caller's contract.
+            unsafe { copy_out(dst.add(at), src.add(at), l, stream) };
+            at += l;
+        }
+        true
+    }
 }
 
-/// Arrives at the closing barrier when dropped (also during unwinding).
+/// The closing phase (module docs, step 4): [`Closing::close`] on the normal path, its `Drop` when the data
+/// phase unwinds from a panic (then it breaks the communicator first, so the peers stop early).
 struct Closing<'a> {
     comm: &'a HostComm,
+    sig: &'a Sig,
     phase: u64,
+    armed: bool,
+}
+
+impl Closing<'_> {
+    fn arrive(&mut self, finished: bool) -> Result<()> {
+        self.armed = false;
+        // Streaming stores of the data phase become visible before the barrier publishes them.
+        copy::fence();
+        let op = self.sig.op.name();
+        self.comm
+            .put_stamp(self.phase, &self.sig.stamp(self.phase, Step::Close(finished)));
+        // A draining wait always completes (`Wait::Drain`); the verdict is in the stamps.
+        let _ = self.comm.ctl().barrier(self.phase, Wait::Drain, op);
+        self.comm.check_stamps(self.phase, op)
+    }
+
+    fn close(mut self, finished: bool) -> Result<()> {
+        self.arrive(finished)
+    }
 }
 
 impl Drop for Closing<'_> {
     fn drop(&mut self) {
-        // Streaming stores of the data phase become visible before the barrier publishes them.
-        copy::fence();
-        // A non-breakable barrier never fails and never gives up (module docs, step 4).
-        let _ = self.comm.ctl().barrier(self.phase, false, "close");
+        if self.armed {
+            let c = self.comm;
+            c.ctl()
+                .break_comm(Kind::Gone, c.rank, "the rank panicked during a collective");
+            let _ = self.arrive(false);
+        }
     }
 }
 
-/// Runs steps 1-4 around `work`.
-fn run<T: Elem>(comm: &HostComm, s: &Sig, io: Io<T>, scale: Option<f64>, work: impl FnOnce(&Peers<'_>)) -> Result<()> {
-    let open = comm.next_phase();
-    let close = comm.next_phase();
+/// Runs steps 1-4 around `work`, which returns false when it stopped early.
+fn run<T: Elem>(
+    comm: &HostComm,
+    s: &Sig,
+    io: Io<T>,
+    scale: Option<f64>,
+    work: impl FnOnce(&Peers<'_>) -> bool,
+) -> Result<()> {
+    let open = comm.enter(s.op.name())?;
     let r = &comm.region;
     r.rank_word(comm.rank, rec::DESC)
         .store(io.send.expose_provenance() as u64, Release);
@@ -84,16 +145,19 @@ fn run<T: Elem>(comm: &HostComm, s: &Sig, io: Io<T>, scale: Option<f64>, work: i
         .store(scale.unwrap_or(0.0).to_bits(), Release);
     r.rank_word(comm.rank, rec::DESC + 24)
         .store(scale.is_some() as u64, Release);
-    comm.put_sig(open, s);
-    comm.ctl().barrier(open, true, s.op.name())?;
-    let guard = Closing { comm, phase: close };
-    // All ranks read the same signatures, so all skip the data phase together on a mismatch.
-    let verdict = comm.check_sigs(open, s.op.name());
-    if verdict.is_ok() {
-        work(&Peers { comm });
-    }
-    drop(guard);
-    verdict
+    comm.put_stamp(open, &s.stamp(open, Step::Open));
+    comm.ctl().barrier(open, Wait::Breakable, s.op.name())?;
+    // Same stamps on every rank, same verdict: on a mismatch all return here, before any data access and
+    // without a closing phase (step 2).
+    comm.check_stamps(open, s.op.name())?;
+    let guard = Closing {
+        comm,
+        sig: s,
+        phase: comm.next_phase(),
+        armed: true,
+    };
+    let finished = work(&Peers { comm });
+    guard.close(finished)
 }
 
 /// Start of part `i` of `n` of `count` elements, aligned to 64 bytes so ranks do not share cache lines.
@@ -122,6 +186,9 @@ pub(super) fn reduce<T: Elem>(comm: &HostComm, s: &Sig, io: Io<T>, plan: Plan, a
         let stream = outs * count * std::mem::size_of::<T>() >= STREAM_MIN_BYTES;
         let mut at = lo;
         while at < hi {
+            if p.stop() {
+                return false;
+            }
             let len = acc.len().min(hi - at);
             let a = &mut acc[..len];
             // SAFETY: every rank's send holds `count` elements and `at + len <= count`; the range is read
@@ -142,6 +209,7 @@ pub(super) fn reduce<T: Elem>(comm: &HostComm, s: &Sig, io: Io<T>, plan: Plan, a
             }
             at += len;
         }
+        true
     })
 }
 
@@ -160,8 +228,11 @@ pub(super) fn broadcast<T: Elem>(comm: &HostComm, s: &Sig, io: Io<T>) -> Result<
             }
             // SAFETY: root's send and every recv hold `count` elements; part `lo..hi` of `dst` is written
             // only by this rank; `dst` does not overlap the root's send (distinct borrows, see module docs).
-            unsafe { copy_out(dst.add(lo), src.add(lo), hi - lo, stream) };
+            if !unsafe { p.copy(dst.add(lo), src.add(lo), hi - lo, stream) } {
+                return false;
+            }
         }
+        true
     })
 }
 
@@ -179,10 +250,11 @@ pub(super) fn gather<T: Elem>(comm: &HostComm, s: &Sig, io: Io<T>, in_place: boo
             }
             // SAFETY: rank j's recv holds `n * count` elements; block `rank` is written only by this rank;
             // this rank's send (count elements) is read-only during the phase.
-            unsafe {
-                copy_out(p.recv::<T>(j).add(comm.rank * count), io.send, count, stream);
+            if !unsafe { p.copy(p.recv::<T>(j).add(comm.rank * count), io.send, count, stream) } {
+                return false;
             }
         }
+        true
     })
 }
 
@@ -195,6 +267,9 @@ pub(super) fn reduce_scatter<T: Elem>(comm: &HostComm, s: &Sig, io: Io<T>, plan:
         let mut acc = vec![T::default(); block::<T>().min(count)];
         let mut at = 0;
         while at < count {
+            if p.stop() {
+                return false;
+            }
             let len = acc.len().min(count - at);
             let a = &mut acc[..len];
             // SAFETY: every send holds `n * count` elements; block `rank` is read by this rank only.
@@ -205,10 +280,11 @@ pub(super) fn reduce_scatter<T: Elem>(comm: &HostComm, s: &Sig, io: Io<T>, plan:
                 }
             }
             reduce::finish(a, plan.div);
-            // SAFETY: own recv (count elements), written only by this rank.
-            unsafe { wr(io.recv.add(at), len).copy_from_slice(a) };
+            // SAFETY: own recv (count elements), written only by this rank; `a` is a separate buffer.
+            unsafe { copy_out(io.recv.add(at), a.as_ptr(), len, false) };
             at += len;
         }
+        true
     })
 }
 
@@ -219,10 +295,18 @@ pub(super) fn all_to_all<T: Elem>(comm: &HostComm, s: &Sig, io: Io<T>) -> Result
         for j in 0..n {
             // SAFETY: sends and recvs hold `n * count` elements; this rank's recv is written only by itself
             // and is not anyone's send (out of place, distinct borrows).
-            unsafe {
-                wr(io.recv.add(j * count), count).copy_from_slice(rd(p.send::<T>(j).add(comm.rank * count), count))
-            };
+            if !unsafe {
+                p.copy(
+                    io.recv.add(j * count),
+                    p.send::<T>(j).add(comm.rank * count),
+                    count,
+                    false,
+                )
+            } {
+                return false;
+            }
         }
+        true
     })
 }
 
@@ -231,6 +315,6 @@ pub(super) fn scatter<T: Elem>(comm: &HostComm, s: &Sig, io: Io<T>) -> Result<()
     let count = s.count;
     run(comm, s, io, None, |p| {
         // SAFETY: the root's send holds `n * count` elements (read only); own recv written only by itself.
-        unsafe { wr(io.recv, count).copy_from_slice(rd(p.send::<T>(s.root).add(comm.rank * count), count)) };
+        unsafe { p.copy(io.recv, p.send::<T>(s.root).add(comm.rank * count), count, false) }
     })
 }

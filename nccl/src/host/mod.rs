@@ -226,6 +226,20 @@ impl HostComm {
         p
     }
 
+    /// The next phase, for a rank about to write its stamp, slot or descriptor for it; refused once the
+    /// communicator is broken. Why this matters: the slot of phase `p` is safe to rewrite in phase `p + 2`
+    /// only because phase `p + 1` completed (everybody finished reading `p`). A rank reaches `p + 2` without
+    /// `p + 1` completing only when `p + 1` failed for it, and every failure of a phase sets the broken bit
+    /// before the rank returns, so this check (program-ordered after that) stops it from overwriting what a
+    /// slower peer may still be reading.
+    fn enter(&self, op: &'static str) -> Result<u64> {
+        let ctl = self.ctl();
+        if ctl.is_broken() {
+            return Err(ctl.failure(op, Duration::ZERO));
+        }
+        Ok(self.next_phase())
+    }
+
     fn direct_ok(&self, bytes: usize) -> bool {
         !self.procs && self.n > 1 && bytes >= self.opts.direct_min_bytes
     }
@@ -246,7 +260,7 @@ impl Drop for HostComm {
     }
 }
 
-/// What every rank must agree on for one collective (compared after the first barrier).
+/// What every rank must agree on for one collective (compared after every barrier phase of the call).
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub(crate) struct Sig {
     pub op: Op,
@@ -256,24 +270,77 @@ pub(crate) struct Sig {
     pub redop: u64,
 }
 
+/// Which barrier phase of a call a stamp is for.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub(crate) enum Step {
+    /// Round `k` of a staged collective.
+    Round(u64),
+    /// The opening phase of a direct collective.
+    Open,
+    /// The closing phase of a direct collective; `true` when this rank finished its part of the data phase.
+    Close(bool),
+}
+
+/// Op code of [`HostComm::barrier`] in a stamp (collectives use `Op as u64 + 1`).
+const BARRIER: u64 = 64;
+/// Words of a stamp.
+const STAMP: usize = 6;
+/// Step codes in stamp word 5 (bits 0..8), the round above them.
+const ROUND: u64 = 1;
+const OPEN: u64 = 2;
+const CLOSE: u64 = 3;
+const BAR: u64 = 4;
+/// Stamp word 5: the rank finished its part of a direct data phase.
+const COMPLETE: u64 = 1 << 8;
+
+/// What a rank publishes for one barrier phase before it arrives: the call (op, type, count, root, reduction),
+/// the phase number and the step of the call. Every phase is stamped, so after phase `p` completed, the slot
+/// `p % 2` of every rank holds that rank's stamp *for phase `p`* (a rank writes it again only in phase
+/// `p + 2`, after everybody arrived at `p + 1`, i.e. after everybody read it); the phase number makes a
+/// stale stamp detectable even so.
+pub(crate) type Stamp = [u64; STAMP];
+
 impl Sig {
-    fn words(&self) -> [u64; 4] {
+    pub(crate) fn stamp(&self, phase: u64, step: Step) -> Stamp {
+        let step = match step {
+            Step::Round(k) => ROUND | (k << 16),
+            Step::Open => OPEN,
+            Step::Close(done) => CLOSE | if done { COMPLETE } else { 0 },
+        };
         [
             self.op as u64 + 1,
             self.dtype.raw() as u64 + 1,
             self.count as u64,
             (self.root as u64) | (self.redop << 32),
+            phase + 1,
+            step,
         ]
     }
 
-    fn describe(w: [u64; 4]) -> String {
+    fn barrier_stamp(phase: u64) -> Stamp {
+        [BARRIER, 0, 0, 0, phase + 1, BAR]
+    }
+
+    fn describe(w: &Stamp) -> String {
+        if w[0] == BARRIER {
+            return "barrier".to_string();
+        }
+        if w[0] == 0 {
+            return "nothing (no stamp)".to_string();
+        }
         let dtype = crate::types::DataType::ALL
             .iter()
             .find(|d| d.raw() as u64 + 1 == w[1])
             .map_or("?", |d| d.nccl_tests_name());
         let op = OPS.get((w[0] as usize).wrapping_sub(1)).map_or("?", |o| o.name());
+        let step = match w[5] & 0xff {
+            ROUND => format!("staged, round {}", w[5] >> 16),
+            OPEN => "direct".to_string(),
+            CLOSE => "direct, closing".to_string(),
+            _ => "?".to_string(),
+        };
         format!(
-            "{op}(count {}, {dtype}, root {}, redop {})",
+            "{op}(count {}, {dtype}, root {}, redop {}; {step})",
             w[2],
             w[3] & 0xffff_ffff,
             w[3] >> 32
@@ -295,33 +362,61 @@ const OPS: [Op; 10] = [
 ];
 
 impl HostComm {
-    /// Publishes this rank's signature for barrier phase `phase` (before arriving).
-    fn put_sig(&self, phase: u64, sig: &Sig) {
-        let base = rec::SIG + (phase % 2) as usize * 32;
-        for (i, w) in sig.words().iter().enumerate() {
+    fn stamp_base(phase: u64) -> usize {
+        rec::SIG + (phase % 2) as usize * region::LINE
+    }
+
+    /// Publishes this rank's stamp for barrier phase `phase` (before arriving).
+    fn put_stamp(&self, phase: u64, stamp: &Stamp) {
+        let base = Self::stamp_base(phase);
+        for (i, w) in stamp.iter().enumerate() {
             self.region.rank_word(self.rank, base + i * 8).store(*w, Release);
         }
     }
 
-    /// After phase `phase` completed: checks that every rank called the same collective. All ranks read
-    /// the same signatures, so all reach the same verdict.
-    fn check_sigs(&self, phase: u64, op: &'static str) -> Result<()> {
+    fn read_stamp(&self, r: usize, phase: u64) -> Stamp {
         use std::sync::atomic::Ordering::Acquire;
-        let base = rec::SIG + (phase % 2) as usize * 32;
-        let read =
-            |r: usize| -> [u64; 4] { std::array::from_fn(|i| self.region.rank_word(r, base + i * 8).load(Acquire)) };
-        let first = read(0);
+        let base = Self::stamp_base(phase);
+        std::array::from_fn(|i| self.region.rank_word(r, base + i * 8).load(Acquire))
+    }
+
+    /// After phase `phase` completed: checks that every rank stamped it as rank 0 did (and so as this rank,
+    /// whose stamp is among them). All ranks read the same stamps, so all reach the same verdict; on a
+    /// mismatch the communicator is broken (every later call fails too). Closing stamps that differ only
+    /// in the completion bit (or all lack it) mean a data phase was cut short by a failure (abort, timeout,
+    /// a panicking rank): the error is that failure.
+    fn check_stamps(&self, phase: u64, op: &'static str) -> Result<()> {
+        let first = self.read_stamp(0, phase);
+        let closing = first[5] & 0xff == CLOSE;
+        let mut cut_short = closing && first[5] & COMPLETE == 0;
         for r in 1..self.n {
-            let w = read(r);
-            if w != first {
-                let msg = format!(
-                    "ranks disagree on the collective: rank 0 called {} but rank {r} called {}",
-                    Sig::describe(first),
-                    Sig::describe(w)
-                );
-                self.ctl().break_comm(Kind::Mismatch, r, &msg);
-                return Err(Error::invalid(op, msg));
+            let w = self.read_stamp(r, phase);
+            if w == first {
+                continue;
             }
+            if closing && w[..5] == first[..5] && (w[5] ^ first[5]) == COMPLETE {
+                cut_short = true;
+                continue;
+            }
+            let msg = if w[..4] == first[..4] && w[5] == first[5] {
+                format!(
+                    "ranks are out of step: rank 0 is at barrier phase {} but rank {r} at {} (in {})",
+                    first[4].wrapping_sub(1),
+                    w[4].wrapping_sub(1),
+                    Sig::describe(&first)
+                )
+            } else {
+                format!(
+                    "ranks disagree on the collective: rank 0 called {} but rank {r} called {}",
+                    Sig::describe(&first),
+                    Sig::describe(&w)
+                )
+            };
+            self.ctl().break_comm(Kind::Mismatch, r, &msg);
+            return Err(Error::invalid(op, msg));
+        }
+        if cut_short {
+            return Err(self.ctl().failure(op, std::time::Duration::ZERO));
         }
         Ok(())
     }
@@ -699,8 +794,11 @@ impl Collectives for HostComm {
     }
 
     fn barrier(&self) -> Result<()> {
-        let phase = self.next_phase();
-        self.ctl().barrier(phase, true, "barrier")
+        let phase = self.enter("barrier")?;
+        let stamp = Sig::barrier_stamp(phase);
+        self.put_stamp(phase, &stamp);
+        self.ctl().barrier(phase, sync::Wait::Breakable, "barrier")?;
+        self.check_stamps(phase, "barrier")
     }
 
     fn synchronize(&self) -> Result<()> {

@@ -10,7 +10,7 @@ use std::sync::atomic::{AtomicU32, AtomicU64};
 /// Bytes per cache line; every shared word sits on its own line unless noted.
 pub(crate) const LINE: usize = 64;
 /// Identifies a region made by this version of the layout.
-pub(crate) const MAGIC: u64 = 0x6e63_636c_2d72_7331; // "nccl-rs1"
+pub(crate) const MAGIC: u64 = 0x6e63_636c_2d72_7332; // "nccl-rs2" (2: six-word stamps, descriptor moved)
 
 const HEADER: usize = 8 * LINE;
 const RANK_REC: usize = 4 * LINE;
@@ -125,10 +125,10 @@ pub(crate) mod rec {
     pub const PANICKED: u64 = 3;
     pub const PID: usize = 16;
     pub const START: usize = 24;
-    /// Two op signatures of 4 words each, indexed by phase parity.
+    /// Two phase stamps of 6 words each (one line apiece), indexed by phase parity (see `Stamp`).
     pub const SIG: usize = LINE;
     /// Direct-mode descriptor (threads only): send ptr, recv ptr, scale bits, has-scale.
-    pub const DESC: usize = 2 * LINE;
+    pub const DESC: usize = 3 * LINE;
 }
 
 impl Region {

@@ -1,13 +1,14 @@
 //! Staged collectives: through the per-rank slots of the shared region (every message between processes,
 //! small messages between threads).
 //!
-//! One round = each rank writes its slot (parity = barrier phase % 2), one barrier, each rank reads the
-//! slots it needs. Soundness of the slot accesses, for every round below:
+//! One round = each rank stamps the phase (call, phase number, round) and writes its slot (parity = barrier
+//! phase % 2), one barrier, every rank checks all stamps of the phase, then reads the slots it needs. Soundness of the slot accesses, for every round below:
 //! - a rank writes only its own slot, and only before arriving at the round's barrier;
 //! - it reads other slots only after the barrier completed (the barrier orders the writes before the reads,
 //!   see `sync.rs`) and before it arrives at its next barrier;
 //! - the slot of parity `p % 2` is next written in phase `p + 2`, which a rank enters only after phase
-//!   `p + 1` completed, i.e. after every rank arrived there and so finished reading phase `p`'s slots.
+//!   `p + 1` completed, i.e. after every rank arrived there and so finished reading phase `p`'s slots
+//!   (a rank for which `p + 1` failed finds the communicator broken and writes nothing: `HostComm::enter`).
 //!
 //! The caller's buffers (`Io`) come from slices borrowed for the whole call: `send` valid for reads and
 //! `recv` for writes of the lengths [`crate::counts`] checked; they alias only in the in-place forms, where
@@ -15,7 +16,8 @@
 
 use super::copy::{self, copy_out, STREAM_MIN_BYTES};
 use super::reduce::{self, Plan};
-use super::{direct, HostComm, Sig};
+use super::sync::Wait;
+use super::{direct, HostComm, Sig, Step};
 use crate::counts::Op;
 use crate::error::Result;
 use crate::types::{Elem, ReduceOp};
@@ -73,17 +75,14 @@ impl HostComm {
         (self.region.geo.slot_bytes / std::mem::size_of::<T>() / parts).max(1)
     }
 
-    /// Starts a round: phase, signature on the first round, writes, barrier, signature check.
-    fn round(&self, s: &Sig, first: bool, write: impl FnOnce(u64)) -> Result<u64> {
-        let phase = self.next_phase();
-        if first {
-            self.put_sig(phase, s);
-        }
+    /// Starts round `k`: phase, stamp (every round is stamped with its phase and round, so a rank never
+    /// reads slots of a phase a peer passed in another call), writes, barrier, stamp check.
+    fn round(&self, s: &Sig, k: usize, write: impl FnOnce(u64)) -> Result<u64> {
+        let phase = self.enter(s.op.name())?;
+        self.put_stamp(phase, &s.stamp(phase, Step::Round(k as u64)));
         write(phase);
-        self.ctl().barrier(phase, true, s.op.name())?;
-        if first {
-            self.check_sigs(phase, s.op.name())?;
-        }
+        self.ctl().barrier(phase, Wait::Breakable, s.op.name())?;
+        self.check_stamps(phase, s.op.name())?;
         Ok(phase)
     }
 
@@ -107,7 +106,7 @@ impl HostComm {
         for k in 0..rounds(s.count, c) {
             let lo = k * c;
             let len = c.min(s.count - lo);
-            let phase = self.round(&s, k == 0, |phase| {
+            let phase = self.round(&s, k, |phase| {
                 // SAFETY: own slot (see module docs), `len <= c` elements fit; `send[lo..lo+len]` is inside
                 // the caller's send slice.
                 unsafe {
@@ -164,7 +163,7 @@ impl HostComm {
         for k in 0..rounds(s.count, c) {
             let lo = k * c;
             let len = c.min(s.count - lo);
-            let phase = self.round(&s, k == 0, |phase| {
+            let phase = self.round(&s, k, |phase| {
                 if root && self.n > 1 {
                     // SAFETY: own slot; the root's send slice holds `count` elements.
                     unsafe { wr(self.slot_of::<T>(self.rank, phase), len).copy_from_slice(rd(io.send.add(lo), len)) }
@@ -193,7 +192,7 @@ impl HostComm {
         for k in 0..rounds(s.count, c) {
             let lo = k * c;
             let len = c.min(s.count - lo);
-            let phase = self.round(&s, k == 0, |phase| {
+            let phase = self.round(&s, k, |phase| {
                 // SAFETY: own slot; `send` holds `count` elements.
                 unsafe { wr(self.slot_of::<T>(self.rank, phase), len).copy_from_slice(rd(io.send.add(lo), len)) }
             })?;
@@ -230,7 +229,7 @@ impl HostComm {
         for k in 0..rounds(s.count, c) {
             let lo = k * c;
             let len = c.min(s.count - lo);
-            let phase = self.round(&s, k == 0, |phase| {
+            let phase = self.round(&s, k, |phase| {
                 let slot = self.slot_of::<T>(self.rank, phase);
                 for b in 0..self.n {
                     // SAFETY: own slot holds `n * c` elements; `send` holds `n * count`.
@@ -270,7 +269,7 @@ impl HostComm {
         for k in 0..rounds(s.count, c) {
             let lo = k * c;
             let len = c.min(s.count - lo);
-            let phase = self.round(&s, k == 0, |phase| {
+            let phase = self.round(&s, k, |phase| {
                 let slot = self.slot_of::<T>(self.rank, phase);
                 for b in 0..self.n {
                     // SAFETY: own slot holds `n * c` elements; `send` holds `n * count`.
@@ -297,7 +296,7 @@ impl HostComm {
         for k in 0..rounds(s.count, c) {
             let lo = k * c;
             let len = c.min(s.count - lo);
-            let phase = self.round(&s, k == 0, |phase| {
+            let phase = self.round(&s, k, |phase| {
                 if root {
                     let slot = self.slot_of::<T>(self.rank, phase);
                     for b in 0..self.n {

@@ -12,8 +12,10 @@
 //!   Completion and failure of a phase are therefore mutually exclusive, decided by one atomic word. A
 //!   rank that gives up (timeout, peer failure) sets the bit with a CAS on the exact word it saw
 //!   incomplete; if the CAS fails because the phase completed, it proceeds as if it had not given up.
-//! - A *non-breakable* phase (the closing barrier of a direct-access collective between threads) ignores
-//!   the bit and is waited for without deadline: see `direct.rs` for why that is both needed and bounded.
+//! - A *draining* phase (the closing barrier of a direct-access collective between threads) ignores the
+//!   bit: it must complete, since no rank may return while a peer still accesses its buffers. It is still
+//!   bounded by the timeout: the waiter breaks the communicator, which makes every peer's data phase stop
+//!   at its next block and arrive (`Wait::Drain`, `direct.rs`).
 //!
 //! Acquire/release: the arriving CAS is `AcqRel` and the waiters' load `Acquire`, and the RMWs of one phase
 //! form a release sequence, so everything any rank wrote before arriving happens-before everything every
@@ -195,6 +197,19 @@ fn spin_budget(nranks: usize) -> Duration {
     }
 }
 
+/// How a barrier phase waits.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub(crate) enum Wait {
+    /// Fails (and breaks the communicator) on a timeout, a gone rank, or a broken communicator.
+    Breakable,
+    /// The closing phase of a direct collective, entered only by ranks that are all in the same data
+    /// phase: it completes once every rank finished (or cut short) its part, ignoring the broken bit,
+    /// because returning earlier would let the caller free buffers a peer still accesses. It is bounded
+    /// all the same: on the timeout or a gone rank it breaks the communicator, and ranks in a data phase
+    /// check the broken bit between blocks, stop, and arrive. The caller learns the verdict from the stamps.
+    Drain,
+}
+
 /// The shared-state view of one rank: barrier, failure reason, liveness.
 pub(crate) struct Ctl<'a> {
     pub region: &'a Region,
@@ -277,7 +292,11 @@ impl Ctl<'_> {
     }
 
     /// Passes one barrier phase. `phase` is this rank's phase counter (incremented by the caller).
-    pub fn barrier(&self, phase: u64, breakable: bool, op: &'static str) -> Result<(), Error> {
+    ///
+    /// [`Wait::Breakable`]: fails on a broken communicator, a rank that is gone, or the timeout (then it
+    /// breaks the communicator). [`Wait::Drain`]: always completes and returns `Ok` (see its docs).
+    pub fn barrier(&self, phase: u64, wait: Wait, op: &'static str) -> Result<(), Error> {
+        let breakable = wait == Wait::Breakable;
         let pm = phase & PHASE_MASK;
         self.region.rank_word(self.rank, rec::ARRIVED).store(phase + 1, Release);
         let bar = self.bar();
@@ -304,6 +323,8 @@ impl Ctl<'_> {
             }
         }
         let mut b = Backoff::new(self.n);
+        // Drain: the communicator was broken by this wait (or found broken), so the peers stop early.
+        let mut broke = false;
         loop {
             let w = bar.load(Acquire);
             if phase_of(w) != pm {
@@ -312,31 +333,52 @@ impl Ctl<'_> {
             if breakable && w & BROKEN != 0 {
                 return Err(self.failure(op, b.elapsed()));
             }
-            if b.snooze(self.region, || {
-                phase_of(bar.load(Acquire)) != pm || bar.load(Acquire) & BROKEN != 0
-            }) && breakable
-            {
-                if let Some((dead, why)) = self.find_gone(|j| self.arrived(j) <= phase) {
-                    self.break_comm(Kind::Gone, dead, &why);
+            let ready = || {
+                let w = bar.load(Acquire);
+                phase_of(w) != pm || (breakable && w & BROKEN != 0)
+            };
+            if !b.snooze(self.region, ready) {
+                continue;
+            }
+            let missing = || -> Vec<usize> { (0..self.n).filter(|&j| self.arrived(j) <= phase).collect() };
+            if !breakable {
+                if broke || w & BROKEN != 0 {
+                    broke = true;
                     continue;
                 }
-                let elapsed = b.elapsed();
-                if elapsed >= self.timeout {
-                    let missing: Vec<usize> = (0..self.n).filter(|&j| self.arrived(j) <= phase).collect();
-                    let msg = match missing.as_slice() {
-                        [one] => format!("rank {one} never arrived"),
-                        many => format!("ranks {many:?} never arrived"),
-                    };
-                    // Give up only if the phase is still incomplete (see the module docs).
-                    if bar.compare_exchange(w, w | BROKEN, AcqRel, Acquire).is_ok() {
-                        self.set_reason(Kind::Timeout, self.rank, &msg);
-                        notify(self.region);
-                        return Err(Error::Timeout {
-                            op,
-                            elapsed,
-                            detail: Some(msg),
-                        });
-                    }
+                if let Some((dead, why)) = self.find_gone(|j| self.arrived(j) <= phase) {
+                    self.break_comm(Kind::Gone, dead, &why);
+                    broke = true;
+                } else if b.elapsed() >= self.timeout {
+                    let msg = format!(
+                        "ranks {:?} did not finish their part of {op} within {:?}",
+                        missing(),
+                        self.timeout
+                    );
+                    self.break_comm(Kind::Timeout, self.rank, &msg);
+                    broke = true;
+                }
+                continue;
+            }
+            if let Some((dead, why)) = self.find_gone(|j| self.arrived(j) <= phase) {
+                self.break_comm(Kind::Gone, dead, &why);
+                continue;
+            }
+            let elapsed = b.elapsed();
+            if elapsed >= self.timeout {
+                let msg = match missing().as_slice() {
+                    [one] => format!("rank {one} never arrived"),
+                    many => format!("ranks {many:?} never arrived"),
+                };
+                // Give up only if the phase is still incomplete (see the module docs).
+                if bar.compare_exchange(w, w | BROKEN, AcqRel, Acquire).is_ok() {
+                    self.set_reason(Kind::Timeout, self.rank, &msg);
+                    notify(self.region);
+                    return Err(Error::Timeout {
+                        op,
+                        elapsed,
+                        detail: Some(msg),
+                    });
                 }
             }
         }

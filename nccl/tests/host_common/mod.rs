@@ -2,6 +2,9 @@
 //! reference (computed in `f64`/`i128`, exact for the values used).
 #![allow(dead_code)]
 
+pub mod procs;
+pub mod script;
+
 use nccl::host::{HostComm, HostOptions};
 use nccl::{Collectives, Elem, ReduceOp};
 
