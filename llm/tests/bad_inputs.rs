@@ -51,3 +51,28 @@ fn in_range_sampling_flags_still_run() {
     let args = Args::try_parse_from(argv).unwrap();
     assert_eq!(cli::run(Example::Tp, args).unwrap(), 0);
 }
+
+fn user(text: &str) -> Vec<nccl_llm::chat::Message> {
+    vec![nccl_llm::chat::Message {
+        role: "user".into(),
+        content: text.into(),
+    }]
+}
+
+/// A chat template is outside data (it comes from the model file): one that loops 10^7 times runs out of
+/// its instruction budget instead of running on (10^10 iterations would take hours).
+#[test]
+fn runaway_chat_template_is_stopped_by_its_budget() {
+    let t = "{% for i in range(100000) %}{% for j in range(100) %}x{% endfor %}{% endfor %}";
+    let e = match nccl_llm::chat::render(t, &user("hi"), "", "") {
+        Ok(s) => panic!("a 10^7-iteration template rendered ({} bytes)", s.len()),
+        Err(e) => e,
+    };
+    assert!(matches!(e, EngineError::Template(_)), "{e:?}");
+    assert!(e.to_string().contains("fuel"), "{e}");
+    // A real template with a long conversation stays far inside the budget.
+    let smol = "{% for message in messages %}{{'<|im_start|>' + message['role'] + '\n' + message['content'] + '<|im_end|>' + '\n'}}{% endfor %}{% if add_generation_prompt %}{{ '<|im_start|>assistant\n' }}{% endif %}";
+    let long: Vec<_> = (0..2000).flat_map(|i| user(&format!("message {i}"))).collect();
+    let s = nccl_llm::chat::render(smol, &long, "", "").unwrap();
+    assert!(s.ends_with("<|im_start|>assistant\n") && s.contains("message 1999"));
+}
