@@ -14,9 +14,16 @@ pub struct Message {
     pub content: String,
 }
 
-/// Renders `template` for `messages`, ending with the prompt of an assistant turn.
+/// The most template instructions one rendering may execute. A chat template comes from the model file, so
+/// it is outside data: without a budget, `{% for i in range(100000) %}{% for j in range(100000) %}` would run
+/// for hours. Real templates use a few dozen instructions per message.
+pub const TEMPLATE_FUEL: u64 = 2_000_000;
+
+/// Renders `template` for `messages`, ending with the prompt of an assistant turn. A template that runs
+/// more than [`TEMPLATE_FUEL`] instructions is an error.
 pub fn render(template: &str, messages: &[Message], bos_token: &str, eos_token: &str) -> Result<String> {
     let mut env = Environment::new();
+    env.set_fuel(Some(TEMPLATE_FUEL));
     env.add_function("raise_exception", |msg: String| -> std::result::Result<String, Error> {
         Err(Error::new(ErrorKind::InvalidOperation, msg))
     });

@@ -158,9 +158,27 @@ fn layout_of(example: Example, args: &Args) -> Result<Layout> {
     Ok(layout)
 }
 
+/// The sampling flags, checked before any worker starts or model loads.
+fn sampling_of(args: &Args) -> Result<SamplingParams> {
+    let p = SamplingParams {
+        temperature: args.temperature,
+        top_p: args.top_p,
+        seed: args.seed,
+    };
+    p.validate().map_err(|e| {
+        let flag = match e {
+            crate::sample::SamplingError::Temperature(_) => "--temperature",
+            _ => "--top-p",
+        };
+        EngineError::Config(format!("{flag}: {e}"))
+    })?;
+    Ok(p)
+}
+
 /// Runs an example with parsed arguments; returns the process exit code.
 pub fn run(example: Example, args: Args) -> Result<i32> {
     let layout = layout_of(example, &args)?;
+    sampling_of(&args)?; // before spawning workers: a bad flag fails once, in the launcher
     let nccl = args.backend == Backend::Nccl;
     if nccl {
         check_nccl_build()?;
@@ -216,11 +234,7 @@ pub fn run(example: Example, args: Args) -> Result<i32> {
     let prompt = prompt_ids(&args, &*src, tokenizer.as_deref())?;
     let params = GenerateParams {
         max_new_tokens: args.max_new_tokens,
-        sampling: SamplingParams {
-            temperature: args.temperature,
-            top_p: args.top_p,
-            seed: args.seed,
-        },
+        sampling: sampling_of(&args)?,
         ignore_eos: args.ignore_eos,
         micro_batches: args.micro_batches,
     };

@@ -47,6 +47,32 @@ pub fn argmax(logits: &[f32]) -> u32 {
     best as u32
 }
 
+impl SamplingParams {
+    /// Checks the settings: `temperature` must be a finite number ≥ 0 (0 = greedy) and `top_p` a number in
+    /// (0, 1]. Out-of-range values are refused rather than quietly treated as greedy or as 1.
+    pub fn validate(&self) -> Result<(), SamplingError> {
+        if !(self.temperature.is_finite() && self.temperature >= 0.0) {
+            return Err(SamplingError::Temperature(self.temperature));
+        }
+        if !(self.top_p > 0.0 && self.top_p <= 1.0) {
+            return Err(SamplingError::TopP(self.top_p));
+        }
+        Ok(())
+    }
+}
+
+/// Sampling settings that [`SamplingParams::validate`] refuses.
+#[derive(Debug, Clone, Copy, PartialEq, thiserror::Error)]
+#[non_exhaustive]
+pub enum SamplingError {
+    /// Negative, NaN or infinite temperature.
+    #[error("temperature {0} is not a finite number ≥ 0 (0 = greedy)")]
+    Temperature(f32),
+    /// `top_p` outside (0, 1], or NaN.
+    #[error("top-p {0} is not in (0, 1] (1 = keep every token)")]
+    TopP(f32),
+}
+
 impl Sampler {
     /// A sampler with these settings.
     pub fn new(params: SamplingParams) -> Self {
@@ -107,6 +133,33 @@ impl Sampler {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn out_of_range_settings_are_refused() {
+        let p = |temperature, top_p| SamplingParams {
+            temperature,
+            top_p,
+            seed: 0,
+        };
+        for t in [-1.0, -f32::MIN_POSITIVE, f32::NAN, f32::INFINITY, f32::NEG_INFINITY] {
+            assert!(
+                matches!(p(t, 1.0).validate(), Err(SamplingError::Temperature(_))),
+                "{t}"
+            );
+        }
+        for tp in [2.0, 1.0 + f32::EPSILON, 0.0, -0.5, f32::NAN, f32::INFINITY] {
+            assert!(matches!(p(1.0, tp).validate(), Err(SamplingError::TopP(_))), "{tp}");
+        }
+        for (t, tp) in [(0.0, 1.0), (0.7, 0.9), (100.0, f32::MIN_POSITIVE), (f32::MAX, 1.0)] {
+            assert_eq!(p(t, tp).validate(), Ok(()), "{t} {tp}");
+        }
+        assert!(p(-1.0, 1.0)
+            .validate()
+            .unwrap_err()
+            .to_string()
+            .contains("temperature -1"));
+        assert!(p(0.0, 2.0).validate().unwrap_err().to_string().contains("top-p 2"));
+    }
 
     #[test]
     fn greedy_takes_the_max() {

@@ -255,6 +255,14 @@ impl Cli {
                 return Err("-b 0 with -f > 1 would never grow: start from a non-zero size".into());
             }
         }
+        if let Some(n) = size_count(self.min_bytes, self.max_bytes, self.step_factor, self.step_bytes) {
+            if n > MAX_SIZES {
+                return Err(format!(
+                    "-b {} -e {} -i {} would make {n} table rows (at most {MAX_SIZES}): use a larger -i or -f > 1",
+                    self.min_bytes, self.max_bytes, self.step_bytes
+                ));
+            }
+        }
         if self.nthreads == 0 || self.ngpus == 0 {
             return Err("-t and -g must be at least 1".into());
         }
@@ -309,6 +317,22 @@ fn with_usage(e: clap::Error) -> clap::Error {
     Cli::command().error(e.kind(), msg)
 }
 
+/// The most rows (sizes) one run may have: the size list is built before the run, so `-b 1 -e 1G -i 1` must
+/// be refused rather than allocate 8 GiB for it.
+pub const MAX_SIZES: u128 = 100_000;
+
+/// How many sizes [`sizes`] yields for an additive step (`None` for a factor > 1: at most 64 of them).
+fn size_count(min: usize, max: usize, factor: usize, step: usize) -> Option<u128> {
+    if factor > 1 || min > max {
+        return None;
+    }
+    Some(if step == 0 {
+        1
+    } else {
+        (max - min) as u128 / step as u128 + 1
+    })
+}
+
 /// nccl-tests' size loop: from `min` to `max` inclusive, multiplying by `factor` when it is > 1, else adding
 /// `step`. A loop that cannot advance yields `min` once.
 pub fn sizes(min: usize, max: usize, factor: usize, step: usize) -> Vec<usize> {
@@ -345,6 +369,19 @@ mod tests {
         assert_eq!(sizes(1, 3, 1, 1), vec![1, 2, 3]);
         assert_eq!(sizes(5, 5, 1, 0), vec![5]);
         assert_eq!(sizes(0, 0, 2, 0), vec![0]);
+    }
+
+    #[test]
+    fn a_size_list_too_long_to_build_is_refused() {
+        let cli = |args: &[&str]| Cli::parse_and_check(["nccl-perf", "all_reduce"].iter().chain(args));
+        let e = cli(&["-b", "1", "-e", "1G", "-i", "1"]).unwrap_err().to_string();
+        assert!(e.contains("1073741824 table rows"), "{e}");
+        assert!(cli(&["-b", "0", "-e", "99999", "-i", "1"]).is_ok());
+        assert!(cli(&["-b", "0", "-e", "100000", "-i", "1"]).is_err());
+        assert!(cli(&["-b", "1", "-e", "1G", "-f", "2"]).is_ok());
+        assert_eq!(size_count(0, 99_999, 1, 1), Some(100_000));
+        assert_eq!(size_count(8, 8, 1, 0), Some(1));
+        assert_eq!(sizes(0, 99_999, 1, 1).len(), 100_000);
     }
 
     #[test]

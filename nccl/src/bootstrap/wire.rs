@@ -199,44 +199,75 @@ fn read_full(stream: &TcpStream, buf: &mut [u8], ctx: &Ctx<'_>) -> Result<usize,
 
 /// Reads one frame of at most `max` payload bytes before the deadline.
 pub(crate) fn read_frame(stream: &TcpStream, max: usize, ctx: &Ctx<'_>) -> Result<(Kind, Vec<u8>), BootstrapError> {
+    decode_frame(|buf| read_full(stream, buf, ctx), ctx.peer, max)?.ok_or_else(|| ctx.closed("end of stream"))
+}
+
+/// The frame decoder behind [`read_frame`], over any source: `fill(buf)` reads exactly `buf.len()` bytes or
+/// returns fewer at the end of the stream. `Ok(None)`: the stream ended before the first byte.
+fn decode_frame(
+    mut fill: impl FnMut(&mut [u8]) -> Result<usize, BootstrapError>,
+    peer: Peer,
+    max: usize,
+) -> Result<Option<(Kind, Vec<u8>)>, BootstrapError> {
     let mut h = [0u8; HEADER_LEN];
-    let got = read_full(stream, &mut h, ctx)?;
+    let got = fill(&mut h)?;
     if got == 0 {
-        return Err(ctx.closed("end of stream"));
+        return Ok(None);
     }
     if got < HEADER_LEN {
         // Check what we have: junk is reported as junk, not as a short read.
         if got >= 4 && h[..4] != MAGIC {
             return Err(BootstrapError::BadMagic {
-                peer: ctx.peer,
+                peer,
                 found: [h[0], h[1], h[2], h[3]],
             });
         }
         return Err(BootstrapError::Truncated {
-            peer: ctx.peer,
+            peer,
             part: "header",
             got,
             expected: HEADER_LEN,
         });
     }
-    let (kind, len) = parse_header(&h, ctx.peer, max)?;
+    let (kind, len) = parse_header(&h, peer, max)?;
     // Grow the buffer as bytes arrive rather than trusting the header with one big allocation.
     let mut payload = Vec::with_capacity(len.min(1 << 16));
     let mut chunk = [0u8; 1 << 14];
     while payload.len() < len {
         let want = (len - payload.len()).min(chunk.len());
-        let n = read_full(stream, &mut chunk[..want], ctx)?;
+        let n = fill(&mut chunk[..want])?;
         payload.extend_from_slice(&chunk[..n]);
         if n < want {
             return Err(BootstrapError::Truncated {
-                peer: ctx.peer,
+                peer,
                 part: "payload",
                 got: payload.len(),
                 expected: len,
             });
         }
     }
-    Ok((kind, payload))
+    Ok(Some((kind, payload)))
+}
+
+/// Decodes the frames of a byte stream with the same code as the socket path, stopping at the first error
+/// (for the fuzz target `bootstrap_frames` and the bad-input tests; not a stable API).
+#[doc(hidden)]
+pub fn decode_frames(bytes: &[u8], max: usize) -> Result<Vec<(Kind, Vec<u8>)>, BootstrapError> {
+    let mut rest = bytes;
+    let mut frames = Vec::new();
+    let peer = Peer::Unidentified { addr: None };
+    loop {
+        let fill = |buf: &mut [u8]| {
+            let n = buf.len().min(rest.len());
+            buf[..n].copy_from_slice(&rest[..n]);
+            rest = &rest[n..];
+            Ok(n)
+        };
+        match decode_frame(fill, peer, max)? {
+            Some(f) => frames.push(f),
+            None => return Ok(frames),
+        }
+    }
 }
 
 /// Writes one frame before the deadline.
@@ -409,6 +440,45 @@ mod tests {
         let mut k = h;
         k[6] = 42;
         assert!(matches!(parse_header(&k, P, 100), Err(BootstrapError::Protocol { .. })));
+    }
+
+    #[test]
+    fn slice_decoder_matches_the_socket_rules() {
+        let mut two = header(Kind::Data, 3).to_vec();
+        two.extend([7, 8, 9]);
+        two.extend(header(Kind::Abort, 0));
+        let f = decode_frames(&two, 16).unwrap();
+        assert_eq!(f, [(Kind::Data, vec![7, 8, 9]), (Kind::Abort, vec![])]);
+        assert!(decode_frames(&[], 16).unwrap().is_empty());
+        assert!(matches!(
+            decode_frames(b"GET / HTTP/1.1", 16),
+            Err(BootstrapError::BadMagic { found, .. }) if found == *b"GET "
+        ));
+        assert!(matches!(
+            decode_frames(&two[..HEADER_LEN + 1], 16),
+            Err(BootstrapError::Truncated {
+                part: "payload",
+                got: 1,
+                expected: 3,
+                ..
+            })
+        ));
+        assert!(matches!(
+            decode_frames(&two[..5], 16),
+            Err(BootstrapError::Truncated {
+                part: "header",
+                got: 5,
+                ..
+            })
+        ));
+        assert!(matches!(
+            decode_frames(&header(Kind::Hello, u32::MAX), HANDSHAKE_MAX),
+            Err(BootstrapError::FrameTooLarge {
+                len: 0xFFFF_FFFF,
+                max: HANDSHAKE_MAX,
+                ..
+            })
+        ));
     }
 
     #[test]

@@ -1,0 +1,78 @@
+//! Bad inputs to the engine's public entry points, each giving a typed error that names what was wrong (the
+//! cases of `docs/bad-inputs.md` that no other test file covers). Nothing here needs the real model.
+
+use clap::Parser;
+use nccl_llm::cli::{self, Args, Example};
+use nccl_llm::error::EngineError;
+
+/// Runs `tp_llama`'s command line (built-in tiny model) in this process and returns the error it gives.
+fn cli_error(args: &[&str]) -> EngineError {
+    let argv = std::iter::once("tp_llama").chain(args.iter().copied());
+    let parsed = Args::try_parse_from(argv).unwrap_or_else(|e| panic!("{args:?} should parse: {e}"));
+    match cli::run(Example::Tp, parsed) {
+        Ok(code) => panic!("{args:?} was accepted (exit code {code})"),
+        Err(e) => e,
+    }
+}
+
+#[test]
+fn out_of_range_sampling_flags_are_clear_errors() {
+    for (args, needle) in [
+        (
+            &["--temperature=-1"][..],
+            "--temperature: temperature -1 is not a finite number",
+        ),
+        (&["--temperature", "nan"], "--temperature: temperature NaN"),
+        (&["--temperature", "inf"], "--temperature: temperature inf"),
+        (&["--top-p", "2"], "--top-p: top-p 2 is not in (0, 1]"),
+        (&["--top-p", "0"], "--top-p: top-p 0"),
+        (&["--top-p=-0.5", "--temperature", "0.7"], "--top-p: top-p -0.5"),
+        (&["--top-p", "NaN", "--temperature", "1"], "--top-p: top-p NaN"),
+    ] {
+        let e = cli_error(args);
+        assert!(matches!(e, EngineError::Config(_)), "{args:?}: {e:?}");
+        assert!(e.to_string().contains(needle), "{args:?}: {e}");
+    }
+}
+
+#[test]
+fn in_range_sampling_flags_still_run() {
+    let argv = [
+        "tp_llama",
+        "--temperature",
+        "0.8",
+        "--top-p",
+        "0.9",
+        "--max-new-tokens",
+        "2",
+        "--tp",
+        "1",
+    ];
+    let args = Args::try_parse_from(argv).unwrap();
+    assert_eq!(cli::run(Example::Tp, args).unwrap(), 0);
+}
+
+fn user(text: &str) -> Vec<nccl_llm::chat::Message> {
+    vec![nccl_llm::chat::Message {
+        role: "user".into(),
+        content: text.into(),
+    }]
+}
+
+/// A chat template is outside data (it comes from the model file): one that loops 10^7 times runs out of
+/// its instruction budget instead of running on (10^10 iterations would take hours).
+#[test]
+fn runaway_chat_template_is_stopped_by_its_budget() {
+    let t = "{% for i in range(100000) %}{% for j in range(100) %}x{% endfor %}{% endfor %}";
+    let e = match nccl_llm::chat::render(t, &user("hi"), "", "") {
+        Ok(s) => panic!("a 10^7-iteration template rendered ({} bytes)", s.len()),
+        Err(e) => e,
+    };
+    assert!(matches!(e, EngineError::Template(_)), "{e:?}");
+    assert!(e.to_string().contains("fuel"), "{e}");
+    // A real template with a long conversation stays far inside the budget.
+    let smol = "{% for message in messages %}{{'<|im_start|>' + message['role'] + '\n' + message['content'] + '<|im_end|>' + '\n'}}{% endfor %}{% if add_generation_prompt %}{{ '<|im_start|>assistant\n' }}{% endif %}";
+    let long: Vec<_> = (0..2000).flat_map(|i| user(&format!("message {i}"))).collect();
+    let s = nccl_llm::chat::render(smol, &long, "", "").unwrap();
+    assert!(s.ends_with("<|im_start|>assistant\n") && s.contains("message 1999"));
+}
