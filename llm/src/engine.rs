@@ -419,6 +419,12 @@ impl RankModel {
         self.place.stage + 1 == self.place.pp
     }
 
+    /// Bytes of KV cache this rank allocates per position of a sequence (keys and values of its KV heads,
+    /// every layer of its stage).
+    pub fn kv_bytes_per_position(&self) -> usize {
+        2 * self.layers.len() * self.heads.kv_heads.len() * self.cfg.head_dim * std::mem::size_of::<f32>()
+    }
+
     /// An empty KV cache for up to `max_seq` positions.
     pub fn new_cache(&self, max_seq: usize) -> KvCache {
         let per = self.heads.kv_heads.len() * max_seq * self.cfg.head_dim;
@@ -459,24 +465,62 @@ impl RankModel {
     /// Runs this stage's layers on `n` rows of activations `x` at positions `pos0..pos0 + n`, appending their
     /// keys and values to `cache`.
     pub fn forward_layers(&self, x: &mut [f32], n: usize, cache: &mut KvCache, tp: &dyn Comm) -> Result<()> {
+        self.forward_batch(x, &mut [(n, cache)], tp)
+    }
+
+    /// Runs this stage's layers on several sequences at once (continuous batching): segment `s` is
+    /// `segs[s].0` consecutive rows of `x` (after those of the earlier segments) that continue the sequence
+    /// whose cache is `segs[s].1`, at its next positions. The matrix products run over all rows together, so
+    /// the weights are read once per step; attention reads each sequence's own cache.
+    ///
+    /// When every segment is one row (a decode step) the products use [`Weight::matvec_batch`], whose
+    /// result for each row is bit for bit what a step of that sequence alone computes: batching changes no
+    /// token. Segments of several rows (prefill) go through the blocked product of [`Weight::linear`].
+    /// Nothing is written to any cache when one of them would overflow.
+    pub fn forward_batch(&self, x: &mut [f32], segs: &mut [(usize, &mut KvCache)], tp: &dyn Comm) -> Result<()> {
         let cfg = &self.cfg;
         let (h, hd) = (cfg.hidden_size, cfg.head_dim);
-        let pos0 = cache.len;
-        if pos0 + n > cache.max_seq {
+        let n: usize = segs.iter().map(|s| s.0).sum();
+        if x.len() != n * h {
             return Err(EngineError::Config(format!(
-                "sequence of {} tokens exceeds the KV cache ({} positions)",
-                pos0 + n,
-                cache.max_seq
+                "forward: {} activations for {n} rows of width {h}",
+                x.len()
             )));
         }
-        let threads = self.place.threads;
+        for (len, cache) in segs.iter() {
+            if cache.len + len > cache.max_seq {
+                return Err(EngineError::Config(format!(
+                    "sequence of {} tokens exceeds the KV cache ({} positions)",
+                    cache.len + len,
+                    cache.max_seq
+                )));
+            }
+        }
+        let decode = segs.len() > 1 && segs.iter().all(|s| s.0 == 1);
+        let lin = |w: &Weight, input: &[f32], out: &mut [f32]| {
+            if decode {
+                w.matvec_batch(input, n, out, self.place.threads)
+            } else {
+                w.linear(input, n, out, self.place.threads)
+            }
+        };
         let eps = cfg.rms_norm_eps as f32;
         let nq = self.heads.q_heads.len();
         let nkv = self.heads.kv_heads.len();
         let group = cfg.num_attention_heads / cfg.num_key_value_heads;
         let qkv_w = (nq + 2 * nkv) * hd;
         let scale = 1.0 / (hd as f32).sqrt();
-        let angles: Vec<(Vec<f32>, Vec<f32>)> = (0..n).map(|t| self.rope.angles(pos0 + t)).collect();
+        // Row r belongs to segment seg_of[r] at position pos_of[r].
+        let mut seg_of = Vec::with_capacity(n);
+        let mut pos_of = Vec::with_capacity(n);
+        for (si, (len, cache)) in segs.iter().enumerate() {
+            for t in 0..*len {
+                seg_of.push(si);
+                pos_of.push(cache.len + t);
+            }
+        }
+        let angles: Vec<(Vec<f32>, Vec<f32>)> = pos_of.iter().map(|&p| self.rope.angles(p)).collect();
+        let max_ctx = pos_of.iter().copied().max().map_or(0, |p| p + 1);
 
         let mut normed = vec![0.0f32; n * h];
         let mut qkv = vec![0.0f32; n * qkv_w];
@@ -484,31 +528,36 @@ impl RankModel {
         let mut proj = vec![0.0f32; n * h];
         let mut gu = vec![0.0f32; n * 2 * self.ffn_local];
         let mut act = vec![0.0f32; n * self.ffn_local];
-        let mut scores = vec![0.0f32; pos0 + n];
+        let mut scores = vec![0.0f32; max_ctx];
 
         for (li, layer) in self.layers.iter().enumerate() {
             // Attention.
             math::rms_norm(x, &layer.attn_norm, eps, &mut normed);
-            layer.qkv.linear(&normed, n, &mut qkv, threads);
-            let (kc, vc) = (&mut cache.k[li], &mut cache.v[li]);
+            lin(&layer.qkv, &normed, &mut qkv);
             for t in 0..n {
+                let cache = &mut *segs[seg_of[t]].1;
+                let max_seq = cache.max_seq;
+                let (kc, vc) = (&mut cache.k[li], &mut cache.v[li]);
                 let row = &mut qkv[t * qkv_w..(t + 1) * qkv_w];
                 let (cos, sin) = &angles[t];
                 self.rope.apply(&mut row[..(nq + nkv) * hd], cos, sin);
-                let pos = pos0 + t;
+                let pos = pos_of[t];
                 for j in 0..nkv {
-                    let dst = (j * cache.max_seq + pos) * hd;
+                    let dst = (j * max_seq + pos) * hd;
                     kc[dst..dst + hd].copy_from_slice(&row[(nq + j) * hd..(nq + j + 1) * hd]);
                     vc[dst..dst + hd].copy_from_slice(&row[(nq + nkv + j) * hd..(nq + nkv + j + 1) * hd]);
                 }
             }
             for t in 0..n {
-                let ctx = pos0 + t + 1;
+                let cache = &*segs[seg_of[t]].1;
+                let max_seq = cache.max_seq;
+                let (kc, vc) = (&cache.k[li], &cache.v[li]);
+                let ctx = pos_of[t] + 1;
                 for i in 0..nq {
                     let gq = self.heads.q_heads.start + i;
                     let j = gq / group - self.heads.kv_heads.start;
                     let q = &qkv[t * qkv_w + i * hd..t * qkv_w + (i + 1) * hd];
-                    let kbase = j * cache.max_seq * hd;
+                    let kbase = j * max_seq * hd;
                     let s = &mut scores[..ctx];
                     for (p, sc) in s.iter_mut().enumerate() {
                         *sc = math::dot(q, &kc[kbase + p * hd..kbase + (p + 1) * hd]) * scale;
@@ -524,7 +573,7 @@ impl RankModel {
                     }
                 }
             }
-            layer.o.linear(&attn, n, &mut proj, threads);
+            lin(&layer.o, &attn, &mut proj);
             tp.all_reduce_sum(&mut proj)?;
             for (a, b) in x.iter_mut().zip(&proj) {
                 *a += b;
@@ -532,7 +581,7 @@ impl RankModel {
 
             // MLP.
             math::rms_norm(x, &layer.mlp_norm, eps, &mut normed);
-            layer.gate_up.linear(&normed, n, &mut gu, threads);
+            lin(&layer.gate_up, &normed, &mut gu);
             let f = self.ffn_local;
             for t in 0..n {
                 let row = &gu[t * 2 * f..(t + 1) * 2 * f];
@@ -540,19 +589,33 @@ impl RankModel {
                 a.copy_from_slice(&row[..f]);
                 math::silu_mul(a, &row[f..]);
             }
-            layer.down.linear(&act, n, &mut proj, threads);
+            lin(&layer.down, &act, &mut proj);
             tp.all_reduce_sum(&mut proj)?;
             for (a, b) in x.iter_mut().zip(&proj) {
                 *a += b;
             }
         }
-        cache.len = pos0 + n;
+        for (len, cache) in segs.iter_mut() {
+            cache.len += *len;
+        }
         Ok(())
     }
 
     /// Logits of the last row of `x` (last stage only): final norm, this rank's vocabulary rows, then one
     /// all-gather over the TP group. Returns all `vocab_size` logits on every TP rank.
     pub fn logits(&self, x: &[f32], tp: &dyn Comm) -> Result<Vec<f32>> {
+        let h = self.cfg.hidden_size;
+        if x.len() < h {
+            return Err(EngineError::Config("logits of an empty batch".into()));
+        }
+        let rows = [x.len() / h - 1];
+        Ok(self.logits_rows(x, &rows, tp)?.pop().expect("one row"))
+    }
+
+    /// Logits of rows `rows` of `x` (last stage only), one vector of `vocab_size` per row, with one pass
+    /// over the LM head and one all-gather for all of them. Each row's logits are bit for bit those that
+    /// [`RankModel::logits`] gives for that row alone.
+    pub fn logits_rows(&self, x: &[f32], rows: &[usize], tp: &dyn Comm) -> Result<Vec<Vec<f32>>> {
         let h = self.cfg.hidden_size;
         let norm = self
             .final_norm
@@ -563,15 +626,39 @@ impl RankModel {
             .as_ref()
             .or(self.embed.as_ref())
             .expect("the last stage holds a head");
-        let last = &x[x.len() - h..];
-        let mut normed = vec![0.0f32; h];
-        math::rms_norm(last, norm, self.cfg.rms_norm_eps as f32, &mut normed);
-        let mut local = vec![0.0f32; self.vocab_per];
-        head.matvec(&normed, &mut local[..self.vocab_rows.len()], self.place.threads);
-        let mut all = vec![0.0f32; self.vocab_per * self.place.tp];
+        let m = rows.len();
+        let mut normed = vec![0.0f32; m * h];
+        for (i, &r) in rows.iter().enumerate() {
+            let row = x
+                .get(r * h..(r + 1) * h)
+                .ok_or_else(|| EngineError::Config(format!("logits: row {r} is past the batch")))?;
+            math::rms_norm(row, norm, self.cfg.rms_norm_eps as f32, &mut normed[i * h..(i + 1) * h]);
+        }
+        let (vp, mine) = (self.vocab_per, self.vocab_rows.len());
+        let mut local = vec![0.0f32; m * vp];
+        if m == 1 {
+            head.matvec(&normed, &mut local[..mine], self.place.threads);
+        } else {
+            let mut packed = vec![0.0f32; m * mine];
+            head.matvec_batch(&normed, m, &mut packed, self.place.threads);
+            for i in 0..m {
+                local[i * vp..i * vp + mine].copy_from_slice(&packed[i * mine..(i + 1) * mine]);
+            }
+        }
+        let tpn = self.place.tp;
+        let mut all = vec![0.0f32; m * vp * tpn];
         tp.all_gather(&local, &mut all)?;
-        all.truncate(self.cfg.vocab_size);
-        Ok(all)
+        Ok((0..m)
+            .map(|i| {
+                let mut v = Vec::with_capacity(vp * tpn);
+                for r in 0..tpn {
+                    let base = r * m * vp + i * vp;
+                    v.extend_from_slice(&all[base..base + vp]);
+                }
+                v.truncate(self.cfg.vocab_size);
+                v
+            })
+            .collect())
     }
 }
 
@@ -596,6 +683,10 @@ impl KvCache {
     /// Forgets every position (the buffers are kept).
     pub fn clear(&mut self) {
         self.len = 0;
+    }
+    /// Positions this cache can hold.
+    pub fn capacity(&self) -> usize {
+        self.max_seq
     }
 }
 
@@ -678,6 +769,41 @@ impl Rank {
             self.pp.send(&x, stage + 1)?;
         }
         Ok(x)
+    }
+
+    /// One step of continuous batching, called with the same segments on every rank of the layout: segment
+    /// `(tokens, cache)` feeds `tokens` to the sequence of `cache` (a prefill chunk, or the one token a
+    /// decode step adds). Stage 0 embeds them, every stage runs its layers over all rows in one pass (see
+    /// [`RankModel::forward_batch`]) and passes them on. Returns, on the last stage's ranks, the logits at the
+    /// last row of each segment (`None` on the other stages).
+    pub fn step(&self, segs: &mut [(&[u32], &mut KvCache)]) -> Result<Option<Vec<Vec<f32>>>> {
+        let h = self.model.cfg.hidden_size;
+        let stage = self.model.place.stage;
+        let n: usize = segs.iter().map(|s| s.0.len()).sum();
+        if segs.iter().any(|s| s.0.is_empty()) {
+            return Err(EngineError::Config("step: a segment has no tokens".into()));
+        }
+        let mut x = if self.model.is_first() {
+            let tokens: Vec<u32> = segs.iter().flat_map(|s| s.0.iter().copied()).collect();
+            self.model.embed(&tokens, &*self.tp)?
+        } else {
+            let mut x = vec![0.0f32; n * h];
+            self.pp.recv(&mut x, stage - 1)?;
+            x
+        };
+        let mut rows: Vec<(usize, &mut KvCache)> = segs.iter_mut().map(|(t, c)| (t.len(), &mut **c)).collect();
+        self.model.forward_batch(&mut x, &mut rows, &*self.tp)?;
+        if !self.model.is_last() {
+            self.pp.send(&x, stage + 1)?;
+            return Ok(None);
+        }
+        let mut last = Vec::with_capacity(segs.len());
+        let mut end = 0;
+        for s in segs.iter() {
+            end += s.0.len();
+            last.push(end - 1);
+        }
+        Ok(Some(self.model.logits_rows(&x, &last, &*self.tp)?))
     }
 
     /// The last stage tells every other stage which token was chosen.

@@ -8,4 +8,5 @@ pub mod launch;
 pub mod math;
 pub mod model;
 pub mod sample;
+pub mod server;
 pub mod shard;

@@ -110,6 +110,51 @@ pub fn matvec(x: &[f32], w: &Matrix, y: &mut [f32], threads: usize) {
     }
 }
 
+/// `y[t, :] = W · x[t, :]` for `n` independent vectors in one pass over the weights (a batched decode
+/// step): each block of [`MATVEC_CHUNK`] rows is read once and applied to every vector while it is in cache.
+/// Every output is computed exactly as [`matvec`] computes it (same kernel, same order), so a sequence's
+/// results do not depend on what else is in the batch.
+pub fn matvec_batch(x: &[f32], n: usize, w: &Matrix, y: &mut [f32], threads: usize) {
+    assert_eq!(x.len(), n * w.cols, "matvec_batch: input length");
+    assert_eq!(y.len(), n * w.rows, "matvec_batch: output length");
+    if n == 1 {
+        return matvec(x, w, y, threads);
+    }
+    let cols = w.cols;
+    batch_rows(n, w.rows, y, threads, |base, t, out| {
+        let xt = &x[t * cols..(t + 1) * cols];
+        for (i, o) in out.iter_mut().enumerate() {
+            *o = dot(&w.data[(base + i) * cols..(base + i + 1) * cols], xt);
+        }
+    });
+}
+
+/// Runs `kernel(first_row, vector, out)` for every block of [`MATVEC_CHUNK`] rows and every one of the `n`
+/// vectors (blocks in parallel when `threads > 1`, vectors inner so a block's weights are read from memory
+/// once), then scatters the block-major results into `y` (`[n, rows]`).
+fn batch_rows(n: usize, rows: usize, y: &mut [f32], threads: usize, kernel: impl Fn(usize, usize, &mut [f32]) + Sync) {
+    // Block c holds `[n][rlen]` values: the rows c·CHUNK .. c·CHUNK + rlen of each vector.
+    let mut tmp = vec![0.0f32; n * rows];
+    let block = |(c, out): (usize, &mut [f32])| {
+        let rlen = out.len() / n;
+        for (t, o) in out.chunks_exact_mut(rlen).enumerate() {
+            kernel(c * MATVEC_CHUNK, t, o);
+        }
+    };
+    if threads > 1 && rows >= 2 * MATVEC_CHUNK {
+        tmp.par_chunks_mut(MATVEC_CHUNK * n).enumerate().for_each(block);
+    } else {
+        tmp.chunks_mut(MATVEC_CHUNK * n).enumerate().for_each(block);
+    }
+    for (c, blk) in tmp.chunks(MATVEC_CHUNK * n).enumerate() {
+        let rlen = blk.len() / n;
+        let base = c * MATVEC_CHUNK;
+        for (t, vals) in blk.chunks_exact(rlen).enumerate() {
+            y[t * rows + base..t * rows + base + rlen].copy_from_slice(vals);
+        }
+    }
+}
+
 /// Dot product with 16 independent accumulators (vectorizes to SIMD lanes without reassociation flags).
 #[inline]
 pub fn dot(a: &[f32], b: &[f32]) -> f32 {
@@ -425,6 +470,33 @@ impl QMatrix {
     }
 }
 
+impl QMatrix {
+    /// [`QMatrix::matvec`] for `n` vectors in one pass over the blocks (see [`matvec_batch`]); each output
+    /// equals what `matvec` gives for its vector alone.
+    pub fn matvec_batch(&self, x: &[f32], n: usize, y: &mut [f32], threads: usize) {
+        assert_eq!(x.len(), n * self.cols, "matvec_batch: input length");
+        assert_eq!(y.len(), n * self.rows, "matvec_batch: output length");
+        if n == 1 {
+            return self.matvec(x, y, threads);
+        }
+        let cols = self.cols;
+        let xsum: Vec<f32> = if self.kind == QKind::Q4 {
+            x.chunks_exact(QBLOCK).map(|c| c.iter().sum()).collect()
+        } else {
+            Vec::new()
+        };
+        let per = cols / QBLOCK;
+        batch_rows(n, self.rows, y, threads, |base, t, out| {
+            let xs = if xsum.is_empty() {
+                &xsum[..]
+            } else {
+                &xsum[t * per..(t + 1) * per]
+            };
+            self.rows_dot_dispatch(&x[t * cols..(t + 1) * cols], xs, base, out)
+        });
+    }
+}
+
 /// Rows dequantized at a time by the quantized prefill path of [`Weight::linear`].
 const PREFILL_TILE: usize = 1024;
 
@@ -483,6 +555,15 @@ impl Weight {
         match self {
             Weight::F32(m) => matvec(x, m, y, threads),
             Weight::Quant(q) => q.matvec(x, y, threads),
+        }
+    }
+
+    /// `n` independent vectors in one pass over the weights, each output equal to [`Weight::matvec`] of its
+    /// vector (the batched decode step).
+    pub fn matvec_batch(&self, x: &[f32], n: usize, y: &mut [f32], threads: usize) {
+        match self {
+            Weight::F32(m) => matvec_batch(x, n, m, y, threads),
+            Weight::Quant(q) => q.matvec_batch(x, n, y, threads),
         }
     }
 
@@ -676,6 +757,35 @@ mod tests {
                 let r = naive(&x, n, &w);
                 for (a, b) in y.iter().zip(&r) {
                     assert!((a - b).abs() < 1e-4 * (1.0 + b.abs()), "{n}x{rows}x{cols}: {a} vs {b}");
+                }
+            }
+        }
+    }
+
+    /// The batched decode kernel gives every vector exactly (bit for bit) what `matvec` gives it alone, for
+    /// f32 and quantized weights, row counts that are not a multiple of the block, serial and parallel.
+    #[test]
+    fn matvec_batch_equals_matvec_bit_for_bit() {
+        for &(n, rows) in &[(2, 5), (3, 64), (5, 130), (8, 257), (32, 129)] {
+            let cols = 64;
+            let x = pseudo(n * cols, 3);
+            let f = Weight::F32(Matrix::new(rows, cols, pseudo(rows * cols, 4)));
+            let mut weights = vec![f];
+            for kind in 0..3 {
+                let (ty, raw) = q_blocks(kind, rows, cols / QBLOCK, 5 + kind as u32);
+                weights.push(Weight::Quant(QMatrix::from_ggml(ty, rows, cols, &raw).unwrap()));
+            }
+            for w in &weights {
+                for threads in [1, 2] {
+                    let mut y = vec![f32::NAN; n * rows];
+                    w.matvec_batch(&x, n, &mut y, threads);
+                    for t in 0..n {
+                        let mut one = vec![f32::NAN; rows];
+                        w.matvec(&x[t * cols..(t + 1) * cols], &mut one, threads);
+                        let got: Vec<u32> = y[t * rows..(t + 1) * rows].iter().map(|v| v.to_bits()).collect();
+                        let want: Vec<u32> = one.iter().map(|v| v.to_bits()).collect();
+                        assert_eq!(got, want, "n {n} rows {rows} vector {t} threads {threads}");
+                    }
                 }
             }
         }

@@ -1,0 +1,314 @@
+//! The `serve` example's command line: an HTTP server, or a batch run over a prompts file.
+
+use std::io::{BufRead, Write};
+use std::net::SocketAddr;
+use std::path::PathBuf;
+use std::sync::Arc;
+use std::time::Duration;
+
+use clap::Parser;
+
+use super::pool::{generate_distributed, Fault, GenRequest, Pool, PoolConfig};
+use crate::error::{EngineError, Result};
+use crate::model::{self, WeightSource};
+use crate::sample::SamplingParams;
+use crate::shard::Layout;
+
+/// An OpenAI-compatible inference server: --dp replicas of --tp × --pp CPU ranks, continuous batching.
+///
+/// Without --model, the built-in tiny random model (no tokenizer: prompts as token ids, text as ids).
+#[derive(Parser, Debug, Clone)]
+#[command(version)]
+pub struct Args {
+    /// A GGUF file or a Hugging Face directory. Default: the built-in tiny model.
+    #[arg(long)]
+    pub model: Option<PathBuf>,
+    /// The model name clients send (default: the file name without extension, or `tiny-random`).
+    #[arg(long)]
+    pub model_name: Option<String>,
+    /// Address to listen on (loopback by default).
+    #[arg(long, default_value = "127.0.0.1")]
+    pub host: std::net::IpAddr,
+    /// Port (0: any free port; the chosen one is printed).
+    #[arg(long, default_value_t = 8000)]
+    pub port: u16,
+    /// Tensor-parallel degree of each replica.
+    #[arg(long, default_value_t = 1)]
+    pub tp: usize,
+    /// Pipeline-parallel degree of each replica.
+    #[arg(long, default_value_t = 1)]
+    pub pp: usize,
+    /// Data-parallel replicas.
+    #[arg(long, default_value_t = 1)]
+    pub dp: usize,
+    /// Compute threads per rank (default: cores ÷ all ranks, at least 1).
+    #[arg(long)]
+    pub threads: Option<usize>,
+    /// Most sequences in a replica's running batch.
+    #[arg(long, default_value_t = 32)]
+    pub max_batch: usize,
+    /// Most requests waiting for admission (more get 429).
+    #[arg(long, default_value_t = 256)]
+    pub max_queue: usize,
+    /// KV cache budget per rank, MiB (a request waits until its whole reservation fits).
+    #[arg(long, default_value_t = 512)]
+    pub kv_budget_mb: usize,
+    /// Most prompt tokens prefilled per step (long prompts are split so decodes keep running).
+    #[arg(long, default_value_t = 256)]
+    pub prefill_chunk: usize,
+    /// Largest request body, KiB (more: 413).
+    #[arg(long, default_value_t = 1024)]
+    pub max_body_kb: usize,
+    /// A replica whose step takes longer than this is taken out of rotation and rebuilt.
+    #[arg(long, default_value_t = 30.0)]
+    pub step_timeout_secs: f64,
+    /// On SIGTERM, in-flight requests get this long to finish.
+    #[arg(long, default_value_t = 60.0)]
+    pub drain_timeout_secs: f64,
+    /// Batch mode: a JSONL file of prompts (`{"prompt": "...", "max_tokens": N}` or a JSON string per line);
+    /// no HTTP server.
+    #[arg(long, requires = "out")]
+    pub prompts_file: Option<PathBuf>,
+    /// Batch mode: where to write the results, one JSON object per line in input order.
+    #[arg(long, requires = "prompts_file")]
+    pub out: Option<PathBuf>,
+    /// Batch mode: default max_tokens per prompt.
+    #[arg(long, default_value_t = 32)]
+    pub max_tokens: usize,
+    /// Testing only: `REPLICA:RANK:STEP` makes that rank panic at that step once.
+    #[arg(long, hide = true)]
+    pub inject_fault: Option<String>,
+    /// Testing only: sleep this many milliseconds after every step (slows generation down).
+    #[arg(long, hide = true, default_value_t = 0)]
+    pub step_delay_ms: u64,
+}
+
+/// Runs the `serve` example with the process's command line; returns the exit code.
+pub fn main() -> i32 {
+    let args = Args::parse();
+    match run(args) {
+        Ok(()) => 0,
+        Err(e) => {
+            eprintln!("error: {e}");
+            let mut src = std::error::Error::source(&e);
+            while let Some(s) = src {
+                eprintln!("  caused by: {s}");
+                src = s.source();
+            }
+            1
+        }
+    }
+}
+
+fn parse_fault(s: &str) -> Result<Fault> {
+    let p: Vec<&str> = s.split(':').collect();
+    let num = |i: usize| -> Result<u64> {
+        p.get(i)
+            .and_then(|v| v.parse().ok())
+            .ok_or_else(|| EngineError::Config(format!("--inject-fault {s}: expected REPLICA:RANK:STEP")))
+    };
+    if p.len() != 3 {
+        return Err(EngineError::Config(format!(
+            "--inject-fault {s}: expected REPLICA:RANK:STEP"
+        )));
+    }
+    Ok(Fault {
+        replica: num(0)? as usize,
+        rank: num(1)? as usize,
+        step: num(2)?,
+    })
+}
+
+fn secs(v: f64, what: &str) -> Result<Duration> {
+    if !(v.is_finite() && v > 0.0 && v < 1e7) {
+        return Err(EngineError::Config(format!(
+            "{what} must be a positive number of seconds, got {v}"
+        )));
+    }
+    Ok(Duration::from_secs_f64(v))
+}
+
+/// Builds the pool from the arguments.
+pub fn pool_from_args(args: &Args) -> Result<(Arc<Pool>, String)> {
+    let src: Arc<dyn WeightSource> = match &args.model {
+        Some(p) => Arc::from(model::open(p)?),
+        None => {
+            eprintln!("no --model given: serving the built-in tiny random model (prompts as token ids)");
+            Arc::from(model::tiny_random(0))
+        }
+    };
+    let name = args.model_name.clone().unwrap_or_else(|| match &args.model {
+        Some(p) => p
+            .file_stem()
+            .map_or("model".into(), |s| s.to_string_lossy().into_owned()),
+        None => "tiny-random".into(),
+    });
+    if args.tp == 0 || args.pp == 0 || args.dp == 0 {
+        return Err(EngineError::Config("--tp, --pp and --dp must be at least 1".into()));
+    }
+    let layout = Layout {
+        tp: args.tp,
+        pp: args.pp,
+    };
+    let ranks = layout.world() * args.dp;
+    let cores = std::thread::available_parallelism().map_or(1, |n| n.get());
+    let cfg = PoolConfig {
+        layout,
+        dp: args.dp,
+        threads: args.threads.unwrap_or((cores / ranks).max(1)).max(1),
+        max_batch: args.max_batch,
+        max_queue: args.max_queue,
+        kv_budget_bytes: args.kv_budget_mb.saturating_mul(1 << 20),
+        prefill_chunk: args.prefill_chunk,
+        step_timeout: secs(args.step_timeout_secs, "--step-timeout-secs")?,
+        fault: args.inject_fault.as_deref().map(parse_fault).transpose()?,
+        step_delay: Duration::from_millis(args.step_delay_ms),
+    };
+    let t0 = std::time::Instant::now();
+    let pool = Pool::start(src, cfg)?;
+    eprintln!(
+        "{}: {} replica(s) of tp {} × pp {} loaded in {:.2} s",
+        pool.source().describe(),
+        args.dp,
+        args.tp,
+        args.pp,
+        t0.elapsed().as_secs_f64()
+    );
+    Ok((pool, name))
+}
+
+/// Runs with parsed arguments.
+pub fn run(args: Args) -> Result<()> {
+    if let (Some(inp), Some(out)) = (&args.prompts_file, &args.out) {
+        return batch(&args, inp, out);
+    }
+    let drain = secs(args.drain_timeout_secs, "--drain-timeout-secs")?;
+    let (pool, name) = pool_from_args(&args)?;
+    let rt = tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(2)
+        .enable_all()
+        .build()
+        .map_err(|e| EngineError::Config(format!("tokio runtime: {e}")))?;
+    let addr = SocketAddr::new(args.host, args.port);
+    let app = super::App::new(pool.clone(), name, args.max_body_kb.saturating_mul(1024));
+    let r = rt.block_on(async {
+        let listener = tokio::net::TcpListener::bind(addr).await?;
+        let local = listener.local_addr()?;
+        println!("listening on http://{local} (model `{}`)", app.model_name);
+        let _ = std::io::stdout().flush();
+        super::serve(listener, app, shutdown_signal(), drain).await
+    });
+    pool.shutdown();
+    eprintln!("stopped");
+    r.map_err(|e| EngineError::Io {
+        path: PathBuf::from(addr.to_string()),
+        source: e,
+    })
+}
+
+async fn shutdown_signal() {
+    let term = async {
+        match tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()) {
+            Ok(mut s) => {
+                s.recv().await;
+            }
+            Err(_) => std::future::pending::<()>().await,
+        }
+    };
+    tokio::select! {
+        _ = term => {}
+        _ = tokio::signal::ctrl_c() => {}
+    }
+}
+
+#[derive(serde::Deserialize)]
+struct Line {
+    prompt: serde_json::Value,
+    max_tokens: Option<usize>,
+    temperature: Option<f32>,
+    seed: Option<u64>,
+}
+
+fn batch(args: &Args, inp: &std::path::Path, out: &std::path::Path) -> Result<()> {
+    let io = |path: &std::path::Path| {
+        let path = path.to_path_buf();
+        move |source| EngineError::Io { path, source }
+    };
+    let file = std::fs::File::open(inp).map_err(io(inp))?;
+    let (pool, _) = pool_from_args(args)?;
+    let tok = pool.tokenizer().cloned();
+    let mut reqs = Vec::new();
+    for (i, line) in std::io::BufReader::new(file).lines().enumerate() {
+        let line = line.map_err(io(inp))?;
+        if line.trim().is_empty() {
+            continue;
+        }
+        let bad = |m: String| EngineError::Config(format!("{}:{}: {m}", inp.display(), i + 1));
+        let v: serde_json::Value = serde_json::from_str(&line).map_err(|e| bad(e.to_string()))?;
+        let l: Line = if v.is_string() {
+            Line {
+                prompt: v,
+                max_tokens: None,
+                temperature: None,
+                seed: None,
+            }
+        } else {
+            serde_json::from_value(v).map_err(|e| bad(e.to_string()))?
+        };
+        let prompt = match &l.prompt {
+            serde_json::Value::String(s) => {
+                let t = tok
+                    .as_ref()
+                    .ok_or_else(|| bad("the model has no tokenizer: give prompts as lists of token ids".into()))?;
+                t.encode(s.as_str(), true)
+                    .map_err(|e| bad(e.to_string()))?
+                    .get_ids()
+                    .to_vec()
+            }
+            other => serde_json::from_value::<Vec<u32>>(other.clone())
+                .map_err(|_| bad("prompt must be a string or a list of token ids".into()))?,
+        };
+        reqs.push(GenRequest {
+            prompt,
+            max_tokens: l.max_tokens.unwrap_or(args.max_tokens),
+            sampling: SamplingParams {
+                temperature: l.temperature.unwrap_or(0.0),
+                top_p: 1.0,
+                seed: l.seed.unwrap_or(0),
+            },
+            stop: Vec::new(),
+            ignore_eos: false,
+        });
+    }
+    let n = reqs.len();
+    let t0 = std::time::Instant::now();
+    let results = generate_distributed(&pool, reqs, Duration::from_secs(3600));
+    pool.shutdown();
+    let mut w = std::io::BufWriter::new(std::fs::File::create(out).map_err(io(out))?);
+    let mut failed = 0;
+    for (i, r) in results.into_iter().enumerate() {
+        let v = match r {
+            Ok(o) => serde_json::json!({"index": i, "text": o.text, "token_ids": o.token_ids,
+                                        "finish_reason": o.finish.as_str()}),
+            Err(e) => {
+                failed += 1;
+                serde_json::json!({"index": i, "error": e})
+            }
+        };
+        writeln!(w, "{v}").map_err(io(out))?;
+    }
+    w.flush().map_err(io(out))?;
+    eprintln!(
+        "{n} prompt(s) over {} replica(s) in {:.2} s; results in {}",
+        args.dp,
+        t0.elapsed().as_secs_f64(),
+        out.display()
+    );
+    if failed > 0 {
+        return Err(EngineError::Config(format!(
+            "{failed} of {n} prompt(s) failed (see {})",
+            out.display()
+        )));
+    }
+    Ok(())
+}

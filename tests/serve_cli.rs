@@ -1,0 +1,322 @@
+//! The `serve` example as a user runs it: a process on 127.0.0.1 (port 0, the chosen port read from its
+//! output), driven by curl and the `openai` Python package (`.deps/pyclient`, from scripts/setup.sh).
+//! `cargo test` builds the examples next to this test binary (`--test serve_cli` alone does not: build them
+//! first with `cargo build -p nccl-stack --examples`).
+//!
+//! With `CI` set, a missing example binary, curl, openai package or model file fails the test naming it;
+//! elsewhere the test says it skipped. Every wait is bounded; the child is killed if a test fails.
+
+use std::io::{BufRead, BufReader};
+use std::path::PathBuf;
+use std::process::{Child, Command, Stdio};
+use std::sync::mpsc;
+use std::time::{Duration, Instant};
+
+use serde_json::{json, Value};
+
+fn root() -> PathBuf {
+    PathBuf::from(env!("CARGO_MANIFEST_DIR"))
+}
+
+fn missing(what: String) {
+    assert!(std::env::var_os("CI").is_none(), "CI is set but {what}");
+    eprintln!("SKIPPED: {what}");
+}
+
+fn example() -> Option<PathBuf> {
+    let exe = std::env::current_exe().unwrap();
+    let p = exe.parent().unwrap().parent().unwrap().join("examples").join("serve");
+    if !p.exists() {
+        missing(format!(
+            "{} is not built: run `cargo test` (it builds the examples) or `cargo build --examples`",
+            p.display()
+        ));
+        return None;
+    }
+    Some(p)
+}
+
+fn tool(name: &str) -> bool {
+    let ok = Command::new(name)
+        .arg("--version")
+        .output()
+        .is_ok_and(|o| o.status.success());
+    if !ok {
+        missing(format!("`{name}` is not installed"));
+    }
+    ok
+}
+
+fn smollm2() -> Option<PathBuf> {
+    let p = root().join(".deps/models/SmolLM2-135M-Instruct.Q4_1.gguf");
+    if !p.exists() {
+        missing(format!("{} is missing (run scripts/setup.sh)", p.display()));
+        return None;
+    }
+    Some(p)
+}
+
+/// A running server process; killed on drop.
+struct Proc {
+    child: Child,
+    url: String,
+}
+
+impl Drop for Proc {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+fn spawn(exe: &PathBuf, args: &[&str]) -> Proc {
+    let mut child = Command::new(exe)
+        .args(["--port", "0"])
+        .args(args)
+        .stdout(Stdio::piped())
+        .stderr(Stdio::inherit())
+        .spawn()
+        .expect("start the serve example");
+    let out = child.stdout.take().unwrap();
+    let (tx, rx) = mpsc::channel();
+    std::thread::spawn(move || {
+        for line in BufReader::new(out).lines().map_while(Result::ok) {
+            let _ = tx.send(line);
+        }
+    });
+    let deadline = Instant::now() + Duration::from_secs(180);
+    loop {
+        let left = deadline.saturating_duration_since(Instant::now());
+        match rx.recv_timeout(left) {
+            Ok(line) => {
+                if let Some(rest) = line.strip_prefix("listening on ") {
+                    let url = rest.split_whitespace().next().unwrap().to_string();
+                    return Proc { child, url };
+                }
+            }
+            Err(_) => {
+                let _ = child.kill();
+                panic!(
+                    "the server did not print its address within 180 s (exit: {:?})",
+                    child.try_wait()
+                );
+            }
+        }
+    }
+}
+
+fn curl(args: &[&str]) -> (u16, String) {
+    let out = Command::new("curl")
+        .args(["-sS", "--max-time", "120", "-w", "\n%{http_code}"])
+        .args(args)
+        .output()
+        .expect("curl runs");
+    let text = String::from_utf8_lossy(&out.stdout).into_owned();
+    let (body, code) = text.rsplit_once('\n').unwrap_or(("", "0"));
+    (code.trim().parse().unwrap_or(0), body.to_string())
+}
+
+fn post(p: &Proc, path: &str, body: &Value) -> (u16, String) {
+    curl(&[
+        "-H",
+        "content-type: application/json",
+        "--data-binary",
+        &body.to_string(),
+        &format!("{}{path}", p.url),
+    ])
+}
+
+fn sse_text(body: &str, field: &dyn Fn(&Value) -> Option<String>) -> (String, bool) {
+    let mut text = String::new();
+    let mut done = false;
+    for line in body.lines() {
+        if let Some(d) = line.strip_prefix("data: ") {
+            if d == "[DONE]" {
+                done = true;
+                continue;
+            }
+            let v: Value = serde_json::from_str(d).unwrap_or_else(|e| panic!("bad chunk {d}: {e}"));
+            if let Some(t) = field(&v) {
+                text += &t;
+            }
+        }
+    }
+    (text, done)
+}
+
+#[test]
+fn smollm2_chat_with_curl_and_the_openai_client_streaming_and_not() {
+    let (Some(exe), Some(model)) = (example(), smollm2()) else {
+        return;
+    };
+    if !tool("curl") {
+        return;
+    }
+    let pyclient = root().join(".deps/pyclient");
+    if !pyclient.join("openai").is_dir() {
+        missing(format!(
+            "the openai package is not in {} (run scripts/setup.sh)",
+            pyclient.display()
+        ));
+        return;
+    }
+    let p = spawn(&exe, &["--model", model.to_str().unwrap(), "--tp", "2", "--dp", "1"]);
+    let ask = json!({"model": "SmolLM2-135M-Instruct.Q4_1", "temperature": 0, "max_tokens": 12,
+                     "messages": [{"role": "user", "content": "What is the capital of France?"}]});
+    let (code, body) = post(&p, "/v1/chat/completions", &ask);
+    assert_eq!(code, 200, "{body}");
+    let v: Value = serde_json::from_str(&body).unwrap();
+    let answer = v["choices"][0]["message"]["content"].as_str().unwrap().to_string();
+    assert!(!answer.trim().is_empty(), "{body}");
+    assert!(answer.contains("Paris"), "greedy SmolLM2 answers Paris: {answer:?}");
+    assert_eq!(v["choices"][0]["message"]["role"], "assistant");
+    assert!(v["usage"]["prompt_tokens"].as_u64().unwrap() > 10);
+    let mut s = ask.clone();
+    s["stream"] = json!(true);
+    let (code, body) = post(&p, "/v1/chat/completions", &s);
+    assert_eq!(code, 200);
+    let (streamed, done) = sse_text(&body, &|v| {
+        v["choices"][0]["delta"]["content"].as_str().map(String::from)
+    });
+    assert!(done);
+    assert_eq!(streamed, answer, "streamed and whole answers differ");
+
+    let script = r#"
+import sys, openai
+c = openai.OpenAI(base_url=sys.argv[1] + "/v1", api_key="none", max_retries=0, timeout=120)
+msgs = [{"role": "user", "content": "What is the capital of France?"}]
+r = c.chat.completions.create(model="SmolLM2-135M-Instruct.Q4_1", messages=msgs, temperature=0, max_tokens=12)
+whole = r.choices[0].message.content
+parts = [ch.choices[0].delta.content or "" for ch in c.chat.completions.create(
+    model="SmolLM2-135M-Instruct.Q4_1", messages=msgs, temperature=0, max_tokens=12, stream=True) if ch.choices]
+assert "".join(parts) == whole, (parts, whole)
+t = c.completions.create(model="SmolLM2-135M-Instruct.Q4_1", prompt="The capital of France is", max_tokens=4,
+                         temperature=0)
+assert t.usage.prompt_tokens > 0 and t.choices[0].text
+print(whole)
+"#;
+    let out = Command::new("python3")
+        .env("PYTHONPATH", &pyclient)
+        .args(["-c", script, &p.url])
+        .output()
+        .unwrap();
+    assert!(
+        out.status.success(),
+        "openai client failed:\n{}\n{}",
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert_eq!(String::from_utf8_lossy(&out.stdout).trim_end(), answer.trim_end());
+}
+
+#[test]
+fn sigterm_drains_the_in_flight_request_then_exits() {
+    let Some(exe) = example() else { return };
+    if !tool("curl") {
+        return;
+    }
+    let mut p = spawn(&exe, &["--step-delay-ms", "10"]);
+    let url = format!("{}/v1/completions", p.url);
+    let body = json!({"model": "tiny-random", "prompt": [1, 2, 3], "max_tokens": 80, "temperature": 0,
+                      "ignore_eos": true, "stream": true})
+    .to_string();
+    let bg = std::thread::spawn(move || {
+        curl(&[
+            "-N",
+            "-H",
+            "content-type: application/json",
+            "--data-binary",
+            &body,
+            &url,
+        ])
+    });
+    // Wait until it runs (80 steps of ≥ 10 ms: it is still running when the signal comes).
+    let health = format!("{}/health", p.url);
+    let t0 = Instant::now();
+    loop {
+        let (_, h) = curl(&[&health]);
+        if h.contains("\"running\":1") {
+            break;
+        }
+        assert!(t0.elapsed() < Duration::from_secs(30), "the request never ran: {h}");
+        std::thread::sleep(Duration::from_millis(10));
+    }
+    // SAFETY: kill(2) on our own child's pid, which is alive (it has not been waited for).
+    let rc = unsafe { libc::kill(p.child.id() as i32, libc::SIGTERM) };
+    assert_eq!(rc, 0);
+    let (code, out) = bg.join().unwrap();
+    assert_eq!(code, 200);
+    let (text, done) = sse_text(&out, &|v| v["choices"][0]["text"].as_str().map(String::from));
+    assert!(done, "the stream was cut: {out}");
+    assert_eq!(text.split_whitespace().count(), 80, "every token arrived: {text}");
+    let t0 = Instant::now();
+    let status = loop {
+        if let Some(s) = p.child.try_wait().unwrap() {
+            break s;
+        }
+        assert!(
+            t0.elapsed() < Duration::from_secs(30),
+            "the server did not exit after draining"
+        );
+        std::thread::sleep(Duration::from_millis(20));
+    };
+    assert!(status.success(), "exit status {status:?}");
+    let (code, _) = curl(&[&health]);
+    assert_eq!(code, 0, "nothing listens after the exit");
+}
+
+#[test]
+fn prompts_file_results_come_back_in_input_order_equal_to_solo_runs() {
+    let Some(exe) = example() else { return };
+    let dir = std::env::temp_dir().join(format!("serve_cli_{}", std::process::id()));
+    std::fs::create_dir_all(&dir).unwrap();
+    let (inp, out) = (dir.join("prompts.jsonl"), dir.join("results.jsonl"));
+    let prompts: Vec<Vec<u32>> = (0..10u32)
+        .map(|i| (0..1 + i % 5).map(|j| (i * 13 + j * 5 + 3) % 256).collect())
+        .collect();
+    let lines: Vec<String> = prompts
+        .iter()
+        .enumerate()
+        .map(|(i, p)| json!({"prompt": p, "max_tokens": 3 + i % 4}).to_string())
+        .collect();
+    std::fs::write(&inp, lines.join("\n") + "\n").unwrap();
+    let st = Command::new(&exe)
+        .args([
+            "--dp",
+            "2",
+            "--prompts-file",
+            inp.to_str().unwrap(),
+            "--out",
+            out.to_str().unwrap(),
+        ])
+        .status()
+        .unwrap();
+    assert!(st.success());
+    let got: Vec<Value> = std::fs::read_to_string(&out)
+        .unwrap()
+        .lines()
+        .map(|l| serde_json::from_str(l).unwrap())
+        .collect();
+    assert_eq!(got.len(), prompts.len());
+    let src = nccl_llm::model::tiny_random(0);
+    for (i, (g, p)) in got.iter().zip(&prompts).enumerate() {
+        assert_eq!(g["index"], i);
+        let params = nccl_llm::engine::GenerateParams {
+            max_new_tokens: 3 + i % 4,
+            sampling: Default::default(),
+            ignore_eos: false,
+            micro_batches: 0,
+        };
+        let solo =
+            nccl_llm::launch::generate_in_threads(&*src, nccl_llm::shard::Layout { tp: 1, pp: 1 }, 1, p, &params)
+                .unwrap();
+        let ids: Vec<u32> = g["token_ids"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .map(|v| v.as_u64().unwrap() as u32)
+            .collect();
+        assert_eq!(ids, solo[0].generated, "prompt {i}");
+    }
+    let _ = std::fs::remove_dir_all(&dir);
+}
