@@ -1,5 +1,5 @@
 //! Support code for `nccl-perf` and the cross-crate tests (not published).
-#![deny(missing_docs)]
+#![deny(missing_docs, clippy::undocumented_unsafe_blocks)]
 
 pub mod perf;
 

@@ -1,4 +1,5 @@
 //! Llama-family inference engine (tensor and pipeline parallel) used by the examples.
+#![deny(clippy::undocumented_unsafe_blocks)]
 pub mod chat;
 pub mod cli;
 pub mod comm;

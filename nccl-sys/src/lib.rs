@@ -22,7 +22,7 @@
 //!
 //! Features: `link` links libnccl at build time instead (the getters then return the linked functions);
 //! `bindgen` regenerates the bindings from `$NCCL_INCLUDE_DIR/nccl.h` at build time.
-#![deny(unsafe_op_in_unsafe_fn, missing_docs)]
+#![deny(unsafe_op_in_unsafe_fn, missing_docs, clippy::undocumented_unsafe_blocks)]
 
 #[macro_use]
 mod macros;

@@ -25,14 +25,9 @@ use crate::result::{self, ffi};
 use crate::types::DataType;
 use std::ffi::c_void;
 
-/// Refuses data types the loaded library does not have (fp8 needs NCCL 2.24, bf16 2.10).
+/// Refuses data types the loaded library does not have ([`DataType::min_version`]).
 pub(crate) fn check_dtype(op: &'static str, dt: DataType) -> Result<()> {
-    let needs = match dt {
-        DataType::Float8e4m3 | DataType::Float8e5m2 => "2.24",
-        DataType::Bfloat16 => "2.10",
-        _ => return Ok(()),
-    };
-    result::require_loaded(op, needs)
+    result::require_loaded(op, dt.min_version())
 }
 
 fn rank_arg(op: &'static str, what: &'static str, value: usize, size: usize) -> Result<i32> {
@@ -161,8 +156,7 @@ impl Call {
         if EMULATE.load(std::sync::atomic::Ordering::Relaxed) {
             return Ok(true);
         }
-        let lib = result::library(self.name())?;
-        Ok(lib.version_code() < result::version_code(2, 28, 0))
+        Ok(!result::loaded_version(self.name())?.at_least(crate::version::since::ALLTOALL))
     }
 
     /// AlltoAll, Gather and Scatter as the grouped sends and receives NCCL documented for them before 2.28
@@ -711,11 +705,16 @@ mod typed {
     }
 
     /// Makes `stream`'s context current on this thread, so NCCL (which uses the current device) picks it.
+    /// Refuses a non-primary context before any communicator is created on it (see `bind_stream`).
     fn bind(stream: &CudaStream) -> Result<()> {
-        stream.context().bind_to_thread().map_err(|e| Error::Cuda {
-            op: "bind_to_thread",
-            message: e.to_string(),
-        })
+        if !stream.context().is_primary() {
+            return Err(Error::invalid(
+                "bind_to_thread",
+                "the stream belongs to a non-primary CUDA context; NCCL runs in the device's primary context \
+                 (create it with CudaContext::new)",
+            ));
+        }
+        stream.context().bind_to_thread().map_err(Error::cuda("bind_to_thread"))
     }
 
     fn ptr(p: u64) -> *mut c_void {
@@ -744,8 +743,20 @@ mod typed {
         }
 
         /// Binds (or replaces) the stream collectives run on. It must belong to this communicator's device.
+        ///
+        /// The stream's context must be the device's *primary* context (`CudaContext::new`): NCCL works in
+        /// the primary context (its init and proxy threads select the device with the runtime API), and a
+        /// buffer or stream of another context on the same device is memory NCCL cannot use.
         pub fn bind_stream(&mut self, stream: Arc<CudaStream>) -> Result<()> {
-            let ordinal = stream.context().ordinal();
+            let ctx = stream.context();
+            if !ctx.is_primary() {
+                return Err(Error::invalid(
+                    "bind_stream",
+                    "the stream belongs to a non-primary CUDA context; NCCL runs in the device's primary \
+                     context (create it with CudaContext::new)",
+                ));
+            }
+            let ordinal = ctx.ordinal();
             if ordinal != self.device() {
                 return Err(Error::invalid(
                     "bind_stream",
@@ -757,6 +768,34 @@ mod typed {
             }
             self.stream = Some(stream);
             Ok(())
+        }
+
+        /// Refuses `ctx` unless it is the context of the bound stream (which [`bind_stream`](Self::bind_stream)
+        /// made sure is the device's primary context): comparing ordinals alone would let a buffer of another
+        /// context on the same device through.
+        pub(crate) fn check_context(
+            &self,
+            op: &'static str,
+            what: &'static str,
+            ctx: &cudarc::driver::CudaContext,
+        ) -> Result<()> {
+            let ours = self.stream()?.context();
+            if ctx.cu_ctx() == ours.cu_ctx() {
+                return Ok(());
+            }
+            let ordinal = ctx.ordinal();
+            let message = if ordinal != self.device() {
+                format!(
+                    "the {what} is on device {ordinal}, the communicator on device {}",
+                    self.device()
+                )
+            } else {
+                format!(
+                    "the {what} belongs to another CUDA context on device {ordinal} than the communicator's \
+                     (primary) one"
+                )
+            };
+            Err(Error::invalid(op, message))
         }
 
         /// [`init_rank`](Self::init_rank) on `stream`'s device, with collectives bound to `stream`. Makes the
@@ -809,17 +848,7 @@ mod typed {
             what: &'static str,
             buf: &(impl DeviceSlice<T> + ?Sized),
         ) -> Result<()> {
-            let ordinal = buf.stream().context().ordinal();
-            if ordinal != self.device() {
-                return Err(Error::invalid(
-                    op,
-                    format!(
-                        "the {what} is on device {ordinal}, the communicator on device {}",
-                        self.device()
-                    ),
-                ));
-            }
-            Ok(())
+            self.check_context(op, what, buf.stream().context())
         }
 
         fn begin<T: Elem>(&self, op: &'static str) -> Result<&CudaStream> {
@@ -1499,10 +1528,7 @@ mod typed {
 
         /// Waits until all work on the communicator's stream has completed.
         pub fn synchronize(&self) -> Result<()> {
-            self.stream()?.synchronize().map_err(|e| Error::Cuda {
-                op: "synchronize",
-                message: e.to_string(),
-            })
+            self.stream()?.synchronize().map_err(Error::cuda("synchronize"))
         }
 
         /// Returns once every rank has called it: an all_reduce of one element, then a stream synchronize.
@@ -1510,10 +1536,7 @@ mod typed {
             let taken = self.scratch.borrow_mut().take();
             let mut buf = match taken {
                 Some(b) => b,
-                None => self.stream()?.alloc_zeros::<i32>(1).map_err(|e| Error::Cuda {
-                    op: "barrier",
-                    message: e.to_string(),
-                })?,
+                None => self.stream()?.alloc_zeros::<i32>(1).map_err(Error::cuda("barrier"))?,
             };
             let res = self.all_reduce_in_place(&mut buf, ReduceOp::Sum);
             *self.scratch.borrow_mut() = Some(buf);

@@ -13,11 +13,25 @@
 //! once, this crate polls `ncclCommGetAsyncError` *releasing the lock between polls*, and an abort gets in
 //! between two polls. With the default blocking mode, the watchdog can still abort GPU-side hangs (a kernel
 //! waiting for a peer while the host waits in a stream synchronize), which is the common case.
+//!
+//! # Teardown
+//! Releasing a communicator (drop, or the end of [`finalize`](Communicator::finalize)) follows one plan
+//! ([`release_plan`]): a communicator with an asynchronous error, or released while the thread panics, is
+//! aborted; a non-blocking one still `ncclInProgress` is first waited for (bounded by [`DROP_WAIT`], then
+//! aborted); a blocking one reporting `ncclInProgress` is aborted. `ncclCommDestroy` marks the state closed
+//! only when it succeeded; when it fails the communicator is aborted, so it never leaks.
+//!
+//! # Groups
+//! NCCL defers communicator creation, split, shrink, window registration, finalize, abort and destroy issued
+//! inside `ncclGroupStart`/`ncclGroupEnd` to the group's end and writes their results then. Inside
+//! [`group`](crate::group()) these calls return [`Error::InsideGroup`]; a communicator dropped inside a
+//! group is released after the group ended.
 
 use crate::config::Config;
 use crate::error::{Error, Result};
 use crate::id::UniqueId;
 use crate::result::{self, ffi, IN_PROGRESS, SUCCESS};
+use crate::version::since;
 use std::cell::Cell;
 use std::marker::PhantomData;
 use std::sync::{Arc, Mutex, MutexGuard};
@@ -164,20 +178,20 @@ impl Shared {
 
     /// `ncclCommAbort` unless the communicator is already gone. Idempotent.
     pub(crate) fn abort(&self) -> Result<()> {
-        if crate::group::held_by_this_thread(self) {
-            return Err(Error::invalid(
-                "ncclCommAbort",
-                "cannot abort inside a group on the thread running it",
-            ));
-        }
+        crate::group::refuse_in_group("ncclCommAbort")?;
         let mut guard = self.lock();
-        if *guard != State::Live {
+        Self::abort_locked(&mut guard, self.raw)
+    }
+
+    /// `ncclCommAbort` with the lock held (`guard` is this communicator's), unless already gone.
+    fn abort_locked(guard: &mut MutexGuard<'_, State>, raw: RawComm) -> Result<()> {
+        if **guard != State::Live {
             return Ok(());
         }
-        let raw = self.raw;
-        *guard = State::Aborted;
+        **guard = State::Aborted;
         // SAFETY: `raw` was live and is marked aborted before the lock is released, so no call can use it
-        // again; ncclCommAbort frees it (also when operations are in flight, which it kills).
+        // again; ncclCommAbort frees it (also when operations are in flight, which it kills). We are not
+        // inside a group (checked by every caller), so NCCL runs it now instead of deferring it.
         let code = unsafe { ffi!("ncclCommAbort", ncclCommAbort(raw.0)) };
         // NCCL's last error is global after the comm is gone.
         // SAFETY: a null communicator asks for the global last error.
@@ -189,25 +203,128 @@ impl Shared {
         matches!(*self.lock(), State::Aborted)
     }
 
-    /// `ncclCommDestroy` (after a finalize, or from drop). On a non-blocking communicator destroy may return
-    /// `ncclInProgress`; NCCL documents destroy as completing the teardown itself.
+    /// `ncclCommDestroy` (after a finalize, or from drop; a non-blocking communicator must have been waited
+    /// for first). The state becomes `Closed` only when NCCL accepted the destroy (`ncclSuccess`, or
+    /// `ncclInProgress`: NCCL then completes the teardown itself and the handle is no longer ours). On any
+    /// other code the communicator is aborted under the same lock, so it does not leak, and the destroy's
+    /// error is returned.
     fn destroy(&self) -> Result<()> {
-        if crate::group::held_by_this_thread(self) {
-            return Err(Error::invalid("ncclCommDestroy", "cannot destroy inside a group"));
-        }
+        const OP: &str = "ncclCommDestroy";
+        crate::group::refuse_in_group(OP)?;
         let mut guard = self.lock();
         if *guard != State::Live {
             return Ok(());
         }
-        let raw = self.raw;
-        *guard = State::Closed;
-        // SAFETY: `raw` is live; marking it closed under the lock first means nothing uses it afterwards.
-        let code = unsafe { ffi!("ncclCommDestroy", ncclCommDestroy(raw.0)) };
-        if code == IN_PROGRESS {
+        // SAFETY: `raw` is live and we hold the lock, so no other call uses it meanwhile; we are not inside a
+        // group (checked above), so NCCL destroys it now.
+        let code = unsafe { ffi!(OP, ncclCommDestroy(self.raw.0)) };
+        if destroy_accepted(code) {
+            *guard = State::Closed;
             return Ok(());
         }
         // SAFETY: a null communicator asks for the global last error.
-        unsafe { result::check("ncclCommDestroy", code, std::ptr::null_mut()) }
+        let err = unsafe { result::check(OP, code, std::ptr::null_mut()) };
+        // NCCL refuses a destroy before it starts reclaiming (it first checks the handle and waits until the
+        // communicator is ready), so after a failed destroy the communicator is still NCCL's live object:
+        // abort it rather than leak it.
+        if let Err(e) = Self::abort_locked(&mut guard, self.raw) {
+            tracing::warn!("nccl: aborting after {OP} failed: {e}");
+        }
+        err
+    }
+}
+
+/// True when `ncclCommDestroy`'s code means the communicator is no longer ours (closed).
+pub(crate) fn destroy_accepted(code: i32) -> bool {
+    code == SUCCESS || code == IN_PROGRESS
+}
+
+/// How long releasing a non-blocking communicator waits for NCCL to finish pending work before aborting it.
+pub const DROP_WAIT: Duration = Duration::from_secs(60);
+
+/// What releasing a communicator must do.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub(crate) enum Release {
+    /// Already aborted or destroyed.
+    Nothing,
+    /// Healthy and idle: `ncclCommDestroy`.
+    Destroy,
+    /// Non-blocking and still `ncclInProgress`: wait (bounded by [`DROP_WAIT`]), then destroy.
+    WaitThenDestroy,
+    /// Failed, unknown, or released while panicking: `ncclCommAbort`.
+    Abort,
+}
+
+/// The teardown state machine: what to do with a communicator in `state` (`blocking` or not), released while
+/// the thread is `panicking` or not, whose `ncclCommGetAsyncError` returned `status` (`None`: the query
+/// failed).
+pub(crate) fn release_plan(state: State, blocking: bool, panicking: bool, status: Option<i32>) -> Release {
+    if state != State::Live {
+        return Release::Nothing;
+    }
+    if panicking {
+        return Release::Abort;
+    }
+    match status {
+        Some(SUCCESS) => Release::Destroy,
+        // A blocking communicator never reports work in progress after its calls returned: something is
+        // wrong, and a destroy could block on it.
+        Some(IN_PROGRESS) if !blocking => Release::WaitThenDestroy,
+        _ => Release::Abort,
+    }
+}
+
+/// Releases a communicator by [`release_plan`] (the `Drop` of [`Communicator`], also after a group).
+pub(crate) fn release(shared: &Shared, panicking: bool) -> Result<()> {
+    let state = *shared.lock();
+    let status = if state == State::Live && !panicking {
+        shared.async_status("ncclCommGetAsyncError").ok()
+    } else {
+        None
+    };
+    match release_plan(state, shared.blocking, panicking, status) {
+        Release::Nothing => Ok(()),
+        Release::Destroy => shared.destroy(),
+        Release::Abort => shared.abort(),
+        Release::WaitThenDestroy => match shared.wait_ready("drop", Some(DROP_WAIT)) {
+            Ok(()) => shared.destroy(),
+            Err(e) => {
+                // A timeout already aborted it; any other failure leaves it to abort here.
+                if let Err(e2) = shared.abort() {
+                    tracing::warn!("nccl: aborting after a failed wait in drop: {e2}");
+                }
+                Err(e)
+            }
+        },
+    }
+}
+
+/// The `*newcomm` out-slot (and the config) of a split or shrink, on the heap. When the call returns
+/// `ncclInProgress`, NCCL fills `*newcomm` later from its own thread, so the slot must outlive the call's
+/// frame; it is read (and freed) by [`ChildSlot::take`] only once the parent reports the work done. A slot
+/// that is never taken (the wait failed, so NCCL may still write it) is deliberately leaked: a few bytes
+/// instead of a write into freed memory. No `Drop`, on purpose.
+struct ChildSlot(*mut (nccl_sys::ncclComm_t, nccl_sys::ncclConfig_t));
+
+impl ChildSlot {
+    fn new(config: nccl_sys::ncclConfig_t) -> Self {
+        ChildSlot(Box::into_raw(Box::new((std::ptr::null_mut(), config))))
+    }
+    fn comm_ptr(&self) -> *mut nccl_sys::ncclComm_t {
+        // SAFETY: the pointer came from Box::into_raw and is freed only by `take`, which consumes `self`;
+        // `addr_of_mut!` makes a raw pointer to the field without creating a reference.
+        unsafe { std::ptr::addr_of_mut!((*self.0).0) }
+    }
+    fn config_ptr(&self) -> *mut nccl_sys::ncclConfig_t {
+        // SAFETY: as in `comm_ptr`.
+        unsafe { std::ptr::addr_of_mut!((*self.0).1) }
+    }
+    /// The handle NCCL wrote, freeing the slot. Call only when NCCL no longer holds it: the call completed,
+    /// or never happened.
+    fn take(self) -> nccl_sys::ncclComm_t {
+        // SAFETY: the pointer came from Box::into_raw and is taken back once (this consumes `self`); the
+        // caller guarantees NCCL finished writing it.
+        unsafe { Box::from_raw(self.0) }.0
     }
 }
 
@@ -366,6 +483,7 @@ impl Communicator {
     #[doc(alias = "ncclCommInitRank")]
     pub fn init_rank(id: &UniqueId, rank: usize, nranks: usize) -> Result<Self> {
         const OP: &str = "ncclCommInitRank";
+        crate::group::refuse_in_group(OP)?;
         let (r, n) = check_world(OP, rank, nranks)?;
         let mut raw: nccl_sys::ncclComm_t = std::ptr::null_mut();
         // SAFETY: `raw` is a valid out-pointer; the id is passed by value.
@@ -408,10 +526,11 @@ impl Communicator {
         timeout: Option<Duration>,
     ) -> Result<Self> {
         const OP: &str = "ncclCommInitRankConfig";
+        crate::group::refuse_in_group(OP)?;
         let (r, n) = check_world(OP, rank, nranks)?;
-        let lib = result::library(OP)?;
-        result::require(OP, "2.14", lib.version_code())?;
-        config.validate(lib.version_code())?;
+        let loaded = result::loaded_version(OP)?;
+        result::require(OP, since::CONFIG, loaded)?;
+        config.validate(loaded)?;
         let config = config.clone();
         let mut c = config.to_raw();
         let mut raw: nccl_sys::ncclComm_t = std::ptr::null_mut();
@@ -427,6 +546,7 @@ impl Communicator {
     #[doc(alias = "ncclCommInitAll")]
     pub fn init_all(devices: &[usize]) -> Result<Vec<Self>> {
         const OP: &str = "ncclCommInitAll";
+        crate::group::refuse_in_group(OP)?;
         if devices.is_empty() || devices.len() > i32::MAX as usize {
             return Err(Error::invalid(OP, "needs at least one device"));
         }
@@ -455,8 +575,20 @@ impl Communicator {
         let n = raws.len();
         let shareds: Vec<_> = raws.into_iter().map(|raw| Shared::new(raw, true, None)).collect();
         let mut out = Vec::with_capacity(n);
-        for (rank, shared) in shareds.into_iter().enumerate() {
-            out.push(Self::wrap(shared, rank, n)?);
+        for (rank, shared) in shareds.iter().enumerate() {
+            match Self::wrap(shared.clone(), rank, n) {
+                Ok(comm) => out.push(comm),
+                Err(e) => {
+                    // A partial set is useless (its ranks wait for each other): abort every one, the wrapped
+                    // ones included, so none leaks and none is destroyed as if healthy.
+                    for s in &shareds {
+                        if let Err(e2) = s.abort() {
+                            tracing::warn!("nccl: aborting after {OP} failed: {e2}");
+                        }
+                    }
+                    return Err(e);
+                }
+            }
         }
         Ok(out)
     }
@@ -468,31 +600,38 @@ impl Communicator {
     #[doc(alias = "ncclCommSplit")]
     pub fn split(&self, color: Option<u32>, key: i32, config: Option<&Config>) -> Result<Option<Self>> {
         const OP: &str = "ncclCommSplit";
-        let lib = result::library(OP)?;
-        result::require(OP, "2.18", lib.version_code())?;
+        crate::group::refuse_in_group(OP)?;
+        let loaded = result::loaded_version(OP)?;
+        result::require(OP, since::SPLIT, loaded)?;
         let color = match color {
             Some(c) => i32::try_from(c).map_err(|_| Error::invalid(OP, format!("color {c} exceeds i32::MAX")))?,
             None => nccl_sys::NCCL_SPLIT_NOCOLOR,
         };
         if let Some(c) = config {
-            c.validate(lib.version_code())?;
+            c.validate(loaded)?;
         }
         let inherited = self.child_config(config);
-        let mut c = inherited.to_raw();
-        let mut child: nccl_sys::ncclComm_t = std::ptr::null_mut();
+        let slot = ChildSlot::new(inherited.to_raw());
         let code = self.shared.with(OP, |raw| {
-            // SAFETY: `raw` is live under the lock; `child` and `c` are valid for the call, and the strings `c`
-            // points to live in `inherited`, which the child keeps.
-            Ok(unsafe { ffi!(OP, ncclCommSplit(raw, color, key, &mut child, &mut c)) })
-        })?;
+            // SAFETY: `raw` is live under the lock; the out-slot and the config live on the heap until NCCL
+            // is done with them (see `ChildSlot`), and the strings the config points to live in `inherited`,
+            // which the child keeps.
+            Ok(unsafe { ffi!(OP, ncclCommSplit(raw, color, key, slot.comm_ptr(), slot.config_ptr())) })
+        });
+        // An error here came before the call (aborted, or the symbol is missing): NCCL never saw the slot.
+        let code = match code {
+            Ok(code) => code,
+            Err(e) => {
+                slot.take(); // frees it
+                return Err(e);
+            }
+        };
+        // On an error `slot` is not taken: it goes out of scope without being freed (`ChildSlot` has no Drop).
+        let code = self.complete_child_call(OP, code)?;
+        let child = slot.take();
         if color == nccl_sys::NCCL_SPLIT_NOCOLOR {
-            if code != SUCCESS && code != IN_PROGRESS {
-                // SAFETY: a null communicator asks for the global last error.
-                unsafe { result::check(OP, code, std::ptr::null_mut()) }?;
-            }
-            if code == IN_PROGRESS {
-                self.shared.wait_ready(OP, None)?;
-            }
+            // SAFETY: a null communicator asks for the global last error.
+            unsafe { result::check(OP, code, std::ptr::null_mut()) }?;
             return Ok(None);
         }
         let mut comm = Self::finish_create(OP, code, child, Some(inherited), 0, 0, None)?;
@@ -504,6 +643,17 @@ impl Communicator {
         Ok(Some(comm))
     }
 
+    /// After a split or shrink call returned `code`: when it is `ncclInProgress` (a non-blocking parent or
+    /// child), polls the parent until NCCL finished the call, which is when it has written the child's slot.
+    /// Returns the code to judge the child by (`ncclSuccess` after a completed wait). When the wait fails,
+    /// NCCL may still hold the slot: the caller must not take it (it is leaked).
+    fn complete_child_call(&self, op: &'static str, code: i32) -> Result<i32> {
+        if code != IN_PROGRESS {
+            return Ok(code);
+        }
+        self.shared.wait_ready(op, None).map(|()| SUCCESS)
+    }
+
     /// Creates a communicator without the ranks in `exclude` (`ncclCommShrink`, NCCL 2.27+), e.g. after they
     /// failed. Every rank not excluded calls it with the same list; excluded ranks do not call it. Ranks are
     /// renumbered in order. With [`ShrinkMode::AbortParentOps`], outstanding operations on this communicator
@@ -511,8 +661,9 @@ impl Communicator {
     #[doc(alias = "ncclCommShrink")]
     pub fn shrink(&self, exclude: &[usize], config: Option<&Config>, mode: ShrinkMode) -> Result<Self> {
         const OP: &str = "ncclCommShrink";
-        let lib = result::library(OP)?;
-        result::require(OP, "2.27", lib.version_code())?;
+        crate::group::refuse_in_group(OP)?;
+        let loaded = result::loaded_version(OP)?;
+        result::require(OP, since::SHRINK, loaded)?;
         let mut list = Vec::with_capacity(exclude.len());
         for &r in exclude {
             crate::counts::check_rank(OP, "excluded rank", r, self.size)?;
@@ -531,25 +682,42 @@ impl Communicator {
             return Err(Error::invalid(OP, "every rank would be excluded"));
         }
         if let Some(c) = config {
-            c.validate(lib.version_code())?;
+            c.validate(loaded)?;
         }
         let inherited = self.child_config(config);
-        let mut c = inherited.to_raw();
-        let cptr: *mut nccl_sys::ncclConfig_t = &mut c;
         let flags = match mode {
             ShrinkMode::Default => nccl_sys::NCCL_SHRINK_DEFAULT as i32,
             ShrinkMode::AbortParentOps => nccl_sys::NCCL_SHRINK_ABORT as i32,
         };
-        let mut child: nccl_sys::ncclComm_t = std::ptr::null_mut();
+        let slot = ChildSlot::new(inherited.to_raw());
         let code = self.shared.with(OP, |raw| {
-            // SAFETY: `raw` is live under the lock; `list` holds `list.len()` ranks; `child` and `cptr` are valid.
+            // SAFETY: `raw` is live under the lock; `list` holds `list.len()` ranks and is only read during
+            // the call; the out-slot and config live on the heap until NCCL is done with them (`ChildSlot`).
             Ok(unsafe {
                 ffi!(
                     OP,
-                    ncclCommShrink(raw, list.as_mut_ptr(), list.len() as i32, &mut child, cptr, flags)
+                    ncclCommShrink(
+                        raw,
+                        list.as_mut_ptr(),
+                        list.len() as i32,
+                        slot.comm_ptr(),
+                        slot.config_ptr(),
+                        flags
+                    )
                 )
             })
-        })?;
+        });
+        // An error here came before the call (aborted, or the symbol is missing): NCCL never saw the slot.
+        let code = match code {
+            Ok(code) => code,
+            Err(e) => {
+                slot.take(); // frees it
+                return Err(e);
+            }
+        };
+        // On an error `slot` is not taken: it goes out of scope without being freed (`ChildSlot` has no Drop).
+        let code = self.complete_child_call(OP, code)?;
+        let child = slot.take();
         let mut comm = Self::finish_create(OP, code, child, Some(inherited), 0, 0, None)?;
         comm.fill_rank_size()?;
         #[cfg(feature = "cuda")]
@@ -663,7 +831,10 @@ impl Communicator {
     #[doc(alias = "ncclCommDestroy")]
     pub fn finalize(self) -> Result<()> {
         const OP: &str = "ncclCommFinalize";
-        let res = result::require_loaded(OP, "2.14")
+        // Inside a group NCCL would defer the finalize to the group's end; refused, and the communicator is
+        // released (as by a drop) once the group ended.
+        crate::group::refuse_in_group(OP)?;
+        let res = result::require_loaded(OP, since::CONFIG)
             .and_then(|()| {
                 self.shared.call(OP, |raw| {
                     // SAFETY: `raw` is live under the lock.
@@ -692,16 +863,16 @@ impl Communicator {
 
 impl Drop for Communicator {
     fn drop(&mut self) {
-        if crate::group::held_by_this_thread(&self.shared) || *self.shared.lock() != State::Live {
+        if crate::group::in_group() {
+            // NCCL would defer the destroy to the group's end: release it after the group instead. (Checked
+            // before taking the lock, which a group on this thread may hold.)
+            crate::group::defer_release(self.shared.clone(), self.rank, self.size);
             return;
         }
-        let unhealthy = std::thread::panicking() || !matches!(self.async_error(), Ok(None));
-        let res = if unhealthy {
-            self.shared.abort()
-        } else {
-            self.shared.destroy()
-        };
-        if let Err(e) = res {
+        if *self.shared.lock() != State::Live {
+            return;
+        }
+        if let Err(e) = release(&self.shared, std::thread::panicking()) {
             tracing::warn!(
                 "nccl: releasing communicator (rank {} of {}) failed: {e}",
                 self.rank,
@@ -717,11 +888,20 @@ impl Drop for Communicator {
 /// [`Error::Aborted`]; the communicator itself is still dropped normally. See the [module docs](self) for the
 /// locking that makes this sound and for what it can interrupt.
 ///
+/// With a blocking communicator (the default), a call that blocks inside NCCL's *host* code (init, finalize,
+/// a grouped launch waiting for a peer's connection) holds the communicator's lock, and `abort` waits for it
+/// to return: the watchdog cannot break that hang. Create communicators that a watchdog must always be able
+/// to abort as non-blocking ([`Config::blocking(false)`](crate::Config::blocking), or
+/// [`init_rank_timeout`](Communicator::init_rank_timeout)): every call then returns at once and this crate
+/// polls with the lock released between polls, so `abort` gets in. GPU-side hangs (a kernel waiting for a
+/// peer) can be aborted in both modes.
+///
 /// ```no_run
 /// # fn main() -> nccl::Result<()> {
 /// use std::time::Duration;
 /// let id = nccl::UniqueId::new()?;
-/// let comm = nccl::Communicator::init_rank(&id, 0, 2)?;
+/// // Non-blocking, so the watchdog's abort is never stuck behind a blocking host call.
+/// let comm = nccl::Communicator::init_rank_timeout(&id, 0, 2, &nccl::Config::new(), Duration::from_secs(300))?;
 /// let handle = comm.abort_handle();
 /// std::thread::spawn(move || {
 ///     std::thread::sleep(Duration::from_secs(600));
@@ -766,5 +946,119 @@ mod tests {
         assert_eq!(shared.config.as_ref().unwrap().to_raw().commName, given);
         assert!(!shared.blocking);
         assert_eq!(*shared.lock(), State::Live);
+    }
+
+    fn fake(blocking: bool) -> Communicator {
+        Communicator {
+            shared: Shared::new(std::ptr::null_mut(), blocking, None),
+            rank: 0,
+            size: 2,
+            device: 0,
+            #[cfg(feature = "cuda")]
+            stream: None,
+            #[cfg(feature = "cuda")]
+            scratch: std::cell::RefCell::new(None),
+            _not_sync: PhantomData,
+        }
+    }
+
+    /// The teardown state machine, every case. Before it, `Drop` took `ncclInProgress` for healthy and
+    /// destroyed a non-blocking communicator NCCL was still working on.
+    #[test]
+    fn release_plan_covers_every_state() {
+        use Release::*;
+        for blocking in [true, false] {
+            for status in [
+                None,
+                Some(SUCCESS),
+                Some(IN_PROGRESS),
+                Some(nccl_sys::ncclRemoteError as i32),
+            ] {
+                for panicking in [true, false] {
+                    for state in [State::Aborted, State::Closed] {
+                        assert_eq!(release_plan(state, blocking, panicking, status), Nothing);
+                    }
+                    if panicking {
+                        assert_eq!(release_plan(State::Live, blocking, true, status), Abort);
+                    }
+                }
+            }
+            assert_eq!(release_plan(State::Live, blocking, false, Some(SUCCESS)), Destroy);
+            assert_eq!(release_plan(State::Live, blocking, false, None), Abort);
+            let failed = Some(nccl_sys::ncclRemoteError as i32);
+            assert_eq!(release_plan(State::Live, blocking, false, failed), Abort);
+            assert_eq!(
+                release_plan(State::Live, blocking, false, Some(99)),
+                Abort,
+                "unknown codes"
+            );
+        }
+        assert_eq!(
+            release_plan(State::Live, false, false, Some(IN_PROGRESS)),
+            WaitThenDestroy
+        );
+        assert_eq!(release_plan(State::Live, true, false, Some(IN_PROGRESS)), Abort);
+    }
+
+    /// A destroy counts as done only when NCCL accepted it; any failure leads to an abort.
+    #[test]
+    fn destroy_is_closed_only_when_nccl_accepted_it() {
+        assert!(destroy_accepted(SUCCESS));
+        assert!(destroy_accepted(IN_PROGRESS));
+        for code in 1..=8 {
+            if code != IN_PROGRESS {
+                assert!(!destroy_accepted(code), "{code}");
+            }
+        }
+        assert!(!destroy_accepted(-1));
+    }
+
+    /// Inside a group, split, shrink, finalize, abort and destroy are refused before NCCL is called (the fake
+    /// communicator's null handle would make any call fail differently), and a communicator dropped inside
+    /// the group is released after it.
+    #[test]
+    fn teardown_and_children_are_refused_inside_a_group() {
+        if !crate::nccl_available() {
+            // ncclGroupStart needs the library; outside CI there may be none.
+            assert!(
+                std::env::var_os("CI").is_none(),
+                "CI: libnccl is missing (run scripts/setup.sh)"
+            );
+            eprintln!("SKIPPED: libnccl not loadable");
+            return;
+        }
+        let comm = fake(false);
+        let handle = comm.abort_handle();
+        let kept = comm.shared.clone();
+        crate::group(|_| {
+            let inside = |e: Error, want: &str| {
+                assert!(matches!(&e, Error::InsideGroup { op } if *op == want), "{want}: {e:?}");
+            };
+            inside(comm.split(Some(0), 0, None).unwrap_err(), "ncclCommSplit");
+            inside(
+                comm.shrink(&[1], None, ShrinkMode::Default).unwrap_err(),
+                "ncclCommShrink",
+            );
+            inside(handle.abort().unwrap_err(), "ncclCommAbort");
+            inside(comm.shared.destroy().unwrap_err(), "ncclCommDestroy");
+            assert!(handle.is_live(), "nothing was torn down");
+            // Make the deferred release a no-op on the fake handle, then finalize (refused) and drop it.
+            *comm.shared.lock() = State::Aborted;
+            let taken = comm;
+            inside(taken.finalize().unwrap_err(), "ncclCommFinalize");
+            assert_eq!(
+                crate::group::deferred_len(),
+                1,
+                "the dropped communicator waits for the group's end"
+            );
+            Ok(())
+        })
+        .unwrap();
+        assert_eq!(crate::group::deferred_len(), 0, "released after the group");
+        assert_eq!(
+            Arc::strong_count(&kept),
+            2,
+            "only the test and the handle still hold it"
+        );
     }
 }

@@ -7,6 +7,7 @@
 
 use crate::error::{Error, Result};
 use crate::result;
+use crate::version::Version as V;
 use std::ffi::CString;
 
 /// `NCCL_CONFIG_UNDEF_INT`.
@@ -15,28 +16,28 @@ pub const UNDEF_INT: i32 = i32::MIN;
 pub const API_MAGIC: u32 = 0xcafe_beef;
 
 /// Integer attributes of `ncclConfig_t`, in struct order, with the NCCL version that introduced each.
-const INT_FIELDS: [(&str, &str); 21] = [
-    ("blocking", "2.14"),
-    ("cgaClusterSize", "2.17"),
-    ("minCTAs", "2.17"),
-    ("maxCTAs", "2.17"),
-    ("splitShare", "2.18"),
-    ("trafficClass", "2.26"),
-    ("collnetEnable", "2.27"),
-    ("CTAPolicy", "2.27"),
-    ("shrinkShare", "2.27"),
-    ("nvlsCTAs", "2.27"),
-    ("nChannelsPerNetPeer", "2.28"),
-    ("nvlinkCentricSched", "2.28"),
-    ("graphUsageMode", "2.29"),
-    ("numRmaCtx", "2.29"),
-    ("maxP2pPeers", "2.30"),
-    ("graphStreamOrdering", "2.30.5"),
-    ("launchOrderImplicit", "2.31"),
-    ("numRmaSig", "2.31"),
-    ("rmaEagerInit", "2.31"),
-    ("hostCftMode", "2.31"),
-    ("nvlsHostMode", "2.31"),
+const INT_FIELDS: [(&str, V); 21] = [
+    ("blocking", V::new(2, 14, 0)),
+    ("cgaClusterSize", V::new(2, 17, 0)),
+    ("minCTAs", V::new(2, 17, 0)),
+    ("maxCTAs", V::new(2, 17, 0)),
+    ("splitShare", V::new(2, 18, 0)),
+    ("trafficClass", V::new(2, 26, 0)),
+    ("collnetEnable", V::new(2, 27, 0)),
+    ("CTAPolicy", V::new(2, 27, 0)),
+    ("shrinkShare", V::new(2, 27, 0)),
+    ("nvlsCTAs", V::new(2, 27, 0)),
+    ("nChannelsPerNetPeer", V::new(2, 28, 0)),
+    ("nvlinkCentricSched", V::new(2, 28, 0)),
+    ("graphUsageMode", V::new(2, 29, 0)),
+    ("numRmaCtx", V::new(2, 29, 0)),
+    ("maxP2pPeers", V::new(2, 30, 0)),
+    ("graphStreamOrdering", V::new(2, 30, 5)),
+    ("launchOrderImplicit", V::new(2, 31, 0)),
+    ("numRmaSig", V::new(2, 31, 0)),
+    ("rmaEagerInit", V::new(2, 31, 0)),
+    ("hostCftMode", V::new(2, 31, 0)),
+    ("nvlsHostMode", V::new(2, 31, 0)),
 ];
 
 #[derive(Clone, Copy)]
@@ -116,8 +117,11 @@ impl Config {
 
     /// `blocking`: `false` makes every call on the communicator return at once with `ncclInProgress`
     /// while NCCL works in the background; this crate then polls `ncclCommGetAsyncError` (see
-    /// [`Communicator::init_rank_timeout`](crate::Communicator::init_rank_timeout)). Needed for an
-    /// [`AbortHandle`](crate::AbortHandle) to interrupt calls that hang on the host. NCCL 2.14+.
+    /// [`Communicator::init_rank_timeout`](crate::Communicator::init_rank_timeout)). NCCL 2.14+.
+    ///
+    /// Needed for an [`AbortHandle`](crate::AbortHandle) to interrupt calls that hang on the host: a
+    /// blocking communicator (the default) keeps its lock for the whole of a call that blocks inside
+    /// NCCL's host code, so a watchdog's `abort` waits until that call returns, which may be never.
     pub fn blocking(self, blocking: bool) -> Self {
         self.set(F::Blocking, blocking as i32)
     }
@@ -225,9 +229,9 @@ impl Config {
         self.ints[F::Blocking as usize] == Some(0)
     }
 
-    /// Checks the set values against NCCL's rules and against `loaded`, the loaded library's
-    /// `NCCL_VERSION_CODE`: a field newer than the library gives [`Error::Unsupported`] naming the field.
-    pub fn validate(&self, loaded: i32) -> Result<()> {
+    /// Checks the set values against NCCL's rules and against `loaded`, the loaded library's version: a field
+    /// newer than the library gives [`Error::Unsupported`] naming the field.
+    pub fn validate(&self, loaded: V) -> Result<()> {
         const OP: &str = "ncclConfig_t";
         for (i, v) in self.ints.iter().enumerate() {
             if v.is_some() {
@@ -236,10 +240,10 @@ impl Config {
             }
         }
         if self.net_name.is_some() {
-            result::require("netName", "2.17", loaded)?;
+            result::require("netName", V::new(2, 17, 0), loaded)?;
         }
         if self.comm_name.is_some() {
-            result::require("commName", "2.27", loaded)?;
+            result::require("commName", V::new(2, 27, 0), loaded)?;
         }
         let v = |f: F| self.ints[f as usize];
         let bad = |field: &str, value: i32, rule: &str| {
@@ -312,10 +316,10 @@ impl Config {
     }
 
     /// The C field names and the version that introduced each, in struct order (for docs and tests).
-    pub fn fields() -> impl Iterator<Item = (&'static str, &'static str)> {
+    pub fn fields() -> impl Iterator<Item = (&'static str, V)> {
         INT_FIELDS
             .iter()
             .copied()
-            .chain([("netName", "2.17"), ("commName", "2.27")])
+            .chain([("netName", V::new(2, 17, 0)), ("commName", V::new(2, 27, 0))])
     }
 }

@@ -11,32 +11,93 @@
 //! - Every communicator used in the group stays locked until `ncclGroupEnd` returns, so an
 //!   [`AbortHandle`](crate::AbortHandle) cannot free it while NCCL still holds grouped work for it.
 //!
+//! - On non-blocking communicators `ncclGroupEnd` may return `ncclInProgress` while NCCL's thread still
+//!   launches the work: every communicator of the group is polled until it is done before the buffers' events
+//!   are recorded and the buffers released, also when the closure panicked. A communicator whose wait fails
+//!   is aborted, so nothing it queued can run on a released buffer.
+//!
 //! Rules (NCCL's): one thread issues every operation of a group; never synchronize inside a group; creating
 //! communicators cannot share a group with collectives. One thread driving several GPUs must group the
 //! operations on all of them. Groups do not nest here, and the communicators' non-group methods
-//! (`comm.all_reduce(..)`) refuse to run inside a group: use the [`Group`]'s methods.
+//! (`comm.all_reduce(..)`) refuse to run inside a group: use the [`Group`]'s methods. Calls NCCL would defer
+//! to the group's end and whose results it would write after they returned (creation, split, shrink, window
+//! registration, finalize, abort, destroy) return [`Error::InsideGroup`]:
+//!
+//! ```
+//! # fn main() -> nccl::Result<()> {
+//! # if !nccl::nccl_available() { return Ok(()); }
+//! let id = nccl::UniqueId::new()?;
+//! let err = nccl::group(|_| nccl::Communicator::init_rank(&id, 0, 1).map(drop)).unwrap_err();
+//! assert!(matches!(err, nccl::Error::InsideGroup { op: "ncclCommInitRank" }));
+//! # Ok(()) }
+//! ```
 
 use crate::comm::{Communicator, Shared, State};
 use crate::error::{Error, Result};
 use crate::result::{self, ffi, IN_PROGRESS};
 use std::cell::RefCell;
 use std::marker::PhantomData;
-use std::sync::MutexGuard;
+use std::sync::{Arc, MutexGuard};
+use std::time::Duration;
 
 thread_local! {
     /// While a group runs on this thread: the addresses of the communicators it has locked.
     static ACTIVE: RefCell<Option<Vec<usize>>> = const { RefCell::new(None) };
+    /// Communicators dropped inside the running group, released once it ended (rank and size for logs).
+    static DEFERRED: RefCell<Vec<(Arc<Shared>, usize, usize)>> = const { RefCell::new(Vec::new()) };
 }
 
-/// True when a group on this thread holds `shared`'s lock.
+/// How long a group whose closure panicked waits for NCCL to finish launching on a non-blocking
+/// communicator before aborting it.
+const UNWIND_WAIT: Duration = Duration::from_secs(60);
+
+/// True when a group on this thread holds `shared`'s lock. False during thread-local teardown (no group can
+/// run then), so it is safe from `Drop`.
 pub(crate) fn held_by_this_thread(shared: &Shared) -> bool {
     let addr = shared as *const Shared as usize;
-    ACTIVE.with(|a| a.borrow().as_ref().is_some_and(|v| v.contains(&addr)))
+    ACTIVE
+        .try_with(|a| a.borrow().as_ref().is_some_and(|v| v.contains(&addr)))
+        .unwrap_or(false)
 }
 
-/// True while [`group`] runs on this thread.
+/// True while [`group`] runs on this thread (false during thread-local teardown, when none can run).
 pub fn in_group() -> bool {
-    ACTIVE.with(|a| a.borrow().is_some())
+    ACTIVE.try_with(|a| a.borrow().is_some()).unwrap_or(false)
+}
+
+/// [`Error::InsideGroup`] for `op` while a group runs on this thread.
+pub(crate) fn refuse_in_group(op: &'static str) -> Result<()> {
+    if in_group() {
+        Err(Error::InsideGroup { op })
+    } else {
+        Ok(())
+    }
+}
+
+/// Keeps a communicator dropped inside a group for release after the group ended.
+pub(crate) fn defer_release(shared: Arc<Shared>, rank: usize, size: usize) {
+    let kept = DEFERRED.try_with(|d| d.borrow_mut().push((shared, rank, size)));
+    if kept.is_err() {
+        tracing::warn!("nccl: a communicator dropped during thread teardown inside a group was leaked");
+    }
+}
+
+/// How many dropped communicators wait for the running group's end (for tests).
+#[cfg(test)]
+pub(crate) fn deferred_len() -> usize {
+    DEFERRED.with(|d| d.borrow().len())
+}
+
+/// Releases the communicators dropped inside the group that just ended.
+fn release_deferred() {
+    let list = DEFERRED
+        .try_with(|d| std::mem::take(&mut *d.borrow_mut()))
+        .unwrap_or_default();
+    for (shared, rank, size) in list {
+        if let Err(e) = crate::comm::release(&shared, std::thread::panicking()) {
+            tracing::warn!("nccl: releasing communicator (rank {rank} of {size}) after the group failed: {e}");
+        }
+    }
 }
 
 /// [`Error::InvalidArgument`] for typed non-group calls made inside a group: their buffer events would be
@@ -313,20 +374,59 @@ mod typed {
     }
 }
 
-/// Ends the group if the closure unwinds, so NCCL's thread-local group state is not left open.
-struct EndOnUnwind {
+/// Ends the group if the closure unwinds, so NCCL's thread-local group state is not left open and no buffer
+/// is released while NCCL may still launch work on it.
+struct EndOnUnwind<'a, 'g> {
+    group: &'a Group<'g>,
     armed: bool,
 }
 
-impl Drop for EndOnUnwind {
+impl Drop for EndOnUnwind<'_, '_> {
     fn drop(&mut self) {
         if self.armed {
-            if let Err(e) = group_call("ncclGroupEnd") {
+            if let Err(e) = end_group(self.group, Some(UNWIND_WAIT)) {
                 tracing::warn!("nccl: ending a group after a panic failed: {e}");
             }
-            ACTIVE.with(|a| *a.borrow_mut() = None);
         }
     }
+}
+
+/// `ncclGroupEnd`, then the locks released, then, when NCCL returned `ncclInProgress`, every communicator of
+/// the group polled until NCCL finished launching (bounded by `wait` when given: on timeout it is aborted). A
+/// communicator whose wait failed is aborted, so nothing it queued runs on buffers released after this.
+/// Communicators dropped inside the group are released last. Returns the first error.
+fn end_group(g: &Group<'_>, wait: Option<Duration>) -> Result<()> {
+    let end = group_call("ncclGroupEnd");
+    let _ = ACTIVE.try_with(|a| *a.borrow_mut() = None);
+    let shareds: Vec<&Shared> = g
+        .locks
+        .borrow_mut()
+        .drain(..)
+        .map(|(s, guard)| {
+            drop(guard);
+            s
+        })
+        .collect();
+    let res = end.and_then(|code| {
+        if code != IN_PROGRESS {
+            // SAFETY: a null communicator asks for the global last error.
+            return unsafe { result::check("ncclGroupEnd", code, std::ptr::null_mut()) };
+        }
+        let mut first = Ok(());
+        for s in &shareds {
+            if let Err(e) = s.wait_ready("ncclGroupEnd", wait) {
+                if let Err(e2) = s.abort() {
+                    tracing::warn!("nccl: aborting after a failed group wait: {e2}");
+                }
+                if first.is_ok() {
+                    first = Err(e);
+                }
+            }
+        }
+        first
+    });
+    release_deferred();
+    res
 }
 
 /// Runs `f` inside `ncclGroupStart` / `ncclGroupEnd` and returns its result, or the first error.
@@ -369,34 +469,11 @@ pub fn group<'g, R>(f: impl FnOnce(&Group<'g>) -> Result<R>) -> Result<R> {
         ops: RefCell::new(Vec::new()),
         _thread: PhantomData,
     };
-    let mut unwind = EndOnUnwind { armed: true };
+    let mut unwind = EndOnUnwind { group: &g, armed: true };
     let out = f(&g);
     unwind.armed = false;
-    let end = group_call("ncclGroupEnd");
-    ACTIVE.with(|a| *a.borrow_mut() = None);
-    // Release the locks, then (non-blocking communicators) wait until NCCL launched the work.
-    let shareds: Vec<&Shared> = g
-        .locks
-        .borrow_mut()
-        .drain(..)
-        .map(|(s, guard)| {
-            drop(guard);
-            s
-        })
-        .collect();
-    let end = end.and_then(|code| {
-        if code == IN_PROGRESS {
-            for s in &shareds {
-                if !s.blocking {
-                    s.wait_ready("ncclGroupEnd", None)?;
-                }
-            }
-            Ok(())
-        } else {
-            // SAFETY: a null communicator asks for the global last error.
-            unsafe { result::check("ncclGroupEnd", code, std::ptr::null_mut()) }
-        }
-    });
+    drop(unwind);
+    let end = end_group(&g, None);
     // Dropping `g` records the buffers' events (work is enqueued now) and destroys temporary operators.
     drop(g);
     match (out, end) {

@@ -1,7 +1,6 @@
 //! Safe Rust bindings to NVIDIA NCCL, with a bootstrap for multi-process launches and a host (CPU) backend
 //! with the same collective semantics.
-#![deny(unsafe_op_in_unsafe_fn, missing_docs)]
-#![warn(clippy::undocumented_unsafe_blocks)]
+#![deny(unsafe_op_in_unsafe_fn, missing_docs, clippy::undocumented_unsafe_blocks)]
 
 pub mod backend;
 pub mod bootstrap;

@@ -69,7 +69,7 @@ fn scalar_bytes(dtype: DataType, x: f64) -> [u8; 8] {
 
 fn create(comm: &Communicator, dtype: DataType, scalar: &mut [u8; 8]) -> Result<i32> {
     const OP: &str = "ncclRedOpCreatePreMulSum";
-    result::require_loaded(OP, "2.11")?;
+    result::require_loaded(OP, crate::version::since::PREMULSUM)?;
     comm.shared.with(OP, |raw| {
         let mut op: nccl_sys::ncclRedOp_t = 0 as _;
         // SAFETY: `raw` is live under the lock; `scalar` holds a value of `dtype` (at most 8 bytes) that NCCL
@@ -110,7 +110,7 @@ impl Reduction for ReduceOp {
     fn resolve(&self, comm: &Communicator, dtype: DataType) -> Result<OpHandle> {
         if let Some(raw) = self.builtin_raw() {
             if *self == ReduceOp::Avg {
-                result::require_loaded("ncclAvg", "2.10")?;
+                result::require_loaded("ncclAvg", crate::version::since::AVG)?;
             }
             return Ok(OpHandle { raw, owner: None });
         }

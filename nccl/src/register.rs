@@ -93,7 +93,7 @@ impl Communicator {
     #[doc(alias = "ncclCommRegister")]
     pub unsafe fn register_raw(&self, ptr: *mut c_void, bytes: usize) -> Result<RawRegistration<'_>> {
         const OP: &str = "ncclCommRegister";
-        result::require_loaded(OP, "2.19")?;
+        result::require_loaded(OP, crate::version::since::REGISTER)?;
         let mut handle: *mut c_void = std::ptr::null_mut();
         self.shared.call(OP, |raw| {
             // SAFETY: `raw` is live under its lock; the memory range is the caller's promise; `handle` is a
@@ -112,7 +112,9 @@ impl Communicator {
     #[doc(alias = "ncclCommWindowRegister")]
     pub unsafe fn register_window_raw(&self, ptr: *mut c_void, bytes: usize, flags: i32) -> Result<RawWindow<'_>> {
         const OP: &str = "ncclCommWindowRegister";
-        result::require_loaded(OP, "2.27")?;
+        // Collective: inside a group NCCL would fill `win` at the group's end, after this frame is gone.
+        crate::group::refuse_in_group(OP)?;
+        result::require_loaded(OP, crate::version::since::WINDOW)?;
         if flags & window_flags::COLL_SYMMETRIC != 0 && (ptr as usize) % WINDOW_ALIGNMENT != 0 {
             return Err(Error::invalid(
                 OP,
@@ -154,7 +156,7 @@ impl NcclMemory {
     #[doc(alias = "ncclMemAlloc")]
     pub fn alloc(bytes: usize) -> Result<Self> {
         const OP: &str = "ncclMemAlloc";
-        result::require_loaded(OP, "2.19")?;
+        result::require_loaded(OP, crate::version::since::REGISTER)?;
         if bytes == 0 {
             return Err(Error::invalid(OP, "cannot allocate 0 bytes"));
         }
@@ -203,10 +205,7 @@ mod typed {
     use std::sync::Arc;
 
     fn cuda(op: &'static str) -> impl Fn(cudarc::driver::DriverError) -> Error {
-        move |e| Error::Cuda {
-            op,
-            message: e.to_string(),
-        }
+        Error::cuda(op)
     }
 
     /// `len` elements of `T` from NCCL's allocator on `stream`'s device, tracked like a `CudaSlice`: the
@@ -286,13 +285,25 @@ mod typed {
     impl<T> Drop for DeviceMemory<T> {
         fn drop(&mut self) {
             // Wait for every use before `NcclMemory`'s drop frees the memory, with the device current for it.
-            if let Err(err) = self.stream.context().bind_to_thread() {
+            let ctx = self.stream.context();
+            if let Err(err) = ctx.bind_to_thread() {
                 tracing::warn!("nccl: binding the device before ncclMemFree failed: {err}");
             }
-            for e in [&self.read, &self.write].into_iter().flatten() {
-                if let Err(err) = e.synchronize() {
-                    tracing::warn!("nccl: waiting for DeviceMemory's last use failed: {err}");
-                }
+            // cudarc records the events a `SyncOnDrop` carries only while the context manages stream
+            // synchronization (cudarc 0.19.10, driver/safe/core.rs, `impl Drop for SyncOnDrop`: `if
+            // stream.ctx.is_managing_stream_synchronization()`), i.e. once a second stream exists and event
+            // tracking is on. Otherwise the events say nothing about the queued work, so wait for everything
+            // queued in the context instead: the free is then ordered after every use, on any stream.
+            let waited = if ctx.is_managing_stream_synchronization() {
+                [&self.read, &self.write]
+                    .into_iter()
+                    .flatten()
+                    .try_for_each(|e| e.synchronize())
+            } else {
+                ctx.synchronize()
+            };
+            if let Err(err) = waited {
+                tracing::warn!("nccl: waiting for DeviceMemory's last use failed: {err}");
             }
         }
     }
@@ -371,16 +382,7 @@ mod typed {
 
     impl Communicator {
         fn address<T, B: DevicePtrMut<T>>(&self, op: &'static str, buf: &mut B) -> Result<(*mut c_void, usize)> {
-            let ordinal = buf.stream().context().ordinal();
-            if ordinal != self.device() {
-                return Err(Error::invalid(
-                    op,
-                    format!(
-                        "the buffer is on device {ordinal}, the communicator on {}",
-                        self.device()
-                    ),
-                ));
-            }
+            self.check_context(op, "buffer", buf.stream().context())?;
             let stream = self.stream()?.clone();
             let bytes = buf.num_bytes();
             let (p, guard) = buf.device_ptr_mut(&stream);

@@ -1,17 +1,19 @@
 //! The checked layer between `nccl-sys` and the safe types: loading the library, turning `ncclResult_t` codes
 //! into [`Error`]s with NCCL's own explanation, and version gates.
 //!
-//! Nothing here is public API except [`check_code`], [`require`] and the version helpers, which are exposed so
-//! programs (and tests) can reason about codes and versions without a GPU.
+//! Nothing here is public API except [`check_code`], [`require`] and [`load_error`], which are exposed so
+//! programs (and tests) can reason about codes and versions without a GPU. Versions themselves are
+//! [`Version`] and the gates [`since`](crate::version::since); result codes come from `nccl_sys`.
 
 use crate::error::{Error, Result};
+use crate::version::Version;
 use nccl_sys::{Library, LoadError};
 use std::ffi::CStr;
 
-/// `ncclSuccess`.
-pub const SUCCESS: i32 = 0;
+/// `ncclSuccess` (from the bindings, as every result code this crate compares with).
+pub const SUCCESS: i32 = nccl_sys::ncclSuccess as i32;
 /// `ncclInProgress`: a non-blocking communicator is still working on the call.
-pub const IN_PROGRESS: i32 = 7;
+pub const IN_PROGRESS: i32 = nccl_sys::ncclInProgress as i32;
 
 /// The loaded library, or [`Error::Library`] naming the operation that needed it.
 pub(crate) fn library(op: &'static str) -> Result<&'static Library> {
@@ -22,10 +24,12 @@ pub(crate) fn library(op: &'static str) -> Result<&'static Library> {
 /// [`Error::Unsupported`] (naming the version that introduced it), anything else [`Error::Library`].
 pub fn load_error(op: &'static str, e: LoadError) -> Error {
     match e {
+        // Every `needs` is a literal of the generated table, checked to parse by a test below; a malformed
+        // one would show as 0.0.
         LoadError::MissingSymbol { needs, loaded, .. } => Error::Unsupported {
             op,
-            needs,
-            loaded: version_string(loaded),
+            needs: Version::parse(needs).unwrap_or(Version::new(0, 0, 0)),
+            loaded: Version::from_code(loaded),
         },
         other => Error::Library { op, source: other },
     }
@@ -67,8 +71,13 @@ pub fn check_code(op: &'static str, code: i32, last_error: Option<String>) -> Re
 pub(crate) unsafe fn last_error(comm: nccl_sys::ncclComm_t) -> Option<String> {
     let lib = nccl_sys::library().ok()?;
     let f = lib.ncclGetLastError().ok()?;
-    // SAFETY: the caller guarantees `comm` is null or live; ncclGetLastError returns a pointer to a
-    // NUL-terminated string owned by NCCL (static or thread-local), which we copy before any other NCCL call.
+    // SAFETY: the caller guarantees `comm` is null or live (NCCL ignores it: the text is not per
+    // communicator). ncclGetLastError returns a pointer into one process-global buffer that NCCL owns for the
+    // life of the process (never freed) and fills with a size-bounded formatted write, so it always holds a
+    // NUL within its size and reading up to the NUL stays inside it. That buffer is NOT thread-local: another
+    // thread's failing NCCL call may rewrite it while we copy it (a race NCCL's API gives no way to avoid), so
+    // the copy can be torn or describe another thread's failure (NCCL's docs: "could be unrelated to the
+    // current call"). We copy it at once, lossily, and use it only as explanatory text, never parse it.
     let text = unsafe {
         let p = f(comm);
         if p.is_null() {
@@ -92,71 +101,31 @@ pub(crate) unsafe fn check(op: &'static str, code: i32, comm: nccl_sys::ncclComm
     check_code(op, code, unsafe { last_error(comm) })
 }
 
-/// Splits an `NCCL_VERSION_CODE` into `(major, minor, patch)`. Codes below 2.9 use the old
-/// `X*1000 + Y*100 + Z` encoding, later ones `X*10000 + Y*100 + Z`.
-pub const fn version_parts(code: i32) -> (i32, i32, i32) {
-    if code >= 10000 {
-        (code / 10000, (code % 10000) / 100, code % 100)
-    } else {
-        (code / 1000, (code % 1000) / 100, code % 100)
-    }
-}
-
-/// The `NCCL_VERSION(major, minor, patch)` code.
-pub const fn version_code(major: i32, minor: i32, patch: i32) -> i32 {
-    if major <= 2 && minor <= 8 {
-        major * 1000 + minor * 100 + patch
-    } else {
-        major * 10000 + minor * 100 + patch
-    }
-}
-
-/// `"2.32.3"` for 23203.
-pub fn version_string(code: i32) -> String {
-    let (a, b, c) = version_parts(code);
-    format!("{a}.{b}.{c}")
-}
-
-/// Parses `"2.27"` or `"2.30.5"` into a version code (patch 0 when absent); `None` if malformed.
-pub fn parse_version(text: &str) -> Option<i32> {
-    let mut parts = text.split('.').map(|p| p.parse::<i32>().ok());
-    let major = parts.next()??;
-    let minor = parts.next()??;
-    let patch = match parts.next() {
-        Some(p) => p?,
-        None => 0,
-    };
-    if parts.next().is_some() {
-        return None;
-    }
-    Some(version_code(major, minor, patch))
-}
-
-/// The version gate: `Ok` when a library of version `loaded` (an `NCCL_VERSION_CODE`) has an API that first
-/// appeared in `needs` (`"2.27"`), [`Error::Unsupported`] otherwise.
+/// The version gate: `Ok` when a library of version `loaded` has an API that first appeared in `needs` (one
+/// of the [`since`](crate::version::since) constants), [`Error::Unsupported`] otherwise.
 ///
 /// ```
-/// use nccl::result::require;
-/// assert!(require("shrink", "2.27", 22703).is_ok());
-/// let err = require("shrink", "2.27", 21800).unwrap_err();
+/// use nccl::{result::require, version::since, Version};
+/// assert!(require("shrink", since::SHRINK, Version::new(2, 27, 3)).is_ok());
+/// let err = require("shrink", since::SHRINK, Version::new(2, 18, 0)).unwrap_err();
 /// assert_eq!(err.to_string(), "shrink needs NCCL 2.27 or newer, but the loaded library is NCCL 2.18.0");
 /// ```
-pub fn require(op: &'static str, needs: &'static str, loaded: i32) -> Result<()> {
-    let need = parse_version(needs).ok_or_else(|| Error::invalid(op, format!("bad version requirement {needs:?}")))?;
-    if loaded >= need {
+pub fn require(op: &'static str, needs: Version, loaded: Version) -> Result<()> {
+    if loaded.at_least(needs) {
         Ok(())
     } else {
-        Err(Error::Unsupported {
-            op,
-            needs,
-            loaded: version_string(loaded),
-        })
+        Err(Error::Unsupported { op, needs, loaded })
     }
+}
+
+/// The version of the loaded library, or the load error for `op`.
+pub(crate) fn loaded_version(op: &'static str) -> Result<Version> {
+    Ok(Version::from_code(library(op)?.version_code()))
 }
 
 /// [`require`] against the loaded library.
-pub(crate) fn require_loaded(op: &'static str, needs: &'static str) -> Result<()> {
-    require(op, needs, library(op)?.version_code())
+pub(crate) fn require_loaded(op: &'static str, needs: Version) -> Result<()> {
+    require(op, needs, loaded_version(op)?)
 }
 
 #[cfg(test)]
@@ -164,16 +133,10 @@ mod tests {
     use super::*;
 
     #[test]
-    fn version_encoding_round_trips() {
-        for &(a, b, c) in &[(2, 8, 4), (2, 9, 6), (2, 18, 5), (2, 32, 3), (3, 0, 1)] {
-            let code = version_code(a, b, c);
-            assert_eq!(version_parts(code), (a, b, c), "{code}");
+    fn every_symbol_version_of_the_bindings_parses() {
+        for (name, since) in nccl_sys::FUNCTIONS {
+            let v = Version::parse(since).unwrap_or_else(|| panic!("{name}: {since:?}"));
+            assert!(v >= Version::new(1, 0, 0), "{name}: {since:?}");
         }
-        assert_eq!(version_code(2, 32, 3), 23203);
-        assert_eq!(version_code(2, 8, 4), 2804);
-        assert_eq!(parse_version("2.30.5"), Some(23005));
-        assert_eq!(parse_version("2.x"), None);
-        assert_eq!(parse_version("2"), None);
-        assert_eq!(parse_version("2.1.2.3"), None);
     }
 }

@@ -111,12 +111,14 @@ impl DataType {
         )
     }
 
-    /// The first NCCL version (as `NCCL_VERSION_CODE`) that supports this type.
-    pub const fn min_version_code(self) -> i32 {
+    /// The first NCCL version that has this type ([`since::FP8`](crate::version::since::FP8),
+    /// [`since::BF16`](crate::version::since::BF16)); 1.0 for the types NCCL always had.
+    pub const fn min_version(self) -> crate::Version {
+        use crate::version::since;
         match self {
-            DataType::Float8e4m3 | DataType::Float8e5m2 => 22400,
-            DataType::Bfloat16 => 20900,
-            _ => 0,
+            DataType::Float8e4m3 | DataType::Float8e5m2 => since::FP8,
+            DataType::Bfloat16 => since::BF16,
+            _ => crate::Version::new(1, 0, 0),
         }
     }
 }

@@ -4,40 +4,122 @@ use crate::error::Result;
 use crate::result;
 use std::fmt;
 
-/// An NCCL version, as `ncclGetVersion` reports it.
+/// An NCCL version. Ordered as versions are (major, then minor, then patch).
+///
+/// Every version gate of the crate compares against one of the [`since`] constants, and
+/// [`Error::Unsupported`](crate::Error::Unsupported) carries two of these.
+///
+/// ```
+/// use nccl::Version;
+/// assert_eq!(Version::from_code(23203), Version::new(2, 32, 3));
+/// assert_eq!(Version::new(2, 8, 4).code(), 2804); // the old encoding before 2.9
+/// assert!(Version::new(2, 10, 0) > Version::new(2, 9, 6));
+/// assert_eq!(Version::new(2, 27, 0).to_string(), "2.27.0");
+/// assert_eq!(Version::parse("2.30.5"), Some(Version::new(2, 30, 5)));
+/// ```
 #[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord, Hash)]
 pub struct Version {
-    /// `NCCL_VERSION_CODE`, e.g. 23203 for 2.32.3. Ordering versions compares this.
-    pub code: i32,
+    /// Major version (2 for 2.32.3).
+    pub major: u32,
+    /// Minor version (32 for 2.32.3).
+    pub minor: u32,
+    /// Patch level (3 for 2.32.3).
+    pub patch: u32,
 }
 
 impl Version {
-    /// The version with this `NCCL_VERSION_CODE`.
+    /// `major.minor.patch`.
+    pub const fn new(major: u32, minor: u32, patch: u32) -> Self {
+        Version { major, minor, patch }
+    }
+
+    /// The version with this `NCCL_VERSION_CODE` (`X*1000 + Y*100 + Z` before 2.9, `X*10000 + Y*100 + Z`
+    /// since). Negative codes give 0.0.0.
     pub const fn from_code(code: i32) -> Self {
-        Version { code }
+        let c = if code < 0 { 0 } else { code as u32 };
+        if c >= 10000 {
+            Version::new(c / 10000, (c % 10000) / 100, c % 100)
+        } else {
+            Version::new(c / 1000, (c % 1000) / 100, c % 100)
+        }
     }
-    /// Major version (2 for 2.32.3).
-    pub const fn major(self) -> i32 {
-        result::version_parts(self.code).0
+
+    /// The `NCCL_VERSION(major, minor, patch)` code, as `ncclGetVersion` reports it.
+    pub const fn code(self) -> i32 {
+        let code = if self.major <= 2 && self.minor <= 8 {
+            self.major * 1000 + self.minor * 100 + self.patch
+        } else {
+            self.major * 10000 + self.minor * 100 + self.patch
+        };
+        code as i32
     }
-    /// Minor version (32 for 2.32.3).
-    pub const fn minor(self) -> i32 {
-        result::version_parts(self.code).1
+
+    /// True when this version is at least `other`.
+    pub const fn at_least(self, other: Version) -> bool {
+        self.major > other.major
+            || (self.major == other.major
+                && (self.minor > other.minor || (self.minor == other.minor && self.patch >= other.patch)))
     }
-    /// Patch level (3 for 2.32.3).
-    pub const fn patch(self) -> i32 {
-        result::version_parts(self.code).2
+
+    /// Parses `"2.27"` or `"2.30.5"` (patch 0 when absent); `None` if malformed.
+    pub fn parse(text: &str) -> Option<Self> {
+        let mut parts = text.split('.').map(|p| p.parse::<u32>().ok());
+        let major = parts.next()??;
+        let minor = parts.next()??;
+        let patch = match parts.next() {
+            Some(p) => p?,
+            None => 0,
+        };
+        if parts.next().is_some() {
+            return None;
+        }
+        Some(Version::new(major, minor, patch))
     }
-    /// True when this version is at least `major.minor`.
-    pub const fn at_least(self, major: i32, minor: i32) -> bool {
-        self.code >= result::version_code(major, minor, 0)
+
+    /// `"2.27"` when the patch level is 0, else `"2.30.5"` (how requirements are written).
+    pub fn short(&self) -> String {
+        if self.patch == 0 {
+            format!("{}.{}", self.major, self.minor)
+        } else {
+            self.to_string()
+        }
     }
 }
 
 impl fmt::Display for Version {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        write!(f, "{}.{}.{}", self.major(), self.minor(), self.patch())
+        write!(f, "{}.{}.{}", self.major, self.minor, self.patch)
     }
+}
+
+/// The first NCCL version of each API and type this crate gates on: the one place these facts live.
+///
+/// Sources: NCCL's release notes and the history of `nccl.h`. `ncclBfloat16` (value 9 of
+/// `ncclDataType_t`) and `ncclAvg` arrived in 2.10.3 ("Added support for bfloat16 type", "Added ncclAvg
+/// operation"); the fp8 types (`ncclFloat8e4m3`, `ncclFloat8e5m2`, values 10 and 11) in 2.24.
+pub mod since {
+    use super::Version;
+
+    /// `ncclBfloat16`.
+    pub const BF16: Version = Version::new(2, 10, 0);
+    /// `ncclAvg`.
+    pub const AVG: Version = Version::new(2, 10, 0);
+    /// `ncclRedOpCreatePreMulSum` / `ncclRedOpDestroy`.
+    pub const PREMULSUM: Version = Version::new(2, 11, 0);
+    /// `ncclCommInitRankConfig`, `ncclCommFinalize`, non-blocking communicators.
+    pub const CONFIG: Version = Version::new(2, 14, 0);
+    /// `ncclCommSplit`.
+    pub const SPLIT: Version = Version::new(2, 18, 0);
+    /// `ncclCommRegister`, `ncclMemAlloc`.
+    pub const REGISTER: Version = Version::new(2, 19, 0);
+    /// `ncclFloat8e4m3`, `ncclFloat8e5m2`.
+    pub const FP8: Version = Version::new(2, 24, 0);
+    /// `ncclCommShrink`.
+    pub const SHRINK: Version = Version::new(2, 27, 0);
+    /// `ncclCommWindowRegister`.
+    pub const WINDOW: Version = Version::new(2, 27, 0);
+    /// `ncclAlltoAll`, `ncclGather`, `ncclScatter` (emulated with send/recv before).
+    pub const ALLTOALL: Version = Version::new(2, 28, 0);
 }
 
 /// The version of the NCCL library this process loaded (`ncclGetVersion`). Loads the library on first use.

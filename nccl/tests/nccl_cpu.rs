@@ -4,7 +4,10 @@
 //!
 //! Run: `cargo test -p nccl-rs --test nccl_cpu` (add `--features cuda` for the cudarc parts).
 
-use nccl::result::{check_code, load_error, require, version_code};
+use nccl::error::{ErrorKind, NcclCode};
+use nccl::result::{check_code, load_error, require};
+use nccl::version::since;
+use nccl::Version;
 use nccl::{AbortHandle, Communicator, Config, DataType, Error, UniqueId};
 use std::collections::BTreeMap;
 use std::path::PathBuf;
@@ -100,7 +103,7 @@ fn config_new_equals_nccl_config_initializer() {
         };
         assert_eq!(*value, want, "field {name}: initializer says {expr}");
     }
-    assert_eq!(version, nccl::header_version().code as i64);
+    assert_eq!(version, nccl::header_version().code() as i64);
 }
 
 #[test]
@@ -141,7 +144,9 @@ fn every_setter_writes_exactly_its_field() {
             assert_eq!(*v, want, "setting {field} changed {name}");
         }
         assert_eq!(config.get(field), Some(value as i32));
-        config.validate(23203).unwrap_or_else(|e| panic!("{field}: {e}"));
+        config
+            .validate(Version::new(2, 32, 3))
+            .unwrap_or_else(|e| panic!("{field}: {e}"));
     }
     // Strings point at NUL-terminated copies.
     let c = Config::new().comm_name("tp").unwrap().net_name("Socket").unwrap();
@@ -159,38 +164,44 @@ fn every_setter_writes_exactly_its_field() {
 
 #[test]
 fn config_fields_newer_than_the_library_are_refused() {
-    let old = 21800; // NCCL 2.18.0
+    let old = Version::new(2, 18, 0);
+    let now = Version::new(2, 32, 3);
     let err = Config::new().nvls_host_mode(0).validate(old).unwrap_err();
     assert!(
-        matches!(&err, Error::Unsupported { op: "nvlsHostMode", needs: "2.31", loaded } if loaded == "2.18.0"),
+        matches!(&err, Error::Unsupported { op: "nvlsHostMode", needs, loaded }
+            if *needs == Version::new(2, 31, 0) && *loaded == old),
         "{err:?}"
     );
-    let err = Config::new().comm_name("x").unwrap().validate(22600).unwrap_err();
+    assert_eq!(err.kind(), ErrorKind::Unsupported);
+    let err = Config::new()
+        .comm_name("x")
+        .unwrap()
+        .validate(Version::new(2, 26, 0))
+        .unwrap_err();
     assert!(
-        matches!(
-            err,
-            Error::Unsupported {
-                op: "commName",
-                needs: "2.27",
-                ..
-            }
-        ),
+        matches!(err, Error::Unsupported { op: "commName", needs, .. } if needs == Version::new(2, 27, 0)),
         "{err:?}"
     );
     Config::new().split_share(true).blocking(false).validate(old).unwrap();
     // graphStreamOrdering arrived in a patch release.
-    assert!(Config::new().graph_stream_ordering(true).validate(23004).is_err());
-    assert!(Config::new().graph_stream_ordering(true).validate(23005).is_ok());
+    assert!(Config::new()
+        .graph_stream_ordering(true)
+        .validate(Version::new(2, 30, 4))
+        .is_err());
+    assert!(Config::new()
+        .graph_stream_ordering(true)
+        .validate(Version::new(2, 30, 5))
+        .is_ok());
     // Values NCCL would reject are refused up front, naming the field.
-    let err = Config::new().min_ctas(8).max_ctas(4).validate(23203).unwrap_err();
+    let err = Config::new().min_ctas(8).max_ctas(4).validate(now).unwrap_err();
     assert!(err.to_string().contains("minCTAs"), "{err}");
     assert!(Config::new()
         .nvls_ctas(0)
-        .validate(23203)
+        .validate(now)
         .unwrap_err()
         .to_string()
         .contains("nvlsCTAs"));
-    assert!(Config::new().graph_usage_mode(3).validate(23203).is_err());
+    assert!(Config::new().graph_usage_mode(3).validate(now).is_err());
 }
 
 #[test]
@@ -267,7 +278,32 @@ fn result_codes_map_to_typed_errors() {
     for unknown in [9, 42, -1] {
         let err = check_code("ncclSend", unknown, None).unwrap_err();
         assert_eq!(err.nccl_code(), Some(unknown));
+        assert_eq!(err.code(), Some(NcclCode::Unknown(unknown)));
+        assert_eq!(err.kind(), ErrorKind::Internal);
         assert!(err.to_string().contains("unknown result"), "{err}");
+    }
+    // Typed codes next to the raw ones, and the kinds callers match on.
+    use nccl::sys as s;
+    for (raw, code, kind) in [
+        (s::ncclUnhandledCudaError, NcclCode::UnhandledCudaError, ErrorKind::Cuda),
+        (s::ncclSystemError, NcclCode::SystemError, ErrorKind::Io),
+        (s::ncclInternalError, NcclCode::InternalError, ErrorKind::Internal),
+        (
+            s::ncclInvalidArgument,
+            NcclCode::InvalidArgument,
+            ErrorKind::InvalidArgument,
+        ),
+        (s::ncclInvalidUsage, NcclCode::InvalidUsage, ErrorKind::InvalidUsage),
+        (s::ncclRemoteError, NcclCode::RemoteError, ErrorKind::PeerFailed),
+        (s::ncclInProgress, NcclCode::InProgress, ErrorKind::Internal),
+        (s::ncclTimeout, NcclCode::Timeout, ErrorKind::Timeout),
+    ] {
+        let err = check_code("ncclAllReduce", raw as i32, None).unwrap_err();
+        assert_eq!(err.code(), Some(code), "{err}");
+        assert_eq!(code.raw(), raw as i32);
+        assert_eq!(NcclCode::from_raw(raw as i32), code);
+        assert_eq!(err.kind(), kind, "{err}");
+        assert!(err.to_string().contains(code.name()), "{err}");
     }
     // The bindings agree with the names.
     assert_eq!(nccl::sys::ncclTimeout as i32, 8);
@@ -283,7 +319,8 @@ fn loader_errors_map_to_unsupported_and_library() {
     };
     let err = load_error("shrink", missing);
     assert!(
-        matches!(&err, Error::Unsupported { op: "shrink", needs: "2.27", loaded } if loaded == "2.18.5"),
+        matches!(&err, Error::Unsupported { op: "shrink", needs, loaded }
+            if *needs == since::SHRINK && *loaded == Version::new(2, 18, 5)),
         "{err:?}"
     );
     let not_found = nccl::sys::LoadError::NotFound {
@@ -298,48 +335,95 @@ fn loader_errors_map_to_unsupported_and_library() {
 #[test]
 fn version_gate_against_an_older_library() {
     // Simulate NCCL 2.18.0 loaded: everything newer is refused with the version that has it.
-    let loaded = 21800;
+    let loaded = Version::from_code(21800);
+    assert_eq!(loaded, Version::new(2, 18, 0));
     for (op, needs) in [
-        ("ncclCommShrink", "2.27"),
-        ("ncclAlltoAll", "2.28"),
-        ("ncclCommWindowRegister", "2.27"),
+        ("ncclCommShrink", since::SHRINK),
+        ("ncclAlltoAll", since::ALLTOALL),
+        ("ncclCommWindowRegister", since::WINDOW),
     ] {
         let err = require(op, needs, loaded).unwrap_err();
         assert_eq!(
             err.to_string(),
-            format!("{op} needs NCCL {needs} or newer, but the loaded library is NCCL 2.18.0")
+            format!(
+                "{op} needs NCCL {} or newer, but the loaded library is NCCL 2.18.0",
+                needs.short()
+            )
         );
     }
-    for needs in ["2.14", "2.18", "2.18.0"] {
+    for needs in [since::CONFIG, since::SPLIT, Version::new(2, 18, 0)] {
         require("x", needs, loaded).unwrap();
     }
-    assert!(require("x", "2.18.1", loaded).is_err());
-    assert!(matches!(
-        require("x", "two", loaded),
-        Err(Error::InvalidArgument { .. })
-    ));
-    assert_eq!(version_code(2, 18, 0), loaded);
-    // The functions the safe layer gates agree with the bindings' own table.
+    assert!(require("x", Version::new(2, 18, 1), loaded).is_err());
+    // The functions the safe layer gates agree with the bindings' own table: one fact, two places that
+    // must not drift.
     for (f, needs) in [
-        ("ncclCommShrink", "2.27"),
-        ("ncclAlltoAll", "2.28"),
-        ("ncclGather", "2.28"),
-        ("ncclScatter", "2.28"),
-        ("ncclCommSplit", "2.18"),
-        ("ncclCommRegister", "2.19"),
-        ("ncclMemAlloc", "2.19"),
-        ("ncclCommWindowRegister", "2.27"),
+        ("ncclCommShrink", since::SHRINK),
+        ("ncclAlltoAll", since::ALLTOALL),
+        ("ncclGather", since::ALLTOALL),
+        ("ncclScatter", since::ALLTOALL),
+        ("ncclCommSplit", since::SPLIT),
+        ("ncclCommRegister", since::REGISTER),
+        ("ncclMemAlloc", since::REGISTER),
+        ("ncclCommWindowRegister", since::WINDOW),
+        ("ncclCommInitRankConfig", since::CONFIG),
+        ("ncclCommFinalize", since::CONFIG),
+        ("ncclRedOpCreatePreMulSum", since::PREMULSUM),
     ] {
-        assert_eq!(nccl::sys::symbol_since(f), Some(needs), "{f}");
+        let table = nccl::sys::symbol_since(f).and_then(Version::parse);
+        assert_eq!(table, Some(needs), "{f}");
+    }
+}
+
+#[test]
+fn version_encoding_and_order() {
+    for v in [
+        Version::new(2, 8, 4),
+        Version::new(2, 9, 6),
+        Version::new(2, 18, 5),
+        Version::new(2, 32, 3),
+        Version::new(3, 0, 1),
+    ] {
+        assert_eq!(Version::from_code(v.code()), v, "{v}");
+    }
+    assert_eq!(Version::new(2, 32, 3).code(), 23203);
+    assert_eq!(Version::new(2, 8, 4).code(), 2804);
+    assert!(Version::new(2, 10, 0) > Version::new(2, 9, 9));
+    assert!(Version::new(3, 0, 0) > Version::new(2, 32, 3));
+    assert!(Version::new(2, 30, 5).at_least(Version::new(2, 30, 5)));
+    assert!(!Version::new(2, 30, 4).at_least(Version::new(2, 30, 5)));
+    assert_eq!(Version::parse("2.30.5"), Some(Version::new(2, 30, 5)));
+    assert_eq!(Version::parse("2.27"), Some(since::SHRINK));
+    for bad in ["2.x", "2", "2.1.2.3", "", "two"] {
+        assert_eq!(Version::parse(bad), None, "{bad:?}");
+    }
+}
+
+/// bf16 needs one version everywhere: the type's minimum, the collectives' gate (`check_dtype`) and what
+/// `nccl-perf -d all` schedules all read `DataType::min_version`, which is `since::BF16` (2.10: NCCL 2.10.3's
+/// release notes, "Added support for bfloat16 type"; `ncclBfloat16 = 9` in `ncclDataType_t`). Before this
+/// was one constant, the type said 2.9 and the gate 2.10.
+#[test]
+fn data_type_minimum_versions_are_the_gate_constants() {
+    assert_eq!(DataType::Bfloat16.min_version(), since::BF16);
+    assert_eq!(since::BF16, Version::new(2, 10, 0));
+    assert_eq!(DataType::Float8e4m3.min_version(), since::FP8);
+    assert_eq!(DataType::Float8e5m2.min_version(), since::FP8);
+    assert_eq!(nccl::sys::ncclBfloat16 as i32, 9);
+    // A 2.9 library has no bf16: the gate refuses it, naming 2.10.
+    let err = require("all_reduce", DataType::Bfloat16.min_version(), Version::new(2, 9, 9)).unwrap_err();
+    assert!(err.to_string().contains("needs NCCL 2.10 or newer"), "{err}");
+    for dt in [DataType::Float32, DataType::Float16, DataType::Int8, DataType::Uint64] {
+        assert!(Version::new(2, 0, 0).at_least(dt.min_version()), "{dt:?}");
     }
 }
 
 #[test]
 fn loaded_version_is_reported() {
     let v = nccl::version().expect("libnccl loads from NCCL_HOME");
-    assert_eq!(v.code, nccl::sys::library_version().unwrap());
-    assert!(v.at_least(2, 18), "{v}");
-    assert_eq!(v.to_string(), format!("{}.{}.{}", v.major(), v.minor(), v.patch()));
+    assert_eq!(v.code(), nccl::sys::library_version().unwrap());
+    assert!(v.at_least(since::SPLIT), "{v}");
+    assert_eq!(v.to_string(), format!("{}.{}.{}", v.major, v.minor, v.patch));
     assert!(nccl::nccl_available());
 }
 
@@ -479,6 +563,74 @@ fn groups_do_not_nest_and_always_end() {
     assert!(panicked.is_err());
     assert!(!nccl::group::in_group());
     nccl::group(|_| Ok(())).expect("a new group works after the panic");
+}
+
+/// NCCL defers communicator creation issued inside ncclGroupStart/End to the group's end and fills the
+/// handle then, after our frame returned; every creating call refuses to run inside `nccl::group`, before
+/// any C call. Without the refusal, `init_rank` here reaches NCCL (and returns its deferred, not yet
+/// initialised handle, or NCCL's error), never `InsideGroup`.
+#[test]
+fn creation_is_refused_inside_a_group() {
+    let id = UniqueId::new().unwrap();
+    let cfg = Config::new();
+    let mut seen = Vec::new();
+    nccl::group(|_| {
+        let calls: [(&str, Error); 4] = [
+            ("ncclCommInitRank", Communicator::init_rank(&id, 0, 1).unwrap_err()),
+            (
+                "ncclCommInitRankConfig",
+                Communicator::init_rank_config(&id, 0, 1, &cfg).unwrap_err(),
+            ),
+            (
+                "ncclCommInitRankConfig",
+                Communicator::init_rank_timeout(&id, 0, 1, &cfg, Duration::from_secs(1)).unwrap_err(),
+            ),
+            ("ncclCommInitAll", Communicator::init_all(&[0]).unwrap_err()),
+        ];
+        for (want, err) in calls {
+            assert!(
+                matches!(&err, Error::InsideGroup { op } if *op == want),
+                "{want}: {err:?}"
+            );
+            assert_eq!(err.kind(), ErrorKind::InvalidUsage);
+            assert!(err.to_string().contains("inside nccl::group"), "{err}");
+            seen.push(want);
+        }
+        Ok(())
+    })
+    .unwrap();
+    assert_eq!(seen.len(), 4);
+    // Outside the group the same call reaches NCCL again (and fails there without a GPU).
+    let err = Communicator::init_rank(&id, 0, 1).unwrap_err();
+    assert!(err.nccl_code().is_some(), "{err:?}");
+}
+
+#[test]
+fn every_error_has_a_kind_shared_across_backends() {
+    use std::time::Duration;
+    let timeout = Error::Timeout {
+        op: "all_reduce",
+        elapsed: Duration::from_secs(1),
+        detail: None,
+    };
+    assert_eq!(timeout.kind(), ErrorKind::Timeout);
+    let peer = Error::PeerFailed {
+        op: "barrier",
+        rank: 2,
+        reason: "exited".into(),
+    };
+    assert_eq!(peer.kind(), ErrorKind::PeerFailed);
+    assert_eq!(Error::Aborted { op: "x" }.kind(), ErrorKind::Aborted);
+    assert_eq!(Error::invalid("x", "y").kind(), ErrorKind::InvalidArgument);
+    assert_eq!(
+        nccl::counts::check_rank("bcast", "root", 5, 2).unwrap_err().kind(),
+        ErrorKind::InvalidArgument
+    );
+    // The same kinds from NCCL's own codes.
+    let remote = check_code("ncclAllReduce", nccl::sys::ncclRemoteError as i32, None).unwrap_err();
+    assert_eq!(remote.kind(), peer.kind());
+    let nccl_timeout = check_code("ncclAllReduce", nccl::sys::ncclTimeout as i32, None).unwrap_err();
+    assert_eq!(nccl_timeout.kind(), timeout.kind());
 }
 
 /// cudarc's `CudaContext::new` panics without a driver; the probes must not.

@@ -247,7 +247,7 @@ fn check_all_types(comm: &Communicator, s: &Arc<CudaStream>) {
     check_collectives::<f32>(comm, s);
     check_collectives::<f64>(comm, s);
     check_collectives::<half::bf16>(comm, s);
-    if nccl::version().unwrap().at_least(2, 24) {
+    if nccl::version().unwrap().at_least(nccl::version::since::FP8) {
         check_collectives::<float8::F8E4M3>(comm, s);
         check_collectives::<float8::F8E5M2>(comm, s);
     }
@@ -336,7 +336,7 @@ fn split_by_parity() {
 #[ignore = "needs 3+ GPUs (uses all visible)"]
 fn shrink_excludes_the_last_rank() {
     let n = gpus().max(3);
-    if !nccl::version().unwrap().at_least(2, 27) {
+    if !nccl::version().unwrap().at_least(nccl::version::since::SHRINK) {
         return;
     }
     run_ranks(n, |comm, s| {
@@ -520,7 +520,7 @@ fn registered_buffers_and_nccl_memory() {
         let mut out = s.alloc_zeros::<f32>(4096).unwrap();
         comm.all_reduce(&mem, &mut out, ReduceOp::Max).unwrap();
         assert_eq!(down(s, &out), vec![n as f64 * sum; 4096]);
-        if nccl::version().unwrap().at_least(2, 27) {
+        if nccl::version().unwrap().at_least(nccl::version::since::SHRINK) {
             let mem = nccl::DeviceMemory::<f32>::alloc_zeros(s, 1 << 20).unwrap();
             let mut win = comm
                 .register_window(mem, nccl::register::window_flags::COLL_SYMMETRIC)
@@ -578,4 +578,180 @@ fn readme_example() -> Result<(), Box<dyn std::error::Error>> {
 fn readme_example_runs() {
     need(1);
     readme_example().unwrap();
+}
+
+/// Non-blocking rank threads: `f` gets the communicator (created with `init_rank_timeout_on`) and its stream.
+fn run_non_blocking<R: Send>(n: usize, f: impl Fn(&Communicator, &Arc<CudaStream>) -> R + Sync) -> Vec<R> {
+    need(n);
+    let id = UniqueId::new().unwrap();
+    std::thread::scope(|s| {
+        let handles: Vec<_> = (0..n)
+            .map(|rank| {
+                let (f, id) = (&f, &id);
+                s.spawn(move || {
+                    let stream = CudaContext::new(rank).unwrap().new_stream().unwrap();
+                    let comm = Communicator::init_rank_timeout_on(
+                        stream.clone(),
+                        id,
+                        rank,
+                        n,
+                        &Config::new(),
+                        Duration::from_secs(120),
+                    )
+                    .unwrap();
+                    assert!(comm.is_non_blocking());
+                    let out = f(&comm, &stream);
+                    comm.finalize().unwrap();
+                    out
+                })
+            })
+            .collect();
+        handles
+            .into_iter()
+            .map(|h| h.join().expect("rank thread panicked"))
+            .collect()
+    })
+}
+
+/// Issue 12 item 1: on a non-blocking parent NCCL fills the child's slot after `ncclCommSplit` /
+/// `ncclCommShrink` returned `ncclInProgress`; the crate keeps the slot on the heap and reads it only once
+/// the parent is done. The children must be usable (and NOCOLOR ranks get `None`).
+#[test]
+#[ignore = "needs 2+ GPUs (uses all visible)"]
+fn split_and_shrink_of_a_non_blocking_parent() {
+    let n = gpus().max(2);
+    run_non_blocking(n, |comm, s| {
+        let r = comm.rank();
+        let child = comm
+            .split(Some((r % 2) as u32), r as i32, None)
+            .unwrap()
+            .expect("a color");
+        assert!(child.is_non_blocking(), "the child inherits the parent's config");
+        let mut buf = up::<i32>(s, &[1.0; 64]);
+        child.all_reduce_in_place(&mut buf, ReduceOp::Sum).unwrap();
+        assert_eq!(down(s, &buf), vec![child.size() as f64; 64]);
+        child.finalize().unwrap();
+        let none = comm.split(if r == 0 { None } else { Some(1) }, 0, None).unwrap();
+        assert_eq!(none.is_none(), r == 0);
+        if let Some(c) = none {
+            c.finalize().unwrap();
+        }
+        if n >= 3 && nccl::version().unwrap().at_least(nccl::version::since::SHRINK) {
+            let last = n - 1;
+            if r != last {
+                let small = comm.shrink(&[last], None, nccl::ShrinkMode::Default).unwrap();
+                assert_eq!(small.size(), n - 1);
+                small.finalize().unwrap();
+            }
+        }
+    });
+}
+
+/// Issue 12 item 2 on a real communicator: split, finalize and abort inside a group are refused with
+/// `InsideGroup` and leave the communicator working.
+#[test]
+#[ignore = "needs 1 GPU"]
+fn teardown_and_split_are_refused_inside_a_group() {
+    run_ranks(1, |comm, s| {
+        let handle = comm.abort_handle();
+        let err = nccl::group(|_| comm.split(Some(0), 0, None).map(drop)).unwrap_err();
+        assert!(matches!(err, Error::InsideGroup { op: "ncclCommSplit" }), "{err:?}");
+        let err = nccl::group(|_| handle.abort()).unwrap_err();
+        assert!(matches!(err, Error::InsideGroup { op: "ncclCommAbort" }), "{err:?}");
+        assert!(handle.is_live());
+        let mut buf = up::<f32>(s, &[2.0; 8]);
+        comm.all_reduce_in_place(&mut buf, ReduceOp::Sum).unwrap();
+        assert_eq!(down(s, &buf), vec![2.0; 8]);
+    });
+}
+
+/// Issue 12 item 4: with a single stream (cudarc's events are then never recorded) dropping `DeviceMemory`
+/// must still wait for the queued collectives before `ncclMemFree`; a free under a running kernel shows as
+/// a CUDA error on the next synchronize.
+#[test]
+#[ignore = "needs 1 GPU"]
+fn device_memory_free_waits_for_queued_work_in_single_stream_mode() {
+    need(1);
+    let ctx = CudaContext::new(0).unwrap();
+    let stream = ctx.default_stream();
+    let id = UniqueId::new().unwrap();
+    let comm = Communicator::init_rank_on(stream.clone(), &id, 0, 1).unwrap();
+    assert!(
+        !ctx.is_managing_stream_synchronization(),
+        "the test needs single-stream mode"
+    );
+    for _ in 0..4 {
+        let mut mem = nccl::DeviceMemory::<f32>::alloc_zeros(&stream, 64 << 20).unwrap();
+        for _ in 0..20 {
+            comm.all_reduce_in_place(&mut mem, ReduceOp::Sum).unwrap();
+        }
+        drop(mem); // must wait for the 20 all-reduces
+    }
+    stream.synchronize().expect("no kernel ran on freed memory");
+    comm.finalize().unwrap();
+}
+
+/// Issue 12 item 5: a panic inside a group of non-blocking communicators waits until NCCL launched the
+/// work before the buffers are released by the unwind.
+#[test]
+#[ignore = "needs 1 GPU"]
+fn panic_inside_a_group_of_non_blocking_comms_releases_buffers_safely() {
+    run_non_blocking(1, |comm, s| {
+        let caught = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| {
+            let send = up::<f32>(s, &[1.0; 1 << 22]);
+            let mut recv = s.alloc_zeros::<f32>(1 << 22).unwrap();
+            let _ = nccl::group(|g| -> nccl::Result<()> {
+                g.all_reduce(comm, &send, &mut recv, ReduceOp::Sum)?;
+                panic!("user code panics after queueing");
+            });
+        }));
+        assert!(caught.is_err());
+        assert!(!nccl::group::in_group());
+        s.synchronize().expect("the queued all-reduce ran on live buffers");
+        // Either the wait completed (usable) or it failed and the communicator was aborted.
+        if !comm.is_aborted() {
+            assert!(comm.is_ready().unwrap());
+            let mut buf = up::<f32>(s, &[3.0; 16]);
+            comm.all_reduce_in_place(&mut buf, ReduceOp::Sum).unwrap();
+            assert_eq!(down(s, &buf), vec![3.0; 16]);
+        }
+    });
+}
+
+/// Issue 12 item 6: streams and buffers of a non-primary context on the communicator's own device are
+/// refused (comparing ordinals let them through).
+#[test]
+#[ignore = "needs 1 GPU"]
+fn non_primary_contexts_are_refused() {
+    need(1);
+    let foreign = CudaContext::new_non_primary(0, 0).unwrap();
+    let fstream = foreign.default_stream();
+    let id = UniqueId::new().unwrap();
+    let err = Communicator::init_rank_on(fstream.clone(), &id, 0, 1).unwrap_err();
+    assert!(err.to_string().contains("non-primary"), "{err}");
+    run_ranks(1, |comm, s| {
+        let send = fstream.alloc_zeros::<f32>(4).unwrap();
+        let mut recv = s.alloc_zeros::<f32>(4).unwrap();
+        let err = comm.all_reduce(&send, &mut recv, ReduceOp::Sum).unwrap_err();
+        assert!(err.to_string().contains("another CUDA context"), "{err}");
+    });
+}
+
+/// Issue 12 item 8: dropping a non-blocking communicator right after queueing work neither hangs nor
+/// destroys it while NCCL still works on it (Drop waits, bounded, then destroys).
+#[test]
+#[ignore = "needs 1 GPU"]
+fn dropping_a_busy_non_blocking_communicator_returns() {
+    need(1);
+    let stream = CudaContext::new(0).unwrap().new_stream().unwrap();
+    let id = UniqueId::new().unwrap();
+    let comm =
+        Communicator::init_rank_timeout_on(stream.clone(), &id, 0, 1, &Config::new(), Duration::from_secs(60)).unwrap();
+    let mut buf = up::<f32>(&stream, &[1.0; 1 << 22]);
+    comm.all_reduce_in_place(&mut buf, ReduceOp::Sum).unwrap();
+    let start = Instant::now();
+    drop(comm);
+    assert!(start.elapsed() < nccl::comm::DROP_WAIT + Duration::from_secs(5));
+    stream.synchronize().unwrap();
+    assert_eq!(down(&stream, &buf)[..4], [1.0; 4]);
 }

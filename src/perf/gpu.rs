@@ -21,10 +21,7 @@ pub fn device_count() -> usize {
 }
 
 fn cuda(op: &'static str) -> impl Fn(DriverError) -> Error {
-    move |e| Error::Cuda {
-        op,
-        message: e.to_string(),
-    }
+    Error::cuda(op)
 }
 
 fn attr(ctx: &CudaContext, a: sys::CUdevice_attribute) -> u32 {
@@ -113,8 +110,7 @@ impl PerfComm for Communicator {
     }
 
     fn supports(&self, dt: DataType) -> bool {
-        let loaded = nccl::version().map_or(0, |v| v.code);
-        if loaded < dt.min_version_code() {
+        if !nccl::version().is_ok_and(|v| v.at_least(dt.min_version())) {
             return false;
         }
         if matches!(dt, DataType::Float8e4m3 | DataType::Float8e5m2) {

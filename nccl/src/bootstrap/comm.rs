@@ -133,14 +133,8 @@ mod cuda {
                 ),
             ));
         }
-        let ctx = CudaContext::new(info.local_rank).map_err(|e| Error::Cuda {
-            op: "CudaContext::new",
-            message: e.to_string(),
-        })?;
-        ctx.new_stream().map_err(|e| Error::Cuda {
-            op: "CudaContext::new_stream",
-            message: e.to_string(),
-        })
+        let ctx = CudaContext::new(info.local_rank).map_err(Error::cuda("CudaContext::new"))?;
+        ctx.new_stream().map_err(Error::cuda("CudaContext::new_stream"))
     }
 }
 
