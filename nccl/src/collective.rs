@@ -837,6 +837,13 @@ mod typed {
         /// bound to its stream. Rank `i` uses `streams[i]`.
         #[doc(alias = "ncclCommInitAll")]
         pub fn init_all_on(streams: Vec<Arc<CudaStream>>) -> Result<Vec<Self>> {
+            // Refuse non-primary contexts before NCCL creates anything (`bind_stream` would refuse them after).
+            if streams.iter().any(|s| !s.context().is_primary()) {
+                return Err(Error::invalid(
+                    "ncclCommInitAll",
+                    "a stream belongs to a non-primary CUDA context; NCCL runs in each device's primary context",
+                ));
+            }
             let devices: Vec<usize> = streams.iter().map(|s| s.context().ordinal()).collect();
             let comms = Self::init_all(&devices)?;
             comms.into_iter().zip(streams).map(|(c, s)| c.with_stream(s)).collect()

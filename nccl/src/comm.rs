@@ -16,7 +16,7 @@
 //!
 //! # Teardown
 //! Releasing a communicator (drop, or the end of [`finalize`](Communicator::finalize)) follows one plan
-//! ([`release_plan`]): a communicator with an asynchronous error, or released while the thread panics, is
+//! (`release_plan`): a communicator with an asynchronous error, or released while the thread panics, is
 //! aborted; a non-blocking one still `ncclInProgress` is first waited for (bounded by [`DROP_WAIT`], then
 //! aborted); a blocking one reporting `ncclInProgress` is aborted. `ncclCommDestroy` marks the state closed
 //! only when it succeeded; when it fails the communicator is aborted, so it never leaks.

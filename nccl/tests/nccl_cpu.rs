@@ -633,6 +633,21 @@ fn every_error_has_a_kind_shared_across_backends() {
     assert_eq!(nccl_timeout.kind(), timeout.kind());
 }
 
+/// CUDA driver failures keep cudarc's error as their source (not a string). Display is not used here: it asks
+/// the driver for the error string, and there is none on this machine.
+#[cfg(feature = "cuda")]
+#[test]
+fn cuda_driver_errors_keep_cudarcs_error_as_source() {
+    use nccl::cudarc::driver::{sys::CUresult, DriverError};
+    use std::error::Error as _;
+    let err = Error::cuda("synchronize")(DriverError(CUresult::CUDA_ERROR_INVALID_VALUE));
+    assert_eq!(err.kind(), ErrorKind::Cuda);
+    let source = err.source().expect("the driver error is the source");
+    let driver = source.downcast_ref::<DriverError>().expect("a cudarc DriverError");
+    assert_eq!(driver.0, CUresult::CUDA_ERROR_INVALID_VALUE);
+    assert!(matches!(err, Error::CudaDriver { op: "synchronize", .. }));
+}
+
 /// cudarc's `CudaContext::new` panics without a driver; the probes must not.
 #[cfg(feature = "cuda")]
 #[test]
