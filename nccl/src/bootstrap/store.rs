@@ -61,6 +61,8 @@ pub struct StoreClient {
     addr: SocketAddr,
     rank: usize,
     max_value: usize,
+    /// When the current call started (for the `elapsed` of a timeout).
+    call_start: Instant,
 }
 
 impl StoreClient {
@@ -91,6 +93,7 @@ impl StoreClient {
                             addr: *addr,
                             rank,
                             max_value,
+                            call_start: Instant::now(),
                         };
                         c.handshake(deadline)?;
                         return Ok(c);
@@ -157,7 +160,7 @@ impl StoreClient {
                 rank: self.rank,
                 peer: self.peer(),
                 during: during.to_string(),
-                elapsed: Duration::ZERO,
+                elapsed: self.call_start.elapsed(),
             };
         }
         BootstrapError::Io {
@@ -167,16 +170,18 @@ impl StoreClient {
         }
     }
 
-    fn arm(&self, deadline: Instant, during: &str) -> Result<(), BootstrapError> {
-        let left = deadline.saturating_duration_since(Instant::now());
+    fn arm(&mut self, deadline: Instant, during: &str) -> Result<(), BootstrapError> {
+        let now = Instant::now();
+        let left = deadline.saturating_duration_since(now);
         if left.is_zero() {
             return Err(BootstrapError::Timeout {
                 rank: self.rank,
                 peer: self.peer(),
                 during: during.to_string(),
-                elapsed: Duration::ZERO,
+                elapsed: now.saturating_duration_since(self.call_start),
             });
         }
+        self.call_start = now;
         let _ = self.stream.set_read_timeout(Some(left));
         let _ = self.stream.set_write_timeout(Some(left));
         Ok(())
@@ -253,7 +258,7 @@ impl StoreClient {
         self.send(&q, deadline, "TCPStore multi_get")?;
         let mut total = 0usize;
         let mut out = Vec::with_capacity(keys.len());
-        for key in keys {
+        for _ in keys {
             let len = self.read_u64(deadline, "TCPStore multi_get")?;
             let len = usize::try_from(len).unwrap_or(usize::MAX);
             total = total.saturating_add(len);
@@ -266,7 +271,6 @@ impl StoreClient {
             }
             let mut v = vec![0u8; len];
             self.read_exact(&mut v, deadline, "TCPStore multi_get")?;
-            let _ = key;
             out.push(v);
         }
         Ok(out)
