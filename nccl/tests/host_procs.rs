@@ -8,7 +8,7 @@ use std::time::{Duration, Instant};
 
 use host_common::procs::*;
 use host_common::*;
-use nccl::host::{HostComm, HostOptions};
+use nccl::host::HostOptions;
 use nccl::{Collectives, Error, ReduceOp};
 
 fn procs_opts() -> HostOptions {
