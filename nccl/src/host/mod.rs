@@ -31,6 +31,13 @@
 //! longer than [`HostOptions::timeout`] gives up with [`Error::Timeout`] naming the ranks that never
 //! arrived, and breaks the communicator for everyone. [`HostComm::abort`] breaks it with
 //! [`Error::Aborted`]. A broken communicator stays broken (as NCCL's after an error); make a new one.
+//!
+//! Calls that do not match across ranks (op, type, count, root, reduction, or a barrier against a
+//! collective) fail on every rank with [`Error::InvalidArgument`] naming both calls, before any data moves:
+//! every barrier phase is stamped by every rank with the call, the phase number and the step, and all stamps
+//! of a phase are checked after it. Every collective or barrier either succeeds on every rank or fails on
+//! every rank that makes it; no wait outlasts the timeout by more than one block of a peer's work
+//! (`direct.rs`, step 4).
 
 mod copy;
 mod direct;

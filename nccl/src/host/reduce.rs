@@ -28,8 +28,11 @@ pub(crate) struct Plan {
     pub red: Red,
     /// This rank's pre-multiplier (`PreMulSum`), applied to its own input.
     pub scale: Option<f64>,
-    /// Divide the result by this (`Avg`).
-    pub div: Option<usize>,
+    /// Divide the result by this (`Avg`); 0 = no division. A plain number rather than an `Option`: LLVM
+    /// hoists the loop-invariant `n as f32` of `div_n` out of the reduction loops, which on x86-64 branches
+    /// on the sign of `n`; with `None`, that is a branch on an uninitialised payload (harmless, the value is
+    /// unused, but it is what valgrind's memcheck reported on every staged and direct reduction).
+    pub div: usize,
 }
 
 impl Plan {
@@ -38,32 +41,32 @@ impl Plan {
             ReduceOp::Sum => Plan {
                 red: Red::Sum,
                 scale: None,
-                div: None,
+                div: 0,
             },
             ReduceOp::Prod => Plan {
                 red: Red::Prod,
                 scale: None,
-                div: None,
+                div: 0,
             },
             ReduceOp::Max => Plan {
                 red: Red::Max,
                 scale: None,
-                div: None,
+                div: 0,
             },
             ReduceOp::Min => Plan {
                 red: Red::Min,
                 scale: None,
-                div: None,
+                div: 0,
             },
             ReduceOp::Avg => Plan {
                 red: Red::Sum,
                 scale: None,
-                div: Some(nranks),
+                div: nranks,
             },
             ReduceOp::PreMulSum(s) => Plan {
                 red: Red::Sum,
                 scale: Some(s),
-                div: None,
+                div: 0,
             },
             // `ReduceOp` is non_exhaustive only towards other crates; this crate names every variant.
         }
@@ -279,9 +282,9 @@ pub(crate) fn combine<T: Elem>(acc: &mut [T], src: &[T], red: Red, scale: Option
     })
 }
 
-/// `acc = acc / n` (the `avg` epilogue).
-pub(crate) fn finish<T: Elem>(acc: &mut [T], div: Option<usize>) {
-    if let Some(n) = div {
+/// `acc = acc / div` (the `avg` epilogue); nothing when `div` is 0.
+pub(crate) fn finish<T: Elem>(acc: &mut [T], div: usize) {
+    if let n @ 1.. = div {
         // SAFETY: `dispatch!` binds `A` to the concrete type of `T::DATA_TYPE`.
         dispatch!(T, |A| unsafe { finish_a::<A>(cast_mut::<T, A>(acc), n) })
     }
@@ -297,7 +300,7 @@ mod tests {
         combine(&mut a, &[10u8, 4], Red::Sum, None);
         assert_eq!(a, [4, 7]);
         let mut a = [7i32, -7];
-        finish(&mut a, Some(2));
+        finish(&mut a, 2);
         assert_eq!(a, [3, -3]);
     }
 
