@@ -17,3 +17,5 @@ step "cargo doc (warnings denied)"
 RUSTDOCFLAGS="-D warnings" cargo doc --workspace --no-deps --all-features
 step "cargo test (CPU)"
 cargo test --workspace
+step "valgrind memcheck (host backend, multi-threaded tests)"
+bash scripts/valgrind-host.sh host_sound host_faults host_collectives

@@ -117,6 +117,7 @@ fi
 #      different library that clang-sys skips, so it does not count. Needed by `cargo clippy --all-features`
 #      (feature `bindgen`) and nccl-sys's drift test. Debian: libclang-dev (libclang1-14 + clang's headers).
 #    - mpirun: the bootstrap's OpenMPI test runs the real launcher. Debian: openmpi-bin.
+#    - valgrind: scripts/check.sh runs the host backend's multi-threaded tests under memcheck.
 have_libclang() {
     local d
     for d in ${LIBCLANG_PATH:-} /usr/lib/llvm-*/lib /usr/lib/x86_64-linux-gnu /usr/lib/aarch64-linux-gnu /usr/lib /usr/local/lib; do
@@ -130,8 +131,9 @@ have_libclang() {
 apt_need=()
 have_libclang || apt_need+=(libclang-dev)
 command -v mpirun >/dev/null 2>&1 || apt_need+=(openmpi-bin)
+command -v valgrind >/dev/null 2>&1 || apt_need+=(valgrind)
 if [ "${#apt_need[@]}" -eq 0 ]; then
-    log "libclang and mpirun present"
+    log "libclang, mpirun and valgrind present"
 elif [ "${SKIP_APT:-0}" != "1" ] && [ "$(id -u)" = "0" ] && command -v apt-get >/dev/null; then
     log "apt-get install ${apt_need[*]}"
     apt-get update -qq
