@@ -111,7 +111,7 @@ pub fn matvec(x: &[f32], w: &Matrix, y: &mut [f32], threads: usize) {
 }
 
 /// `y[t, :] = W · x[t, :]` for `n` independent vectors in one pass over the weights (a batched decode
-/// step): each block of [`MATVEC_CHUNK`] rows is read once and applied to every vector while it is in cache.
+/// step): each block of 64 rows is read once and applied to every vector while it is in cache.
 /// Every output is computed exactly as [`matvec`] computes it (same kernel, same order), so a sequence's
 /// results do not depend on what else is in the batch.
 pub fn matvec_batch(x: &[f32], n: usize, w: &Matrix, y: &mut [f32], threads: usize) {
@@ -121,26 +121,23 @@ pub fn matvec_batch(x: &[f32], n: usize, w: &Matrix, y: &mut [f32], threads: usi
         return matvec(x, w, y, threads);
     }
     let cols = w.cols;
-    batch_rows(n, w.rows, y, threads, |base, t, out| {
-        let xt = &x[t * cols..(t + 1) * cols];
-        for (i, o) in out.iter_mut().enumerate() {
-            *o = dot(&w.data[(base + i) * cols..(base + i + 1) * cols], xt);
+    batch_rows(n, w.rows, y, threads, |base, out| {
+        let rlen = out.len() / n;
+        for (t, o) in out.chunks_exact_mut(rlen).enumerate() {
+            let xt = &x[t * cols..(t + 1) * cols];
+            for (i, v) in o.iter_mut().enumerate() {
+                *v = dot(&w.data[(base + i) * cols..(base + i + 1) * cols], xt);
+            }
         }
     });
 }
 
-/// Runs `kernel(first_row, vector, out)` for every block of [`MATVEC_CHUNK`] rows and every one of the `n`
-/// vectors (blocks in parallel when `threads > 1`, vectors inner so a block's weights are read from memory
-/// once), then scatters the block-major results into `y` (`[n, rows]`).
-fn batch_rows(n: usize, rows: usize, y: &mut [f32], threads: usize, kernel: impl Fn(usize, usize, &mut [f32]) + Sync) {
-    // Block c holds `[n][rlen]` values: the rows c·CHUNK .. c·CHUNK + rlen of each vector.
+/// Runs `kernel(first_row, out)` for every block of [`MATVEC_CHUNK`] rows, `out` being `[n][rlen]` (the
+/// block's rows for each of the `n` vectors; blocks in parallel when `threads > 1`, so a block's weights
+/// are read from memory once for all vectors), then scatters the block-major results into `y` (`[n, rows]`).
+fn batch_rows(n: usize, rows: usize, y: &mut [f32], threads: usize, kernel: impl Fn(usize, &mut [f32]) + Sync) {
     let mut tmp = vec![0.0f32; n * rows];
-    let block = |(c, out): (usize, &mut [f32])| {
-        let rlen = out.len() / n;
-        for (t, o) in out.chunks_exact_mut(rlen).enumerate() {
-            kernel(c * MATVEC_CHUNK, t, o);
-        }
-    };
+    let block = |(c, out): (usize, &mut [f32])| kernel(c * MATVEC_CHUNK, out);
     if threads > 1 && rows >= 2 * MATVEC_CHUNK {
         tmp.par_chunks_mut(MATVEC_CHUNK * n).enumerate().for_each(block);
     } else {
@@ -479,21 +476,101 @@ impl QMatrix {
         if n == 1 {
             return self.matvec(x, y, threads);
         }
-        let cols = self.cols;
         let xsum: Vec<f32> = if self.kind == QKind::Q4 {
             x.chunks_exact(QBLOCK).map(|c| c.iter().sum()).collect()
         } else {
             Vec::new()
         };
-        let per = cols / QBLOCK;
-        batch_rows(n, self.rows, y, threads, |base, t, out| {
-            let xs = if xsum.is_empty() {
-                &xsum[..]
-            } else {
-                &xsum[t * per..(t + 1) * per]
-            };
-            self.rows_dot_dispatch(&x[t * cols..(t + 1) * cols], xs, base, out)
+        batch_rows(n, self.rows, y, threads, |base, out| {
+            self.rows_dot_multi_dispatch(x, &xsum, n, base, out)
         });
+    }
+
+    /// [`QMatrix::rows_dot`] for `n` vectors (`x`: `[n][cols]`, `xsum`: `[n][blocks]` for `Q4`) into `out`
+    /// (`[n][rlen]`, rows `r0..r0 + rlen`). Each row's quants are unpacked to f32 once (exactly: they are
+    /// small integers) and then every vector runs the very arithmetic of `rows_dot`, in the same order, so
+    /// each output is bit for bit what `rows_dot` gives.
+    #[inline(always)]
+    fn rows_dot_multi(&self, x: &[f32], xsum: &[f32], n: usize, r0: usize, out: &mut [f32]) {
+        let nb = self.cols / QBLOCK;
+        let cols = self.cols;
+        let rlen = out.len() / n;
+        let mut qf = vec![0.0f32; cols];
+        for i in 0..rlen {
+            let r = r0 + i;
+            let d = &self.d[r * nb..(r + 1) * nb];
+            match self.kind {
+                QKind::Q4 => {
+                    let qs = &self.qs[r * nb * 16..(r + 1) * nb * 16];
+                    for (b, qb) in qf.chunks_exact_mut(32).enumerate() {
+                        for j in 0..16 {
+                            qb[j] = f32::from(qs[b * 16 + j] & 15);
+                            qb[j + 16] = f32::from(qs[b * 16 + j] >> 4);
+                        }
+                    }
+                    let m = &self.m[r * nb..(r + 1) * nb];
+                    for t in 0..n {
+                        let xt = &x[t * cols..(t + 1) * cols];
+                        let xs = &xsum[t * nb..(t + 1) * nb];
+                        let mut acc = [0.0f32; 16];
+                        let mut macc = 0.0f32;
+                        for b in 0..nb {
+                            let q: &[f32; 32] = qf[b * 32..b * 32 + 32].try_into().expect("32 values");
+                            let xb: &[f32; 32] = xt[b * 32..b * 32 + 32].try_into().expect("32 values");
+                            let db = d[b];
+                            for j in 0..16 {
+                                let lo = q[j] * xb[j];
+                                let hi = q[j + 16] * xb[j + 16];
+                                acc[j] += db * (lo + hi);
+                            }
+                            macc += m[b] * xs[b];
+                        }
+                        out[t * rlen + i] = acc.iter().sum::<f32>() + macc;
+                    }
+                }
+                QKind::Q8 => {
+                    let qs = &self.qs[r * nb * 32..(r + 1) * nb * 32];
+                    for (v, &q) in qf.iter_mut().zip(qs) {
+                        *v = f32::from(q as i8);
+                    }
+                    for t in 0..n {
+                        let xt = &x[t * cols..(t + 1) * cols];
+                        let mut acc = [0.0f32; 16];
+                        for b in 0..nb {
+                            let q: &[f32; 32] = qf[b * 32..b * 32 + 32].try_into().expect("32 values");
+                            let xb: &[f32; 32] = xt[b * 32..b * 32 + 32].try_into().expect("32 values");
+                            let db = d[b];
+                            for j in 0..16 {
+                                let s = q[j] * xb[j] + q[j + 16] * xb[j + 16];
+                                acc[j] += db * s;
+                            }
+                        }
+                        out[t * rlen + i] = acc.iter().sum::<f32>();
+                    }
+                }
+            }
+        }
+    }
+
+    /// [`QMatrix::rows_dot_multi`] compiled for AVX2 + FMA.
+    ///
+    /// # Safety
+    /// The CPU must support AVX2 and FMA.
+    #[cfg(target_arch = "x86_64")]
+    #[target_feature(enable = "avx2,fma")]
+    unsafe fn rows_dot_multi_avx2(&self, x: &[f32], xsum: &[f32], n: usize, r0: usize, out: &mut [f32]) {
+        self.rows_dot_multi(x, xsum, n, r0, out)
+    }
+
+    fn rows_dot_multi_dispatch(&self, x: &[f32], xsum: &[f32], n: usize, r0: usize, out: &mut [f32]) {
+        #[cfg(target_arch = "x86_64")]
+        if std::arch::is_x86_feature_detected!("avx2") && std::arch::is_x86_feature_detected!("fma") {
+            // SAFETY: the CPU supports AVX2 and FMA (checked just above), the only requirement of
+            // `rows_dot_multi_avx2`; the function itself is safe code.
+            unsafe { self.rows_dot_multi_avx2(x, xsum, n, r0, out) };
+            return;
+        }
+        self.rows_dot_multi(x, xsum, n, r0, out)
     }
 }
 

@@ -198,6 +198,9 @@ pub fn run(args: Args) -> Result<()> {
         let _ = std::io::stdout().flush();
         super::serve(listener, app, shutdown_signal(), drain).await
     });
+    // Dropping the runtime drops every connection still open after the drain timeout, which cancels their
+    // sequences; then the replicas stop.
+    drop(rt);
     pool.shutdown();
     eprintln!("stopped");
     r.map_err(|e| EngineError::Io {

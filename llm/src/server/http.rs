@@ -87,6 +87,11 @@ pub async fn serve(
         eprintln!("shutting down: draining {} in-flight request(s)", pool.in_flight());
         let _ = tx.send(());
     };
+    // Streams are many small writes: without TCP_NODELAY, Nagle's algorithm and the client's delayed ACK
+    // hold each token back for tens of milliseconds.
+    let listener = axum::serve::ListenerExt::tap_io(listener, |tcp: &mut tokio::net::TcpStream| {
+        let _ = tcp.set_nodelay(true);
+    });
     let server = axum::serve(listener, router(app)).with_graceful_shutdown(signal);
     let deadline = async move {
         if rx.await.is_ok() {

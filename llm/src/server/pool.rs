@@ -354,7 +354,8 @@ impl Pool {
         self.replicas.iter().map(|r| r.load()).sum()
     }
 
-    /// Stops every replica (after their batches are empty, or at once when `now`) and joins the leaders.
+    /// Refuses new requests, lets every replica finish its running and queued requests, stops them and joins
+    /// their leaders.
     pub fn shutdown(&self) {
         self.drain();
         self.stop.store(true, Ordering::SeqCst);
