@@ -375,6 +375,17 @@ impl GgufFile {
             infos.push((name, dims, ty, offset));
         }
         let data_start = c.pos.div_ceil(alignment) * alignment;
+        if n_tensors > 0 && data_start > b.len() {
+            // Even empty tensors need the data section to start inside the file (llama.cpp pads up to it).
+            return Err(ModelError::malformed(
+                &path,
+                format!(
+                    "the data section starts at byte {data_start} (after alignment to {alignment}), past the \
+                     end of the {}-byte file (truncated file?)",
+                    b.len()
+                ),
+            ));
+        }
         let data_len = b.len().saturating_sub(data_start);
         let mut tensors = Vec::with_capacity(n_tensors);
         let mut tensor_index = HashMap::with_capacity(n_tensors);
@@ -481,7 +492,11 @@ impl GgufFile {
             .n_bytes
             .ok_or_else(|| ModelError::tensor(name, format!("element type {} has an unknown layout", info.ty)))?;
         let start = self.data_start + info.offset;
-        Ok(&self.backing.bytes()[start..start + nb])
+        // Checked when the file was parsed; kept fallible so that a gap in those checks is an error, not a panic.
+        self.backing
+            .bytes()
+            .get(start..start + nb)
+            .ok_or_else(|| ModelError::tensor(name, format!("data {start}..{} lies outside the file", start + nb)))
     }
 
     /// A whole tensor dequantized to f32, shape outermost first.
