@@ -76,3 +76,40 @@ fn runaway_chat_template_is_stopped_by_its_budget() {
     let s = nccl_llm::chat::render(smol, &long, "", "").unwrap();
     assert!(s.ends_with("<|im_start|>assistant\n") && s.contains("message 1999"));
 }
+
+/// Found by the `gguf` fuzz target (crash-e77dc2b2): an empty tensor in a file that ends before its aligned
+/// data section made `tensor_bytes` slice past the end (a panic). Now the file is refused when parsed.
+#[test]
+fn gguf_whose_data_section_starts_past_the_end_is_refused() {
+    use nccl_llm::model::gguf::{GgufFile, GgufSource};
+    use nccl_llm::model::ModelError;
+    const CRASH: [u8; 86] = [
+        0x47, 0x47, 0x55, 0x46, 0x03, 0x00, 0x00, 0x00, 0x01, 0x00, 0x00, 0x00, 0x00, 0x00, 0x00, 0x00, 0x01, 0x00,
+        0x00, 0x00, 0x00, 0x00, 0x00, 0x00, 0x02, 0x00, 0x00, 0x00, 0x00, 0x00, 0x00, 0x00, 0x0b, 0x00, 0x00, 0x00,
+        0x00, 0x00, 0x00, 0x00, 0x00, 0x00, 0x00, 0x00, 0x00, 0x00, 0x00, 0x02, 0x00, 0x00, 0x00, 0x00, 0x00, 0x27,
+        0x01, 0x00, 0x00, 0x00, 0x00, 0x00, 0x00, 0x00, 0x00, 0x00, 0x00, 0x00, 0x00, 0x02, 0x00, 0x00, 0x00, 0x00,
+        0x00, 0x00, 0x00, 0x00, 0x00, 0x00, 0x00, 0x00, 0xff, 0xff, 0xff, 0xff, 0xff, 0x1c,
+    ];
+    let e = GgufFile::from_bytes("crash.gguf", CRASH.to_vec()).unwrap_err();
+    assert!(matches!(e, ModelError::Malformed { .. }), "{e:?}");
+    assert!(e.to_string().contains("past the end"), "{e}");
+    // The same shape built on purpose: one tensor with a zero dimension, and no bytes after its directory.
+    let mut v = b"GGUF".to_vec();
+    v.extend(3u32.to_le_bytes());
+    v.extend(1u64.to_le_bytes()); // tensors
+    v.extend(0u64.to_le_bytes()); // metadata
+    v.extend(1u64.to_le_bytes());
+    v.push(b't');
+    v.extend(2u32.to_le_bytes());
+    v.extend(0u64.to_le_bytes());
+    v.extend(4u64.to_le_bytes());
+    v.extend(0u32.to_le_bytes()); // F32
+    v.extend(0u64.to_le_bytes()); // offset
+    let e = GgufFile::from_bytes("empty.gguf", v.clone()).unwrap_err();
+    assert!(e.to_string().contains("past the end"), "{e}");
+    // Padded to the alignment, the same file is fine, and its empty tensor is empty.
+    v.resize(v.len().div_ceil(32) * 32, 0);
+    let f = GgufFile::from_bytes("empty.gguf", v).unwrap();
+    assert_eq!(f.tensor_bytes("t").unwrap(), &[] as &[u8]);
+    assert!(matches!(GgufSource::from_file(f), Err(ModelError::Config { .. })));
+}

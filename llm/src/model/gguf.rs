@@ -18,6 +18,11 @@ const DEFAULT_ALIGNMENT: usize = 32;
 const MAX_DIMS: usize = 4;
 /// Nesting limit for arrays of arrays in metadata.
 const MAX_DEPTH: usize = 4;
+/// At most this many items are reserved ahead from a count read in the file. A count is only checked
+/// against the bytes left, and each parsed item takes more memory than its smallest encoding (32 bytes for a
+/// one-byte value), so reserving all of it would let a lying count cost up to 32× the file size before the
+/// lie shows; beyond this the vectors grow with what was really parsed.
+const PREALLOC_MAX: usize = 1024;
 
 /// One metadata value.
 #[derive(Debug, Clone, PartialEq)]
@@ -274,7 +279,7 @@ impl<'a> Cursor<'a> {
                     t => return Err(self.err(format!("metadata `{key}`: unknown array element type {t}"))),
                 };
                 let n = self.count(min, &format!("metadata `{key}` array length"))?;
-                let mut v = Vec::with_capacity(n);
+                let mut v = Vec::with_capacity(n.min(PREALLOC_MAX));
                 for _ in 0..n {
                     v.push(self.value(ety, key, depth + 1)?);
                 }
@@ -324,8 +329,8 @@ impl GgufFile {
         }
         let n_tensors = c.count(4 + 8 + 4 + 8 + 8 + 4, "tensor count")?;
         let n_kv = c.count(8 + 4 + 1, "metadata count")?;
-        let mut metadata = Vec::with_capacity(n_kv);
-        let mut meta_index = HashMap::with_capacity(n_kv);
+        let mut metadata = Vec::with_capacity(n_kv.min(PREALLOC_MAX));
+        let mut meta_index = HashMap::with_capacity(n_kv.min(PREALLOC_MAX));
         for i in 0..n_kv {
             let key = c.string(&format!("metadata key #{i}"))?;
             let ty = c.u32(&key)?;
@@ -350,7 +355,7 @@ impl GgufFile {
                 }
             },
         };
-        let mut infos = Vec::with_capacity(n_tensors);
+        let mut infos = Vec::with_capacity(n_tensors.min(PREALLOC_MAX));
         for i in 0..n_tensors {
             let name = c.string(&format!("tensor #{i} name"))?;
             let n_dims = c.u32(&name)? as usize;
@@ -370,6 +375,17 @@ impl GgufFile {
             infos.push((name, dims, ty, offset));
         }
         let data_start = c.pos.div_ceil(alignment) * alignment;
+        if n_tensors > 0 && data_start > b.len() {
+            // Even empty tensors need the data section to start inside the file (llama.cpp pads up to it).
+            return Err(ModelError::malformed(
+                &path,
+                format!(
+                    "the data section starts at byte {data_start} (after alignment to {alignment}), past the \
+                     end of the {}-byte file (truncated file?)",
+                    b.len()
+                ),
+            ));
+        }
         let data_len = b.len().saturating_sub(data_start);
         let mut tensors = Vec::with_capacity(n_tensors);
         let mut tensor_index = HashMap::with_capacity(n_tensors);
@@ -476,7 +492,11 @@ impl GgufFile {
             .n_bytes
             .ok_or_else(|| ModelError::tensor(name, format!("element type {} has an unknown layout", info.ty)))?;
         let start = self.data_start + info.offset;
-        Ok(&self.backing.bytes()[start..start + nb])
+        // Checked when the file was parsed; kept fallible so that a gap in those checks is an error, not a panic.
+        self.backing
+            .bytes()
+            .get(start..start + nb)
+            .ok_or_else(|| ModelError::tensor(name, format!("data {start}..{} lies outside the file", start + nb)))
     }
 
     /// A whole tensor dequantized to f32, shape outermost first.

@@ -1,0 +1,262 @@
+//! Resource bounds of the model loaders, measured with a counting global allocator: a file whose header lies
+//! (counts and lengths larger than the data that follows) is refused having allocated at most the file's size
+//! plus a small constant, whatever the lie. Each test runs alone under `MEASURE` (the counter is
+//! process-wide), so tests in this binary do not disturb each other's figures.
+
+use std::alloc::{GlobalAlloc, Layout, System};
+use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicUsize, Ordering::Relaxed};
+use std::sync::Mutex;
+
+use nccl_llm::model::gguf::GgufFile;
+use nccl_llm::model::{self, ModelError};
+
+struct Counting;
+
+static CURRENT: AtomicUsize = AtomicUsize::new(0);
+static PEAK: AtomicUsize = AtomicUsize::new(0);
+
+fn grew(n: usize) {
+    let now = CURRENT.fetch_add(n, Relaxed) + n;
+    PEAK.fetch_max(now, Relaxed);
+}
+
+// SAFETY: every method forwards to the system allocator with the caller's arguments unchanged (so the
+// allocator's contract is the system one) and only updates two counters on the side.
+unsafe impl GlobalAlloc for Counting {
+    unsafe fn alloc(&self, layout: Layout) -> *mut u8 {
+        // SAFETY: forwarded as received; the caller upholds `GlobalAlloc::alloc`'s contract.
+        let p = unsafe { System.alloc(layout) };
+        if !p.is_null() {
+            grew(layout.size());
+        }
+        p
+    }
+    unsafe fn alloc_zeroed(&self, layout: Layout) -> *mut u8 {
+        // SAFETY: as for `alloc`.
+        let p = unsafe { System.alloc_zeroed(layout) };
+        if !p.is_null() {
+            grew(layout.size());
+        }
+        p
+    }
+    unsafe fn dealloc(&self, ptr: *mut u8, layout: Layout) {
+        // SAFETY: `ptr` came from this allocator (hence from `System`) with this layout.
+        unsafe { System.dealloc(ptr, layout) };
+        CURRENT.fetch_sub(layout.size(), Relaxed);
+    }
+    unsafe fn realloc(&self, ptr: *mut u8, layout: Layout, new_size: usize) -> *mut u8 {
+        // SAFETY: `ptr` came from `System` with `layout`; the caller upholds `realloc`'s contract.
+        let p = unsafe { System.realloc(ptr, layout, new_size) };
+        if !p.is_null() {
+            if new_size >= layout.size() {
+                grew(new_size - layout.size());
+            } else {
+                CURRENT.fetch_sub(layout.size() - new_size, Relaxed);
+            }
+        }
+        p
+    }
+}
+
+#[global_allocator]
+static ALLOC: Counting = Counting;
+
+static MEASURE: Mutex<()> = Mutex::new(());
+
+/// Taken for the whole of each test: the counters see every thread's allocations.
+fn serial() -> std::sync::MutexGuard<'static, ()> {
+    MEASURE.lock().unwrap_or_else(|p| p.into_inner())
+}
+
+/// Runs `f` and returns its result with the most heap it had allocated at once (above what was live before).
+/// Call it while holding [`serial`].
+fn peak_of<T>(f: impl FnOnce() -> T) -> (T, usize) {
+    let base = CURRENT.load(Relaxed);
+    PEAK.store(base, Relaxed);
+    let out = f();
+    (out, PEAK.load(Relaxed).saturating_sub(base))
+}
+
+/// What a refused file may cost beyond its own size: error messages, paths, a few small vectors.
+const SLACK: usize = 64 << 10;
+
+fn tmp(tag: &str) -> PathBuf {
+    let d = std::env::temp_dir().join(format!("alloc_bounds_{tag}_{}", std::process::id()));
+    let _ = std::fs::remove_dir_all(&d);
+    std::fs::create_dir_all(&d).unwrap();
+    d
+}
+
+fn gguf_head(tensors: u64, kvs: u64) -> Vec<u8> {
+    let mut b = b"GGUF".to_vec();
+    b.extend(3u32.to_le_bytes());
+    b.extend(tensors.to_le_bytes());
+    b.extend(kvs.to_le_bytes());
+    b
+}
+
+/// Pads `b` to `len` bytes with `fill`.
+fn padded(mut b: Vec<u8>, len: usize, fill: u8) -> Vec<u8> {
+    b.resize(len, fill);
+    b
+}
+
+const LEN: usize = 1 << 20;
+
+/// GGUF files of 1 MiB whose counts claim as many items as could fit in the rest of the file, followed by
+/// data that fails at the first or second item. Rejected, and never more than the file size + `SLACK`.
+fn lying_ggufs() -> Vec<(&'static str, Vec<u8>)> {
+    let mut cases = Vec::new();
+    // Metadata count at its plausible maximum (13 bytes per entry); all-zero entries are valid until the
+    // second empty key repeats the first.
+    cases.push(("metadata count", padded(gguf_head(0, (LEN as u64 - 24) / 13), LEN, 0)));
+    // Tensor count at its plausible maximum (36 bytes per entry); the first tensor has 0 dimensions.
+    cases.push(("tensor count", padded(gguf_head((LEN as u64 - 24) / 36, 0), LEN, 0)));
+    // A boolean array claiming one element per remaining byte; the elements are 2 (not a boolean).
+    let arr = |ety: u32, n: u64| {
+        let mut v = gguf_head(0, 1);
+        v.extend(1u64.to_le_bytes());
+        v.push(b'a');
+        v.extend(9u32.to_le_bytes());
+        v.extend(ety.to_le_bytes());
+        v.extend(n.to_le_bytes());
+        v
+    };
+    let head = arr(7, 0).len() as u64;
+    cases.push(("bool array length", padded(arr(7, LEN as u64 - head), LEN, 2)));
+    // A string array claiming one 8-byte length per 8 bytes; each string claims 2^40 bytes.
+    cases.push((
+        "string array length",
+        padded(arr(8, (LEN as u64 - head) / 8), LEN, 0xFF),
+    ));
+    // Nested arrays: an array of arrays (12 bytes minimum each) whose first element is a boolean array
+    // claiming the rest of the file, filled with bytes that are not booleans.
+    let mut nested = arr(9, (LEN as u64 - head) / 12);
+    nested.extend(7u32.to_le_bytes());
+    nested.extend((LEN as u64 - head - 12).to_le_bytes());
+    cases.push(("nested array length", padded(nested, LEN, 0xEE)));
+    // A key whose length claims the whole rest of the file, then the file ends one byte early.
+    let mut key = gguf_head(0, 1);
+    key.extend((LEN as u64 - 32).to_le_bytes());
+    cases.push(("key length", padded(key, LEN - 1, b'k')));
+    cases
+}
+
+#[test]
+fn lying_gguf_headers_cost_at_most_the_file_size() {
+    let _serial = serial();
+    let dir = tmp("gguf");
+    for (what, bytes) in lying_ggufs() {
+        let len = bytes.len();
+        // In memory: the image itself is already allocated; parsing may add at most its size again.
+        let (r, peak) = peak_of(|| GgufFile::from_bytes("lying.gguf", bytes.clone()).map(|_| ()));
+        let e = r.expect_err(what);
+        assert!(matches!(e, ModelError::Malformed { .. }), "{what}: {e}");
+        assert!(
+            peak <= 2 * len + SLACK,
+            "{what}: parsing a {len}-byte image allocated {peak} bytes ({e})"
+        );
+        // From a file (memory-mapped): at most the file's size plus the slack, through the public entry point.
+        let p = dir.join("lying.gguf");
+        std::fs::write(&p, &bytes).unwrap();
+        let (r, peak) = peak_of(|| model::open(&p).map(|_| ()));
+        eprintln!("GGUF {what}: {peak} bytes allocated opening a {len}-byte file");
+        let e = r.expect_err(what);
+        assert!(matches!(e, ModelError::Malformed { .. }), "{what}: {e}");
+        assert!(
+            peak <= len + SLACK,
+            "{what}: opening a {len}-byte file allocated {peak} bytes ({e})"
+        );
+    }
+}
+
+/// Honest metadata costs memory in proportion to what the file holds: at most 32 bytes per value plus the
+/// string bytes (documented in docs/bad-inputs.md); a 1 MiB array of one-byte values is the worst case.
+#[test]
+fn honest_gguf_metadata_costs_at_most_32_bytes_per_value() {
+    let _serial = serial();
+    assert_eq!(std::mem::size_of::<nccl_llm::model::gguf::MetaValue>(), 32);
+    let mut v = gguf_head(0, 1);
+    v.extend(1u64.to_le_bytes());
+    v.push(b'a');
+    v.extend(9u32.to_le_bytes());
+    v.extend(0u32.to_le_bytes()); // u8 elements
+    let n = LEN - v.len() - 8;
+    v.extend((n as u64).to_le_bytes());
+    let bytes = padded(v, LEN, 7);
+    let (r, peak) = peak_of(|| GgufFile::from_bytes("u8s.gguf", bytes.clone()).map(|f| f.metadata().len()));
+    assert_eq!(r.unwrap(), 1);
+    assert!(peak <= 2 * LEN + 32 * n + SLACK, "{peak}");
+}
+
+fn write_checkpoint(dir: &Path, config: &str, st: &[u8]) {
+    std::fs::write(dir.join("config.json"), config).unwrap();
+    std::fs::write(dir.join("model.safetensors"), st).unwrap();
+}
+
+const CONFIG: &str = r#"{"model_type": "llama", "vocab_size": 8, "hidden_size": 8, "intermediate_size": 8,
+    "num_hidden_layers": 1, "num_attention_heads": 2, "num_key_value_heads": 1}"#;
+
+/// A safetensors file: `header` as its JSON header, then `data_len` bytes.
+fn safetensors(header: &str, data_len: usize) -> Vec<u8> {
+    let mut v = (header.len() as u64).to_le_bytes().to_vec();
+    v.extend(header.as_bytes());
+    v.resize(v.len() + data_len, 0);
+    v
+}
+
+#[test]
+fn lying_safetensors_and_config_cost_at_most_the_file_size() {
+    let _serial = serial();
+    let dir = tmp("st");
+    let big_header = {
+        let mut v = safetensors("{}", 0);
+        v[..8].copy_from_slice(&(1u64 << 60).to_le_bytes());
+        v.resize(LEN, b' ');
+        v
+    };
+    let past_end = {
+        let mut v = safetensors("{}", 0);
+        v[..8].copy_from_slice(&(LEN as u64 * 4).to_le_bytes());
+        v.resize(LEN, b' ');
+        v
+    };
+    let huge_shape = safetensors(
+        r#"{"model.norm.weight": {"dtype": "F32", "shape": [1099511627776, 1099511627776], "data_offsets": [0, 32]}}"#,
+        LEN,
+    );
+    let offsets_past_end = safetensors(
+        r#"{"model.norm.weight": {"dtype": "F32", "shape": [8], "data_offsets": [0, 1099511627776]}}"#,
+        LEN,
+    );
+    for (what, config, st) in [
+        ("header length 2^60", CONFIG.to_string(), big_header),
+        ("header length past the end", CONFIG.to_string(), past_end),
+        ("shape overflowing", CONFIG.to_string(), huge_shape),
+        (
+            "data offsets past the end",
+            CONFIG.to_string(),
+            offsets_past_end.clone(),
+        ),
+        (
+            "config claiming 2^40 hidden units",
+            CONFIG.replace(r#""hidden_size": 8"#, r#""hidden_size": 1099511627776"#),
+            offsets_past_end,
+        ),
+    ] {
+        write_checkpoint(&dir, &config, &st);
+        let len = st.len() + config.len();
+        let (r, peak) = peak_of(|| model::open(&dir).map(|_| ()));
+        eprintln!("checkpoint {what}: {peak} bytes allocated opening {len} bytes of files");
+        let e = r.expect_err(what);
+        assert!(
+            matches!(e, ModelError::Malformed { .. } | ModelError::Config { .. }),
+            "{what}: {e}"
+        );
+        assert!(
+            peak <= len + SLACK,
+            "{what}: a {len}-byte checkpoint allocated {peak} bytes ({e})"
+        );
+    }
+}
