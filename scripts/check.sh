@@ -19,3 +19,5 @@ step "cargo test (CPU)"
 cargo test --workspace
 step "valgrind memcheck (host backend, multi-threaded tests)"
 bash scripts/valgrind-host.sh host_sound host_faults host_collectives
+step "fuzzing (libFuzzer on stable rustc, every target for a bounded time)"
+FUZZ_CI_SECONDS="${FUZZ_CI_SECONDS:-10}" bash scripts/fuzz.sh --ci
