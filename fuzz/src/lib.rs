@@ -275,7 +275,7 @@ fn server_port() -> u16 {
             rank: 0,
             world_size: 3,
             local_rank: 0,
-            local_world_size: 3,
+            local_world_size: Some(3),
             master_addr: "127.0.0.1".into(),
             master_port: 0,
             launcher: Launcher::Explicit,

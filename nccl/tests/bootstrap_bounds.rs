@@ -59,7 +59,7 @@ fn info(rank: usize, port: u16) -> RankInfo {
         rank,
         world_size: 2,
         local_rank: rank,
-        local_world_size: 2,
+        local_world_size: Some(2),
         master_addr: "127.0.0.1".into(),
         master_port: port,
         launcher: Launcher::Explicit,
