@@ -13,16 +13,11 @@
 use std::path::PathBuf;
 use std::process::{Command, Output};
 
+#[path = "support/prereq.rs"]
+mod prereq;
+
 fn example(name: &str) -> PathBuf {
-    let exe = std::env::current_exe().expect("test binary path");
-    let dir = exe.parent().and_then(|d| d.parent()).expect("target profile dir");
-    let p = dir.join("examples").join(name);
-    assert!(
-        p.exists(),
-        "{} not built: run `cargo test` (it builds the examples) or `cargo build --examples`",
-        p.display()
-    );
-    p
+    prereq::built_example(name)
 }
 
 fn run(name: &str, args: &[&str]) -> Output {

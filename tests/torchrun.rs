@@ -17,18 +17,6 @@ fn torchrun() -> Option<(PathBuf, PathBuf)> {
     Some((script, prereq::deps_dir().join("torch")))
 }
 
-fn example(name: &str) -> PathBuf {
-    let exe = std::env::current_exe().expect("test binary path");
-    let dir = exe.parent().and_then(|d| d.parent()).expect("target profile dir");
-    let p = dir.join("examples").join(name);
-    assert!(
-        p.exists(),
-        "{} not built: run `cargo test` (it builds the examples)",
-        p.display()
-    );
-    p
-}
-
 fn torchrun_cmd(script: &PathBuf, pythonpath: &PathBuf, launch: &[&str], program: &PathBuf, args: &[&str]) -> Command {
     let mut cmd = Command::new("python3");
     cmd.arg(script)
@@ -122,7 +110,7 @@ fn two_torchrun_agents_with_the_c10d_rendezvous_backend() {
 #[test]
 fn torchrun_launches_tp_llama_and_it_equals_the_thread_run() {
     let Some((script, pp)) = torchrun() else { return };
-    let tp = example("tp_llama");
+    let tp = prereq::built_example("tp_llama");
     let args = [
         "--tiny",
         "--prompt-ids",

@@ -2,57 +2,15 @@
 //! claim 4 GiB (or exactly the handshake limit) cost rank 0 at most a few KiB each, and the real ranks are
 //! still served.
 
-use std::alloc::{GlobalAlloc, Layout, System};
 use std::io::{Read, Write};
 use std::net::TcpStream;
-use std::sync::atomic::{AtomicUsize, Ordering::Relaxed};
 use std::time::Duration;
 
 use nccl::bootstrap::wire::{header, Kind, HANDSHAKE_MAX};
 use nccl::bootstrap::{Launcher, RankInfo, Rendezvous, RendezvousListener, RendezvousOptions};
 
-struct Counting;
-
-static CURRENT: AtomicUsize = AtomicUsize::new(0);
-static PEAK: AtomicUsize = AtomicUsize::new(0);
-
-fn grew(n: usize) {
-    let now = CURRENT.fetch_add(n, Relaxed) + n;
-    PEAK.fetch_max(now, Relaxed);
-}
-
-// SAFETY: every method forwards to the system allocator with the caller's arguments unchanged and only
-// updates two counters on the side.
-unsafe impl GlobalAlloc for Counting {
-    unsafe fn alloc(&self, layout: Layout) -> *mut u8 {
-        // SAFETY: forwarded as received; the caller upholds `GlobalAlloc::alloc`'s contract.
-        let p = unsafe { System.alloc(layout) };
-        if !p.is_null() {
-            grew(layout.size());
-        }
-        p
-    }
-    unsafe fn dealloc(&self, ptr: *mut u8, layout: Layout) {
-        // SAFETY: `ptr` came from this allocator (hence from `System`) with this layout.
-        unsafe { System.dealloc(ptr, layout) };
-        CURRENT.fetch_sub(layout.size(), Relaxed);
-    }
-    unsafe fn realloc(&self, ptr: *mut u8, layout: Layout, new_size: usize) -> *mut u8 {
-        // SAFETY: `ptr` came from `System` with `layout`; the caller upholds `realloc`'s contract.
-        let p = unsafe { System.realloc(ptr, layout, new_size) };
-        if !p.is_null() {
-            if new_size >= layout.size() {
-                grew(new_size - layout.size());
-            } else {
-                CURRENT.fetch_sub(layout.size() - new_size, Relaxed);
-            }
-        }
-        p
-    }
-}
-
-#[global_allocator]
-static ALLOC: Counting = Counting;
+#[path = "../../tests/support/counting_alloc.rs"]
+mod counting_alloc;
 
 fn info(rank: usize, port: u16) -> RankInfo {
     RankInfo {
@@ -89,8 +47,7 @@ fn lying_frame_lengths_cost_rank_0_at_most_the_handshake_limit() {
     std::thread::scope(|s| {
         let root = s.spawn(move || l.accept_ranks());
         std::thread::sleep(Duration::from_millis(100));
-        let base = CURRENT.load(Relaxed);
-        PEAK.store(base, Relaxed);
+        let base = counting_alloc::start();
         for i in 0..peers {
             let mut frame = if i % 2 == 0 {
                 header(Kind::Hello, u32::MAX).to_vec()
@@ -106,7 +63,7 @@ fn lying_frame_lengths_cost_rank_0_at_most_the_handshake_limit() {
             assert!(reply.len() > 24, "peer {i}: {reply:?}");
             assert_eq!(reply[6], Kind::Challenge as u8, "peer {i}");
         }
-        let peak = PEAK.load(Relaxed).saturating_sub(base);
+        let peak = counting_alloc::peak_above(base);
         eprintln!("{peers} lying peers cost rank 0 (and the clients) at most {peak} bytes at once");
         assert!(peak < peers * (HANDSHAKE_MAX + (64 << 10)), "{peak} bytes");
         let leaf = s.spawn(move || Rendezvous::new(&info(1, port), o));

@@ -49,3 +49,17 @@ pub fn program(name: &str, how: &str) -> Option<PathBuf> {
     }
     found
 }
+
+/// The path of example `name` built next to the running test binary (`cargo test` builds the examples;
+/// `--test X` alone does not). Panics naming the command when it is missing: a build step, not a data file.
+pub fn built_example(name: &str) -> PathBuf {
+    let exe = std::env::current_exe().expect("test binary path");
+    let dir = exe.parent().and_then(|d| d.parent()).expect("target profile dir");
+    let p = dir.join("examples").join(name);
+    assert!(
+        p.exists(),
+        "{} not built: run `cargo test` (it builds the examples) or `cargo build --examples`",
+        p.display()
+    );
+    p
+}

@@ -61,7 +61,7 @@ pub struct RendezvousOptions {
     pub token: Option<Vec<u8>>,
     /// Rendezvous through the c10d `TCPStore` at `MASTER_ADDR:MASTER_PORT` (torchrun's agent serves one there)
     /// under this key prefix, instead of rank 0 listening itself. Set by [`from_env`](Self::from_env) when
-    /// `TORCHELASTIC_USE_AGENT_STORE=True` (see [`store`](super::store)).
+    /// `TORCHELASTIC_USE_AGENT_STORE=True` (see [`store`]).
     pub torch_store: Option<String>,
 }
 
@@ -317,7 +317,7 @@ impl Rendezvous {
     /// A world of one needs no sockets at all.
     ///
     /// With [`RendezvousOptions::torch_store`] set, every rank is instead a client of the c10d `TCPStore` at
-    /// `master_addr:master_port` (see [`store`](super::store)).
+    /// `master_addr:master_port` (see [`store`]).
     pub fn new(info: &RankInfo, opts: RendezvousOptions) -> Result<Rendezvous, BootstrapError> {
         info.validate()?;
         if info.world_size == 1 {
