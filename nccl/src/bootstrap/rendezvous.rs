@@ -310,6 +310,29 @@ const NOTE_EVERY: Duration = Duration::from_secs(10);
 const KEEP_REJECTED: usize = 16;
 
 impl Rendezvous {
+    /// A joined rendezvous in `role`, for `info`'s rank and world size (every way of joining ends here).
+    fn assemble(
+        info: RankInfo,
+        opts: &RendezvousOptions,
+        role: Role,
+        next_seq: u64,
+        rejected: Vec<BootstrapError>,
+    ) -> Rendezvous {
+        Rendezvous {
+            rank: info.rank,
+            size: info.world_size,
+            op_timeout: opts.op_timeout,
+            max_frame: opts.max_frame,
+            rejected,
+            info,
+            state: Mutex::new(State {
+                role,
+                next_seq,
+                poisoned: None,
+            }),
+        }
+    }
+
     /// Runs the rendezvous: rank 0 listens on `master_addr:master_port` and waits for every other rank; the
     /// others connect, retrying with back-off until `opts.timeout`. Returns once all ranks have joined and
     /// answered a closing barrier, so a rank that died during the handshake is reported here, by rank.
@@ -322,19 +345,7 @@ impl Rendezvous {
         info.validate()?;
         if info.world_size == 1 {
             opts.check()?;
-            return Ok(Rendezvous {
-                rank: 0,
-                size: 1,
-                op_timeout: opts.op_timeout,
-                max_frame: opts.max_frame,
-                rejected: Vec::new(),
-                info: info.clone(),
-                state: Mutex::new(State {
-                    role: Role::Single,
-                    next_seq: 1,
-                    poisoned: None,
-                }),
-            });
+            return Ok(Rendezvous::assemble(info.clone(), &opts, Role::Single, 1, Vec::new()));
         }
         if let Some(prefix) = opts.torch_store.clone() {
             return store_join(info, opts, prefix);
@@ -1000,19 +1011,7 @@ impl RendezvousListener {
             }
             conns.push(j.into_conn());
         }
-        let rv = Rendezvous {
-            rank: 0,
-            size: world_size,
-            op_timeout: opts.op_timeout,
-            max_frame: opts.max_frame,
-            rejected,
-            info,
-            state: Mutex::new(State {
-                role: Role::Root(conns),
-                next_seq: 0,
-                poisoned: None,
-            }),
-        };
+        let rv = Rendezvous::assemble(info, &opts, Role::Root(conns), 0, rejected);
         if let Some(e) = welcome_error {
             poison(&mut rv.lock(), 0, &e);
             return Err(e);
@@ -1494,19 +1493,13 @@ fn try_join(
         Kind::Abort => return Err(Attempt::Fatal(abort_error(&payload, root, "the rendezvous"))),
         other => return Err(protocol(format!("expected a welcome, got {other:?}"))),
     }
-    let rv = Rendezvous {
-        rank: info.rank,
-        size: info.world_size,
-        op_timeout: opts.op_timeout,
-        max_frame: opts.max_frame,
-        rejected: Vec::new(),
-        info: info.clone(),
-        state: Mutex::new(State {
-            role: Role::Leaf(Conn { rank: 0, addr, stream }),
-            next_seq: 0,
-            poisoned: None,
-        }),
-    };
+    let rv = Rendezvous::assemble(
+        info.clone(),
+        opts,
+        Role::Leaf(Conn { rank: 0, addr, stream }),
+        0,
+        Vec::new(),
+    );
     let barrier_deadline = Instant::now()
         + opts
             .handshake_timeout
@@ -1589,19 +1582,13 @@ fn store_join(info: &RankInfo, opts: RendezvousOptions, prefix: String) -> Resul
             });
         }
     }
-    Ok(Rendezvous {
-        rank: info.rank,
-        size: info.world_size,
-        op_timeout: opts.op_timeout,
-        max_frame: opts.max_frame,
-        rejected: Vec::new(),
-        info: info.clone(),
-        state: Mutex::new(State {
-            role: Role::Store(client, prefix),
-            next_seq: 1,
-            poisoned: None,
-        }),
-    })
+    Ok(Rendezvous::assemble(
+        info.clone(),
+        &opts,
+        Role::Store(client, prefix),
+        1,
+        Vec::new(),
+    ))
 }
 
 /// Every operation is an all-gather of `[op, payload]` (the payload only where it is needed), so each rank
