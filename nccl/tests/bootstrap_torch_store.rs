@@ -217,6 +217,29 @@ fn no_store_listening_is_a_bounded_error() {
 }
 
 #[test]
+fn a_store_that_hangs_up_before_answering_is_retried_until_the_deadline() {
+    // A listener that accepts and at once closes (an agent restarting, a listener shutting down, or the kernel's
+    // own socket in a TCP self-connection): the client retries and ends with the bounded "unreachable" error,
+    // not with the first connection's EOF or reset. Before the retry this returned `PeerFailed` at once (and
+    // under load a `ConnectionReset` `Io` error, which is how CI met it).
+    let l = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+    let port = l.local_addr().unwrap().port();
+    let accepted = std::sync::Arc::new(std::sync::atomic::AtomicUsize::new(0));
+    let n = accepted.clone();
+    std::thread::spawn(move || {
+        for s in l.incoming() {
+            n.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+            drop(s);
+        }
+    });
+    let t0 = Instant::now();
+    let e = Rendezvous::new(&info(1, 2, port), opts("//worker/attempt_0/nccl_rs", 700)).unwrap_err();
+    assert!(t0.elapsed() < Duration::from_secs(10));
+    assert!(matches!(e, BootstrapError::RootUnreachable { .. }), "{e:?}");
+    assert!(accepted.load(std::sync::atomic::Ordering::Relaxed) >= 2, "it retried");
+}
+
+#[test]
 fn torchrun_environment_selects_the_agent_store() {
     let vars = |extra: &[(&'static str, &'static str)]| {
         let m: std::collections::HashMap<&str, &str> = extra.iter().copied().collect();

@@ -1372,7 +1372,7 @@ fn try_join(
         if left.is_zero() {
             break;
         }
-        match TcpStream::connect_timeout(&addr, left.min(Duration::from_secs(2))) {
+        match wire::connect(&addr, left.min(Duration::from_secs(2))) {
             Ok(s) => {
                 found = Some((s, addr));
                 break;

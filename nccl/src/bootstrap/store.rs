@@ -65,6 +65,15 @@ pub struct StoreClient {
     call_start: Instant,
 }
 
+/// Whether an I/O error means the other side dropped the connection (so a retry may meet a live store).
+fn cut_short(e: &std::io::Error) -> bool {
+    use std::io::ErrorKind::*;
+    matches!(
+        e.kind(),
+        ConnectionReset | ConnectionAborted | BrokenPipe | UnexpectedEof | ConnectionRefused
+    )
+}
+
 impl StoreClient {
     /// Connects to the store at `addrs` (tried in order), retrying until `deadline`, then validates the
     /// connection and checks it with a ping.
@@ -85,7 +94,7 @@ impl StoreClient {
                 let left = deadline
                     .saturating_duration_since(Instant::now())
                     .max(Duration::from_millis(1));
-                match TcpStream::connect_timeout(addr, left.min(Duration::from_secs(5))) {
+                match super::wire::connect(addr, left.min(Duration::from_secs(5))) {
                     Ok(stream) => {
                         let _ = stream.set_nodelay(true);
                         let mut c = StoreClient {
@@ -95,8 +104,23 @@ impl StoreClient {
                             max_value,
                             call_start: Instant::now(),
                         };
-                        c.handshake(deadline)?;
-                        return Ok(c);
+                        match c.handshake(deadline) {
+                            Ok(()) => return Ok(c),
+                            // A store that cuts the connection before answering the ping is not up (yet): the
+                            // agent restarting, or a listener shutting down. Retry until the deadline.
+                            Err(BootstrapError::PeerFailed { reason, .. }) => {
+                                last = Some(std::io::Error::new(std::io::ErrorKind::ConnectionAborted, reason))
+                            }
+                            Err(BootstrapError::Io { source, .. }) if cut_short(&source) => last = Some(source),
+                            // The deadline ran out inside the handshake: reported below as unreachable.
+                            Err(BootstrapError::Timeout { .. }) => {
+                                last = Some(std::io::Error::new(
+                                    std::io::ErrorKind::TimedOut,
+                                    format!("{addr} accepted the connection but did not answer the ping in time"),
+                                ))
+                            }
+                            Err(e) => return Err(e),
+                        }
                     }
                     Err(e) => last = Some(e),
                 }

@@ -170,6 +170,21 @@ impl Ctx<'_> {
     }
 }
 
+/// `TcpStream::connect_timeout`, refusing a TCP self-connection. On Linux a connect to a loopback port that
+/// nothing listens on can succeed against itself (simultaneous open) when the kernel picks that same port as the
+/// source port; the "peer" then echoes our own bytes. Such a connection is reported as refused so that callers
+/// retry as if nothing were listening (which is the truth).
+pub(crate) fn connect(addr: &std::net::SocketAddr, timeout: std::time::Duration) -> io::Result<TcpStream> {
+    let s = TcpStream::connect_timeout(addr, timeout)?;
+    if s.local_addr().ok() == Some(*addr) {
+        return Err(io::Error::new(
+            io::ErrorKind::ConnectionRefused,
+            format!("{addr}: TCP self-connection (nothing listens there)"),
+        ));
+    }
+    Ok(s)
+}
+
 fn is_timeout(e: &io::Error) -> bool {
     matches!(e.kind(), io::ErrorKind::WouldBlock | io::ErrorKind::TimedOut)
 }
