@@ -826,6 +826,9 @@ impl Rank {
 
     /// Generates up to `params.max_new_tokens` tokens after `prompt`, calling `on_token` with each new token
     /// as soon as it is known. Every rank of the layout calls this with the same arguments.
+    ///
+    /// Sampling settings out of range ([`SamplingParams::validate`]) are refused with
+    /// [`EngineError::Sampling`] before anything is computed, on every rank alike.
     pub fn generate(
         &self,
         prompt: &[u32],
@@ -833,6 +836,7 @@ impl Rank {
         on_token: &mut dyn FnMut(u32),
     ) -> Result<GenerateOutput> {
         let cfg = &self.model.cfg;
+        params.sampling.validate()?;
         if prompt.is_empty() {
             return Err(EngineError::Config("the prompt is empty".into()));
         }

@@ -12,6 +12,9 @@ pub enum EngineError {
     /// A collective or point-to-point operation failed.
     #[error("communication: {0}")]
     Comm(#[from] nccl::Error),
+    /// Sampling settings out of range (temperature, top-p): refused before any work starts.
+    #[error("sampling: {0}")]
+    Sampling(#[from] crate::sample::SamplingError),
     /// The model cannot be run with the requested layout or arguments.
     #[error("{0}")]
     Config(String),

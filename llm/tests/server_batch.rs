@@ -284,3 +284,59 @@ fn with_one_replica_a_failure_ends_in_flight_requests_with_503_then_it_serves_ag
     assert_eq!(r[0].as_ref().unwrap().token_ids.len(), 5);
     pool.shutdown();
 }
+
+#[test]
+fn out_of_range_sampling_is_a_typed_error_in_the_engine_and_the_pool() {
+    let src = model::tiny_random(0);
+    let bad = [
+        SamplingParams {
+            temperature: -0.5,
+            ..SamplingParams::default()
+        },
+        SamplingParams {
+            temperature: f32::NAN,
+            ..SamplingParams::default()
+        },
+        SamplingParams {
+            top_p: 0.0,
+            ..SamplingParams::default()
+        },
+        SamplingParams {
+            top_p: 1.5,
+            ..SamplingParams::default()
+        },
+    ];
+    for sampling in &bad {
+        // The engine itself refuses them (every rank, before computing), not only the HTTP layer.
+        let params = GenerateParams {
+            max_new_tokens: 4,
+            sampling: sampling.clone(),
+            ignore_eos: true,
+            micro_batches: 0,
+        };
+        let e = generate_in_threads(&*src, Layout { tp: 2, pp: 1 }, 1, &[1, 2, 3], &params)
+            .expect_err("bad sampling settings must be refused");
+        let text = e.to_string();
+        assert!(
+            matches!(&e, nccl_llm::error::EngineError::Rank { source, .. }
+                if matches!(**source, nccl_llm::error::EngineError::Sampling(_))),
+            "{e:?}"
+        );
+        assert!(text.contains("temperature") || text.contains("top-p"), "{text}");
+    }
+    let pool = Pool::start(Arc::from(model::tiny_random(0)), PoolConfig::default()).unwrap();
+    for sampling in bad {
+        let (tx, _rx) = tokio::sync::mpsc::unbounded_channel();
+        let req = GenRequest {
+            sampling,
+            ..greedy(vec![1, 2, 3], 4)
+        };
+        match pool.submit(req, tx) {
+            Err(nccl_llm::server::Reject::Invalid(m)) => {
+                assert!(m.contains("temperature") || m.contains("top-p"), "{m}")
+            }
+            other => panic!("expected Reject::Invalid, got {other:?}"),
+        }
+    }
+    pool.shutdown();
+}

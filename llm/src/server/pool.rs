@@ -418,6 +418,7 @@ impl Pool {
                 cfg.vocab_size
             )));
         }
+        req.sampling.validate().map_err(|e| Reject::Invalid(e.to_string()))?;
         if req.max_tokens == 0 {
             return Err(Reject::Invalid("max_tokens must be at least 1".into()));
         }
