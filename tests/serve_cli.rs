@@ -322,3 +322,192 @@ fn prompts_file_results_come_back_in_input_order_equal_to_solo_runs() {
     }
     let _ = std::fs::remove_dir_all(&dir);
 }
+
+/// [`spawn`] that also collects the server's standard error (echoed to ours), line by line.
+fn spawn_capturing(exe: &PathBuf, args: &[&str]) -> (Proc, mpsc::Receiver<String>) {
+    let mut child = Command::new(exe)
+        .args(["--port", "0"])
+        .args(args)
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .expect("start the serve example");
+    let (out, err) = (child.stdout.take().unwrap(), child.stderr.take().unwrap());
+    let (tx, rx) = mpsc::channel();
+    let (etx, erx) = mpsc::channel();
+    std::thread::spawn(move || {
+        for line in BufReader::new(out).lines().map_while(Result::ok) {
+            let _ = tx.send(line);
+        }
+    });
+    std::thread::spawn(move || {
+        for line in BufReader::new(err).lines().map_while(Result::ok) {
+            eprintln!("[server] {line}");
+            let _ = etx.send(line);
+        }
+    });
+    let deadline = Instant::now() + Duration::from_secs(180);
+    loop {
+        match rx.recv_timeout(deadline.saturating_duration_since(Instant::now())) {
+            Ok(line) => {
+                if let Some(rest) = line.strip_prefix("listening on ") {
+                    let url = rest.split_whitespace().next().unwrap().to_string();
+                    return (Proc { child, url }, erx);
+                }
+            }
+            Err(_) => {
+                let _ = child.kill();
+                let _ = child.wait();
+                panic!("the server did not print its address within 180 s");
+            }
+        }
+    }
+}
+
+fn wait_exit(p: &mut Proc, limit: Duration) -> std::process::ExitStatus {
+    let t0 = Instant::now();
+    loop {
+        if let Some(s) = p.child.try_wait().unwrap() {
+            return s;
+        }
+        assert!(t0.elapsed() < limit, "the server did not exit within {limit:?}");
+        std::thread::sleep(Duration::from_millis(20));
+    }
+}
+
+#[test]
+fn ranks_as_processes_generate_what_rank_threads_generate() {
+    let Some(exe) = example() else { return };
+    if !tool("curl") {
+        return;
+    }
+    let body = json!({"model": "tiny-random", "prompt": [5, 9, 2, 7], "max_tokens": 24, "temperature": 0,
+                      "ignore_eos": true});
+    let seeded = json!({"model": "tiny-random", "prompt": [3, 1], "max_tokens": 16, "temperature": 0.8,
+                        "seed": 11, "ignore_eos": true});
+    for (tp, pp) in [(2, 1), (1, 2), (2, 2)] {
+        let (tp_s, pp_s, n) = (tp.to_string(), pp.to_string(), (tp * pp).to_string());
+        let mut outs = Vec::new();
+        for procs in [false, true] {
+            let mut args = vec!["--tp", tp_s.as_str(), "--pp", pp_s.as_str()];
+            if procs {
+                args.extend(["--nprocs", n.as_str()]);
+            }
+            let (p, _err) = spawn_capturing(&exe, &args);
+            let mut got = Vec::new();
+            for b in [&body, &seeded] {
+                let (code, out) = post(&p, "/v1/completions", b);
+                assert_eq!(code, 200, "tp {tp} pp {pp} processes {procs}: {out}");
+                let v: Value = serde_json::from_str(&out).unwrap();
+                got.push(v["choices"][0]["token_ids"].clone());
+            }
+            let (code, h) = curl(&[&format!("{}/health", p.url)]);
+            assert_eq!(code, 200, "{h}");
+            outs.push(got);
+        }
+        assert_eq!(outs[0], outs[1], "tp {tp} pp {pp}: processes differ from threads");
+        assert_eq!(outs[0][0].as_array().unwrap().len(), 24);
+    }
+}
+
+#[test]
+fn a_rank_process_killed_mid_generation_ends_its_requests_with_503_and_the_server_exits() {
+    let Some(exe) = example() else { return };
+    if !tool("curl") {
+        return;
+    }
+    // 300 steps of ≥ 20 ms each: both requests are still generating when the rank dies.
+    let (mut p, err) = spawn_capturing(&exe, &["--tp", "2", "--nprocs", "2", "--step-delay-ms", "20"]);
+    let pid = {
+        let t0 = Instant::now();
+        loop {
+            let line = err
+                .recv_timeout(Duration::from_secs(60).saturating_sub(t0.elapsed()))
+                .expect("rank 1 prints its pid");
+            if let Some(rest) = line.strip_prefix("rank 1 of 2: pid ") {
+                break rest.split(',').next().unwrap().parse::<i32>().unwrap();
+            }
+        }
+    };
+    let url = format!("{}/v1/completions", p.url);
+    let spawn_req = |stream: bool| {
+        let body = json!({"model": "tiny-random", "prompt": [1, 2, 3], "max_tokens": 300, "temperature": 0,
+                          "ignore_eos": true, "stream": stream})
+        .to_string();
+        let url = url.clone();
+        std::thread::spawn(move || {
+            let t = Instant::now();
+            let r = curl(&[
+                "-N",
+                "-H",
+                "content-type: application/json",
+                "--data-binary",
+                &body,
+                &url,
+            ]);
+            (r, t.elapsed())
+        })
+    };
+    let (plain, streamed) = (spawn_req(false), spawn_req(true));
+    let health = format!("{}/health", p.url);
+    let t0 = Instant::now();
+    loop {
+        let (_, h) = curl(&[&health]);
+        if h.contains("\"running\":2") {
+            break;
+        }
+        assert!(t0.elapsed() < Duration::from_secs(30), "the requests never ran: {h}");
+        std::thread::sleep(Duration::from_millis(10));
+    }
+    std::thread::sleep(Duration::from_millis(200));
+    // SAFETY: kill(2) with a pid the server printed for its rank 1 process, a child of our child, alive
+    // (the server is still answering, and it waits for its ranks).
+    assert_eq!(unsafe { libc::kill(pid, libc::SIGKILL) }, 0);
+    let killed = Instant::now();
+
+    let ((code, out), took) = plain.join().unwrap();
+    assert_eq!(code, 503, "{out}");
+    let v: Value = serde_json::from_str(&out).unwrap_or_else(|e| panic!("not JSON ({e}): {out}"));
+    assert_eq!(v["error"]["type"], "service_unavailable", "{out}");
+    let msg = v["error"]["message"].as_str().unwrap();
+    assert!(msg.contains("rank 1") && msg.contains("failed"), "{msg}");
+    assert!(took < Duration::from_secs(60), "the request took {took:?}");
+    assert!(
+        killed.elapsed() < Duration::from_secs(30),
+        "the error came {:?} after the kill",
+        killed.elapsed()
+    );
+
+    let ((code, out), _) = streamed.join().unwrap();
+    assert_eq!(code, 200, "a stream that started keeps its status: {out}");
+    let last_error = out
+        .lines()
+        .filter_map(|l| l.strip_prefix("data: "))
+        .filter(|d| *d != "[DONE]")
+        .filter_map(|d| serde_json::from_str::<Value>(d).ok())
+        .next_back()
+        .expect("some events");
+    assert_eq!(last_error["error"]["type"], "service_unavailable", "{out}");
+    assert!(out.trim_end().ends_with("data: [DONE]"), "{out}");
+    let (partial, _) = sse_text(&out, &|v| v["choices"][0]["text"].as_str().map(String::from));
+    assert!(
+        partial.split_whitespace().count() < 300,
+        "the stream ended early, not complete"
+    );
+
+    // Dead, not serving: /health is 503 "dead" while the server still answers, then nothing listens.
+    let (code, h) = curl(&[&health]);
+    assert!(
+        code == 0 || (code == 503 && h.contains("\"dead\"")),
+        "/health after the kill: {code} {h}"
+    );
+    let status = wait_exit(&mut p, Duration::from_secs(30));
+    assert!(!status.success(), "the server exits with an error: {status:?}");
+    let said: Vec<String> = err.try_iter().collect();
+    assert!(
+        said.iter().any(|l| l.contains("the engine died")),
+        "no clear message on stderr: {said:?}"
+    );
+    let (code, _) = curl(&[&health]);
+    assert_eq!(code, 0, "nothing listens after the exit");
+}

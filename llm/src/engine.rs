@@ -752,6 +752,16 @@ impl Rank {
         &self.model
     }
 
+    /// The TP-group communicator (its rank is `tp_rank`).
+    pub fn tp_comm(&self) -> &dyn Comm {
+        &*self.tp
+    }
+
+    /// The pipeline communicator (its rank is the stage).
+    pub fn pp_comm(&self) -> &dyn Comm {
+        &*self.pp
+    }
+
     /// Runs the stage on one chunk: embed or receive, layers, then send or (last stage) nothing.
     fn run_chunk(&self, tokens: &[u32], cache: &mut KvCache) -> Result<Vec<f32>> {
         let n = tokens.len();

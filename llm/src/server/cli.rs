@@ -10,6 +10,7 @@ use clap::Parser;
 
 use super::pool::{generate_distributed, Fault, GenRequest, Pool, PoolConfig};
 use crate::error::{EngineError, Result};
+use crate::launch::{self, RankComms};
 use crate::model::{self, WeightSource};
 use crate::sample::SamplingParams;
 use crate::shard::Layout;
@@ -41,6 +42,11 @@ pub struct Args {
     /// Data-parallel replicas.
     #[arg(long, default_value_t = 1)]
     pub dp: usize,
+    /// Run the ranks as this many processes (--tp × --pp, with --dp 1) instead of threads: rank 0 serves
+    /// HTTP and leads, the others run the engine and get each step through the communicator. Processes
+    /// started by torchrun, mpirun or srun are used the same way without this flag.
+    #[arg(long)]
+    pub nprocs: Option<usize>,
     /// Compute threads per rank (default: cores ÷ all ranks, at least 1).
     #[arg(long)]
     pub threads: Option<usize>,
@@ -86,8 +92,15 @@ pub struct Args {
 /// Runs the `serve` example with the process's command line; returns the exit code.
 pub fn main() -> i32 {
     let args = Args::parse();
-    match run(args) {
-        Ok(()) => 0,
+    let r = check_processes(&args).and_then(|()| launch::spawn_workers(args.nprocs));
+    let r = match r {
+        // The launcher of `--nprocs`: its workers' exit code.
+        Ok(Some(code)) => Ok(code),
+        Ok(None) => run(args).map(|()| 0),
+        Err(e) => Err(e),
+    };
+    match r {
+        Ok(code) => code,
         Err(e) => {
             eprintln!("error: {e}");
             let mut src = std::error::Error::source(&e);
@@ -98,6 +111,27 @@ pub fn main() -> i32 {
             1
         }
     }
+}
+
+/// `--nprocs N` must be the replica's world and (ranks as processes) `--dp` 1: checked before any process
+/// starts, so a bad flag fails once.
+fn check_processes(args: &Args) -> Result<()> {
+    let Some(n) = args.nprocs else { return Ok(()) };
+    let world = args.tp.saturating_mul(args.pp);
+    if n != world {
+        return Err(EngineError::Config(format!(
+            "--nprocs {n} must equal --tp {} × --pp {} = {world} (one process per rank)",
+            args.tp, args.pp
+        )));
+    }
+    if args.dp != 1 {
+        return Err(EngineError::Config(format!(
+            "--nprocs with --dp {}: ranks as processes serve one replica (--dp 1); start one server per \
+             replica, or use ranks as threads for --dp > 1",
+            args.dp
+        )));
+    }
+    Ok(())
 }
 
 fn parse_fault(s: &str) -> Result<Fault> {
@@ -128,15 +162,80 @@ fn secs(v: f64, what: &str) -> Result<Duration> {
     Ok(Duration::from_secs_f64(v))
 }
 
-/// Builds the pool from the arguments.
-pub fn pool_from_args(args: &Args) -> Result<(Arc<Pool>, String)> {
-    let src: Arc<dyn WeightSource> = match &args.model {
+fn source_of(args: &Args) -> Result<Arc<dyn WeightSource>> {
+    Ok(match &args.model {
         Some(p) => Arc::from(model::open(p)?),
         None => {
             eprintln!("no --model given: serving the built-in tiny random model (prompts as token ids)");
             Arc::from(model::tiny_random(0))
         }
+    })
+}
+
+fn threads_of(args: &Args, layout: Layout) -> usize {
+    let ranks = layout.world() * args.dp.max(1);
+    let cores = std::thread::available_parallelism().map_or(1, |n| n.get());
+    args.threads.unwrap_or((cores / ranks).max(1)).max(1)
+}
+
+/// Ranks as processes (`--nprocs` or an outside launcher): this process's communicators, after the
+/// rendezvous of every rank; `None` when the ranks are threads.
+fn process_comms(args: &Args) -> Result<Option<RankComms>> {
+    if !launch::is_worker()? {
+        return Ok(None);
+    }
+    if args.tp == 0 || args.pp == 0 {
+        return Err(EngineError::Config("--tp and --pp must be at least 1".into()));
+    }
+    if args.dp != 1 {
+        return Err(EngineError::Config(format!(
+            "--dp {}: ranks as processes serve one replica (--dp 1)",
+            args.dp
+        )));
+    }
+    let layout = Layout {
+        tp: args.tp,
+        pp: args.pp,
     };
+    Ok(Some(launch::host_process(layout)?))
+}
+
+/// A rank process other than 0: runs the engine for rank 0 until it stops the replica (or it fails).
+fn rank_process(args: &Args, comms: RankComms) -> Result<()> {
+    let layout = Layout {
+        tp: args.tp,
+        pp: args.pp,
+    };
+    ignore_sigterm();
+    let w = comms.world_rank;
+    let src = source_of(args)?;
+    eprintln!(
+        "rank {w} of {}: pid {}, running the engine for rank 0",
+        layout.world(),
+        std::process::id()
+    );
+    super::ranks::serve_rank(&*src, layout, threads_of(args, layout), comms)
+}
+
+/// A launcher's SIGTERM (torchrun, or the `--nprocs` parent going away) reaches every rank; only rank 0
+/// acts on it (it drains, then sends the other ranks a stop plan), so the others ignore it. A rank whose
+/// rank 0 is gone still ends: its next wait for a plan fails within the communicator's timeout.
+fn ignore_sigterm() {
+    // SAFETY: `signal` with `SIG_IGN` installs no handler code (the kernel discards the signal); it is called
+    // before this process starts any thread of its own work and touches no Rust state.
+    unsafe {
+        libc::signal(libc::SIGTERM, libc::SIG_IGN);
+    }
+}
+
+/// Builds the pool from the arguments (ranks as threads).
+pub fn pool_from_args(args: &Args) -> Result<(Arc<Pool>, String)> {
+    pool_with(args, None)
+}
+
+/// Builds the pool: ranks as threads, or from this process's rank 0 communicators (ranks as processes).
+fn pool_with(args: &Args, comms: Option<RankComms>) -> Result<(Arc<Pool>, String)> {
+    let src = source_of(args)?;
     let name = args.model_name.clone().unwrap_or_else(|| match &args.model {
         Some(p) => p
             .file_stem()
@@ -150,12 +249,10 @@ pub fn pool_from_args(args: &Args) -> Result<(Arc<Pool>, String)> {
         tp: args.tp,
         pp: args.pp,
     };
-    let ranks = layout.world() * args.dp;
-    let cores = std::thread::available_parallelism().map_or(1, |n| n.get());
     let cfg = PoolConfig {
         layout,
         dp: args.dp,
-        threads: args.threads.unwrap_or((cores / ranks).max(1)).max(1),
+        threads: threads_of(args, layout),
         max_batch: args.max_batch,
         max_queue: args.max_queue,
         kv_budget_bytes: args.kv_budget_mb.saturating_mul(1 << 20),
@@ -165,25 +262,41 @@ pub fn pool_from_args(args: &Args) -> Result<(Arc<Pool>, String)> {
         step_delay: Duration::from_millis(args.step_delay_ms),
     };
     let t0 = std::time::Instant::now();
-    let pool = Pool::start(src, cfg)?;
+    let processes = comms.is_some();
+    let pool = match comms {
+        Some(c) => Pool::start_process(src, cfg, c)?,
+        None => Pool::start(src, cfg)?,
+    };
     eprintln!(
-        "{}: {} replica(s) of tp {} × pp {} loaded in {:.2} s",
+        "{}: {} replica(s) of tp {} × pp {} ({}) loaded in {:.2} s",
         pool.source().describe(),
         args.dp,
         args.tp,
         args.pp,
+        if processes {
+            "ranks as processes"
+        } else {
+            "ranks as threads"
+        },
         t0.elapsed().as_secs_f64()
     );
     Ok((pool, name))
 }
 
 /// Runs with parsed arguments.
+///
+/// In a rank process other than 0 (ranks as processes) this runs the engine for rank 0 instead, until rank 0
+/// stops the replica.
 pub fn run(args: Args) -> Result<()> {
-    if let (Some(inp), Some(out)) = (&args.prompts_file, &args.out) {
-        return batch(&args, inp, out);
-    }
     let drain = secs(args.drain_timeout_secs, "--drain-timeout-secs")?;
-    let (pool, name) = pool_from_args(&args)?;
+    let comms = match process_comms(&args)? {
+        Some(c) if c.world_rank != 0 => return rank_process(&args, c),
+        other => other,
+    };
+    if let (Some(inp), Some(out)) = (&args.prompts_file, &args.out) {
+        return batch(&args, inp, out, comms);
+    }
+    let (pool, name) = pool_with(&args, comms)?;
     let rt = tokio::runtime::Builder::new_multi_thread()
         .worker_threads(2)
         .enable_all()
@@ -196,17 +309,41 @@ pub fn run(args: Args) -> Result<()> {
         let local = listener.local_addr()?;
         println!("listening on http://{local} (model `{}`)", app.model_name);
         let _ = std::io::stdout().flush();
-        super::serve(listener, app, shutdown_signal(), drain).await
+        let dead = pool.clone();
+        let stop = async move {
+            tokio::select! {
+                _ = shutdown_signal() => {}
+                _ = engine_dead(&dead) => {}
+            }
+        };
+        super::serve(listener, app, stop, drain).await
     });
     // Dropping the runtime drops every connection still open after the drain timeout, which cancels their
     // sequences; then the replicas stop.
     drop(rt);
     pool.shutdown();
+    if let Some(why) = pool.dead() {
+        return Err(EngineError::Config(format!(
+            "the engine died ({why}); in-flight requests were answered with 503 and the server exits (its rank \
+             processes cannot be restarted from here: restart the server)"
+        )));
+    }
     eprintln!("stopped");
     r.map_err(|e| EngineError::Io {
         path: PathBuf::from(addr.to_string()),
         source: e,
     })
+}
+
+/// Resolves once the pool is dead (ranks as processes, one of which failed): the server then stops taking
+/// requests, answers those in flight (they already got their 503) and exits with an error.
+async fn engine_dead(pool: &Pool) {
+    loop {
+        if pool.dead().is_some() {
+            return;
+        }
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
 }
 
 async fn shutdown_signal() {
@@ -232,13 +369,13 @@ struct Line {
     seed: Option<u64>,
 }
 
-fn batch(args: &Args, inp: &std::path::Path, out: &std::path::Path) -> Result<()> {
+fn batch(args: &Args, inp: &std::path::Path, out: &std::path::Path, comms: Option<RankComms>) -> Result<()> {
     let io = |path: &std::path::Path| {
         let path = path.to_path_buf();
         move |source| EngineError::Io { path, source }
     };
     let file = std::fs::File::open(inp).map_err(io(inp))?;
-    let (pool, _) = pool_from_args(args)?;
+    let (pool, _) = pool_with(args, comms)?;
     let tok = pool.tokenizer().cloned();
     let mut reqs = Vec::new();
     for (i, line) in std::io::BufReader::new(file).lines().enumerate() {

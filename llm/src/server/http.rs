@@ -496,7 +496,10 @@ async fn models(State(app): State<Arc<App>>) -> Json<Value> {
 async fn health(State(app): State<Arc<App>>) -> Response {
     let g = app.pool.gauges();
     let healthy = g.iter().filter(|r| r.healthy).count();
-    let status = if app.pool.is_draining() {
+    let dead = app.pool.dead();
+    let status = if dead.is_some() {
+        "dead"
+    } else if app.pool.is_draining() {
         "draining"
     } else if healthy == g.len() {
         "ok"
@@ -512,12 +515,16 @@ async fn health(State(app): State<Arc<App>>) -> Response {
                    "kv_positions_used": r.kv_used, "restarts": r.restarts})
         })
         .collect();
-    let code = if healthy > 0 && !app.pool.is_draining() {
+    let code = if healthy > 0 && !app.pool.is_draining() && dead.is_none() {
         StatusCode::OK
     } else {
         StatusCode::SERVICE_UNAVAILABLE
     };
-    (code, Json(json!({"status": status, "replicas": replicas}))).into_response()
+    let mut body = json!({"status": status, "replicas": replicas});
+    if let Some(why) = dead {
+        body["error"] = json!(why);
+    }
+    (code, Json(body)).into_response()
 }
 
 async fn metrics(State(app): State<Arc<App>>) -> Response {

@@ -4,6 +4,8 @@
 //!
 //! * [`pool`]: replicas, scheduling (admission by KV budget, chunked prefill, batched decode, cancellation),
 //!   failover and rebuild, and the batch call [`pool::generate_distributed`].
+//! * [`ranks`]: a replica's ranks (threads or processes) and each step's plan going to them through the
+//!   communicator.
 //! * [`http`]: `POST /v1/completions`, `POST /v1/chat/completions` (both with `"stream": true`),
 //!   `GET /v1/models`, `/health`, `/metrics`.
 //! * [`api`]: request bodies, validation and OpenAI-style errors.
@@ -14,6 +16,7 @@ pub mod cli;
 pub mod http;
 pub mod metrics;
 pub mod pool;
+pub mod ranks;
 pub mod text;
 
 pub use http::{router, serve, App};

@@ -1,7 +1,8 @@
 //! Data-parallel replicas with continuous batching, and the router in front of them.
 //!
-//! A [`Pool`] holds `dp` replicas. Each replica is a `tp × pp` layout of rank threads (host backend) driven
-//! by one leader thread that owns the replica's schedule: a bounded FIFO of waiting requests, the running
+//! A [`Pool`] holds `dp` replicas. Each replica is a `tp × pp` layout of ranks (host backend): threads of
+//! this process ([`Pool::start`]), or processes ([`Pool::start_process`], one replica), driven by one leader
+//! thread that owns the replica's schedule: a bounded FIFO of waiting requests, the running
 //! batch, and a KV budget in positions. Every step the leader
 //!
 //! 1. admits waiting requests while the batch has room and their whole KV reservation (prompt + max
@@ -12,20 +13,20 @@
 //! 4. runs one decode step for every sequence that has a token to feed: one pass over the weights for all
 //!    of them ([`crate::engine::Rank::step`]).
 //!
-//! The same step plan goes to every rank of the replica; the last stage's first rank returns the logits and
-//! the leader samples (one seeded [`Sampler`] per sequence, called exactly as
+//! The same step plan goes to every rank of the replica through the communicator, threads or processes alike
+//! (see [`super::ranks`]); the last stage's first rank returns the logits to rank 0 and the leader samples (one seeded [`Sampler`] per sequence, called exactly as
 //! [`crate::engine::Rank::generate`] calls it, so a sequence's tokens do not depend on its batch).
 //!
 //! A rank that panics or fails makes the step fail on the leader (a panic is caught on the rank thread and
 //! reported; a rank that does not answer within `step_timeout` counts as failed). The replica then leaves
 //! the rotation, its requests are retried on a healthy replica when that is invisible to the client (greedy
 //! or seeded sampling is deterministic here, and the tokens already delivered are not sent again) or end
-//! with a 503, and the replica is rebuilt from the weights and rejoins.
+//! with a 503, and the replica is rebuilt from the weights and rejoins. With ranks as processes the replica
+//! cannot be rebuilt from here: its requests end with a 503 and the pool is [`Pool::dead`], for the server to
+//! exit (as vLLM's does when its engine dies) and be restarted by whatever supervises it.
 
-use std::collections::{HashMap, VecDeque};
-use std::panic::AssertUnwindSafe;
+use std::collections::VecDeque;
 use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
-use std::sync::mpsc;
 use std::sync::{Arc, Condvar, Mutex};
 use std::thread::JoinHandle;
 use std::time::{Duration, Instant};
@@ -33,10 +34,10 @@ use std::time::{Duration, Instant};
 use tokio::sync::mpsc::UnboundedSender;
 
 use super::metrics::{Metrics, ReplicaGauges};
+use super::ranks::{Plan, RankSet, HEARTBEAT};
 use super::text::TextState;
-use crate::engine::{KvCache, Rank, RankModel, RankPlace};
 use crate::error::{EngineError, Result};
-use crate::launch;
+use crate::launch::RankComms;
 use crate::model::WeightSource;
 use crate::sample::{Sampler, SamplingParams};
 use crate::shard::Layout;
@@ -215,6 +216,12 @@ pub struct Pool {
     /// The metrics (shared with the HTTP layer).
     pub metrics: Metrics,
     leaders: Mutex<Vec<JoinHandle<()>>>,
+    /// Ranks are processes ([`Pool::start_process`]).
+    process_mode: bool,
+    /// Ranks as processes: this process's rank 0 communicators until the replica is built from them.
+    process: Mutex<Option<RankComms>>,
+    /// Ranks as processes: set when the replica failed (its ranks cannot be started again from here).
+    dead: Mutex<Option<String>>,
 }
 
 impl std::fmt::Debug for Pool {
@@ -239,8 +246,34 @@ fn kv_bytes_per_position(src: &dyn WeightSource, layout: Layout) -> usize {
 }
 
 impl Pool {
-    /// Loads every replica (blocking until all are ready) and starts their leaders.
+    /// Loads every replica (blocking until all are ready) and starts their leaders. Ranks are threads of
+    /// this process.
     pub fn start(src: Arc<dyn WeightSource>, cfg: PoolConfig) -> Result<Arc<Pool>> {
+        Self::start_with(src, cfg, None)
+    }
+
+    /// [`Pool::start`] with ranks as processes: `comms` are world rank 0's (this process); the other ranks
+    /// of the one replica (`cfg.dp` must be 1) are processes running [`super::ranks::serve_rank`]. Each
+    /// step reaches them through the communicator, as it reaches rank threads. A replica whose rank fails
+    /// cannot be rebuilt from here: its requests end with a 503, and the pool reports itself dead
+    /// ([`Pool::dead`]) for the server to exit.
+    pub fn start_process(src: Arc<dyn WeightSource>, cfg: PoolConfig, comms: RankComms) -> Result<Arc<Pool>> {
+        if cfg.dp != 1 {
+            return Err(EngineError::Config(format!(
+                "--dp {}: ranks as processes serve one replica (--dp 1); start one server per replica",
+                cfg.dp
+            )));
+        }
+        if comms.world_rank != 0 {
+            return Err(EngineError::Config(format!(
+                "Pool::start_process runs on world rank 0, not {}",
+                comms.world_rank
+            )));
+        }
+        Self::start_with(src, cfg, Some(comms))
+    }
+
+    fn start_with(src: Arc<dyn WeightSource>, cfg: PoolConfig, comms: Option<RankComms>) -> Result<Arc<Pool>> {
         crate::engine::check_layout(src.config(), cfg.layout.tp, cfg.layout.pp)?;
         if cfg.dp == 0 || cfg.max_batch == 0 || cfg.prefill_chunk == 0 || cfg.threads == 0 {
             return Err(EngineError::Config(
@@ -283,11 +316,14 @@ impl Pool {
             kv_positions,
             metrics: Metrics::default(),
             leaders: Mutex::new(Vec::new()),
+            process_mode: comms.is_some(),
+            process: Mutex::new(comms),
+            dead: Mutex::new(None),
         });
         // Build every replica before serving: a broken model or layout fails here, not on the first request.
         let mut built = Vec::new();
         for r in &pool.replicas {
-            built.push(RankSet::build(&pool, r.index)?);
+            built.push(pool.build_ranks(r.index)?);
         }
         let mut leaders = Vec::new();
         for (r, ranks) in pool.replicas.iter().zip(built) {
@@ -302,6 +338,30 @@ impl Pool {
         }
         *pool.leaders.lock().unwrap_or_else(|e| e.into_inner()) = leaders;
         Ok(pool)
+    }
+
+    /// Builds replica `index`'s ranks: threads, or (ranks as processes) from this process's rank 0
+    /// communicators, which can be used once.
+    fn build_ranks(&self, index: usize) -> Result<RankSet> {
+        let layout = self.cfg.layout;
+        if self.is_process() {
+            let comms = self.process.lock().unwrap_or_else(|e| e.into_inner()).take();
+            let comms = comms.ok_or_else(|| {
+                EngineError::Config("the rank processes cannot be started again from this server".into())
+            })?;
+            return RankSet::build(&self.src, layout, self.cfg.threads, index, Some(comms));
+        }
+        RankSet::build(&self.src, layout, self.cfg.threads, index, None)
+    }
+
+    /// True when the ranks are processes ([`Pool::start_process`]).
+    pub fn is_process(&self) -> bool {
+        self.process_mode
+    }
+
+    /// Why the pool is dead (ranks as processes, one of which failed), if it is: it serves nothing more.
+    pub fn dead(&self) -> Option<String> {
+        self.dead.lock().unwrap_or_else(|e| e.into_inner()).clone()
     }
 
     /// The model's tokenizer, if it has one.
@@ -370,6 +430,11 @@ impl Pool {
 
     /// Sends a request to the least-loaded healthy replica; its events arrive on `events`.
     pub fn submit(&self, req: GenRequest, events: UnboundedSender<Event>) -> std::result::Result<(), Reject> {
+        if let Some(why) = self.dead() {
+            return Err(Reject::Unavailable(format!(
+                "the engine is dead ({why}); the server is exiting"
+            )));
+        }
         if self.is_draining() {
             return Err(Reject::Unavailable("the server is shutting down".into()));
         }
@@ -460,194 +525,6 @@ impl Pool {
         r.queue.lock().unwrap_or_else(|e| e.into_inner()).waiting.push_back(job);
         r.wake.notify_all();
         Ok(())
-    }
-}
-
-/// The step plan every rank of a replica runs.
-struct Plan {
-    /// New caches: (sequence id, positions).
-    alloc: Vec<(u64, usize)>,
-    /// Caches to drop.
-    free: Vec<u64>,
-    /// Segments: (sequence id, tokens to feed).
-    segs: Vec<(u64, Vec<u32>)>,
-    /// Test hook: this world rank panics.
-    panic_rank: Option<usize>,
-}
-
-/// A rank's answer to a plan: its logits (the reporter), or its error and whether it only reports a failed
-/// peer.
-type Reply = (usize, std::result::Result<Option<Vec<Vec<f32>>>, (bool, String)>);
-
-/// The rank threads of one replica.
-struct RankSet {
-    cmds: Vec<mpsc::Sender<Arc<Plan>>>,
-    replies: mpsc::Receiver<Reply>,
-    reporter: usize,
-    steps: u64,
-}
-
-impl RankSet {
-    /// Loads the replica's shards on fresh rank threads with fresh communicators.
-    fn build(pool: &Arc<Pool>, replica: usize) -> Result<RankSet> {
-        let layout = pool.cfg.layout;
-        let comms = launch::host_threads(layout)?;
-        let (reply_tx, replies) = mpsc::channel::<Reply>();
-        let (ready_tx, ready_rx) = mpsc::channel::<(usize, Result<()>)>();
-        let mut cmds = Vec::new();
-        for c in comms {
-            let (tx, rx) = mpsc::channel::<Arc<Plan>>();
-            cmds.push(tx);
-            let (src, reply_tx, ready_tx) = (pool.src.clone(), reply_tx.clone(), ready_tx.clone());
-            let threads = pool.cfg.threads;
-            let w = c.world_rank;
-            std::thread::Builder::new()
-                .name(format!("replica{replica}-rank{w}"))
-                .spawn(move || {
-                    let (stage, tp_rank) = layout.coords(w);
-                    let place = RankPlace {
-                        tp: layout.tp,
-                        tp_rank,
-                        pp: layout.pp,
-                        stage,
-                        threads,
-                    };
-                    let rank = RankModel::load(&*src, place, &mut |_, _| {}).and_then(|m| Rank::new(m, c.tp, c.pp));
-                    let rank = match rank {
-                        Ok(r) => {
-                            let _ = ready_tx.send((w, Ok(())));
-                            r
-                        }
-                        Err(e) => {
-                            let _ = ready_tx.send((w, Err(e)));
-                            return;
-                        }
-                    };
-                    drop(ready_tx);
-                    rank_main(rank, w, rx, reply_tx)
-                })
-                .map_err(|e| EngineError::Config(format!("spawning a rank thread: {e}")))?;
-        }
-        drop(ready_tx);
-        for _ in 0..layout.world() {
-            match ready_rx.recv_timeout(Duration::from_secs(600)) {
-                Ok((_, Ok(()))) => {}
-                Ok((w, Err(e))) => {
-                    return Err(EngineError::Rank {
-                        rank: w,
-                        source: Box::new(e),
-                    })
-                }
-                Err(_) => return Err(EngineError::Config(format!("replica {replica}: a rank did not load"))),
-            }
-        }
-        Ok(RankSet {
-            cmds,
-            replies,
-            reporter: (layout.pp - 1) * layout.tp,
-            steps: 0,
-        })
-    }
-
-    /// Runs one plan on every rank; the reporter's logits, or what failed.
-    fn run(&mut self, plan: Plan, timeout: Duration) -> std::result::Result<Vec<Vec<f32>>, String> {
-        self.steps += 1;
-        let plan = Arc::new(plan);
-        for (w, c) in self.cmds.iter().enumerate() {
-            c.send(plan.clone()).map_err(|_| format!("rank {w} has exited"))?;
-        }
-        let deadline = Instant::now() + timeout;
-        let mut logits = None;
-        let mut first_err: Option<String> = None;
-        for _ in 0..self.cmds.len() {
-            let left = deadline.saturating_duration_since(Instant::now());
-            match self.replies.recv_timeout(left) {
-                Ok((w, Ok(l))) => {
-                    if w == self.reporter {
-                        logits = l;
-                    }
-                }
-                Ok((w, Err((peer, e)))) => {
-                    // The rank that failed first names the cause; the others report its absence.
-                    if first_err.is_none() || !peer {
-                        first_err = Some(format!("rank {w}: {e}"));
-                    }
-                    if !peer {
-                        break;
-                    }
-                }
-                Err(_) => {
-                    return Err(first_err.unwrap_or_else(|| {
-                        format!("a rank did not finish its step within {:.1} s", timeout.as_secs_f64())
-                    }))
-                }
-            }
-        }
-        if let Some(e) = first_err {
-            return Err(e);
-        }
-        if plan.segs.is_empty() {
-            return Ok(Vec::new());
-        }
-        logits.ok_or_else(|| "the last stage returned no logits".to_string())
-    }
-}
-
-fn panic_text(p: &(dyn std::any::Any + Send)) -> String {
-    p.downcast_ref::<&str>()
-        .map(|s| s.to_string())
-        .or_else(|| p.downcast_ref::<String>().cloned())
-        .unwrap_or_else(|| "a panic".into())
-}
-
-/// A rank thread: runs plans until its channel closes or a step fails (then it exits, dropping its
-/// communicators, which makes its peers fail instead of waiting).
-fn rank_main(rank: Rank, w: usize, cmds: mpsc::Receiver<Arc<Plan>>, replies: mpsc::Sender<Reply>) {
-    let mut caches: HashMap<u64, KvCache> = HashMap::new();
-    while let Ok(plan) = cmds.recv() {
-        let r = std::panic::catch_unwind(AssertUnwindSafe(|| -> std::result::Result<_, (bool, String)> {
-            if plan.panic_rank == Some(w) {
-                panic!("injected fault: rank {w} panics");
-            }
-            for id in &plan.free {
-                caches.remove(id);
-            }
-            for &(id, cap) in &plan.alloc {
-                caches.insert(id, rank.model().new_cache(cap));
-            }
-            if plan.segs.is_empty() {
-                return Ok(None);
-            }
-            let mut taken: Vec<(u64, KvCache)> = Vec::with_capacity(plan.segs.len());
-            for (id, _) in &plan.segs {
-                let c = caches
-                    .remove(id)
-                    .ok_or_else(|| (false, format!("no cache for sequence {id}")))?;
-                taken.push((*id, c));
-            }
-            let out = {
-                let mut segs: Vec<(&[u32], &mut KvCache)> = plan
-                    .segs
-                    .iter()
-                    .zip(taken.iter_mut())
-                    .map(|((_, t), (_, c))| (t.as_slice(), c))
-                    .collect();
-                rank.step(&mut segs).map_err(|e| {
-                    let peer = matches!(e, EngineError::Comm(nccl::Error::PeerFailed { .. }));
-                    (peer, e.to_string())
-                })
-            };
-            for (id, c) in taken {
-                caches.insert(id, c);
-            }
-            out
-        }));
-        let r = r.unwrap_or_else(|p| Err((false, format!("panicked: {}", panic_text(&*p)))));
-        let failed = r.is_err();
-        let _ = replies.send((w, r));
-        if failed {
-            return;
-        }
     }
 }
 
@@ -764,11 +641,26 @@ fn leader(pool: Arc<Pool>, me: Arc<Replica>, mut ranks: RankSet) {
                 me.running.store(0, Ordering::Relaxed);
                 me.kv_used.store(kv_used, Ordering::Relaxed);
                 if pool.stop.load(Ordering::SeqCst) && q.waiting.is_empty() {
+                    ranks.stop();
                     return;
                 }
-                let _ = me.wake.wait_timeout(q, Duration::from_millis(50));
-                continue;
+                if ranks.last_run.elapsed() < HEARTBEAT {
+                    let _ = me.wake.wait_timeout(q, Duration::from_millis(50));
+                    continue;
+                }
             }
+        }
+        if running.is_empty() && to_free.is_empty() {
+            // Idle for a while: an empty plan checks that every rank is still there.
+            if let Err(e) = ranks.run(Plan::default(), pool.cfg.step_timeout) {
+                match recover(&pool, &me, &mut running, &e) {
+                    Some(r) => ranks = r,
+                    None => return,
+                }
+                kv_used = 0;
+                to_free.clear();
+            }
+            continue;
         }
         // 2. Cancellation: a closed receiver means the client went away.
         for s in running.iter_mut() {
@@ -805,6 +697,7 @@ fn leader(pool: Arc<Pool>, me: Arc<Replica>, mut ranks: RankSet) {
                     free,
                     segs: plan_segs,
                     panic_rank,
+                    stop: false,
                 },
                 pool.cfg.step_timeout,
             )
@@ -866,15 +759,38 @@ fn leader(pool: Arc<Pool>, me: Arc<Replica>, mut ranks: RankSet) {
             std::thread::sleep(pool.cfg.step_delay);
         }
         if let Err(e) = result {
-            fail_over(&pool, &me, &mut running, &e);
+            match recover(&pool, &me, &mut running, &e) {
+                Some(r) => ranks = r,
+                None => return,
+            }
             kv_used = 0;
             to_free.clear();
-            ranks = rebuild(&pool, &me);
-            if pool.stop.load(Ordering::SeqCst) && ranks.cmds.is_empty() {
-                return;
-            }
         }
     }
+}
+
+/// After a failed step: fails over the replica's requests, then rebuilds it (ranks as threads) or, with
+/// ranks as processes (which this process cannot start again), marks the pool dead. `None`: the leader
+/// stops.
+fn recover(pool: &Arc<Pool>, me: &Replica, running: &mut Vec<Seq>, why: &str) -> Option<RankSet> {
+    if pool.is_process() {
+        *pool.dead.lock().unwrap_or_else(|e| e.into_inner()) = Some(format!("replica {} failed: {why}", me.index));
+    }
+    fail_over(pool, me, running, why);
+    if pool.is_process() {
+        eprintln!(
+            "error: replica {} failed: {why}; its ranks are processes, which this server cannot start again: \
+             it stops serving (restart it)",
+            me.index
+        );
+        return None;
+    }
+    eprintln!("replica {} failed: {why}; rebuilding it", me.index);
+    let r = rebuild(pool, me);
+    if r.is_none() {
+        return None;
+    }
+    Some(r)
 }
 
 /// Takes the replica out of rotation and moves or ends its requests.
@@ -882,7 +798,6 @@ fn fail_over(pool: &Pool, me: &Replica, running: &mut Vec<Seq>, why: &str) {
     me.healthy.store(false, Ordering::SeqCst);
     Metrics::add(&pool.metrics.replica_failures, 1);
     tracing::warn!("replica {} failed: {why}", me.index);
-    eprintln!("replica {} failed: {why}; rebuilding it", me.index);
     let waiting: Vec<Job> = {
         let mut q = me.queue.lock().unwrap_or_else(|e| e.into_inner());
         let w: Vec<Job> = q.waiting.drain(..).collect();
@@ -919,14 +834,9 @@ fn fail_over(pool: &Pool, me: &Replica, running: &mut Vec<Seq>, why: &str) {
 fn rebuild(pool: &Arc<Pool>, me: &Replica) -> RankSet {
     loop {
         if pool.stop.load(Ordering::SeqCst) {
-            return RankSet {
-                cmds: Vec::new(),
-                replies: mpsc::channel().1,
-                reporter: 0,
-                steps: 0,
-            };
+            return RankSet::none();
         }
-        match RankSet::build(pool, me.index) {
+        match pool.build_ranks(me.index) {
             Ok(r) => {
                 me.restarts.fetch_add(1, Ordering::Relaxed);
                 me.healthy.store(true, Ordering::SeqCst);
