@@ -139,3 +139,38 @@ fn torchrun_launches_tp_llama_and_it_equals_the_thread_run() {
     );
     assert_eq!(ids(&threads).as_array().map(Vec::len), Some(6));
 }
+
+#[test]
+fn torchrun_launches_the_serve_batch_mode_and_it_equals_the_thread_run() {
+    let Some((script, pp)) = torchrun() else { return };
+    let serve = prereq::built_example("serve");
+    let dir = std::env::temp_dir().join(format!("torchrun_serve_{}", std::process::id()));
+    std::fs::create_dir_all(&dir).unwrap();
+    let inp = dir.join("prompts.jsonl");
+    std::fs::write(
+        &inp,
+        "{\"prompt\": [1, 5, 9, 2]}\n{\"prompt\": [4], \"max_tokens\": 3}\n\
+         {\"prompt\": [7, 7], \"temperature\": 0.8, \"seed\": 5}\n",
+    )
+    .unwrap();
+    let run = |out: &PathBuf, launched: bool| -> String {
+        let (i, o) = (inp.to_str().unwrap(), out.to_str().unwrap());
+        let args = ["--tp", "2", "--max-tokens", "6", "--prompts-file", i, "--out", o];
+        let r = if launched {
+            torchrun_cmd(&script, &pp, &["--nproc-per-node", "2"], &serve, &args).output()
+        } else {
+            Command::new(&serve).args(args).output()
+        };
+        ok(
+            &r.expect("run serve"),
+            if launched { "torchrun serve" } else { "serve as threads" },
+        );
+        std::fs::read_to_string(out).expect("results written")
+    };
+    let threads = run(&dir.join("threads.jsonl"), false);
+    // Under torchrun rank 0 writes the results; rank 1 runs the engine and gets every step from it.
+    let launched = run(&dir.join("launched.jsonl"), true);
+    let _ = std::fs::remove_dir_all(&dir);
+    assert_eq!(launched, threads);
+    assert_eq!(threads.lines().count(), 3, "{threads}");
+}
