@@ -108,10 +108,21 @@ def main():
     ap.add_argument("--label", default="")
     a = ap.parse_args()
     prompt = [1000 + 37 * i % 40000 for i in range(a.prompt_len)]
+    # Throughput at each level relative to 1 concurrent client of the same server in the same run: the gain
+    # continuous batching gives (only ratios within one run mean anything on a shared machine).
+    solo = None
+    rates = {}
     for c in [int(x) for x in a.levels.split(",")]:
         r = level(a.url, a.model, prompt, a.max_tokens, c, a.requests_per_client, a.timeout)
         r["server"] = a.label
+        if c == 1 and r["errors"] == 0:
+            solo = r["tokens_per_s"]
+        r["tokens_per_s_vs_1"] = round(r["tokens_per_s"] / solo, 3) if solo else None
+        rates[c] = r["tokens_per_s"]
         print(json.dumps(r), flush=True)
+    if solo and 16 in rates:
+        print(json.dumps({"server": a.label, "batching_gain_16_vs_1": round(rates[16] / solo, 3),
+                          "tokens_per_s_1": solo, "tokens_per_s_16": rates[16]}), flush=True)
 
 
 if __name__ == "__main__":

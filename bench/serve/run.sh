@@ -17,6 +17,8 @@ REQS=${REQS:-2}
 THREADS=${THREADS:-2}
 TP=${TP:-1}
 DP=${DP:-1}
+# PROCS=1: our ranks as processes (--nprocs TP, needs DP=1) instead of threads.
+PROCS=${PROCS:-}
 [ -f "$MODEL" ] || { echo "model $MODEL is absent (scripts/setup.sh fetches it)" >&2; exit 1; }
 export CARGO_TARGET_DIR=${CARGO_TARGET_DIR:-target}
 cargo build --release --example serve >&2
@@ -28,14 +30,16 @@ cleanup() { for p in "${pids[@]}"; do kill "$p" 2>/dev/null || true; done; rm -f
 trap cleanup EXIT
 
 # Ours: tp × dp ranks sharing THREADS threads.
+PROC_ARGS=()
+if [ -n "$PROCS" ]; then PROC_ARGS=(--nprocs "$TP"); fi
 "$BIN" --model "$MODEL" --model-name smollm2 --tp "$TP" --dp "$DP" --threads $(( THREADS / (TP * DP) > 0 ? THREADS / (TP * DP) : 1 )) \
-  --max-batch "$MAXC" --port 0 > "$LOG" 2>/dev/null &
+  --max-batch "$MAXC" --port 0 "${PROC_ARGS[@]}" > "$LOG" 2>/dev/null &
 pids+=($!)
 for _ in $(seq 600); do grep -q "listening on" "$LOG" && break; sleep 0.1; done
 URL=$(sed -n 's/^listening on \(http[^ ]*\).*/\1/p' "$LOG")
 [ -n "$URL" ] || { echo "our server did not start" >&2; exit 1; }
 python3 bench/serve/load.py --url "$URL" --model smollm2 --levels "$LEVELS" --max-tokens "$MAX_TOKENS" \
-  --requests-per-client "$REQS" --label "nccl-llm tp$TP dp$DP"
+  --requests-per-client "$REQS" --label "nccl-llm tp$TP dp$DP${PROCS:+ processes}"
 kill "${pids[0]}"; wait "${pids[0]}" 2>/dev/null || true
 
 if [ -n "${LLAMA_SERVER:-}" ]; then
