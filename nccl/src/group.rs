@@ -13,8 +13,10 @@
 //!
 //! - On non-blocking communicators `ncclGroupEnd` may return `ncclInProgress` while NCCL's thread still
 //!   launches the work: every communicator of the group is polled until it is done before the buffers' events
-//!   are recorded and the buffers released, also when the closure panicked. A communicator whose wait fails
-//!   is aborted, so nothing it queued can run on a released buffer.
+//!   are recorded and the buffers released, also when the closure panicked. Each wait is bounded by the
+//!   communicator's [`Config::wait`](crate::Config::wait) (default 10 minutes; 60 s at most after a panic):
+//!   past it the communicator is aborted and the group returns [`Error::Timeout`]. A communicator whose wait
+//!   fails is aborted, so nothing it queued can run on a released buffer.
 //!
 //! Rules (NCCL's): one thread issues every operation of a group; never synchronize inside a group; creating
 //! communicators cannot share a group with collectives. One thread driving several GPUs must group the
@@ -32,13 +34,13 @@
 //! # Ok(()) }
 //! ```
 
-use crate::comm::{Communicator, Shared, State};
+use crate::comm::{wait_until, Communicator, Pollable, Shared, State};
 use crate::error::{Error, Result};
 use crate::result::{self, ffi, IN_PROGRESS};
 use std::cell::RefCell;
 use std::marker::PhantomData;
 use std::sync::{Arc, MutexGuard};
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 thread_local! {
     /// While a group runs on this thread: the addresses of the communicators it has locked.
@@ -392,11 +394,12 @@ impl Drop for EndOnUnwind<'_, '_> {
 }
 
 /// `ncclGroupEnd`, then the locks released, then, when NCCL returned `ncclInProgress`, every communicator of
-/// the group polled until NCCL finished launching (bounded by `wait` when given: on timeout it is aborted). A
-/// communicator whose wait failed is aborted, so nothing it queued runs on buffers released after this.
-/// Communicators dropped inside the group are released last. Returns the first error.
-fn end_group(g: &Group<'_>, wait: Option<Duration>) -> Result<()> {
+/// the group polled until NCCL finished launching ([`wait_all`]), each for at most its own
+/// [`Config::wait`](crate::Config::wait), or `cap` when that is shorter. Communicators dropped inside the
+/// group are released last. Returns the first error.
+fn end_group(g: &Group<'_>, cap: Option<Duration>) -> Result<()> {
     let end = group_call("ncclGroupEnd");
+    let start = Instant::now();
     let _ = ACTIVE.try_with(|a| *a.borrow_mut() = None);
     let shareds: Vec<&Shared> = g
         .locks
@@ -412,21 +415,33 @@ fn end_group(g: &Group<'_>, wait: Option<Duration>) -> Result<()> {
             // SAFETY: a null communicator asks for the global last error.
             return unsafe { result::check("ncclGroupEnd", code, std::ptr::null_mut()) };
         }
-        let mut first = Ok(());
-        for s in &shareds {
-            if let Err(e) = s.wait_ready("ncclGroupEnd", wait) {
-                if let Err(e2) = s.abort() {
-                    tracing::warn!("nccl: aborting after a failed group wait: {e2}");
-                }
-                if first.is_ok() {
-                    first = Err(e);
-                }
-            }
-        }
-        first
+        let comms: Vec<(&Shared, Duration)> = shareds
+            .iter()
+            .map(|s| (*s, cap.map_or(s.wait, |c| c.min(s.wait))))
+            .collect();
+        wait_all(&comms, start)
     });
     release_deferred();
     res
+}
+
+/// After `ncclGroupEnd` returned `ncclInProgress` at `start`: waits for every communicator of the group
+/// ([`wait_until`], each for at most its bound, counted from `start`). A communicator whose wait failed is
+/// aborted (a timeout already aborted it), so nothing it queued can run on a buffer released after this; the
+/// others are still waited for. Returns the first error.
+fn wait_all<P: Pollable>(comms: &[(&P, Duration)], start: Instant) -> Result<()> {
+    let mut first = Ok(());
+    for (comm, limit) in comms {
+        if let Err(e) = wait_until(*comm, "ncclGroupEnd", start, *limit) {
+            if let Err(e2) = comm.abort() {
+                tracing::warn!("nccl: aborting after a failed group wait: {e2}");
+            }
+            if first.is_ok() {
+                first = Err(e);
+            }
+        }
+    }
+    first
 }
 
 /// Runs `f` inside `ncclGroupStart` / `ncclGroupEnd` and returns its result, or the first error.
@@ -485,5 +500,50 @@ pub fn group<'g, R>(f: impl FnOnce(&Group<'g>) -> Result<R>) -> Result<R> {
             Err(e)
         }
         (Ok(_), Err(e)) => Err(e),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::comm::fake::FakeComm;
+    use crate::result::SUCCESS;
+
+    /// The end of a non-blocking group: one communicator finishes, one fails in the background, one never
+    /// leaves `ncclInProgress`. The group returns the first error; the failed and the hung ones are aborted
+    /// (nothing they queued may run on the buffers the group then releases), the healthy one is not, and the
+    /// hung one costs its bound, not forever (before the bound, this wait only ended by an AbortHandle).
+    #[test]
+    fn group_end_waits_every_communicator_within_its_bound() {
+        let ok = FakeComm::new(&[IN_PROGRESS, IN_PROGRESS], SUCCESS);
+        let failed = FakeComm::new(&[IN_PROGRESS], nccl_sys::ncclRemoteError as i32);
+        let hung = FakeComm::hung();
+        let limit = Duration::from_millis(50);
+        let start = Instant::now();
+        let e = wait_all(
+            &[(&ok, Duration::from_secs(5)), (&failed, limit), (&hung, limit)],
+            start,
+        )
+        .unwrap_err();
+        assert!(start.elapsed() < Duration::from_secs(5), "{:?}", start.elapsed());
+        assert!(
+            matches!(e, Error::Nccl { op: "ncclGroupEnd", code, .. } if code == nccl_sys::ncclRemoteError as i32),
+            "{e:?}"
+        );
+        assert_eq!(ok.aborts.get(), 0);
+        assert_eq!(failed.aborts.get(), 1);
+        assert!(hung.aborts.get() >= 1, "the hung communicator was aborted");
+        assert!(hung.polls.get() >= 2);
+
+        // Only the hung one: its timeout is the group's error.
+        let hung = FakeComm::hung();
+        let e = wait_all(&[(&hung, limit)], Instant::now()).unwrap_err();
+        assert!(matches!(e, Error::Timeout { op: "ncclGroupEnd", .. }), "{e:?}");
+        assert_eq!(e.kind(), crate::error::ErrorKind::Timeout);
+
+        // All healthy: Ok, nothing aborted.
+        let (a, b) = (FakeComm::new(&[IN_PROGRESS], SUCCESS), FakeComm::new(&[], SUCCESS));
+        wait_all(&[(&a, limit), (&b, limit)], Instant::now()).unwrap();
+        assert_eq!((a.aborts.get(), b.aborts.get()), (0, 0));
     }
 }
