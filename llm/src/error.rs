@@ -12,6 +12,16 @@ pub enum EngineError {
     /// A collective or point-to-point operation failed.
     #[error("communication: {0}")]
     Comm(#[from] nccl::Error),
+    /// Setting up a CUDA device failed (a context, a stream). The source is the
+    /// `nccl::Error::CudaDriver` (feature `cuda`) naming the call, whose own source is cudarc's `DriverError`.
+    #[error("device {device}: {source}")]
+    Device {
+        /// The CUDA device ordinal.
+        device: usize,
+        /// The failed call.
+        #[source]
+        source: nccl::Error,
+    },
     /// The model cannot be run with the requested layout or arguments.
     #[error("{0}")]
     Config(String),
