@@ -1188,9 +1188,11 @@ mod tests {
         assert!(!destroy_accepted(-1));
     }
 
-    /// Inside a group, split, shrink, finalize, abort and destroy are refused before NCCL is called (the fake
-    /// communicator's null handle would make any call fail differently), and a communicator dropped inside
-    /// the group is released after it.
+    /// Inside a group, split, shrink, window registration, finalize, abort and destroy are refused before
+    /// NCCL is called (the fake communicator's null handle would make any call fail differently), and a
+    /// communicator dropped inside the group is released after it. With creation (nccl_cpu.rs) these are all
+    /// the calls of this crate that NCCL joins to the group (`ncclGroupStartInternal` in NVIDIA/nccl
+    /// src/init.cc and src/dev_runtime.cc); deregistration does not join it (see `Registered`).
     #[test]
     fn teardown_and_children_are_refused_inside_a_group() {
         if !crate::nccl_available() {
@@ -1214,6 +1216,9 @@ mod tests {
                 comm.shrink(&[1], None, ShrinkMode::Default).unwrap_err(),
                 "ncclCommShrink",
             );
+            // SAFETY: refused before NCCL sees the (null) pointer.
+            let win = unsafe { comm.register_window_raw(std::ptr::null_mut(), 4096, 0) };
+            inside(win.unwrap_err(), "ncclCommWindowRegister");
             inside(handle.abort().unwrap_err(), "ncclCommAbort");
             inside(comm.shared.destroy().unwrap_err(), "ncclCommDestroy");
             assert!(handle.is_live(), "nothing was torn down");
