@@ -125,18 +125,12 @@ where
 #[cfg(feature = "cuda")]
 pub mod cuda {
     use super::Comm;
-    use nccl::{Collectives, Communicator, ReduceOp};
+    // CUDA failures keep cudarc's error as their source (`nccl::Error::CudaDriver`).
+    use nccl::{Collectives, Communicator, Error, ReduceOp};
 
     /// An NCCL communicator (with a bound stream) used by the CPU engine: each call copies the host data to
     /// the device, runs the NCCL operation, copies the result back and synchronizes the stream.
     pub struct StagedNcclComm(pub Communicator);
-
-    fn cuda_err(op: &'static str, e: impl std::fmt::Display) -> nccl::Error {
-        nccl::Error::Cuda {
-            op,
-            message: e.to_string(),
-        }
-    }
 
     impl Comm for StagedNcclComm {
         fn rank(&self) -> usize {
@@ -150,33 +144,31 @@ pub mod cuda {
         }
         fn all_reduce_sum(&self, buf: &mut [f32]) -> nccl::Result<()> {
             let s = self.0.stream()?.clone();
-            let mut d = s.clone_htod(buf).map_err(|e| cuda_err("all_reduce_sum", e))?;
+            let mut d = s.clone_htod(buf).map_err(Error::cuda("all_reduce_sum"))?;
             self.0.all_reduce_in_place::<f32>(&mut d, ReduceOp::Sum)?;
-            s.memcpy_dtoh(&d, buf).map_err(|e| cuda_err("all_reduce_sum", e))?;
-            s.synchronize().map_err(|e| cuda_err("all_reduce_sum", e))
+            s.memcpy_dtoh(&d, buf).map_err(Error::cuda("all_reduce_sum"))?;
+            s.synchronize().map_err(Error::cuda("all_reduce_sum"))
         }
         fn all_gather(&self, send: &[f32], recv: &mut [f32]) -> nccl::Result<()> {
             let s = self.0.stream()?.clone();
-            let d_send = s.clone_htod(send).map_err(|e| cuda_err("all_gather", e))?;
-            let mut d_recv = s
-                .alloc_zeros::<f32>(recv.len())
-                .map_err(|e| cuda_err("all_gather", e))?;
+            let d_send = s.clone_htod(send).map_err(Error::cuda("all_gather"))?;
+            let mut d_recv = s.alloc_zeros::<f32>(recv.len()).map_err(Error::cuda("all_gather"))?;
             self.0.all_gather::<f32>(&d_send, &mut d_recv)?;
-            s.memcpy_dtoh(&d_recv, recv).map_err(|e| cuda_err("all_gather", e))?;
-            s.synchronize().map_err(|e| cuda_err("all_gather", e))
+            s.memcpy_dtoh(&d_recv, recv).map_err(Error::cuda("all_gather"))?;
+            s.synchronize().map_err(Error::cuda("all_gather"))
         }
         fn send(&self, buf: &[f32], peer: usize) -> nccl::Result<()> {
             let s = self.0.stream()?.clone();
-            let d = s.clone_htod(buf).map_err(|e| cuda_err("send", e))?;
+            let d = s.clone_htod(buf).map_err(Error::cuda("send"))?;
             self.0.send::<f32>(&d, peer)?;
-            s.synchronize().map_err(|e| cuda_err("send", e))
+            s.synchronize().map_err(Error::cuda("send"))
         }
         fn recv(&self, buf: &mut [f32], peer: usize) -> nccl::Result<()> {
             let s = self.0.stream()?.clone();
-            let mut d = s.alloc_zeros::<f32>(buf.len()).map_err(|e| cuda_err("recv", e))?;
+            let mut d = s.alloc_zeros::<f32>(buf.len()).map_err(Error::cuda("recv"))?;
             self.0.recv::<f32>(&mut d, peer)?;
-            s.memcpy_dtoh(&d, buf).map_err(|e| cuda_err("recv", e))?;
-            s.synchronize().map_err(|e| cuda_err("recv", e))
+            s.memcpy_dtoh(&d, buf).map_err(Error::cuda("recv"))?;
+            s.synchronize().map_err(Error::cuda("recv"))
         }
         fn barrier(&self) -> nccl::Result<()> {
             Collectives::barrier(&self.0)

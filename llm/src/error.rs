@@ -15,6 +15,16 @@ pub enum EngineError {
     /// Sampling settings out of range (temperature, top-p): refused before any work starts.
     #[error("sampling: {0}")]
     Sampling(#[from] crate::sample::SamplingError),
+    /// Setting up a CUDA device failed (a context, a stream). The source is the
+    /// `nccl::Error::CudaDriver` (feature `cuda`) naming the call, whose own source is cudarc's `DriverError`.
+    #[error("device {device}: {source}")]
+    Device {
+        /// The CUDA device ordinal.
+        device: usize,
+        /// The failed call.
+        #[source]
+        source: nccl::Error,
+    },
     /// The model cannot be run with the requested layout or arguments.
     #[error("{0}")]
     Config(String),

@@ -274,7 +274,7 @@ pub use nccl_launch::{nccl_process, NcclThreads};
 mod nccl_launch {
     use std::sync::Arc;
 
-    use nccl::cudarc::driver::{CudaContext, CudaStream};
+    use nccl::cudarc::driver::{CudaContext, CudaStream, DriverError};
     use nccl::{Communicator, UniqueId};
 
     use super::{nccl_process_device, nccl_thread_devices, world_rendezvous, RankComms};
@@ -283,15 +283,18 @@ mod nccl_launch {
     use crate::error::{EngineError, Result};
     use crate::shard::Layout;
 
+    /// A failed CUDA call `op` for `device`, as [`EngineError::Device`] over [`nccl::Error::CudaDriver`], which
+    /// keeps cudarc's error as its source.
+    pub(super) fn cuda_on(device: usize, op: &'static str) -> impl Fn(DriverError) -> EngineError {
+        move |e| EngineError::Device {
+            device,
+            source: nccl::Error::cuda(op)(e),
+        }
+    }
+
     fn stream_on(device: usize) -> Result<Arc<CudaStream>> {
-        let cuda = |op: &'static str, e: nccl::cudarc::driver::DriverError| {
-            EngineError::Comm(nccl::Error::Cuda {
-                op,
-                message: format!("device {device}: {e}"),
-            })
-        };
-        let ctx = CudaContext::new(device).map_err(|e| cuda("CudaContext::new", e))?;
-        ctx.new_stream().map_err(|e| cuda("CudaContext::new_stream", e))
+        let ctx = CudaContext::new(device).map_err(cuda_on(device, "CudaContext::new"))?;
+        ctx.new_stream().map_err(cuda_on(device, "CudaContext::new_stream"))
     }
 
     fn staged(c: Communicator) -> Box<dyn Comm> {
@@ -361,12 +364,10 @@ mod nccl_launch {
             for d in devices {
                 // One context per device (CudaContext::new retains the primary context), a stream per rank.
                 let s = match contexts.iter().find(|(dev, _)| *dev == d) {
-                    Some((_, first)) => first.context().new_stream().map_err(|e| {
-                        EngineError::Comm(nccl::Error::Cuda {
-                            op: "CudaContext::new_stream",
-                            message: format!("device {d}: {e}"),
-                        })
-                    })?,
+                    Some((_, first)) => first
+                        .context()
+                        .new_stream()
+                        .map_err(cuda_on(d, "CudaContext::new_stream"))?,
                     None => stream_on(d)?,
                 };
                 contexts.push((d, s.clone()));
@@ -419,5 +420,35 @@ mod nccl_launch {
         }
         let world = Communicator::from_rendezvous_on(&rv, stream?)?;
         split_world(world, layout, info.rank)
+    }
+
+    #[cfg(test)]
+    mod tests {
+        use super::*;
+        use nccl::cudarc::driver::sys::CUresult;
+        use std::error::Error as _;
+
+        /// A CUDA failure while setting up a device names the device and the call, and keeps cudarc's error
+        /// as the source at the end of the chain (it used to be flattened into a string). (Not displayed here:
+        /// cudarc's `Display` asks libcuda for the text, and this machine may have none.)
+        #[test]
+        fn device_errors_keep_cudarc_error_as_source() {
+            let e = cuda_on(3, "CudaContext::new")(DriverError(CUresult::CUDA_ERROR_INVALID_DEVICE));
+            assert!(matches!(e, EngineError::Device { device: 3, .. }), "{e:?}");
+            let inner = e.source().expect("the nccl error");
+            assert!(matches!(
+                inner.downcast_ref::<nccl::Error>(),
+                Some(nccl::Error::CudaDriver {
+                    op: "CudaContext::new",
+                    ..
+                })
+            ));
+            assert_eq!(
+                inner.downcast_ref::<nccl::Error>().unwrap().kind(),
+                nccl::error::ErrorKind::Cuda
+            );
+            let driver = inner.source().and_then(|s| s.downcast_ref::<DriverError>());
+            assert_eq!(driver.map(|d| d.0), Some(CUresult::CUDA_ERROR_INVALID_DEVICE));
+        }
     }
 }

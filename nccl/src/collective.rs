@@ -43,110 +43,83 @@ pub fn force_p2p_emulation(on: bool) {
     EMULATE.store(on, std::sync::atomic::Ordering::Relaxed);
 }
 
-/// One NCCL call with its arguments, issued directly or inside a group.
-#[derive(Clone, Copy, Debug)]
-pub(crate) enum Call {
-    AllReduce {
-        send: *const c_void,
-        recv: *mut c_void,
-        count: usize,
-        dt: DataType,
-        op: i32,
-    },
-    Broadcast {
-        send: *const c_void,
-        recv: *mut c_void,
-        count: usize,
-        dt: DataType,
-        root: i32,
-    },
-    Reduce {
-        send: *const c_void,
-        recv: *mut c_void,
-        count: usize,
-        dt: DataType,
-        op: i32,
-        root: i32,
-    },
-    AllGather {
-        send: *const c_void,
-        recv: *mut c_void,
-        count: usize,
-        dt: DataType,
-    },
-    ReduceScatter {
-        send: *const c_void,
-        recv: *mut c_void,
-        count: usize,
-        dt: DataType,
-        op: i32,
-    },
-    AllToAll {
-        send: *const c_void,
-        recv: *mut c_void,
-        count: usize,
-        dt: DataType,
-    },
-    Gather {
-        send: *const c_void,
-        recv: *mut c_void,
-        count: usize,
-        dt: DataType,
-        root: i32,
-    },
-    Scatter {
-        send: *const c_void,
-        recv: *mut c_void,
-        count: usize,
-        dt: DataType,
-        root: i32,
-    },
-    Send {
-        buf: *const c_void,
-        count: usize,
-        dt: DataType,
-        peer: i32,
-    },
-    Recv {
-        buf: *mut c_void,
-        count: usize,
-        dt: DataType,
-        peer: i32,
-    },
+/// The table of NCCL operations: one row per [`Call`] variant, its fields, and the C call it makes with them
+/// (`$comm` and `$stream` name the communicator and stream). The enum, [`Call::name`] (the C function's
+/// name), `Call::dtype` and `Call::issue` are generated from it, so adding an operation here is one row
+/// (plus its raw and typed front ends, whose argument checks differ per operation). Every row must have a
+/// `dt: DataType` field.
+macro_rules! calls {
+    (
+        ($comm:ident, $stream:ident);
+        $( $variant:ident { $($field:ident : $fty:ty),* $(,)? } => $cfn:ident($($arg:expr),* $(,)?); )*
+    ) => {
+        /// One NCCL call with its arguments, issued directly or inside a group.
+        #[derive(Clone, Copy, Debug)]
+        pub(crate) enum Call {
+            $(
+                #[doc = concat!("`", stringify!($cfn), "`.")]
+                $variant { $($field: $fty),* },
+            )*
+        }
+
+        impl Call {
+            /// The C function.
+            pub(crate) fn name(&self) -> &'static str {
+                match self {
+                    $( Call::$variant { .. } => stringify!($cfn), )*
+                }
+            }
+
+            fn dtype(&self) -> DataType {
+                match *self {
+                    $( Call::$variant { dt, .. } => dt, )*
+                }
+            }
+
+            /// Calls the C function; returns the raw result.
+            ///
+            /// # Safety
+            /// `comm` is live and not used concurrently; the pointers satisfy the call's count rules for
+            /// `count` elements of `dt` on the communicator's device; `stream` is a valid stream of that device.
+            unsafe fn issue(self, $comm: nccl_sys::ncclComm_t, $stream: nccl_sys::cudaStream_t) -> Result<i32> {
+                let n = self.name();
+                match self {
+                    $(
+                        // SAFETY: forwarded from the caller; each row passes the fields in the C function's
+                        // argument order (checked by the compiler against nccl-sys's signature).
+                        Call::$variant { $($field),* } => Ok(unsafe { ffi!(n, $cfn($($arg),*)) }),
+                    )*
+                }
+            }
+        }
+    };
+}
+
+calls! {
+    (comm, stream);
+    AllReduce { send: *const c_void, recv: *mut c_void, count: usize, dt: DataType, op: i32 }
+        => ncclAllReduce(send, recv, count, dt.raw() as _, op as _, comm, stream);
+    Broadcast { send: *const c_void, recv: *mut c_void, count: usize, dt: DataType, root: i32 }
+        => ncclBroadcast(send, recv, count, dt.raw() as _, root, comm, stream);
+    Reduce { send: *const c_void, recv: *mut c_void, count: usize, dt: DataType, op: i32, root: i32 }
+        => ncclReduce(send, recv, count, dt.raw() as _, op as _, root, comm, stream);
+    AllGather { send: *const c_void, recv: *mut c_void, count: usize, dt: DataType }
+        => ncclAllGather(send, recv, count, dt.raw() as _, comm, stream);
+    ReduceScatter { send: *const c_void, recv: *mut c_void, count: usize, dt: DataType, op: i32 }
+        => ncclReduceScatter(send, recv, count, dt.raw() as _, op as _, comm, stream);
+    AllToAll { send: *const c_void, recv: *mut c_void, count: usize, dt: DataType }
+        => ncclAlltoAll(send, recv, count, dt.raw() as _, comm, stream);
+    Gather { send: *const c_void, recv: *mut c_void, count: usize, dt: DataType, root: i32 }
+        => ncclGather(send, recv, count, dt.raw() as _, root, comm, stream);
+    Scatter { send: *const c_void, recv: *mut c_void, count: usize, dt: DataType, root: i32 }
+        => ncclScatter(send, recv, count, dt.raw() as _, root, comm, stream);
+    Send { buf: *const c_void, count: usize, dt: DataType, peer: i32 }
+        => ncclSend(buf, count, dt.raw() as _, peer, comm, stream);
+    Recv { buf: *mut c_void, count: usize, dt: DataType, peer: i32 }
+        => ncclRecv(buf, count, dt.raw() as _, peer, comm, stream);
 }
 
 impl Call {
-    /// The C function.
-    pub(crate) fn name(&self) -> &'static str {
-        match self {
-            Call::AllReduce { .. } => "ncclAllReduce",
-            Call::Broadcast { .. } => "ncclBroadcast",
-            Call::Reduce { .. } => "ncclReduce",
-            Call::AllGather { .. } => "ncclAllGather",
-            Call::ReduceScatter { .. } => "ncclReduceScatter",
-            Call::AllToAll { .. } => "ncclAlltoAll",
-            Call::Gather { .. } => "ncclGather",
-            Call::Scatter { .. } => "ncclScatter",
-            Call::Send { .. } => "ncclSend",
-            Call::Recv { .. } => "ncclRecv",
-        }
-    }
-
-    fn dtype(&self) -> DataType {
-        match *self {
-            Call::AllReduce { dt, .. }
-            | Call::Broadcast { dt, .. }
-            | Call::Reduce { dt, .. }
-            | Call::AllGather { dt, .. }
-            | Call::ReduceScatter { dt, .. }
-            | Call::AllToAll { dt, .. }
-            | Call::Gather { dt, .. }
-            | Call::Scatter { dt, .. }
-            | Call::Send { dt, .. }
-            | Call::Recv { dt, .. } => dt,
-        }
-    }
-
     /// True for AlltoAll, Gather and Scatter when they must be emulated: the loaded library predates 2.28 (or
     /// [`force_p2p_emulation`] is on).
     fn needs_emulation(&self) -> Result<bool> {
@@ -235,92 +208,6 @@ impl Call {
             other => parts.push(other),
         }
         parts
-    }
-
-    /// Calls the C function; returns the raw result.
-    ///
-    /// # Safety
-    /// `comm` is live and not used concurrently; the pointers satisfy the call's count rules for `count`
-    /// elements of `dt` on the communicator's device; `stream` is a valid stream of that device.
-    unsafe fn issue(self, comm: nccl_sys::ncclComm_t, stream: nccl_sys::cudaStream_t) -> Result<i32> {
-        let n = self.name();
-        // SAFETY: forwarded from the caller.
-        Ok(unsafe {
-            match self {
-                Call::AllReduce {
-                    send,
-                    recv,
-                    count,
-                    dt,
-                    op,
-                } => {
-                    ffi!(
-                        n,
-                        ncclAllReduce(send, recv, count, dt.raw() as _, op as _, comm, stream)
-                    )
-                }
-                Call::Broadcast {
-                    send,
-                    recv,
-                    count,
-                    dt,
-                    root,
-                } => {
-                    ffi!(n, ncclBroadcast(send, recv, count, dt.raw() as _, root, comm, stream))
-                }
-                Call::Reduce {
-                    send,
-                    recv,
-                    count,
-                    dt,
-                    op,
-                    root,
-                } => {
-                    ffi!(
-                        n,
-                        ncclReduce(send, recv, count, dt.raw() as _, op as _, root, comm, stream)
-                    )
-                }
-                Call::AllGather { send, recv, count, dt } => {
-                    ffi!(n, ncclAllGather(send, recv, count, dt.raw() as _, comm, stream))
-                }
-                Call::ReduceScatter {
-                    send,
-                    recv,
-                    count,
-                    dt,
-                    op,
-                } => {
-                    ffi!(
-                        n,
-                        ncclReduceScatter(send, recv, count, dt.raw() as _, op as _, comm, stream)
-                    )
-                }
-                Call::AllToAll { send, recv, count, dt } => {
-                    ffi!(n, ncclAlltoAll(send, recv, count, dt.raw() as _, comm, stream))
-                }
-                Call::Gather {
-                    send,
-                    recv,
-                    count,
-                    dt,
-                    root,
-                } => {
-                    ffi!(n, ncclGather(send, recv, count, dt.raw() as _, root, comm, stream))
-                }
-                Call::Scatter {
-                    send,
-                    recv,
-                    count,
-                    dt,
-                    root,
-                } => {
-                    ffi!(n, ncclScatter(send, recv, count, dt.raw() as _, root, comm, stream))
-                }
-                Call::Send { buf, count, dt, peer } => ffi!(n, ncclSend(buf, count, dt.raw() as _, peer, comm, stream)),
-                Call::Recv { buf, count, dt, peer } => ffi!(n, ncclRecv(buf, count, dt.raw() as _, peer, comm, stream)),
-            }
-        })
     }
 }
 
@@ -1333,7 +1220,46 @@ mod typed {
             drop(p.op);
             res
         }
+    }
 
+    /// The table of typed operations. Each row is one operation: its documentation and NCCL aliases, its
+    /// arguments (`'b` is the buffers' borrow), and the `prep_*` function that checks them and builds the
+    /// [`Call`]. It generates both front ends, which used to be written out twice per operation:
+    /// - `Communicator::$name(args)`: refused inside a group (its buffer events would be recorded before the
+    ///   group launches the work), otherwise issued at once ([`Communicator::run`]);
+    /// - `Group::$name(comm, args)`: the same call queued in the group, the buffers borrowed (`'b: 'g`) until
+    ///   after `ncclGroupEnd`.
+    macro_rules! typed_ops {
+        ($(
+            $(#[doc = $doc:literal])*
+            aliases[$($alias:literal),+]
+            fn $name:ident<$b:lifetime>($($arg:ident: $ty:ty),* $(,)?) => $prep:ident($($parg:expr),* $(,)?);
+        )*) => {
+            impl Communicator {
+                $(
+                    $(#[doc = $doc])*
+                    $(#[doc(alias = $alias)])+
+                    pub fn $name<$b, T: Elem>(&self, $($arg: $ty),*) -> Result<()> {
+                        crate::group::not_in_group(stringify!($name))?;
+                        self.run(self.$prep($($parg),*)?)
+                    }
+                )*
+            }
+
+            impl<'g> crate::group::Group<'g> {
+                $(
+                    #[doc = concat!("[`Communicator::", stringify!($name), "`] inside the group: the buffers stay \
+                        borrowed until the group has ended.")]
+                    $(#[doc(alias = $alias)])+
+                    pub fn $name<$b: 'g, T: Elem>(&self, comm: &'g Communicator, $($arg: $ty),*) -> Result<()> {
+                        self.push(comm, stringify!($name), comm.$prep($($parg),*))
+                    }
+                )*
+            }
+        };
+    }
+
+    typed_ops! {
         /// Reduces `send` over all ranks into every rank's `recv` (`ncclAllReduce`). Both hold the same number
         /// of elements, on this communicator's device. `op` is a [`ReduceOp`] or a
         /// [`&PreMulSum`](crate::PreMulSum).
@@ -1345,178 +1271,100 @@ mod typed {
         /// comm.all_reduce(&send, &mut recv, nccl::ReduceOp::Sum)?;
         /// # Ok(()) }
         /// ```
-        #[doc(alias = "ncclAllReduce")]
-        pub fn all_reduce<T: Elem>(
-            &self,
-            send: &(impl DevicePtr<T> + ?Sized),
-            recv: &mut (impl DevicePtrMut<T> + ?Sized),
-            op: impl Reduction,
-        ) -> Result<()> {
-            crate::group::not_in_group("all_reduce")?;
-            self.run(self.prep_all_reduce(send, recv, &op)?)
-        }
+        aliases["ncclAllReduce"]
+        fn all_reduce<'b>(
+            send: &'b (impl DevicePtr<T> + ?Sized),
+            recv: &'b mut (impl DevicePtrMut<T> + ?Sized),
+            op: impl Reduction + 'b,
+        ) => prep_all_reduce(send, recv, &op);
 
         /// [`all_reduce`](Self::all_reduce) in place: `buf` is both input and result.
-        #[doc(alias = "ncclAllReduce")]
-        pub fn all_reduce_in_place<T: Elem>(
-            &self,
-            buf: &mut (impl DevicePtrMut<T> + ?Sized),
-            op: impl Reduction,
-        ) -> Result<()> {
-            crate::group::not_in_group("all_reduce_in_place")?;
-            self.run(self.prep_all_reduce_in_place(buf, &op)?)
-        }
+        aliases["ncclAllReduce"]
+        fn all_reduce_in_place<'b>(buf: &'b mut (impl DevicePtrMut<T> + ?Sized), op: impl Reduction + 'b)
+            => prep_all_reduce_in_place(buf, &op);
 
         /// Copies the root's `send` into every rank's `recv` (`ncclBroadcast`). `send` is required on the root
         /// (same length as `recv`) and ignored elsewhere (pass `None`).
-        #[doc(alias = "ncclBroadcast")]
-        pub fn broadcast<T: Elem>(
-            &self,
-            send: Option<&dyn DevicePtr<T>>,
-            recv: &mut (impl DevicePtrMut<T> + ?Sized),
-            root: usize,
-        ) -> Result<()> {
-            crate::group::not_in_group("broadcast")?;
-            self.run(self.prep_broadcast(send, recv, root)?)
-        }
+        aliases["ncclBroadcast"]
+        fn broadcast<'b>(send: Option<&'b dyn DevicePtr<T>>, recv: &'b mut (impl DevicePtrMut<T> + ?Sized), root: usize)
+            => prep_broadcast(send, recv, root);
 
         /// [`broadcast`](Self::broadcast) in place: the root's `buf` is sent, every other rank's overwritten.
-        #[doc(alias = "ncclBroadcast")]
-        #[doc(alias = "ncclBcast")]
-        pub fn broadcast_in_place<T: Elem>(
-            &self,
-            buf: &mut (impl DevicePtrMut<T> + ?Sized),
-            root: usize,
-        ) -> Result<()> {
-            crate::group::not_in_group("broadcast_in_place")?;
-            self.run(self.prep_broadcast_in_place(buf, root)?)
-        }
+        aliases["ncclBroadcast", "ncclBcast"]
+        fn broadcast_in_place<'b>(buf: &'b mut (impl DevicePtrMut<T> + ?Sized), root: usize)
+            => prep_broadcast_in_place(buf, root);
 
         /// Reduces every rank's `send` into the root's `recv` (`ncclReduce`). `recv` is required on the root
         /// (same length as `send`) and ignored elsewhere (pass `None`).
-        #[doc(alias = "ncclReduce")]
-        pub fn reduce<T: Elem>(
-            &self,
-            send: &(impl DevicePtr<T> + ?Sized),
-            recv: Option<&mut dyn DevicePtrMut<T>>,
-            op: impl Reduction,
+        aliases["ncclReduce"]
+        fn reduce<'b>(
+            send: &'b (impl DevicePtr<T> + ?Sized),
+            recv: Option<&'b mut dyn DevicePtrMut<T>>,
+            op: impl Reduction + 'b,
             root: usize,
-        ) -> Result<()> {
-            crate::group::not_in_group("reduce")?;
-            self.run(self.prep_reduce(send, recv, &op, root)?)
-        }
+        ) => prep_reduce(send, recv, &op, root);
 
         /// [`reduce`](Self::reduce) in place: the root's `buf` receives the result; other ranks' `buf` is only
         /// read.
-        #[doc(alias = "ncclReduce")]
-        pub fn reduce_in_place<T: Elem>(
-            &self,
-            buf: &mut (impl DevicePtrMut<T> + ?Sized),
-            op: impl Reduction,
-            root: usize,
-        ) -> Result<()> {
-            crate::group::not_in_group("reduce_in_place")?;
-            self.run(self.prep_reduce_in_place(buf, &op, root)?)
-        }
+        aliases["ncclReduce"]
+        fn reduce_in_place<'b>(buf: &'b mut (impl DevicePtrMut<T> + ?Sized), op: impl Reduction + 'b, root: usize)
+            => prep_reduce_in_place(buf, &op, root);
 
         /// Concatenates every rank's `send` (`count` elements) in rank order into `recv` (`size() * count`)
         /// (`ncclAllGather`, count = `send.len()`).
-        #[doc(alias = "ncclAllGather")]
-        pub fn all_gather<T: Elem>(
-            &self,
-            send: &(impl DevicePtr<T> + ?Sized),
-            recv: &mut (impl DevicePtrMut<T> + ?Sized),
-        ) -> Result<()> {
-            crate::group::not_in_group("all_gather")?;
-            self.run(self.prep_all_gather(send, recv)?)
-        }
+        aliases["ncclAllGather"]
+        fn all_gather<'b>(send: &'b (impl DevicePtr<T> + ?Sized), recv: &'b mut (impl DevicePtrMut<T> + ?Sized))
+            => prep_all_gather(send, recv);
 
         /// [`all_gather`](Self::all_gather) in place: `buf` holds `size() * count` elements, this rank's
         /// contribution already at `rank() * count`; `buf.len()` must be divisible by `size()`.
-        #[doc(alias = "ncclAllGather")]
-        pub fn all_gather_in_place<T: Elem>(&self, buf: &mut (impl DevicePtrMut<T> + ?Sized)) -> Result<()> {
-            crate::group::not_in_group("all_gather_in_place")?;
-            self.run(self.prep_all_gather_in_place(buf)?)
-        }
+        aliases["ncclAllGather"]
+        fn all_gather_in_place<'b>(buf: &'b mut (impl DevicePtrMut<T> + ?Sized)) => prep_all_gather_in_place(buf);
 
         /// Reduces `send` (`size() * count`) over ranks; rank `r` receives block `r` in `recv` (`count`)
         /// (`ncclReduceScatter`, count = `recv.len()`).
-        #[doc(alias = "ncclReduceScatter")]
-        pub fn reduce_scatter<T: Elem>(
-            &self,
-            send: &(impl DevicePtr<T> + ?Sized),
-            recv: &mut (impl DevicePtrMut<T> + ?Sized),
-            op: impl Reduction,
-        ) -> Result<()> {
-            crate::group::not_in_group("reduce_scatter")?;
-            self.run(self.prep_reduce_scatter(send, recv, &op)?)
-        }
+        aliases["ncclReduceScatter"]
+        fn reduce_scatter<'b>(
+            send: &'b (impl DevicePtr<T> + ?Sized),
+            recv: &'b mut (impl DevicePtrMut<T> + ?Sized),
+            op: impl Reduction + 'b,
+        ) => prep_reduce_scatter(send, recv, &op);
 
         /// [`reduce_scatter`](Self::reduce_scatter) in place: `buf` holds `size() * count` elements and the
         /// result lands at `rank() * count`; `buf.len()` must be divisible by `size()`.
-        #[doc(alias = "ncclReduceScatter")]
-        pub fn reduce_scatter_in_place<T: Elem>(
-            &self,
-            buf: &mut (impl DevicePtrMut<T> + ?Sized),
-            op: impl Reduction,
-        ) -> Result<()> {
-            crate::group::not_in_group("reduce_scatter_in_place")?;
-            self.run(self.prep_reduce_scatter_in_place(buf, &op)?)
-        }
+        aliases["ncclReduceScatter"]
+        fn reduce_scatter_in_place<'b>(buf: &'b mut (impl DevicePtrMut<T> + ?Sized), op: impl Reduction + 'b)
+            => prep_reduce_scatter_in_place(buf, &op);
 
         /// Block `j` of `send` goes to rank `j`, arriving as block `rank()` of its `recv` (`ncclAlltoAll`,
         /// NCCL 2.28+, emulated with send/recv before). Both hold `size() * count` elements; no in-place form.
-        #[doc(alias = "ncclAlltoAll")]
-        pub fn all_to_all<T: Elem>(
-            &self,
-            send: &(impl DevicePtr<T> + ?Sized),
-            recv: &mut (impl DevicePtrMut<T> + ?Sized),
-        ) -> Result<()> {
-            crate::group::not_in_group("all_to_all")?;
-            self.run(self.prep_all_to_all(send, recv)?)
-        }
+        aliases["ncclAlltoAll"]
+        fn all_to_all<'b>(send: &'b (impl DevicePtr<T> + ?Sized), recv: &'b mut (impl DevicePtrMut<T> + ?Sized))
+            => prep_all_to_all(send, recv);
 
         /// Every rank's `send` (`count`) lands at `r * count` in the root's `recv` (`size() * count`, required on
         /// the root only) (`ncclGather`, NCCL 2.28+; grouped send/recv before).
-        #[doc(alias = "ncclGather")]
-        pub fn gather<T: Elem>(
-            &self,
-            send: &(impl DevicePtr<T> + ?Sized),
-            recv: Option<&mut dyn DevicePtrMut<T>>,
-            root: usize,
-        ) -> Result<()> {
-            crate::group::not_in_group("gather")?;
-            self.run(self.prep_gather(send, recv, root)?)
-        }
+        aliases["ncclGather"]
+        fn gather<'b>(send: &'b (impl DevicePtr<T> + ?Sized), recv: Option<&'b mut dyn DevicePtrMut<T>>, root: usize)
+            => prep_gather(send, recv, root);
 
         /// Block `r` of the root's `send` (`size() * count`, required on the root only) goes to rank `r`'s
         /// `recv` (`count`) (`ncclScatter`, NCCL 2.28+; grouped send/recv before).
-        #[doc(alias = "ncclScatter")]
-        pub fn scatter<T: Elem>(
-            &self,
-            send: Option<&dyn DevicePtr<T>>,
-            recv: &mut (impl DevicePtrMut<T> + ?Sized),
-            root: usize,
-        ) -> Result<()> {
-            crate::group::not_in_group("scatter")?;
-            self.run(self.prep_scatter(send, recv, root)?)
-        }
+        aliases["ncclScatter"]
+        fn scatter<'b>(send: Option<&'b dyn DevicePtr<T>>, recv: &'b mut (impl DevicePtrMut<T> + ?Sized), root: usize)
+            => prep_scatter(send, recv, root);
 
         /// Sends `buf` to `peer` (`ncclSend`), which must post a matching [`recv`](Self::recv) (same count and
         /// type). Exchanges that depend on each other must be grouped ([`group`](crate::group())).
-        #[doc(alias = "ncclSend")]
-        pub fn send<T: Elem>(&self, buf: &(impl DevicePtr<T> + ?Sized), peer: usize) -> Result<()> {
-            crate::group::not_in_group("send")?;
-            self.run(self.prep_send(buf, peer)?)
-        }
+        aliases["ncclSend"]
+        fn send<'b>(buf: &'b (impl DevicePtr<T> + ?Sized), peer: usize) => prep_send(buf, peer);
 
         /// Receives `buf.len()` elements from `peer` into `buf` (`ncclRecv`).
-        #[doc(alias = "ncclRecv")]
-        pub fn recv<T: Elem>(&self, buf: &mut (impl DevicePtrMut<T> + ?Sized), peer: usize) -> Result<()> {
-            crate::group::not_in_group("recv")?;
-            self.run(self.prep_recv(buf, peer)?)
-        }
+        aliases["ncclRecv"]
+        fn recv<'b>(buf: &'b mut (impl DevicePtrMut<T> + ?Sized), peer: usize) => prep_recv(buf, peer);
+    }
 
+    impl Communicator {
         /// Sends `send` to `dst` and receives `recv` from `src` in one group (no deadlock in a ring).
         #[doc(alias = "ncclSend")]
         #[doc(alias = "ncclRecv")]

@@ -27,7 +27,7 @@
 //! [`group`](crate::group()) these calls return [`Error::InsideGroup`]; a communicator dropped inside a
 //! group is released after the group ended.
 
-use crate::config::Config;
+use crate::config::{Config, DEFAULT_WAIT};
 use crate::error::{Error, Result};
 use crate::id::UniqueId;
 use crate::result::{self, ffi, IN_PROGRESS, SUCCESS};
@@ -69,6 +69,8 @@ pub(crate) struct Shared {
     pub(crate) blocking: bool,
     /// The configuration NCCL may keep pointers into (`commName`), alive until the last owner drops.
     pub(crate) config: Option<Config>,
+    /// The bound on waits for non-blocking calls ([`Config::wait`], [`DEFAULT_WAIT`] without a config).
+    pub(crate) wait: Duration,
 }
 
 /// How long to sleep between polls of a non-blocking call, growing from 10 µs to 1 ms.
@@ -84,6 +86,7 @@ impl Shared {
             raw: RawComm(raw),
             state: Mutex::new(State::Live),
             blocking,
+            wait: config.as_ref().map_or(DEFAULT_WAIT, Config::wait),
             config,
         })
     }
@@ -108,7 +111,8 @@ impl Shared {
     }
 
     /// Issues one NCCL call (`f` returns its raw result) and completes it: on `ncclInProgress` from a
-    /// non-blocking communicator, polls until the call finished. Errors carry NCCL's last-error text.
+    /// non-blocking communicator, polls until the call finished, for at most [`Shared::wait`] (then the
+    /// communicator is aborted and [`Error::Timeout`] returned). Errors carry NCCL's last-error text.
     pub(crate) fn call(&self, op: &'static str, f: impl FnOnce(nccl_sys::ncclComm_t) -> Result<i32>) -> Result<()> {
         let code = self.with(op, |raw| {
             let code = f(raw)?;
@@ -120,7 +124,7 @@ impl Shared {
             Ok(code)
         })?;
         if code == IN_PROGRESS {
-            self.wait_ready(op, None)?;
+            self.wait_ready(op, self.wait)?;
         }
         Ok(())
     }
@@ -140,40 +144,10 @@ impl Shared {
     }
 
     /// Polls `ncclCommGetAsyncError` until the communicator is no longer `ncclInProgress`, releasing the lock
-    /// between polls. With a deadline, aborts the communicator when it passes and returns [`Error::Timeout`].
-    pub(crate) fn wait_ready(&self, op: &'static str, timeout: Option<Duration>) -> Result<()> {
-        let start = Instant::now();
-        let mut step = 0;
-        loop {
-            let status = self.async_status(op)?;
-            if status == SUCCESS {
-                return Ok(());
-            }
-            if status != IN_PROGRESS {
-                let last = self.with(op, |raw| {
-                    // SAFETY: `raw` is live and we hold the lock.
-                    Ok(unsafe { result::last_error(raw) })
-                })?;
-                return Err(Error::Nccl {
-                    op,
-                    code: status,
-                    last_error: last,
-                });
-            }
-            if let Some(limit) = timeout {
-                if start.elapsed() >= limit {
-                    if let Err(e) = self.abort() {
-                        tracing::warn!("aborting the communicator after {op} timed out failed: {e}");
-                    }
-                    return Err(Error::Timeout {
-                        op,
-                        elapsed: start.elapsed(),
-                        detail: Some("the communicator was still ncclInProgress and has been aborted".into()),
-                    });
-                }
-            }
-            backoff(&mut step);
-        }
+    /// between polls, for at most `limit` ([`wait_until`]: on expiry the communicator is aborted and
+    /// [`Error::Timeout`] returned).
+    pub(crate) fn wait_ready(&self, op: &'static str, limit: Duration) -> Result<()> {
+        wait_until(self, op, Instant::now(), limit)
     }
 
     /// `ncclCommAbort` unless the communicator is already gone. Idempotent.
@@ -234,12 +208,75 @@ impl Shared {
     }
 }
 
+/// What a non-blocking wait needs from a communicator: its asynchronous status, NCCL's explanation of a failed
+/// one, and a way to give up. [`Shared`] is the real one; tests drive [`wait_until`] with fakes.
+pub(crate) trait Pollable {
+    /// `ncclCommGetAsyncError` once, taking and releasing the communicator's lock.
+    fn status(&self, op: &'static str) -> Result<i32>;
+    /// `ncclGetLastError` for the communicator, after `status` reported a failure.
+    fn last_error(&self, op: &'static str) -> Result<Option<String>>;
+    /// `ncclCommAbort`, a no-op when already gone.
+    fn abort(&self) -> Result<()>;
+}
+
+impl Pollable for Shared {
+    fn status(&self, op: &'static str) -> Result<i32> {
+        self.async_status(op)
+    }
+    fn last_error(&self, op: &'static str) -> Result<Option<String>> {
+        // SAFETY: `raw` is live (checked by `with`) and we hold the lock.
+        self.with(op, |raw| Ok(unsafe { result::last_error(raw) }))
+    }
+    fn abort(&self) -> Result<()> {
+        Shared::abort(self)
+    }
+}
+
+/// The wait for a non-blocking call, begun at `start`: polls `comm`'s status (backing off from 10 µs to
+/// 1 ms, the lock released between polls so an [`AbortHandle`] gets in) until it is no longer
+/// `ncclInProgress`. `ncclSuccess` → `Ok`; a failure code → [`Error::Nccl`] with NCCL's text; a failed
+/// query (e.g. [`Error::Aborted`] after a watchdog's abort) → that error. The status is read at least once,
+/// so a call that already finished succeeds even with a zero `limit`; once `limit` has passed since `start`
+/// with the call still in progress, `comm` is aborted (so NCCL's background work stops and nothing it would
+/// still write is waited for) and [`Error::Timeout`] returned.
+pub(crate) fn wait_until(comm: &impl Pollable, op: &'static str, start: Instant, limit: Duration) -> Result<()> {
+    let mut step = 0;
+    loop {
+        let status = comm.status(op)?;
+        if status == SUCCESS {
+            return Ok(());
+        }
+        if status != IN_PROGRESS {
+            return Err(Error::Nccl {
+                op,
+                code: status,
+                last_error: comm.last_error(op)?,
+            });
+        }
+        if start.elapsed() >= limit {
+            if let Err(e) = comm.abort() {
+                tracing::warn!("nccl: aborting the communicator after {op} timed out failed: {e}");
+            }
+            return Err(Error::Timeout {
+                op,
+                elapsed: start.elapsed(),
+                detail: Some(format!(
+                    "the communicator was still ncclInProgress after the {limit:?} bound (Config::wait_timeout) \
+                     and has been aborted"
+                )),
+            });
+        }
+        backoff(&mut step);
+    }
+}
+
 /// True when `ncclCommDestroy`'s code means the communicator is no longer ours (closed).
 pub(crate) fn destroy_accepted(code: i32) -> bool {
     code == SUCCESS || code == IN_PROGRESS
 }
 
-/// How long releasing a non-blocking communicator waits for NCCL to finish pending work before aborting it.
+/// How long releasing a non-blocking communicator waits for NCCL to finish pending work before aborting it
+/// (or the communicator's [`Config::wait`], when shorter).
 pub const DROP_WAIT: Duration = Duration::from_secs(60);
 
 /// What releasing a communicator must do.
@@ -286,7 +323,7 @@ pub(crate) fn release(shared: &Shared, panicking: bool) -> Result<()> {
         Release::Nothing => Ok(()),
         Release::Destroy => shared.destroy(),
         Release::Abort => shared.abort(),
-        Release::WaitThenDestroy => match shared.wait_ready("drop", Some(DROP_WAIT)) {
+        Release::WaitThenDestroy => match shared.wait_ready("drop", DROP_WAIT.min(shared.wait)) {
             Ok(()) => shared.destroy(),
             Err(e) => {
                 // A timeout already aborted it; any other failure leaves it to abort here.
@@ -460,7 +497,7 @@ impl Communicator {
         let ready = if blocking {
             Ok(())
         } else {
-            shared.wait_ready(op, timeout)
+            shared.wait_ready(op, timeout.unwrap_or(shared.wait))
         };
         match ready.and_then(|()| Self::wrap(shared.clone(), rank, size)) {
             Ok(comm) => Ok(comm),
@@ -492,8 +529,10 @@ impl Communicator {
     }
 
     /// [`init_rank`](Self::init_rank) with a [`Config`] (`ncclCommInitRankConfig`, NCCL 2.14+). Config fields
-    /// newer than the loaded library give [`Error::Unsupported`]. With `blocking(false)` this waits, without a
-    /// deadline, until the communicator is ready; use [`init_rank_timeout`](Self::init_rank_timeout) to bound it.
+    /// newer than the loaded library give [`Error::Unsupported`]. With `blocking(false)` this waits until the
+    /// communicator is ready, for at most [`Config::wait`] (default [`DEFAULT_WAIT`], 10 minutes): then the
+    /// half-built communicator is aborted and [`Error::Timeout`] returned. Blocking creation waits inside NCCL,
+    /// unbounded; [`init_rank_timeout`](Self::init_rank_timeout) is the non-blocking form with its own bound.
     #[doc(alias = "ncclCommInitRankConfig")]
     pub fn init_rank_config(id: &UniqueId, rank: usize, nranks: usize, config: &Config) -> Result<Self> {
         Self::init_config(id, rank, nranks, config, None)
@@ -644,14 +683,15 @@ impl Communicator {
     }
 
     /// After a split or shrink call returned `code`: when it is `ncclInProgress` (a non-blocking parent or
-    /// child), polls the parent until NCCL finished the call, which is when it has written the child's slot.
+    /// child), polls the parent until NCCL finished the call, which is when it has written the child's slot,
+    /// for at most the parent's [`Config::wait`] (then the parent is aborted and [`Error::Timeout`] returned).
     /// Returns the code to judge the child by (`ncclSuccess` after a completed wait). When the wait fails,
     /// NCCL may still hold the slot: the caller must not take it (it is leaked).
     fn complete_child_call(&self, op: &'static str, code: i32) -> Result<i32> {
         if code != IN_PROGRESS {
             return Ok(code);
         }
-        self.shared.wait_ready(op, None).map(|()| SUCCESS)
+        self.shared.wait_ready(op, self.shared.wait).map(|()| SUCCESS)
     }
 
     /// Creates a communicator without the ranks in `exclude` (`ncclCommShrink`, NCCL 2.27+), e.g. after they
@@ -932,6 +972,54 @@ impl AbortHandle {
     }
 }
 
+/// A scripted [`Pollable`] for tests of the waits: the statuses it reports, in order, then `then` forever.
+/// Counts polls and aborts; once aborted, reports [`Error::Aborted`] like a real communicator.
+#[cfg(test)]
+pub(crate) mod fake {
+    use super::*;
+    use std::cell::{Cell, RefCell};
+    use std::collections::VecDeque;
+
+    pub(crate) struct FakeComm {
+        script: RefCell<VecDeque<i32>>,
+        then: i32,
+        pub(crate) polls: Cell<usize>,
+        pub(crate) aborts: Cell<usize>,
+    }
+
+    impl FakeComm {
+        pub(crate) fn new(script: &[i32], then: i32) -> Self {
+            FakeComm {
+                script: RefCell::new(script.iter().copied().collect()),
+                then,
+                polls: Cell::new(0),
+                aborts: Cell::new(0),
+            }
+        }
+        /// Never leaves `ncclInProgress`: a peer that never arrives.
+        pub(crate) fn hung() -> Self {
+            Self::new(&[], IN_PROGRESS)
+        }
+    }
+
+    impl Pollable for FakeComm {
+        fn status(&self, op: &'static str) -> Result<i32> {
+            if self.aborts.get() > 0 {
+                return Err(Error::Aborted { op });
+            }
+            self.polls.set(self.polls.get() + 1);
+            Ok(self.script.borrow_mut().pop_front().unwrap_or(self.then))
+        }
+        fn last_error(&self, _op: &'static str) -> Result<Option<String>> {
+            Ok(Some("fake: peer 1 went away".into()))
+        }
+        fn abort(&self) -> Result<()> {
+            self.aborts.set(self.aborts.get() + 1);
+            Ok(())
+        }
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -946,6 +1034,93 @@ mod tests {
         assert_eq!(shared.config.as_ref().unwrap().to_raw().commName, given);
         assert!(!shared.blocking);
         assert_eq!(*shared.lock(), State::Live);
+    }
+
+    use fake::FakeComm;
+    const REMOTE: i32 = nccl_sys::ncclRemoteError as i32;
+
+    /// A call that leaves `ncclInProgress` after a few polls completes, untouched.
+    #[test]
+    fn wait_completes_when_nccl_finishes() {
+        let c = FakeComm::new(&[IN_PROGRESS; 5], SUCCESS);
+        wait_until(&c, "ncclGroupEnd", Instant::now(), Duration::from_secs(5)).unwrap();
+        assert_eq!((c.polls.get(), c.aborts.get()), (6, 0));
+        // Already done: succeeds even with no time left (the status is read before the deadline).
+        let c = FakeComm::new(&[], SUCCESS);
+        wait_until(&c, "ncclCommSplit", Instant::now(), Duration::ZERO).unwrap();
+        assert_eq!((c.polls.get(), c.aborts.get()), (1, 0));
+    }
+
+    /// A call that fails in the background gives NCCL's code and text; the wait itself does not abort (the
+    /// caller decides: a group aborts, see `group::tests`).
+    #[test]
+    fn wait_reports_a_background_failure_with_nccl_text() {
+        let c = FakeComm::new(&[IN_PROGRESS, IN_PROGRESS, REMOTE], SUCCESS);
+        let e = wait_until(&c, "ncclCommShrink", Instant::now(), Duration::from_secs(5)).unwrap_err();
+        match &e {
+            Error::Nccl { op, code, last_error } => {
+                assert_eq!((*op, *code), ("ncclCommShrink", REMOTE));
+                assert_eq!(last_error.as_deref(), Some("fake: peer 1 went away"));
+            }
+            other => panic!("{other:?}"),
+        }
+        assert_eq!(e.kind(), crate::error::ErrorKind::PeerFailed);
+        assert_eq!((c.polls.get(), c.aborts.get()), (3, 0));
+    }
+
+    /// The deadline: a call NCCL never finishes (split/shrink or ncclGroupEnd waiting for a rank that never
+    /// comes) returns a typed timeout within the bound, having aborted the communicator exactly once. Before
+    /// this bound the same wait polled forever and only an AbortHandle could end it.
+    #[test]
+    fn wait_times_out_aborts_and_says_so() {
+        let c = FakeComm::hung();
+        let limit = Duration::from_millis(40);
+        let start = Instant::now();
+        let e = wait_until(&c, "ncclCommSplit", start, limit).unwrap_err();
+        let took = start.elapsed();
+        assert!(took >= limit && took < Duration::from_secs(5), "{took:?}");
+        match &e {
+            Error::Timeout { op, elapsed, detail } => {
+                assert_eq!(*op, "ncclCommSplit");
+                assert!(*elapsed >= limit);
+                assert!(detail.as_deref().unwrap().contains("aborted"), "{detail:?}");
+            }
+            other => panic!("{other:?}"),
+        }
+        assert_eq!(e.kind(), crate::error::ErrorKind::Timeout);
+        assert_eq!(c.aborts.get(), 1);
+        assert!(c.polls.get() >= 2, "polled until the deadline, not once");
+        // The deadline counts from `start` (a group's end), not from this communicator's turn.
+        let c = FakeComm::hung();
+        let e = wait_until(&c, "ncclGroupEnd", Instant::now() - limit, limit).unwrap_err();
+        assert!(matches!(e, Error::Timeout { .. }), "{e:?}");
+        assert_eq!((c.polls.get(), c.aborts.get()), (1, 1));
+    }
+
+    /// A watchdog's abort during the wait ends it at the next poll with `Aborted`.
+    #[test]
+    fn an_abort_during_the_wait_ends_it() {
+        let c = FakeComm::hung();
+        c.aborts.set(1); // what AbortHandle::abort leaves behind between two polls
+        let e = wait_until(&c, "ncclAllReduce", Instant::now(), Duration::from_secs(60)).unwrap_err();
+        assert!(matches!(e, Error::Aborted { op: "ncclAllReduce" }), "{e:?}");
+        assert_eq!(c.polls.get(), 0);
+    }
+
+    /// Every way a communicator gets its bound: its config's, or the default without one.
+    #[test]
+    fn the_wait_bound_comes_from_the_config() {
+        let s = Shared::new(std::ptr::null_mut(), true, None);
+        assert_eq!(s.wait, DEFAULT_WAIT);
+        assert_eq!(DEFAULT_WAIT, Duration::from_secs(600));
+        let cfg = Config::new().blocking(false).wait_timeout(Duration::from_millis(250));
+        let s = Shared::new(std::ptr::null_mut(), false, Some(cfg));
+        assert_eq!(s.wait, Duration::from_millis(250));
+        assert_eq!(
+            s.config.as_ref().unwrap().to_raw(),
+            Config::new().blocking(false).to_raw(),
+            "NCCL never sees the bound"
+        );
     }
 
     fn fake(blocking: bool) -> Communicator {
@@ -1013,9 +1188,11 @@ mod tests {
         assert!(!destroy_accepted(-1));
     }
 
-    /// Inside a group, split, shrink, finalize, abort and destroy are refused before NCCL is called (the fake
-    /// communicator's null handle would make any call fail differently), and a communicator dropped inside
-    /// the group is released after it.
+    /// Inside a group, split, shrink, window registration, finalize, abort and destroy are refused before
+    /// NCCL is called (the fake communicator's null handle would make any call fail differently), and a
+    /// communicator dropped inside the group is released after it. With creation (nccl_cpu.rs) these are all
+    /// the calls of this crate that NCCL joins to the group (`ncclGroupStartInternal` in NVIDIA/nccl
+    /// src/init.cc and src/dev_runtime.cc); deregistration does not join it (see `Registered`).
     #[test]
     fn teardown_and_children_are_refused_inside_a_group() {
         if !crate::nccl_available() {
@@ -1039,6 +1216,9 @@ mod tests {
                 comm.shrink(&[1], None, ShrinkMode::Default).unwrap_err(),
                 "ncclCommShrink",
             );
+            // SAFETY: refused before NCCL sees the (null) pointer.
+            let win = unsafe { comm.register_window_raw(std::ptr::null_mut(), 4096, 0) };
+            inside(win.unwrap_err(), "ncclCommWindowRegister");
             inside(handle.abort().unwrap_err(), "ncclCommAbort");
             inside(comm.shared.destroy().unwrap_err(), "ncclCommDestroy");
             assert!(handle.is_live(), "nothing was torn down");

@@ -9,11 +9,18 @@ use crate::error::{Error, Result};
 use crate::result;
 use crate::version::Version as V;
 use std::ffi::CString;
+use std::time::Duration;
 
 /// `NCCL_CONFIG_UNDEF_INT`.
 pub const UNDEF_INT: i32 = i32::MIN;
 /// `NCCL_API_MAGIC`.
 pub const API_MAGIC: u32 = 0xcafe_beef;
+
+/// How long this crate waits, by default, for a call on a non-blocking communicator to leave
+/// `ncclInProgress` (creation, split and shrink, every collective, `ncclGroupEnd`, registration, finalize)
+/// before it aborts the communicator and returns [`Error::Timeout`]: 10 minutes. Set another bound with
+/// [`Config::wait_timeout`].
+pub const DEFAULT_WAIT: Duration = Duration::from_secs(600);
 
 /// Integer attributes of `ncclConfig_t`, in struct order, with the NCCL version that introduced each.
 const INT_FIELDS: [(&str, V); 21] = [
@@ -92,6 +99,8 @@ pub struct Config {
     ints: [Option<i32>; 21],
     net_name: Option<CString>,
     comm_name: Option<CString>,
+    /// Not an `ncclConfig_t` field: this crate's bound on non-blocking waits.
+    wait: Option<Duration>,
 }
 
 fn c_string(op: &'static str, text: &str) -> Result<CString> {
@@ -222,6 +231,33 @@ impl Config {
     /// multimem, `i32::MAX` disable all). NCCL 2.31+.
     pub fn nvls_host_mode(self, flags: i32) -> Self {
         self.set(F::NvlsHostMode, flags)
+    }
+
+    /// This crate's bound on every wait for a non-blocking call to complete (not an `ncclConfig_t` field;
+    /// NCCL never sees it). While NCCL reports `ncclInProgress` this crate polls `ncclCommGetAsyncError`;
+    /// when `timeout` passes first, the communicator is aborted and the call returns [`Error::Timeout`]
+    /// (for a split or shrink, the parent is aborted: it is the one whose work did not finish). Applies to
+    /// creation with [`init_rank_config`](crate::Communicator::init_rank_config) (an explicit timeout given
+    /// to [`init_rank_timeout`](crate::Communicator::init_rank_timeout) takes precedence there),
+    /// `ncclGroupEnd`, split, shrink, collectives, registration and finalize; a child communicator created
+    /// by split or shrink inherits the config it was created with. Default [`DEFAULT_WAIT`] (10 minutes).
+    /// Blocking communicators never wait this way (NCCL's own call blocks instead).
+    ///
+    /// ```
+    /// use std::time::Duration;
+    /// let config = nccl::Config::new().blocking(false).wait_timeout(Duration::from_secs(30));
+    /// assert_eq!(config.wait(), Duration::from_secs(30));
+    /// assert_eq!(nccl::Config::new().wait(), nccl::config::DEFAULT_WAIT);
+    /// ```
+    pub fn wait_timeout(mut self, timeout: Duration) -> Self {
+        self.wait = Some(timeout);
+        self
+    }
+
+    /// The bound on non-blocking waits: the one set with [`wait_timeout`](Self::wait_timeout), else
+    /// [`DEFAULT_WAIT`].
+    pub fn wait(&self) -> Duration {
+        self.wait.unwrap_or(DEFAULT_WAIT)
     }
 
     /// True when `blocking` is explicitly set to `false`.

@@ -13,8 +13,10 @@
 //!
 //! - On non-blocking communicators `ncclGroupEnd` may return `ncclInProgress` while NCCL's thread still
 //!   launches the work: every communicator of the group is polled until it is done before the buffers' events
-//!   are recorded and the buffers released, also when the closure panicked. A communicator whose wait fails
-//!   is aborted, so nothing it queued can run on a released buffer.
+//!   are recorded and the buffers released, also when the closure panicked. Each wait is bounded by the
+//!   communicator's [`Config::wait`](crate::Config::wait) (default 10 minutes; 60 s at most after a panic):
+//!   past it the communicator is aborted and the group returns [`Error::Timeout`]. A communicator whose wait
+//!   fails is aborted, so nothing it queued can run on a released buffer.
 //!
 //! Rules (NCCL's): one thread issues every operation of a group; never synchronize inside a group; creating
 //! communicators cannot share a group with collectives. One thread driving several GPUs must group the
@@ -32,13 +34,13 @@
 //! # Ok(()) }
 //! ```
 
-use crate::comm::{Communicator, Shared, State};
+use crate::comm::{wait_until, Communicator, Pollable, Shared, State};
 use crate::error::{Error, Result};
 use crate::result::{self, ffi, IN_PROGRESS};
 use std::cell::RefCell;
 use std::marker::PhantomData;
 use std::sync::{Arc, MutexGuard};
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 thread_local! {
     /// While a group runs on this thread: the addresses of the communicators it has locked.
@@ -184,8 +186,9 @@ impl<'g> Group<'g> {
         f(comm)
     }
 
+    /// Queues a prepared typed call in the group (the `Group` methods of `typed_ops!` in collective.rs).
     #[cfg(feature = "cuda")]
-    fn push(
+    pub(crate) fn push(
         &self,
         comm: &'g Communicator,
         op: &'static str,
@@ -202,177 +205,8 @@ impl<'g> Group<'g> {
     }
 }
 
-#[cfg(feature = "cuda")]
-mod typed {
-    use super::*;
-    use crate::premul::Reduction;
-    use crate::types::Elem;
-    use cudarc::driver::{DevicePtr, DevicePtrMut};
-
-    impl<'g> Group<'g> {
-        /// [`Communicator::all_reduce`] inside the group.
-        #[doc(alias = "ncclAllReduce")]
-        pub fn all_reduce<T: Elem>(
-            &self,
-            comm: &'g Communicator,
-            send: &'g (impl DevicePtr<T> + ?Sized),
-            recv: &'g mut (impl DevicePtrMut<T> + ?Sized),
-            op: impl Reduction + 'g,
-        ) -> Result<()> {
-            self.push(comm, "all_reduce", comm.prep_all_reduce(send, recv, &op))
-        }
-        /// [`Communicator::all_reduce_in_place`] inside the group.
-        #[doc(alias = "ncclAllReduce")]
-        pub fn all_reduce_in_place<T: Elem>(
-            &self,
-            comm: &'g Communicator,
-            buf: &'g mut (impl DevicePtrMut<T> + ?Sized),
-            op: impl Reduction + 'g,
-        ) -> Result<()> {
-            self.push(comm, "all_reduce_in_place", comm.prep_all_reduce_in_place(buf, &op))
-        }
-        /// [`Communicator::broadcast`] inside the group.
-        #[doc(alias = "ncclBroadcast")]
-        pub fn broadcast<T: Elem>(
-            &self,
-            comm: &'g Communicator,
-            send: Option<&'g dyn DevicePtr<T>>,
-            recv: &'g mut (impl DevicePtrMut<T> + ?Sized),
-            root: usize,
-        ) -> Result<()> {
-            self.push(comm, "broadcast", comm.prep_broadcast(send, recv, root))
-        }
-        /// [`Communicator::broadcast_in_place`] inside the group.
-        #[doc(alias = "ncclBroadcast")]
-        pub fn broadcast_in_place<T: Elem>(
-            &self,
-            comm: &'g Communicator,
-            buf: &'g mut (impl DevicePtrMut<T> + ?Sized),
-            root: usize,
-        ) -> Result<()> {
-            self.push(comm, "broadcast_in_place", comm.prep_broadcast_in_place(buf, root))
-        }
-        /// [`Communicator::reduce`] inside the group.
-        #[doc(alias = "ncclReduce")]
-        pub fn reduce<T: Elem>(
-            &self,
-            comm: &'g Communicator,
-            send: &'g (impl DevicePtr<T> + ?Sized),
-            recv: Option<&'g mut dyn DevicePtrMut<T>>,
-            op: impl Reduction + 'g,
-            root: usize,
-        ) -> Result<()> {
-            self.push(comm, "reduce", comm.prep_reduce(send, recv, &op, root))
-        }
-        /// [`Communicator::reduce_in_place`] inside the group.
-        #[doc(alias = "ncclReduce")]
-        pub fn reduce_in_place<T: Elem>(
-            &self,
-            comm: &'g Communicator,
-            buf: &'g mut (impl DevicePtrMut<T> + ?Sized),
-            op: impl Reduction + 'g,
-            root: usize,
-        ) -> Result<()> {
-            self.push(comm, "reduce_in_place", comm.prep_reduce_in_place(buf, &op, root))
-        }
-        /// [`Communicator::all_gather`] inside the group.
-        #[doc(alias = "ncclAllGather")]
-        pub fn all_gather<T: Elem>(
-            &self,
-            comm: &'g Communicator,
-            send: &'g (impl DevicePtr<T> + ?Sized),
-            recv: &'g mut (impl DevicePtrMut<T> + ?Sized),
-        ) -> Result<()> {
-            self.push(comm, "all_gather", comm.prep_all_gather(send, recv))
-        }
-        /// [`Communicator::all_gather_in_place`] inside the group.
-        #[doc(alias = "ncclAllGather")]
-        pub fn all_gather_in_place<T: Elem>(
-            &self,
-            comm: &'g Communicator,
-            buf: &'g mut (impl DevicePtrMut<T> + ?Sized),
-        ) -> Result<()> {
-            self.push(comm, "all_gather_in_place", comm.prep_all_gather_in_place(buf))
-        }
-        /// [`Communicator::reduce_scatter`] inside the group.
-        #[doc(alias = "ncclReduceScatter")]
-        pub fn reduce_scatter<T: Elem>(
-            &self,
-            comm: &'g Communicator,
-            send: &'g (impl DevicePtr<T> + ?Sized),
-            recv: &'g mut (impl DevicePtrMut<T> + ?Sized),
-            op: impl Reduction + 'g,
-        ) -> Result<()> {
-            self.push(comm, "reduce_scatter", comm.prep_reduce_scatter(send, recv, &op))
-        }
-        /// [`Communicator::reduce_scatter_in_place`] inside the group.
-        #[doc(alias = "ncclReduceScatter")]
-        pub fn reduce_scatter_in_place<T: Elem>(
-            &self,
-            comm: &'g Communicator,
-            buf: &'g mut (impl DevicePtrMut<T> + ?Sized),
-            op: impl Reduction + 'g,
-        ) -> Result<()> {
-            self.push(
-                comm,
-                "reduce_scatter_in_place",
-                comm.prep_reduce_scatter_in_place(buf, &op),
-            )
-        }
-        /// [`Communicator::all_to_all`] inside the group.
-        #[doc(alias = "ncclAlltoAll")]
-        pub fn all_to_all<T: Elem>(
-            &self,
-            comm: &'g Communicator,
-            send: &'g (impl DevicePtr<T> + ?Sized),
-            recv: &'g mut (impl DevicePtrMut<T> + ?Sized),
-        ) -> Result<()> {
-            self.push(comm, "all_to_all", comm.prep_all_to_all(send, recv))
-        }
-        /// [`Communicator::gather`] inside the group.
-        #[doc(alias = "ncclGather")]
-        pub fn gather<T: Elem>(
-            &self,
-            comm: &'g Communicator,
-            send: &'g (impl DevicePtr<T> + ?Sized),
-            recv: Option<&'g mut dyn DevicePtrMut<T>>,
-            root: usize,
-        ) -> Result<()> {
-            self.push(comm, "gather", comm.prep_gather(send, recv, root))
-        }
-        /// [`Communicator::scatter`] inside the group.
-        #[doc(alias = "ncclScatter")]
-        pub fn scatter<T: Elem>(
-            &self,
-            comm: &'g Communicator,
-            send: Option<&'g dyn DevicePtr<T>>,
-            recv: &'g mut (impl DevicePtrMut<T> + ?Sized),
-            root: usize,
-        ) -> Result<()> {
-            self.push(comm, "scatter", comm.prep_scatter(send, recv, root))
-        }
-        /// [`Communicator::send`] inside the group.
-        #[doc(alias = "ncclSend")]
-        pub fn send<T: Elem>(
-            &self,
-            comm: &'g Communicator,
-            buf: &'g (impl DevicePtr<T> + ?Sized),
-            peer: usize,
-        ) -> Result<()> {
-            self.push(comm, "send", comm.prep_send(buf, peer))
-        }
-        /// [`Communicator::recv`] inside the group.
-        #[doc(alias = "ncclRecv")]
-        pub fn recv<T: Elem>(
-            &self,
-            comm: &'g Communicator,
-            buf: &'g mut (impl DevicePtrMut<T> + ?Sized),
-            peer: usize,
-        ) -> Result<()> {
-            self.push(comm, "recv", comm.prep_recv(buf, peer))
-        }
-    }
-}
+// The typed methods (`Group::all_reduce` and the rest) are generated with the communicator's from one table:
+// `typed_ops!` in collective.rs.
 
 /// Ends the group if the closure unwinds, so NCCL's thread-local group state is not left open and no buffer
 /// is released while NCCL may still launch work on it.
@@ -392,11 +226,12 @@ impl Drop for EndOnUnwind<'_, '_> {
 }
 
 /// `ncclGroupEnd`, then the locks released, then, when NCCL returned `ncclInProgress`, every communicator of
-/// the group polled until NCCL finished launching (bounded by `wait` when given: on timeout it is aborted). A
-/// communicator whose wait failed is aborted, so nothing it queued runs on buffers released after this.
-/// Communicators dropped inside the group are released last. Returns the first error.
-fn end_group(g: &Group<'_>, wait: Option<Duration>) -> Result<()> {
+/// the group polled until NCCL finished launching ([`wait_all`]), each for at most its own
+/// [`Config::wait`](crate::Config::wait), or `cap` when that is shorter. Communicators dropped inside the
+/// group are released last. Returns the first error.
+fn end_group(g: &Group<'_>, cap: Option<Duration>) -> Result<()> {
     let end = group_call("ncclGroupEnd");
+    let start = Instant::now();
     let _ = ACTIVE.try_with(|a| *a.borrow_mut() = None);
     let shareds: Vec<&Shared> = g
         .locks
@@ -412,21 +247,33 @@ fn end_group(g: &Group<'_>, wait: Option<Duration>) -> Result<()> {
             // SAFETY: a null communicator asks for the global last error.
             return unsafe { result::check("ncclGroupEnd", code, std::ptr::null_mut()) };
         }
-        let mut first = Ok(());
-        for s in &shareds {
-            if let Err(e) = s.wait_ready("ncclGroupEnd", wait) {
-                if let Err(e2) = s.abort() {
-                    tracing::warn!("nccl: aborting after a failed group wait: {e2}");
-                }
-                if first.is_ok() {
-                    first = Err(e);
-                }
-            }
-        }
-        first
+        let comms: Vec<(&Shared, Duration)> = shareds
+            .iter()
+            .map(|s| (*s, cap.map_or(s.wait, |c| c.min(s.wait))))
+            .collect();
+        wait_all(&comms, start)
     });
     release_deferred();
     res
+}
+
+/// After `ncclGroupEnd` returned `ncclInProgress` at `start`: waits for every communicator of the group
+/// ([`wait_until`], each for at most its bound, counted from `start`). A communicator whose wait failed is
+/// aborted (a timeout already aborted it), so nothing it queued can run on a buffer released after this; the
+/// others are still waited for. Returns the first error.
+fn wait_all<P: Pollable>(comms: &[(&P, Duration)], start: Instant) -> Result<()> {
+    let mut first = Ok(());
+    for (comm, limit) in comms {
+        if let Err(e) = wait_until(*comm, "ncclGroupEnd", start, *limit) {
+            if let Err(e2) = comm.abort() {
+                tracing::warn!("nccl: aborting after a failed group wait: {e2}");
+            }
+            if first.is_ok() {
+                first = Err(e);
+            }
+        }
+    }
+    first
 }
 
 /// Runs `f` inside `ncclGroupStart` / `ncclGroupEnd` and returns its result, or the first error.
@@ -485,5 +332,50 @@ pub fn group<'g, R>(f: impl FnOnce(&Group<'g>) -> Result<R>) -> Result<R> {
             Err(e)
         }
         (Ok(_), Err(e)) => Err(e),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::comm::fake::FakeComm;
+    use crate::result::SUCCESS;
+
+    /// The end of a non-blocking group: one communicator finishes, one fails in the background, one never
+    /// leaves `ncclInProgress`. The group returns the first error; the failed and the hung ones are aborted
+    /// (nothing they queued may run on the buffers the group then releases), the healthy one is not, and the
+    /// hung one costs its bound, not forever (before the bound, this wait only ended by an AbortHandle).
+    #[test]
+    fn group_end_waits_every_communicator_within_its_bound() {
+        let ok = FakeComm::new(&[IN_PROGRESS, IN_PROGRESS], SUCCESS);
+        let failed = FakeComm::new(&[IN_PROGRESS], nccl_sys::ncclRemoteError as i32);
+        let hung = FakeComm::hung();
+        let limit = Duration::from_millis(50);
+        let start = Instant::now();
+        let e = wait_all(
+            &[(&ok, Duration::from_secs(5)), (&failed, limit), (&hung, limit)],
+            start,
+        )
+        .unwrap_err();
+        assert!(start.elapsed() < Duration::from_secs(5), "{:?}", start.elapsed());
+        assert!(
+            matches!(e, Error::Nccl { op: "ncclGroupEnd", code, .. } if code == nccl_sys::ncclRemoteError as i32),
+            "{e:?}"
+        );
+        assert_eq!(ok.aborts.get(), 0);
+        assert_eq!(failed.aborts.get(), 1);
+        assert!(hung.aborts.get() >= 1, "the hung communicator was aborted");
+        assert!(hung.polls.get() >= 2);
+
+        // Only the hung one: its timeout is the group's error.
+        let hung = FakeComm::hung();
+        let e = wait_all(&[(&hung, limit)], Instant::now()).unwrap_err();
+        assert!(matches!(e, Error::Timeout { op: "ncclGroupEnd", .. }), "{e:?}");
+        assert_eq!(e.kind(), crate::error::ErrorKind::Timeout);
+
+        // All healthy: Ok, nothing aborted.
+        let (a, b) = (FakeComm::new(&[IN_PROGRESS], SUCCESS), FakeComm::new(&[], SUCCESS));
+        wait_all(&[(&a, limit), (&b, limit)], Instant::now()).unwrap();
+        assert_eq!((a.aborts.get(), b.aborts.get()), (0, 0));
     }
 }

@@ -89,7 +89,10 @@ impl Communicator {
     ///
     /// # Safety
     /// `ptr..ptr + bytes` is device memory of this communicator's device that stays allocated, and is not
-    /// in use by a collective when the registration drops, for the registration's whole life.
+    /// in use by a collective when the registration drops, for the registration's whole life. A call queued
+    /// inside a [`group`](crate::group()) is in use until the group has ended: do not drop the registration
+    /// inside a group that queued work on its memory (NCCL deregisters at once, see the docs of `Registered`
+    /// with feature `cuda`).
     #[doc(alias = "ncclCommRegister")]
     pub unsafe fn register_raw(&self, ptr: *mut c_void, bytes: usize) -> Result<RawRegistration<'_>> {
         const OP: &str = "ncclCommRegister";
@@ -311,6 +314,35 @@ mod typed {
     /// A buffer registered with a communicator (`ncclCommRegister`): owns the buffer (so it cannot be freed
     /// while registered) and can be passed to collectives like the buffer itself. Dropping waits for every
     /// use of the buffer, deregisters, then drops the buffer; [`into_inner`](Self::into_inner) gives it back.
+    ///
+    /// Inside a [`group`](crate::group()): NCCL runs both deregistrations at once, never at the group's end
+    /// (NVIDIA/nccl `src/register/register.cc` `ncclCommDeregister`, `src/dev_runtime.cc`
+    /// `ncclCommWindowDeregister`: neither joins the group), so nothing is written after they returned. What
+    /// must not happen is deregistering while a call queued in the group still uses the registration: NCCL
+    /// launches that call at `ncclGroupEnd`, and for a window it keeps the window's pointer from the call
+    /// (`src/enqueue.cc`, `taskAppend` → `ceCollTaskAppend`: `t->sendWin = sendWin`). The group borrows
+    /// every buffer it was given until it has ended, so that does not compile:
+    ///
+    /// ```compile_fail,E0505
+    /// # fn f(comm: &nccl::Communicator, buf: cudarc::driver::CudaSlice<f32>) -> nccl::Result<()> {
+    /// let mut win = comm.register_window(buf, nccl::register::window_flags::DEFAULT)?;
+    /// nccl::group(|g| {
+    ///     g.all_reduce_in_place(comm, &mut win, nccl::ReduceOp::Sum)?;
+    ///     drop(win); // error[E0505]: the group borrows `win` until it has ended
+    ///     Ok(())
+    /// })
+    /// # }
+    /// ```
+    ///
+    /// Deregistering after the group is fine:
+    ///
+    /// ```no_run
+    /// # fn f(comm: &nccl::Communicator, buf: cudarc::driver::CudaSlice<f32>) -> nccl::Result<()> {
+    /// let mut win = comm.register_window(buf, nccl::register::window_flags::DEFAULT)?;
+    /// nccl::group(|g| g.all_reduce_in_place(comm, &mut win, nccl::ReduceOp::Sum))?;
+    /// let buf = win.into_inner(); // synchronizes the stream, then ncclCommWindowDeregister
+    /// # Ok(()) }
+    /// ```
     #[derive(Debug)]
     #[doc(alias = "ncclCommRegister")]
     #[doc(alias = "ncclCommDeregister")]

@@ -755,3 +755,74 @@ fn dropping_a_busy_non_blocking_communicator_returns() {
     stream.synchronize().unwrap();
     assert_eq!(down(&stream, &buf)[..4], [1.0; 4]);
 }
+
+/// Two non-blocking ranks where rank 0 runs `work` (bounded by a 3 s `Config::wait_timeout`) and rank 1 never
+/// joins it: rank 1 only waits until rank 0 is done, then aborts. Returns rank 0's error and how long it took;
+/// checks that rank 0's communicator was aborted.
+fn lonely_rank_zero(work: impl Fn(&Communicator, &Arc<CudaStream>) -> Error + Sync) -> (Error, Duration) {
+    need(2);
+    let id = UniqueId::new().unwrap();
+    let (tx, rx) = std::sync::mpsc::channel::<()>();
+    std::thread::scope(|s| {
+        let (id, work) = (&id, &work);
+        let zero = s.spawn(move || {
+            let stream = CudaContext::new(0).unwrap().new_stream().unwrap();
+            let cfg = Config::new().wait_timeout(Duration::from_secs(3));
+            let comm =
+                Communicator::init_rank_timeout_on(stream.clone(), id, 0, 2, &cfg, Duration::from_secs(120)).unwrap();
+            let start = Instant::now();
+            let err = work(&comm, &stream);
+            let took = start.elapsed();
+            tx.send(()).unwrap();
+            assert!(comm.is_aborted(), "the timeout aborted the communicator");
+            (err, took)
+        });
+        let one = s.spawn(move || {
+            let stream = CudaContext::new(1).unwrap().new_stream().unwrap();
+            let comm =
+                Communicator::init_rank_timeout_on(stream, id, 1, 2, &Config::new(), Duration::from_secs(120)).unwrap();
+            let _ = rx.recv_timeout(Duration::from_secs(120));
+            comm.abort().unwrap();
+        });
+        one.join().expect("rank 1");
+        zero.join().expect("rank 0")
+    })
+}
+
+/// Issue 12, remaining item 1: a split that a rank never joins kept the caller polling forever (only an
+/// AbortHandle ended it). Now it returns `Error::Timeout` after the parent's `wait_timeout`, the parent aborted.
+#[test]
+#[ignore = "needs 2 GPUs"]
+fn split_times_out_when_a_rank_never_joins() {
+    let (err, took) = lonely_rank_zero(|comm, _| comm.split(Some(0), 0, None).map(drop).unwrap_err());
+    assert!(
+        matches!(
+            err,
+            Error::Timeout {
+                op: "ncclCommSplit",
+                ..
+            }
+        ),
+        "{err:?}"
+    );
+    assert!(
+        took >= Duration::from_secs(3) && took < Duration::from_secs(60),
+        "{took:?}"
+    );
+}
+
+/// The same for `ncclGroupEnd`: a first send to a peer that never posts its receive makes NCCL connect to it in
+/// the background (`ncclInProgress`); the group's wait is bounded by the communicator's `wait_timeout`.
+#[test]
+#[ignore = "needs 2 GPUs"]
+fn group_end_times_out_when_the_peer_never_connects() {
+    let (err, took) = lonely_rank_zero(|comm, s| {
+        let buf = up::<f32>(s, &[1.0; 1024]);
+        nccl::group(|g| g.send(comm, &buf, 1)).unwrap_err()
+    });
+    assert!(matches!(err, Error::Timeout { op: "ncclGroupEnd", .. }), "{err:?}");
+    assert!(
+        took >= Duration::from_secs(3) && took < Duration::from_secs(60),
+        "{took:?}"
+    );
+}

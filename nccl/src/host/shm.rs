@@ -19,14 +19,27 @@ fn os_err(what: &str) -> Error {
     Error::io(OP, std::io::Error::new(e.kind(), format!("{what}: {e}")))
 }
 
-/// Unlinks the name when dropped.
-struct Unlink(CString);
+/// Unlinks the name when dropped, unless [`disarm`](Unlink::disarm)ed.
+struct Unlink(Option<CString>);
+
+impl Unlink {
+    fn new(name: CString) -> Self {
+        Unlink(Some(name))
+    }
+    /// Gives the name back without unlinking it. (It used to be cloned and the guard `mem::forget`-ed, which
+    /// leaked the original name once per segment: AddressSanitizer's leak check found it.)
+    fn disarm(mut self) -> CString {
+        self.0.take().expect("armed until disarmed")
+    }
+}
 
 impl Drop for Unlink {
     fn drop(&mut self) {
-        // SAFETY: a valid NUL-terminated name; unlinking a name that is already gone only returns ENOENT.
-        unsafe {
-            libc::shm_unlink(self.0.as_ptr());
+        if let Some(name) = &self.0 {
+            // SAFETY: a valid NUL-terminated name; unlinking a name that is already gone only returns ENOENT.
+            unsafe {
+                libc::shm_unlink(name.as_ptr());
+            }
         }
     }
 }
@@ -73,7 +86,7 @@ pub(crate) fn join_with(
         };
         let sent = bcast(&msg);
         let (region, name) = made?;
-        let _unlink = Unlink(name); // unlinked on every path from here on
+        let _unlink = Unlink::new(name); // unlinked on every path from here on
         sent?;
         register(&region, rank);
         barrier()?;
@@ -93,7 +106,7 @@ pub(crate) fn join_with(
         let region = open(&name, size)?;
         register(&region, rank);
         let r = barrier();
-        drop(Unlink(name));
+        drop(Unlink::new(name));
         r?;
         region
     };
@@ -119,7 +132,7 @@ fn create(size: usize, opts: &HostOptions) -> Result<(Region, CString)> {
     if fd < 0 {
         return Err(os_err("shm_open (create)"));
     }
-    let unlink = Unlink(name);
+    let unlink = Unlink::new(name);
     let len = geo.total();
     // SAFETY: `fd` is our open descriptor.
     let res = if unsafe { libc::ftruncate(fd, len as libc::off_t) } != 0 {
@@ -133,9 +146,7 @@ fn create(size: usize, opts: &HostOptions) -> Result<(Region, CString)> {
     // SAFETY: a fresh shared mapping of `len` bytes (zero-filled by the kernel), owned by the region.
     let region = unsafe { Region::from_mmap(base, len, geo) };
     region.init_header();
-    let name = unlink.0.clone();
-    std::mem::forget(unlink);
-    Ok((region, name))
+    Ok((region, unlink.disarm()))
 }
 
 fn open(name: &CString, size: usize) -> Result<Region> {
