@@ -11,8 +11,8 @@
 #     -DLLAMA_CURL=OFF -DBUILD_SHARED_LIBS=OFF && cmake --build /work/llamacpp-build --target llama-bench -j2
 #
 # Same workload on both sides: a 64-token prompt (prefill), then 64 generated tokens (decode), best of
-# $REPS runs. The engine runs both decode paths: exact f32 (the default) and --int8 (int8 activations,
-# integer dot products); the repetitions are interleaved (rep 1 of every configuration, then rep 2, ...) so
+# $REPS runs. The engine runs three decode paths: exact f32 (the default), --int16 and --int8 (int16 / int8
+# activations, integer dot products); the repetitions are interleaved (rep 1 of every configuration, then rep 2, ...) so
 # that a burst of load from elsewhere hits all of them alike. Results go to $OUT and stdout.
 set -euo pipefail
 cd "$(dirname "$0")/../.."
@@ -32,8 +32,8 @@ uptime > "$OUT/uptime_start.txt"
 for r in $(seq "$REPS"); do
   for CFG in 1:1 1:2 2:1; do
     TP=${CFG%:*}; TH=${CFG#*:}
-    for DP in exact int8; do
-      FLAG=(); [ "$DP" = int8 ] && FLAG=(--int8)
+    for DP in exact int16 int8; do
+      FLAG=(); [ "$DP" != exact ] && FLAG=(--"$DP")
       "$BIN" --model "$MODEL" --tp "$TP" --threads "$TH" --prompt-ids "$IDS" --max-new-tokens 65 --ignore-eos \
         --json "${FLAG[@]}" 2>/dev/null | tail -1 > "$OUT/engine_${DP}_tp${TP}_th${TH}_$r.json"
     done
@@ -77,23 +77,27 @@ engine_bytes = layer * 24 / 32 + head * 36 / 32 + cfg["L"] * 2 * cfg["h"] * 4
 lc_bytes = layer * 20 / 32 + head * 34 / 32
 fmt = lambda x: f"{x:.1f}" if x else "n/a"
 ratio = lambda a, b: f"{a / b:.2f}" if a and b else "n/a"
-print("| layout | threads in all | prefill exact | prefill int8 | llama.cpp prefill | decode exact | decode int8 "
-      "| llama.cpp decode | int8 ÷ llama.cpp decode | int8 ÷ exact decode | int8 decode ÷ ceiling |")
-print("|---|---|---|---|---|---|---|---|---|---|---|")
+print("| layout | threads in all | prefill exact | llama.cpp prefill | decode exact | decode int16 | decode int8 "
+      "| llama.cpp decode | int16 ÷ llama.cpp | int8 ÷ llama.cpp | int16 ÷ exact | int16 ÷ ceiling | int8 ÷ ceiling |")
+print("|---|---|---|---|---|---|---|---|---|---|---|---|---|")
 notes = []
 for tp, th in ((1, 1), (1, 2), (2, 1)):
-    e, i = best("exact", tp, th), best("int8", tp, th)
-    if not e or not i:
+    e, i16, i8 = best("exact", tp, th), best("int16", tp, th), best("int8", tp, th)
+    if not e or not i16 or not i8:
         print(f"| TP={tp}, {th}/rank | missing runs |")
         continue
     t = tp * th
     lp, ld = lc.get((t, "prefill")), lc.get((t, "decode"))
     ceil = bw[t] * 1e9 / engine_bytes
-    print(f"| TP={tp}, {th} thread(s)/rank | {t} | {e['p']:.1f} | {i['p']:.1f} | {fmt(lp)} | {e['d']:.1f} | {i['d']:.1f} | "
-          f"{fmt(ld)} | {ratio(i['d'], ld)} | {ratio(i['d'], e['d'])} | {i['d'] / ceil * 100:.0f} % of {ceil:.0f} |")
-    same = len(e["ids"]) == 1 and e["ids"] == i["ids"]
-    notes.append(f"TP={tp} {th} thread(s)/rank: paths {e['path']} / {i['path']}, runs {e['n']}+{i['n']}, "
-                 f"64 generated ids identical exact vs int8 across runs: {'yes' if same else 'NO'}")
+    print(f"| TP={tp}, {th} thread(s)/rank | {t} | {e['p']:.1f} | {fmt(lp)} | {e['d']:.1f} | {i16['d']:.1f} | {i8['d']:.1f} | "
+          f"{fmt(ld)} | {ratio(i16['d'], ld)} | {ratio(i8['d'], ld)} | {ratio(i16['d'], e['d'])} | "
+          f"{i16['d'] / ceil * 100:.0f} % | {i8['d'] / ceil * 100:.0f} % |")
+    for name, f in (("int16", i16), ("int8", i8)):
+        same = len(e["ids"]) == 1 and e["ids"] == f["ids"]
+        notes.append(f"TP={tp} {th} thread(s)/rank {name}: paths {e['path']} / {f['path']}, runs {e['n']}+{f['n']}, "
+                     f"64 generated ids identical to the exact path's in every run: {'yes' if same else 'NO'}; "
+                     f"prefill {f['p']:.1f} tok/s (exact {e['p']:.1f})")
+    notes.append(f"TP={tp} {th} thread(s)/rank: decode ceiling {ceil:.0f} tok/s")
 print()
 for n in notes:
     print("- " + n)

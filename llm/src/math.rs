@@ -5,7 +5,7 @@ use rayon::prelude::*;
 
 pub mod int8;
 
-pub use int8::{DecodePath, Isa, Q8Vec};
+pub use int8::{DecodePath, Isa, Q16Vec, Q8Vec};
 
 /// A dense row-major f32 matrix stored as `[rows, cols]` (a linear layer's `[out, in]`).
 #[derive(Clone, Debug, Default)]
@@ -518,6 +518,46 @@ impl QMatrix {
 }
 
 impl QMatrix {
+    /// `y = W · x` for one vector on the int16 path ([`Q16Vec`] activations, kernel
+    /// [`Isa::detect_int16`]).
+    pub fn matvec_int16(&self, x: &[f32], y: &mut [f32], threads: usize) {
+        self.matvec_batch_int16(x, 1, y, threads)
+    }
+
+    /// [`QMatrix::matvec_int16`] for `n` vectors in one pass over the blocks; each output equals what
+    /// `matvec_int16` gives for its vector alone (same kernel per row).
+    pub fn matvec_batch_int16(&self, x: &[f32], n: usize, y: &mut [f32], threads: usize) {
+        assert_eq!(x.len(), n * self.cols, "matvec_batch: input length");
+        assert_eq!(y.len(), n * self.rows, "matvec_batch: output length");
+        if self.cols == 0 {
+            y.fill(0.0);
+            return;
+        }
+        let xq: Vec<Q16Vec> = x
+            .chunks_exact(self.cols)
+            .map(|v| Q16Vec::quantize(v).expect("a QMatrix has whole blocks of columns"))
+            .collect();
+        let isa = Isa::detect_int16();
+        if n == 1 {
+            let kernel =
+                |(chunk, out): (usize, &mut [f32])| int8::rows_int16(self, &xq[0], chunk * MATVEC_CHUNK, out, isa);
+            if threads > 1 && self.rows >= 2 * MATVEC_CHUNK {
+                y.par_chunks_mut(MATVEC_CHUNK).enumerate().for_each(kernel);
+            } else {
+                y.chunks_mut(MATVEC_CHUNK).enumerate().for_each(kernel);
+            }
+            return;
+        }
+        batch_rows(n, self.rows, y, threads, |base, out| {
+            let rlen = out.len() / n;
+            for (t, o) in out.chunks_exact_mut(rlen).enumerate() {
+                int8::rows_int16(self, &xq[t], base, o, isa);
+            }
+        });
+    }
+}
+
+impl QMatrix {
     /// [`QMatrix::matvec`] for `n` vectors in one pass over the blocks (see [`matvec_batch`]); each output
     /// equals what `matvec` gives for its vector alone.
     pub fn matvec_batch(&self, x: &[f32], n: usize, y: &mut [f32], threads: usize) {
@@ -682,13 +722,14 @@ impl Weight {
         self.matvec_path(x, y, threads, DecodePath::Exact)
     }
 
-    /// [`Weight::matvec`] on decode path `path` ([`DecodePath::Int8`] applies to quantized weights; f32
-    /// weights always compute exactly).
+    /// [`Weight::matvec`] on decode path `path` ([`DecodePath::Int8`] and [`DecodePath::Int16`] apply to
+    /// quantized weights; f32 weights always compute exactly).
     pub fn matvec_path(&self, x: &[f32], y: &mut [f32], threads: usize, path: DecodePath) {
         match (self, path) {
             (Weight::F32(m), _) => matvec(x, m, y, threads),
             (Weight::Quant(q), DecodePath::Exact) => q.matvec(x, y, threads),
             (Weight::Quant(q), DecodePath::Int8) => q.matvec_int8(x, y, threads),
+            (Weight::Quant(q), DecodePath::Int16) => q.matvec_int16(x, y, threads),
         }
     }
 
@@ -705,6 +746,7 @@ impl Weight {
             (Weight::F32(m), _) => matvec_batch(x, n, m, y, threads),
             (Weight::Quant(q), DecodePath::Exact) => q.matvec_batch(x, n, y, threads),
             (Weight::Quant(q), DecodePath::Int8) => q.matvec_batch_int8(x, n, y, threads),
+            (Weight::Quant(q), DecodePath::Int16) => q.matvec_batch_int16(x, n, y, threads),
         }
     }
 

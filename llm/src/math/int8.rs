@@ -21,6 +21,9 @@ pub enum DecodePath {
     Exact,
     /// Activations quantized to int8 per block, integer dot products ([`Isa::detect`] picks the kernel).
     Int8,
+    /// Activations quantized to int16 per block ([`Q16Vec`]), integer dot products (AVX2 `vpmaddwd` when
+    /// the CPU has it, else portable code): 256 times finer activations than [`DecodePath::Int8`].
+    Int16,
 }
 
 impl DecodePath {
@@ -29,6 +32,7 @@ impl DecodePath {
         match self {
             DecodePath::Exact => "exact".to_string(),
             DecodePath::Int8 => format!("int8-{}", Isa::detect().name()),
+            DecodePath::Int16 => format!("int16-{}", Isa::detect_int16().name()),
         }
     }
 }
@@ -57,6 +61,16 @@ impl Isa {
             }
         }
         Isa::Scalar
+    }
+
+    /// The best int16 kernel this CPU runs: [`Isa::Avx2`] or [`Isa::Scalar`] (VNNI's `vpdpwssd` would only
+    /// fuse the add that follows `vpmaddwd`).
+    pub fn detect_int16() -> Isa {
+        if Isa::Avx2.supported() {
+            Isa::Avx2
+        } else {
+            Isa::Scalar
+        }
     }
 
     /// Whether this CPU runs this kernel.
@@ -134,35 +148,7 @@ impl Q8Vec {
     /// Fills `self` (already sized for `x`) with the quantization of `x`.
     #[inline(always)]
     fn quantize_into(&mut self, x: &[f32]) {
-        // Adding and subtracting 1.5·2²³ rounds an f32 of magnitude < 2²² to the nearest integer (ties to
-        // even) in plain IEEE arithmetic, which vectorizes (unlike `f32::round`, a library call).
-        const MAGIC: f32 = 12_582_912.0;
-        for (((xb, qb), d), s) in x
-            .chunks_exact(QBLOCK)
-            .zip(self.qs.chunks_exact_mut(QBLOCK))
-            .zip(self.d.iter_mut())
-            .zip(self.s.iter_mut())
-        {
-            let (mut amax, mut nan) = (0.0f32, false);
-            for &val in xb {
-                let a = val.abs();
-                // Written as a comparison (not f32::max) so that it vectorizes; NaNs are flagged apart.
-                amax = if a > amax { a } else { amax };
-                nan |= a.is_nan();
-            }
-            // A NaN makes the block's scale NaN, so that it shows in the result.
-            let scale = if nan { f32::NAN } else { amax / 127.0 };
-            let id = if scale > 0.0 { 1.0 / scale } else { 0.0 };
-            let mut sum = 0i32;
-            for (q, &val) in qb.iter_mut().zip(xb) {
-                // Clamped to ±127 (also catches an infinity); `as` maps NaN to 0.
-                let r = ((val * id + MAGIC) - MAGIC).clamp(-127.0, 127.0) as i32;
-                sum += r;
-                *q = r as i8;
-            }
-            *d = scale;
-            *s = sum as f32;
-        }
+        quantize_blocks(x, 127.0, &mut self.d, &mut self.s, |i, q| self.qs[i] = q as i8);
     }
 
     /// Number of values.
@@ -182,6 +168,100 @@ impl Q8Vec {
             .zip(&self.d)
             .flat_map(|(q, &d)| q.iter().map(move |&v| d * f32::from(v)))
             .collect()
+    }
+}
+
+/// A vector quantized to int16 per block of [`QBLOCK`] values: `x ≈ d_b · q` with `d_b = max|x| / 32767`.
+#[derive(Clone, Debug)]
+pub struct Q16Vec {
+    qs: Vec<i16>,
+    d: Vec<f32>,
+    s: Vec<f32>,
+}
+
+impl Q16Vec {
+    /// Quantizes `x` as [`Q8Vec::quantize`] does, to ±32767; `None` unless its length is a whole number of
+    /// blocks.
+    pub fn quantize(x: &[f32]) -> Option<Q16Vec> {
+        if x.len() % QBLOCK != 0 {
+            return None;
+        }
+        let nb = x.len() / QBLOCK;
+        let mut v = Q16Vec {
+            qs: vec![0; x.len()],
+            d: vec![0.0; nb],
+            s: vec![0.0; nb],
+        };
+        #[cfg(target_arch = "x86_64")]
+        if std::arch::is_x86_feature_detected!("avx2") {
+            // SAFETY: the CPU supports AVX2, the only requirement of `quantize_avx2` (safe code inside).
+            unsafe { v.quantize_avx2(x) };
+            return Some(v);
+        }
+        v.quantize_into(x);
+        Some(v)
+    }
+
+    /// # Safety
+    /// The CPU must support AVX2.
+    #[cfg(target_arch = "x86_64")]
+    #[target_feature(enable = "avx2")]
+    unsafe fn quantize_avx2(&mut self, x: &[f32]) {
+        self.quantize_into(x)
+    }
+
+    #[inline(always)]
+    fn quantize_into(&mut self, x: &[f32]) {
+        quantize_blocks(x, 32767.0, &mut self.d, &mut self.s, |i, q| self.qs[i] = q as i16);
+    }
+
+    /// Number of values.
+    pub fn len(&self) -> usize {
+        self.qs.len()
+    }
+
+    /// Whether there are no values.
+    pub fn is_empty(&self) -> bool {
+        self.qs.is_empty()
+    }
+
+    /// The dequantized values (`d_b · q`).
+    pub fn to_f32(&self) -> Vec<f32> {
+        self.qs
+            .chunks_exact(QBLOCK)
+            .zip(&self.d)
+            .flat_map(|(q, &d)| q.iter().map(move |&v| d * f32::from(v)))
+            .collect()
+    }
+}
+
+/// Quantizes `x` per block to integers in `±max` (round to nearest, ties to even): `store(i, q_i)`, the
+/// block scales into `d` and the blocks' sums of `q` into `s`.
+#[inline(always)]
+fn quantize_blocks(x: &[f32], max: f32, d: &mut [f32], s: &mut [f32], mut store: impl FnMut(usize, i32)) {
+    // Adding and subtracting 1.5·2²³ rounds an f32 of magnitude < 2²² to the nearest integer (ties to
+    // even) in plain IEEE arithmetic, which vectorizes (unlike `f32::round`, a library call).
+    const MAGIC: f32 = 12_582_912.0;
+    for (b, xb) in x.chunks_exact(QBLOCK).enumerate() {
+        let (mut amax, mut nan) = (0.0f32, false);
+        for &val in xb {
+            let a = val.abs();
+            // Written as a comparison (not f32::max) so that it vectorizes; NaNs are flagged apart.
+            amax = if a > amax { a } else { amax };
+            nan |= a.is_nan();
+        }
+        // A NaN makes the block's scale NaN, so that it shows in the result.
+        let scale = if nan { f32::NAN } else { amax / max };
+        let id = if scale > 0.0 { 1.0 / scale } else { 0.0 };
+        let mut sum = 0i32;
+        for (j, &val) in xb.iter().enumerate() {
+            // Clamped to ±max (also catches an infinity); `as` maps NaN to 0.
+            let r = ((val * id + MAGIC) - MAGIC).clamp(-max, max) as i32;
+            sum += r;
+            store(b * QBLOCK + j, r);
+        }
+        d[b] = scale;
+        s[b] = sum as f32;
     }
 }
 
@@ -236,6 +316,51 @@ fn row_dot_scalar(w: &QMatrix, x: &Q8Vec, r: usize) -> f32 {
         let wb = r * nb + b;
         let i = block_dot_scalar(w.kind, w, wb, x, b);
         acc[b % LANES] += block_term(w.kind, w, wb, x, b, i);
+    }
+    lanes_sum(&acc)
+}
+
+/// Exact integer dot product of weight block `wb` with int16 activation block `b` (portable).
+#[inline(always)]
+fn block_dot16_scalar(kind: QKind, w: &QMatrix, wb: usize, x: &Q16Vec, b: usize) -> i32 {
+    let xq = &x.qs[b * QBLOCK..(b + 1) * QBLOCK];
+    match kind {
+        QKind::Q4 => {
+            let q = &w.qs[wb * 16..wb * 16 + 16];
+            let mut s = 0i32;
+            for j in 0..16 {
+                s += i32::from(q[j] & 15) * i32::from(xq[j]) + i32::from(q[j] >> 4) * i32::from(xq[j + 16]);
+            }
+            s
+        }
+        QKind::Q8 => {
+            let q = &w.qs[wb * 32..wb * 32 + 32];
+            let mut s = 0i32;
+            for j in 0..32 {
+                s += i32::from(q[j] as i8) * i32::from(xq[j]);
+            }
+            s
+        }
+    }
+}
+
+/// The f32 contribution of block `b` for int16 activations (the formula of [`block_term`]).
+#[inline(always)]
+fn block_term16(kind: QKind, w: &QMatrix, wb: usize, x: &Q16Vec, b: usize, i: i32) -> f32 {
+    let fi = i as f32;
+    match kind {
+        QKind::Q4 => x.d[b] * (w.d[wb] * fi + w.m[wb] * x.s[b]),
+        QKind::Q8 => (x.d[b] * w.d[wb]) * fi,
+    }
+}
+
+fn row_dot16_scalar(w: &QMatrix, x: &Q16Vec, r: usize) -> f32 {
+    let nb = w.cols / QBLOCK;
+    let mut acc = [0.0f32; LANES];
+    for b in 0..nb {
+        let wb = r * nb + b;
+        let i = block_dot16_scalar(w.kind, w, wb, x, b);
+        acc[b % LANES] += block_term16(w.kind, w, wb, x, b, i);
     }
     lanes_sum(&acc)
 }
@@ -366,6 +491,95 @@ mod x86 {
         lanes_sum(&acc)
     }
 
+    /// Eight lanes of partial sums of the weight block at `wq` times the int16 activation block at `xq`.
+    ///
+    /// # Safety
+    /// `wq` must point to one block of quants of `kind`, `xq` to 32 readable `i16`; the CPU must support AVX2.
+    #[inline(always)]
+    unsafe fn block_lanes16(kind: QKind, wq: *const u8, xq: *const i16) -> __m256i {
+        let x0 = _mm256_loadu_si256(xq as *const __m256i);
+        let x1 = _mm256_loadu_si256(xq.add(16) as *const __m256i);
+        let (w0, w1) = match kind {
+            QKind::Q4 => {
+                let v = _mm_loadu_si128(wq as *const __m128i);
+                let m4 = _mm_set1_epi8(0x0F);
+                (
+                    _mm256_cvtepu8_epi16(_mm_and_si128(v, m4)),
+                    _mm256_cvtepu8_epi16(_mm_and_si128(_mm_srli_epi16(v, 4), m4)),
+                )
+            }
+            QKind::Q8 => (
+                _mm256_cvtepi8_epi16(_mm_loadu_si128(wq as *const __m128i)),
+                _mm256_cvtepi8_epi16(_mm_loadu_si128(wq.add(16) as *const __m128i)),
+            ),
+        };
+        // Pairs of i16 products are at most 2·128·32767 < 2³¹ and a block's sum 32·128·32767 < 2³¹: exact.
+        _mm256_add_epi32(_mm256_madd_epi16(w0, x0), _mm256_madd_epi16(w1, x1))
+    }
+
+    /// Row `r` of `w` times int16 `x`, bit for bit [`row_dot16_scalar`].
+    ///
+    /// # Safety
+    /// `r < w.rows`, `x.len() == w.cols`; the CPU must support AVX2.
+    #[inline(always)]
+    unsafe fn row_dot16(w: &QMatrix, x: &Q16Vec, r: usize) -> f32 {
+        let kind = w.kind;
+        let nb = w.cols / QBLOCK;
+        let ql = w.qlen();
+        let groups = nb / LANES;
+        let mut acc = [0.0f32; LANES];
+        // As in `row_dot`: every pointer stays inside row r's blocks and x's nb blocks.
+        let wq = w.qs.as_ptr().add(r * nb * ql);
+        let wd = w.d.as_ptr().add(r * nb);
+        let wm = if kind == QKind::Q4 {
+            w.m.as_ptr().add(r * nb)
+        } else {
+            wd
+        };
+        let xq = x.qs.as_ptr();
+        let (xd, xs) = (x.d.as_ptr(), x.s.as_ptr());
+        let mut av = _mm256_setzero_ps();
+        for g in 0..groups {
+            let b0 = g * LANES;
+            let mut v = [_mm256_setzero_si256(); 8];
+            for (k, vk) in v.iter_mut().enumerate() {
+                *vk = block_lanes16(kind, wq.add((b0 + k) * ql), xq.add((b0 + k) * QBLOCK));
+            }
+            let fi = _mm256_cvtepi32_ps(hsum8(v));
+            let xdv = _mm256_loadu_ps(xd.add(b0));
+            let wdv = _mm256_loadu_ps(wd.add(b0));
+            let term = match kind {
+                QKind::Q4 => {
+                    let wmv = _mm256_loadu_ps(wm.add(b0));
+                    let xsv = _mm256_loadu_ps(xs.add(b0));
+                    _mm256_mul_ps(xdv, _mm256_add_ps(_mm256_mul_ps(wdv, fi), _mm256_mul_ps(wmv, xsv)))
+                }
+                QKind::Q8 => _mm256_mul_ps(_mm256_mul_ps(xdv, wdv), fi),
+            };
+            av = _mm256_add_ps(av, term);
+        }
+        _mm256_storeu_ps(acc.as_mut_ptr(), av);
+        for b in groups * LANES..nb {
+            let wb = r * nb + b;
+            let i = block_dot16_scalar(kind, w, wb, x, b);
+            acc[b % LANES] += block_term16(kind, w, wb, x, b, i);
+        }
+        lanes_sum(&acc)
+    }
+
+    /// Rows `r0..r0 + y.len()` of `w` times int16 `x` with the AVX2 kernel.
+    ///
+    /// # Safety
+    /// The CPU must support AVX2.
+    #[target_feature(enable = "avx2")]
+    pub(super) unsafe fn rows16_avx2(w: &QMatrix, x: &Q16Vec, r0: usize, y: &mut [f32]) {
+        assert!(x.len() == w.cols && r0 + y.len() <= w.rows, "rows16_avx2: shapes");
+        for (i, o) in y.iter_mut().enumerate() {
+            // SAFETY: the row exists and `x` has `w.cols` values (asserted above); the caller guarantees AVX2.
+            *o = unsafe { row_dot16(w, x, r0 + i) };
+        }
+    }
+
     /// Rows `r0..r0 + y.len()` with the AVX2 kernel.
     ///
     /// # Safety
@@ -410,6 +624,22 @@ pub fn rows_int8(w: &QMatrix, x: &Q8Vec, r0: usize, y: &mut [f32], isa: Isa) {
     let _ = isa;
     for (i, o) in y.iter_mut().enumerate() {
         *o = row_dot_scalar(w, x, r0 + i);
+    }
+}
+
+/// `y[i] = row (r0 + i) of w · x` for int16 activations with kernel `isa` ([`Isa::Avx2`] or the portable
+/// one; others fall back to the portable kernel).
+pub fn rows_int16(w: &QMatrix, x: &Q16Vec, r0: usize, y: &mut [f32], isa: Isa) {
+    assert_eq!(x.len(), w.cols, "rows_int16: input length");
+    assert!(r0 + y.len() <= w.rows, "rows_int16: rows past the matrix");
+    #[cfg(target_arch = "x86_64")]
+    if isa == Isa::Avx2 && isa.supported() {
+        // SAFETY: `supported()` checked AVX2, the kernel's only requirement.
+        return unsafe { x86::rows16_avx2(w, x, r0, y) };
+    }
+    let _ = isa;
+    for (i, o) in y.iter_mut().enumerate() {
+        *o = row_dot16_scalar(w, x, r0 + i);
     }
 }
 
@@ -497,6 +727,55 @@ mod tests {
         }
     }
 
+    fn run16(isa: Isa, w: &QMatrix, x: &Q16Vec) -> Vec<u32> {
+        let mut y = vec![f32::NAN; w.rows];
+        rows_int16(w, x, 0, &mut y, isa);
+        y.iter().map(|v| v.to_bits()).collect()
+    }
+
+    /// The int16 path: AVX2 = portable bit for bit (tails included), and the portable kernel is the product
+    /// of the dequantized operands.
+    #[test]
+    fn int16_kernels_equal_scalar_and_the_dequantized_product() {
+        for (k, ty) in TYPES.into_iter().enumerate() {
+            for nb in [1, 7, 8, 9, 17, 18, 48, 49] {
+                let w = random_matrix(ty, 23, nb, nb as u64 * 13 + k as u64);
+                let x = Q16Vec::quantize(&random_x(nb * QBLOCK, nb as u64 + 99)).unwrap();
+                let want = run16(Isa::Scalar, &w, &x);
+                if Isa::Avx2.supported() {
+                    assert_eq!(run16(Isa::Avx2, &w, &x), want, "{ty} nb {nb}");
+                }
+                let (wd, xd) = (w.to_f32(), x.to_f32());
+                for (r, &bits) in want.iter().enumerate() {
+                    let got = f32::from_bits(bits);
+                    let row = &wd.data[r * w.cols..(r + 1) * w.cols];
+                    let exact: f64 = row.iter().zip(&xd).map(|(&a, &b)| f64::from(a) * f64::from(b)).sum();
+                    let mag: f64 = row
+                        .iter()
+                        .zip(&xd)
+                        .map(|(&a, &b)| (f64::from(a) * f64::from(b)).abs())
+                        .sum();
+                    assert!(
+                        (f64::from(got) - exact).abs() <= 1e-5 * (1.0 + mag),
+                        "{ty} row {r}: {got} vs {exact}"
+                    );
+                }
+            }
+        }
+        // Finer than int8: the quantized activations are within amax / 65534 of the input.
+        let xf = random_x(4 * QBLOCK, 3);
+        for (xb, qb) in xf
+            .chunks_exact(QBLOCK)
+            .zip(Q16Vec::quantize(&xf).unwrap().to_f32().chunks_exact(QBLOCK))
+        {
+            let amax = xb.iter().fold(0.0f32, |a, v| a.max(v.abs()));
+            for (a, r) in xb.iter().zip(qb) {
+                assert!((a - r).abs() <= amax / 65534.0 * 1.001 + 1e-30, "{a} vs {r}");
+            }
+        }
+        assert!(Q16Vec::quantize(&[0.0; 31]).is_none());
+    }
+
     /// The portable kernel is the exact product of the dequantized weights with the dequantized int8
     /// activations (up to f32 rounding): the integer arithmetic and the scale formula are right.
     #[test]
@@ -580,6 +859,18 @@ mod tests {
             w.matvec_batch_int8(&xx, 2, &mut yy, threads);
             let got: Vec<u32> = yy[..rows].iter().map(|v| v.to_bits()).collect();
             proptest::prop_assert_eq!(&got, &want);
+            // The same for the int16 path.
+            let x16 = Q16Vec::quantize(&xf).unwrap();
+            let want16 = run16(Isa::Scalar, &w, &x16);
+            if Isa::Avx2.supported() {
+                proptest::prop_assert_eq!(&run16(Isa::Avx2, &w, &x16), &want16, "{} int16", ty);
+            }
+            w.matvec_batch_int16(&xx, 2, &mut yy, threads);
+            let got: Vec<u32> = yy[..rows].iter().map(|v| v.to_bits()).collect();
+            proptest::prop_assert_eq!(&got, &want16);
+            w.matvec_int16(&xf, &mut y, threads);
+            let got: Vec<u32> = y.iter().map(|v| v.to_bits()).collect();
+            proptest::prop_assert_eq!(&got, &want16);
         }
     }
 }
