@@ -104,8 +104,8 @@ pub struct Args {
     pub threads: Option<usize>,
     /// Fast decode: quantize the activations to int8 per block of 32 (f32 scale, as llama.cpp) and use
     /// integer dot products with the Q4_0/Q4_1/Q8_0 weight blocks (AVX-512 VNNI or AVX2 when the CPU has them,
-    /// else portable code). Coarse: on SmolLM2 the logits are up to 0.11 relative L2 from the exact path (same
-    /// greedy tokens on the test prompts); prefer --int16. Default: the exact f32 path. Prefill (3 or more
+    /// else portable code). Coarse: on SmolLM2 the logits are up to 0.11 relative L2 from the f64 reference (same
+    /// greedy tokens as the exact path on the test prompts); prefer --int16. Default: the exact f32 path. Prefill (3 or more
     /// prompt tokens) stays exact. The path used is printed (`decode_path` in --json).
     #[arg(long, conflicts_with = "int16")]
     pub int8: bool,
