@@ -2,7 +2,10 @@
 //! SmolLM2 that scripts/setup.sh fetched (else the built-in tiny model), with the weights kept as the file
 //! stores them and with the f32 path (`NCCL_LLM_F32_WEIGHTS=1` at load). The reference measured in the same
 //! run is one pass of reading the f32 weights' bytes (`weight_bytes`), i.e. the memory-bandwidth floor of the
-//! f32 path. `cargo bench --bench decode_step`.
+//! f32 path. The int8 decode path (`DecodePath::Int8`) runs on the same quantized weights; a second group
+//! times one matrix-vector product of Q4_1 matrices (256 × 576, and SmolLM2's fused gate/up 3072 × 576) on both paths, in this
+//! thread's CPU time (so that load from other processes on a shared machine counts less).
+//! `cargo bench --bench decode_step`.
 
 use std::sync::Arc;
 use std::time::{Duration, Instant};
@@ -10,6 +13,7 @@ use std::time::{Duration, Instant};
 use criterion::{criterion_group, criterion_main, Criterion, Throughput};
 use nccl_llm::comm::SingleComm;
 use nccl_llm::engine::{RankModel, RankPlace};
+use nccl_llm::math::{DecodePath, QMatrix};
 use nccl_llm::model::{self, WeightSource};
 
 const CONTEXT: usize = 256;
@@ -67,6 +71,22 @@ fn decode(m: &RankModel, iters: u64) -> Duration {
     total
 }
 
+/// This thread's CPU time for `n` calls of `f` (not wall time: on a machine shared with other work, time
+/// spent descheduled is not counted).
+fn cpu_time(n: u64, mut f: impl FnMut()) -> Duration {
+    let now = || {
+        let mut t = libc::timespec { tv_sec: 0, tv_nsec: 0 };
+        // SAFETY: `t` is a valid, writable timespec; CLOCK_THREAD_CPUTIME_ID is supported on Linux.
+        unsafe { libc::clock_gettime(libc::CLOCK_THREAD_CPUTIME_ID, &mut t) };
+        Duration::new(t.tv_sec as u64, t.tv_nsec as u32)
+    };
+    let t0 = now();
+    for _ in 0..n {
+        f();
+    }
+    now() - t0
+}
+
 fn bench(c: &mut Criterion) {
     let src = source();
     let mut g = c.benchmark_group("decode_step");
@@ -84,6 +104,42 @@ fn bench(c: &mut Criterion) {
         b.iter_custom(|n| decode(&quantized, n))
     });
     g.bench_function("f32 weights", |b| b.iter_custom(|n| decode(&f32_model, n)));
+    let mut int8 = quantized;
+    int8.set_decode_path(DecodePath::Int8);
+    g.bench_function(format!("quantized weights, {}", DecodePath::Int8.describe()), |b| {
+        b.iter_custom(|n| decode(&int8, n))
+    });
+    g.finish();
+
+    // One product of Q4_1 matrices of 576 columns (bytes from a fixed pseudo-random sequence, scales ~0.01):
+    // 256 rows (180 KB, stays in L2) and SmolLM2's fused gate/up, 3072 rows (1.7 MB).
+    let mut g = c.benchmark_group("matvec_q4_1");
+    for rows in [256usize, 3072] {
+        let cols = 576usize;
+        let mut s = 0x1234_5678u32;
+        let mut raw: Vec<u8> = (0..rows * cols / 32 * 20)
+            .map(|_| {
+                s ^= s << 13;
+                s ^= s >> 17;
+                s ^= s << 5;
+                s as u8
+            })
+            .collect();
+        for b in raw.chunks_exact_mut(20) {
+            b[0..2].copy_from_slice(&half::f16::from_f32(0.01).to_bits().to_le_bytes());
+            b[2..4].copy_from_slice(&half::f16::from_f32(-0.08).to_bits().to_le_bytes());
+        }
+        let w = QMatrix::from_ggml(model::dequant::GgmlType::Q4_1, rows, cols, &raw).expect("blocks");
+        let x: Vec<f32> = (0..cols).map(|i| ((i * 7919) % 1000) as f32 / 500.0 - 1.0).collect();
+        let mut y = vec![0.0f32; rows];
+        g.throughput(Throughput::Bytes(w.bytes() as u64));
+        g.bench_function(format!("{rows}x{cols} exact f32"), |b| {
+            b.iter_custom(|n| cpu_time(n, || w.matvec(std::hint::black_box(&x), &mut y, 1)))
+        });
+        g.bench_function(format!("{rows}x{cols} {}", DecodePath::Int8.describe()), |b| {
+            b.iter_custom(|n| cpu_time(n, || w.matvec_int8(std::hint::black_box(&x), &mut y, 1)))
+        });
+    }
     g.finish();
 }
 

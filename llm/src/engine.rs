@@ -18,7 +18,7 @@ use std::time::Instant;
 
 use crate::comm::Comm;
 use crate::error::{EngineError, Result};
-use crate::math::{self, Matrix, QMatrix, Rope, Weight};
+use crate::math::{self, DecodePath, Matrix, QMatrix, Rope, Weight};
 use crate::model::{self, LlamaConfig, WeightSource};
 use crate::sample::{Sampler, SamplingParams};
 use crate::shard::{self, HeadShard};
@@ -66,6 +66,7 @@ pub struct RankModel {
     /// `None` with a tied head on a single-stage layout: the embedding shard is the head.
     lm_head: Option<Weight>,
     rope: Rope,
+    decode_path: DecodePath,
 }
 
 fn expect_shape(name: &str, t: &model::Tensor, expected: &[usize]) -> Result<()> {
@@ -378,7 +379,20 @@ impl RankModel {
             final_norm,
             lm_head,
             rope,
+            decode_path: DecodePath::Exact,
         })
+    }
+
+    /// Chooses how decode steps (one row per sequence) compute their matrix-vector products on
+    /// block-quantized weights; [`DecodePath::Exact`] (the default after loading) or [`DecodePath::Int8`].
+    /// Prefill always uses the exact blocked product.
+    pub fn set_decode_path(&mut self, path: DecodePath) {
+        self.decode_path = path;
+    }
+
+    /// The decode path in use (see [`RankModel::set_decode_path`]).
+    pub fn decode_path(&self) -> DecodePath {
+        self.decode_path
     }
 
     /// The model configuration.
@@ -497,11 +511,12 @@ impl RankModel {
             }
         }
         let decode = segs.len() > 1 && segs.iter().all(|s| s.0 == 1);
+        let path = self.decode_path;
         let lin = |w: &Weight, input: &[f32], out: &mut [f32]| {
             if decode {
-                w.matvec_batch(input, n, out, self.place.threads)
+                w.matvec_batch_path(input, n, out, self.place.threads, path)
             } else {
-                w.linear(input, n, out, self.place.threads)
+                w.linear_path(input, n, out, self.place.threads, path)
             }
         };
         let eps = cfg.rms_norm_eps as f32;
@@ -637,10 +652,10 @@ impl RankModel {
         let (vp, mine) = (self.vocab_per, self.vocab_rows.len());
         let mut local = vec![0.0f32; m * vp];
         if m == 1 {
-            head.matvec(&normed, &mut local[..mine], self.place.threads);
+            head.matvec_path(&normed, &mut local[..mine], self.place.threads, self.decode_path);
         } else {
             let mut packed = vec![0.0f32; m * mine];
-            head.matvec_batch(&normed, m, &mut packed, self.place.threads);
+            head.matvec_batch_path(&normed, m, &mut packed, self.place.threads, self.decode_path);
             for i in 0..m {
                 local[i * vp..i * vp + mine].copy_from_slice(&packed[i * mine..(i + 1) * mine]);
             }

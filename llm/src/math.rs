@@ -3,6 +3,10 @@
 
 use rayon::prelude::*;
 
+pub mod int8;
+
+pub use int8::{DecodePath, Isa, Q16Vec, Q8Vec};
+
 /// A dense row-major f32 matrix stored as `[rows, cols]` (a linear layer's `[out, in]`).
 #[derive(Clone, Debug, Default)]
 pub struct Matrix {
@@ -468,6 +472,92 @@ impl QMatrix {
 }
 
 impl QMatrix {
+    /// `y = W · x` for one vector on the int8 path: `x` quantized to int8 per block ([`Q8Vec`]), integer
+    /// dot products with the blocks (kernel [`Isa::detect`]).
+    pub fn matvec_int8(&self, x: &[f32], y: &mut [f32], threads: usize) {
+        assert_eq!(x.len(), self.cols, "matvec: input length");
+        assert_eq!(y.len(), self.rows, "matvec: output length");
+        if self.cols == 0 {
+            y.fill(0.0);
+            return;
+        }
+        let xq = Q8Vec::quantize(x).expect("a QMatrix has whole blocks of columns");
+        let isa = Isa::detect();
+        let kernel = |(chunk, out): (usize, &mut [f32])| int8::rows_int8(self, &xq, chunk * MATVEC_CHUNK, out, isa);
+        if threads > 1 && self.rows >= 2 * MATVEC_CHUNK {
+            y.par_chunks_mut(MATVEC_CHUNK).enumerate().for_each(kernel);
+        } else {
+            y.chunks_mut(MATVEC_CHUNK).enumerate().for_each(kernel);
+        }
+    }
+
+    /// [`QMatrix::matvec_int8`] for `n` vectors in one pass over the blocks; each output equals what
+    /// `matvec_int8` gives for its vector alone (same kernel per row).
+    pub fn matvec_batch_int8(&self, x: &[f32], n: usize, y: &mut [f32], threads: usize) {
+        assert_eq!(x.len(), n * self.cols, "matvec_batch: input length");
+        assert_eq!(y.len(), n * self.rows, "matvec_batch: output length");
+        if self.cols == 0 {
+            y.fill(0.0);
+            return;
+        }
+        if n == 1 {
+            return self.matvec_int8(x, y, threads);
+        }
+        let xq: Vec<Q8Vec> = x
+            .chunks_exact(self.cols.max(1))
+            .map(|v| Q8Vec::quantize(v).expect("a QMatrix has whole blocks of columns"))
+            .collect();
+        let isa = Isa::detect();
+        batch_rows(n, self.rows, y, threads, |base, out| {
+            let rlen = out.len() / n;
+            for (t, o) in out.chunks_exact_mut(rlen).enumerate() {
+                int8::rows_int8(self, &xq[t], base, o, isa);
+            }
+        });
+    }
+}
+
+impl QMatrix {
+    /// `y = W · x` for one vector on the int16 path ([`Q16Vec`] activations, kernel
+    /// [`Isa::detect_int16`]).
+    pub fn matvec_int16(&self, x: &[f32], y: &mut [f32], threads: usize) {
+        self.matvec_batch_int16(x, 1, y, threads)
+    }
+
+    /// [`QMatrix::matvec_int16`] for `n` vectors in one pass over the blocks; each output equals what
+    /// `matvec_int16` gives for its vector alone (same kernel per row).
+    pub fn matvec_batch_int16(&self, x: &[f32], n: usize, y: &mut [f32], threads: usize) {
+        assert_eq!(x.len(), n * self.cols, "matvec_batch: input length");
+        assert_eq!(y.len(), n * self.rows, "matvec_batch: output length");
+        if self.cols == 0 {
+            y.fill(0.0);
+            return;
+        }
+        let xq: Vec<Q16Vec> = x
+            .chunks_exact(self.cols)
+            .map(|v| Q16Vec::quantize(v).expect("a QMatrix has whole blocks of columns"))
+            .collect();
+        let isa = Isa::detect_int16();
+        if n == 1 {
+            let kernel =
+                |(chunk, out): (usize, &mut [f32])| int8::rows_int16(self, &xq[0], chunk * MATVEC_CHUNK, out, isa);
+            if threads > 1 && self.rows >= 2 * MATVEC_CHUNK {
+                y.par_chunks_mut(MATVEC_CHUNK).enumerate().for_each(kernel);
+            } else {
+                y.chunks_mut(MATVEC_CHUNK).enumerate().for_each(kernel);
+            }
+            return;
+        }
+        batch_rows(n, self.rows, y, threads, |base, out| {
+            let rlen = out.len() / n;
+            for (t, o) in out.chunks_exact_mut(rlen).enumerate() {
+                int8::rows_int16(self, &xq[t], base, o, isa);
+            }
+        });
+    }
+}
+
+impl QMatrix {
     /// [`QMatrix::matvec`] for `n` vectors in one pass over the blocks (see [`matvec_batch`]); each output
     /// equals what `matvec` gives for its vector alone.
     pub fn matvec_batch(&self, x: &[f32], n: usize, y: &mut [f32], threads: usize) {
@@ -629,23 +719,45 @@ impl Weight {
 
     /// `y = W · x` for one vector.
     pub fn matvec(&self, x: &[f32], y: &mut [f32], threads: usize) {
-        match self {
-            Weight::F32(m) => matvec(x, m, y, threads),
-            Weight::Quant(q) => q.matvec(x, y, threads),
+        self.matvec_path(x, y, threads, DecodePath::Exact)
+    }
+
+    /// [`Weight::matvec`] on decode path `path` ([`DecodePath::Int8`] and [`DecodePath::Int16`] apply to
+    /// quantized weights; f32 weights always compute exactly).
+    pub fn matvec_path(&self, x: &[f32], y: &mut [f32], threads: usize, path: DecodePath) {
+        match (self, path) {
+            (Weight::F32(m), _) => matvec(x, m, y, threads),
+            (Weight::Quant(q), DecodePath::Exact) => q.matvec(x, y, threads),
+            (Weight::Quant(q), DecodePath::Int8) => q.matvec_int8(x, y, threads),
+            (Weight::Quant(q), DecodePath::Int16) => q.matvec_int16(x, y, threads),
         }
     }
 
     /// `n` independent vectors in one pass over the weights, each output equal to [`Weight::matvec`] of its
     /// vector (the batched decode step).
     pub fn matvec_batch(&self, x: &[f32], n: usize, y: &mut [f32], threads: usize) {
-        match self {
-            Weight::F32(m) => matvec_batch(x, n, m, y, threads),
-            Weight::Quant(q) => q.matvec_batch(x, n, y, threads),
+        self.matvec_batch_path(x, n, y, threads, DecodePath::Exact)
+    }
+
+    /// [`Weight::matvec_batch`] on decode path `path` (each output equals [`Weight::matvec_path`] of its
+    /// vector).
+    pub fn matvec_batch_path(&self, x: &[f32], n: usize, y: &mut [f32], threads: usize, path: DecodePath) {
+        match (self, path) {
+            (Weight::F32(m), _) => matvec_batch(x, n, m, y, threads),
+            (Weight::Quant(q), DecodePath::Exact) => q.matvec_batch(x, n, y, threads),
+            (Weight::Quant(q), DecodePath::Int8) => q.matvec_batch_int8(x, n, y, threads),
+            (Weight::Quant(q), DecodePath::Int16) => q.matvec_batch_int16(x, n, y, threads),
         }
     }
 
     /// `y[t, :] = W · x[t, :]` for `n` rows of `x`, as [`linear`].
     pub fn linear(&self, x: &[f32], n: usize, y: &mut [f32], threads: usize) {
+        self.linear_path(x, n, y, threads, DecodePath::Exact)
+    }
+
+    /// [`Weight::linear`] where the one- and two-row products (decode) take path `path`; longer inputs
+    /// (prefill) always use the exact blocked product.
+    pub fn linear_path(&self, x: &[f32], n: usize, y: &mut [f32], threads: usize, path: DecodePath) {
         let q = match self {
             Weight::F32(m) => return linear(x, n, m, y, threads),
             Weight::Quant(q) => q,
@@ -661,10 +773,11 @@ impl Weight {
         }
         if n <= 2 {
             for t in 0..n {
-                q.matvec(
+                self.matvec_path(
                     &x[t * q.cols..(t + 1) * q.cols],
                     &mut y[t * q.rows..(t + 1) * q.rows],
                     threads,
+                    path,
                 );
             }
             return;

@@ -1,0 +1,877 @@
+//! The integer decode paths: activations quantized per block of [`QBLOCK`] values with an f32 scale, to `i8`
+//! ([`Q8Vec`], as llama.cpp's `q8` activations) or to `i16` ([`Q16Vec`]), then integer dot products against
+//! the `Q4_0` / `Q4_1` / `Q8_0` blocks of a [`QMatrix`].
+//!
+//! Each block's integer dot product is exact (at most `32 · 128 · 32767` in magnitude), so every instruction
+//! set gives the same integers; the f32 combination of the blocks is one fixed sequence of IEEE operations
+//! (no fused multiply-add) in eight lanes (`block % 8`), summed in a fixed order. The SIMD variants
+//! ([`Isa::Avx512Vnni`], [`Isa::Avx2`]) therefore give bit for bit what the portable [`Isa::Scalar`] gives;
+//! the unit tests check it.
+//!
+//! The result differs from the exact f32 path by the activation rounding (at most half a step, `amax / 254`
+//! for int8 and `amax / 65534` for int16, per value); `llm/tests/decode_int8.rs` bounds it on SmolLM2
+//! (logits rel-L2 vs the f64 reference: int16 ≤ 1e-2, measured 6.7e-4; int8 measured up to 0.108).
+
+use super::{QKind, QMatrix, QBLOCK};
+
+/// How decode's matrix-vector products compute on block-quantized weights.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub enum DecodePath {
+    /// f32 activations times the dequantized blocks, in f32 (the path the equivalence tests check).
+    #[default]
+    Exact,
+    /// Activations quantized to int8 per block, integer dot products ([`Isa::detect`] picks the kernel).
+    Int8,
+    /// Activations quantized to int16 per block ([`Q16Vec`]), integer dot products (AVX2 `vpmaddwd` when
+    /// the CPU has it, else portable code): 256 times finer activations than [`DecodePath::Int8`].
+    Int16,
+}
+
+impl DecodePath {
+    /// A short name for output: `exact`, or `int8-` and the kernel's instruction set.
+    pub fn describe(self) -> String {
+        match self {
+            DecodePath::Exact => "exact".to_string(),
+            DecodePath::Int8 => format!("int8-{}", Isa::detect().name()),
+            DecodePath::Int16 => format!("int16-{}", Isa::detect_int16().name()),
+        }
+    }
+}
+
+/// The instruction set of an int8 kernel.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Isa {
+    /// Portable Rust.
+    Scalar,
+    /// AVX2 (`vpmaddubsw` + `vpmaddwd`).
+    Avx2,
+    /// AVX-512 VNNI on 256-bit vectors (`vpdpbusd`; needs `avx512vnni` and `avx512vl`).
+    Avx512Vnni,
+}
+
+impl Isa {
+    /// The best kernel this CPU runs (detected at run time).
+    pub fn detect() -> Isa {
+        #[cfg(target_arch = "x86_64")]
+        {
+            if Isa::Avx512Vnni.supported() {
+                return Isa::Avx512Vnni;
+            }
+            if Isa::Avx2.supported() {
+                return Isa::Avx2;
+            }
+        }
+        Isa::Scalar
+    }
+
+    /// The best int16 kernel this CPU runs: [`Isa::Avx2`] or [`Isa::Scalar`] (VNNI's `vpdpwssd` would only
+    /// fuse the add that follows `vpmaddwd`).
+    pub fn detect_int16() -> Isa {
+        if Isa::Avx2.supported() {
+            Isa::Avx2
+        } else {
+            Isa::Scalar
+        }
+    }
+
+    /// Whether this CPU runs this kernel.
+    pub fn supported(self) -> bool {
+        match self {
+            Isa::Scalar => true,
+            #[cfg(target_arch = "x86_64")]
+            Isa::Avx2 => std::arch::is_x86_feature_detected!("avx2"),
+            #[cfg(target_arch = "x86_64")]
+            Isa::Avx512Vnni => {
+                std::arch::is_x86_feature_detected!("avx2")
+                    && std::arch::is_x86_feature_detected!("avx512vnni")
+                    && std::arch::is_x86_feature_detected!("avx512vl")
+            }
+            #[cfg(not(target_arch = "x86_64"))]
+            _ => false,
+        }
+    }
+
+    /// `scalar`, `avx2` or `avx512vnni`.
+    pub fn name(self) -> &'static str {
+        match self {
+            Isa::Scalar => "scalar",
+            Isa::Avx2 => "avx2",
+            Isa::Avx512Vnni => "avx512vnni",
+        }
+    }
+}
+
+/// A vector quantized to int8 per block of [`QBLOCK`] values: `x ≈ d_b · q` with `d_b = max|x| / 127`.
+#[derive(Clone, Debug)]
+pub struct Q8Vec {
+    /// The quantized values (`cols` of them).
+    qs: Vec<i8>,
+    /// Per-block scale.
+    d: Vec<f32>,
+    /// Per-block sum of the quantized values (exact in f32), for the `Q4` minimum term.
+    s: Vec<f32>,
+}
+
+impl Q8Vec {
+    /// Quantizes `x` (round to nearest, ties to even); `None` unless its length is a whole number of blocks.
+    /// Non-finite values do not panic: a block with an infinite or NaN value gets a non-finite scale, which
+    /// propagates to the result.
+    pub fn quantize(x: &[f32]) -> Option<Q8Vec> {
+        if x.len() % QBLOCK != 0 {
+            return None;
+        }
+        let nb = x.len() / QBLOCK;
+        let mut v = Q8Vec {
+            qs: vec![0; x.len()],
+            d: vec![0.0; nb],
+            s: vec![0.0; nb],
+        };
+        #[cfg(target_arch = "x86_64")]
+        if std::arch::is_x86_feature_detected!("avx2") {
+            // SAFETY: the CPU supports AVX2, the only requirement of `quantize_avx2` (safe code inside).
+            unsafe { v.quantize_avx2(x) };
+            return Some(v);
+        }
+        v.quantize_into(x);
+        Some(v)
+    }
+
+    /// [`Q8Vec::quantize_into`] compiled for AVX2 (the same IEEE operations, so the same result).
+    ///
+    /// # Safety
+    /// The CPU must support AVX2.
+    #[cfg(target_arch = "x86_64")]
+    #[target_feature(enable = "avx2")]
+    unsafe fn quantize_avx2(&mut self, x: &[f32]) {
+        self.quantize_into(x)
+    }
+
+    /// Fills `self` (already sized for `x`) with the quantization of `x`.
+    #[inline(always)]
+    fn quantize_into(&mut self, x: &[f32]) {
+        quantize_blocks(x, 127.0, &mut self.d, &mut self.s, |i, q| self.qs[i] = q as i8);
+    }
+
+    /// Number of values.
+    pub fn len(&self) -> usize {
+        self.qs.len()
+    }
+
+    /// Whether there are no values.
+    pub fn is_empty(&self) -> bool {
+        self.qs.is_empty()
+    }
+
+    /// The dequantized values (`d_b · q`).
+    pub fn to_f32(&self) -> Vec<f32> {
+        self.qs
+            .chunks_exact(QBLOCK)
+            .zip(&self.d)
+            .flat_map(|(q, &d)| q.iter().map(move |&v| d * f32::from(v)))
+            .collect()
+    }
+}
+
+/// A vector quantized to int16 per block of [`QBLOCK`] values: `x ≈ d_b · q` with `d_b = max|x| / 32767`.
+#[derive(Clone, Debug)]
+pub struct Q16Vec {
+    qs: Vec<i16>,
+    d: Vec<f32>,
+    s: Vec<f32>,
+}
+
+impl Q16Vec {
+    /// Quantizes `x` as [`Q8Vec::quantize`] does, to ±32767; `None` unless its length is a whole number of
+    /// blocks.
+    pub fn quantize(x: &[f32]) -> Option<Q16Vec> {
+        if x.len() % QBLOCK != 0 {
+            return None;
+        }
+        let nb = x.len() / QBLOCK;
+        let mut v = Q16Vec {
+            qs: vec![0; x.len()],
+            d: vec![0.0; nb],
+            s: vec![0.0; nb],
+        };
+        #[cfg(target_arch = "x86_64")]
+        if std::arch::is_x86_feature_detected!("avx2") {
+            // SAFETY: the CPU supports AVX2, the only requirement of `quantize_avx2` (safe code inside).
+            unsafe { v.quantize_avx2(x) };
+            return Some(v);
+        }
+        v.quantize_into(x);
+        Some(v)
+    }
+
+    /// # Safety
+    /// The CPU must support AVX2.
+    #[cfg(target_arch = "x86_64")]
+    #[target_feature(enable = "avx2")]
+    unsafe fn quantize_avx2(&mut self, x: &[f32]) {
+        self.quantize_into(x)
+    }
+
+    #[inline(always)]
+    fn quantize_into(&mut self, x: &[f32]) {
+        quantize_blocks(x, 32767.0, &mut self.d, &mut self.s, |i, q| self.qs[i] = q as i16);
+    }
+
+    /// Number of values.
+    pub fn len(&self) -> usize {
+        self.qs.len()
+    }
+
+    /// Whether there are no values.
+    pub fn is_empty(&self) -> bool {
+        self.qs.is_empty()
+    }
+
+    /// The dequantized values (`d_b · q`).
+    pub fn to_f32(&self) -> Vec<f32> {
+        self.qs
+            .chunks_exact(QBLOCK)
+            .zip(&self.d)
+            .flat_map(|(q, &d)| q.iter().map(move |&v| d * f32::from(v)))
+            .collect()
+    }
+}
+
+/// Quantizes `x` per block to integers in `±max` (round to nearest, ties to even): `store(i, q_i)`, the
+/// block scales into `d` and the blocks' sums of `q` into `s`.
+#[inline(always)]
+fn quantize_blocks(x: &[f32], max: f32, d: &mut [f32], s: &mut [f32], mut store: impl FnMut(usize, i32)) {
+    // Adding and subtracting 1.5·2²³ rounds an f32 of magnitude < 2²² to the nearest integer (ties to
+    // even) in plain IEEE arithmetic, which vectorizes (unlike `f32::round`, a library call).
+    const MAGIC: f32 = 12_582_912.0;
+    for (b, xb) in x.chunks_exact(QBLOCK).enumerate() {
+        let (mut amax, mut nan) = (0.0f32, false);
+        for &val in xb {
+            let a = val.abs();
+            // Written as a comparison (not f32::max) so that it vectorizes; NaNs are flagged apart.
+            amax = if a > amax { a } else { amax };
+            nan |= a.is_nan();
+        }
+        // A NaN makes the block's scale NaN, so that it shows in the result.
+        let scale = if nan { f32::NAN } else { amax / max };
+        let id = if scale > 0.0 { 1.0 / scale } else { 0.0 };
+        let mut sum = 0i32;
+        for (j, &val) in xb.iter().enumerate() {
+            // Clamped to ±max (also catches an infinity); `as` maps NaN to 0.
+            let r = ((val * id + MAGIC) - MAGIC).clamp(-max, max) as i32;
+            sum += r;
+            store(b * QBLOCK + j, r);
+        }
+        d[b] = scale;
+        s[b] = sum as f32;
+    }
+}
+
+/// Lanes of the f32 combination (block `b` goes to lane `b % LANES`).
+const LANES: usize = 8;
+
+/// The f32 contribution of block `b` with integer dot product `i` (the one formula every kernel uses).
+#[inline(always)]
+fn block_term(kind: QKind, w: &QMatrix, wb: usize, x: &Q8Vec, b: usize, i: i32) -> f32 {
+    let fi = i as f32;
+    match kind {
+        QKind::Q4 => x.d[b] * (w.d[wb] * fi + w.m[wb] * x.s[b]),
+        QKind::Q8 => (x.d[b] * w.d[wb]) * fi,
+    }
+}
+
+/// The fixed final sum of the lanes.
+#[inline(always)]
+fn lanes_sum(a: &[f32; LANES]) -> f32 {
+    ((a[0] + a[1]) + (a[2] + a[3])) + ((a[4] + a[5]) + (a[6] + a[7]))
+}
+
+/// Exact integer dot product of weight block `wb` with activation block `b` (portable).
+#[inline(always)]
+fn block_dot_scalar(kind: QKind, w: &QMatrix, wb: usize, x: &Q8Vec, b: usize) -> i32 {
+    let xq = &x.qs[b * QBLOCK..(b + 1) * QBLOCK];
+    match kind {
+        QKind::Q4 => {
+            let q = &w.qs[wb * 16..wb * 16 + 16];
+            let mut s = 0i32;
+            for j in 0..16 {
+                s += i32::from(q[j] & 15) * i32::from(xq[j]) + i32::from(q[j] >> 4) * i32::from(xq[j + 16]);
+            }
+            s
+        }
+        QKind::Q8 => {
+            let q = &w.qs[wb * 32..wb * 32 + 32];
+            let mut s = 0i32;
+            for j in 0..32 {
+                s += i32::from(q[j] as i8) * i32::from(xq[j]);
+            }
+            s
+        }
+    }
+}
+
+/// Row `r` of `w` times `x` (portable kernel).
+fn row_dot_scalar(w: &QMatrix, x: &Q8Vec, r: usize) -> f32 {
+    let nb = w.cols / QBLOCK;
+    let mut acc = [0.0f32; LANES];
+    for b in 0..nb {
+        let wb = r * nb + b;
+        let i = block_dot_scalar(w.kind, w, wb, x, b);
+        acc[b % LANES] += block_term(w.kind, w, wb, x, b, i);
+    }
+    lanes_sum(&acc)
+}
+
+/// Exact integer dot product of weight block `wb` with int16 activation block `b` (portable).
+#[inline(always)]
+fn block_dot16_scalar(kind: QKind, w: &QMatrix, wb: usize, x: &Q16Vec, b: usize) -> i32 {
+    let xq = &x.qs[b * QBLOCK..(b + 1) * QBLOCK];
+    match kind {
+        QKind::Q4 => {
+            let q = &w.qs[wb * 16..wb * 16 + 16];
+            let mut s = 0i32;
+            for j in 0..16 {
+                s += i32::from(q[j] & 15) * i32::from(xq[j]) + i32::from(q[j] >> 4) * i32::from(xq[j + 16]);
+            }
+            s
+        }
+        QKind::Q8 => {
+            let q = &w.qs[wb * 32..wb * 32 + 32];
+            let mut s = 0i32;
+            for j in 0..32 {
+                s += i32::from(q[j] as i8) * i32::from(xq[j]);
+            }
+            s
+        }
+    }
+}
+
+/// The f32 contribution of block `b` for int16 activations (the formula of [`block_term`]).
+#[inline(always)]
+fn block_term16(kind: QKind, w: &QMatrix, wb: usize, x: &Q16Vec, b: usize, i: i32) -> f32 {
+    let fi = i as f32;
+    match kind {
+        QKind::Q4 => x.d[b] * (w.d[wb] * fi + w.m[wb] * x.s[b]),
+        QKind::Q8 => (x.d[b] * w.d[wb]) * fi,
+    }
+}
+
+fn row_dot16_scalar(w: &QMatrix, x: &Q16Vec, r: usize) -> f32 {
+    let nb = w.cols / QBLOCK;
+    let mut acc = [0.0f32; LANES];
+    for b in 0..nb {
+        let wb = r * nb + b;
+        let i = block_dot16_scalar(w.kind, w, wb, x, b);
+        acc[b % LANES] += block_term16(w.kind, w, wb, x, b, i);
+    }
+    lanes_sum(&acc)
+}
+
+#[cfg(target_arch = "x86_64")]
+mod x86 {
+    use super::*;
+    use std::arch::x86_64::*;
+
+    /// The 8 lane sums of each of `v[0..8]`, as one vector (`out[k] = Σ v[k]`).
+    #[inline]
+    #[target_feature(enable = "avx2")]
+    fn hsum8(v: [__m256i; 8]) -> __m256i {
+        let a01 = _mm256_hadd_epi32(v[0], v[1]);
+        let a23 = _mm256_hadd_epi32(v[2], v[3]);
+        let a45 = _mm256_hadd_epi32(v[4], v[5]);
+        let a67 = _mm256_hadd_epi32(v[6], v[7]);
+        let b03 = _mm256_hadd_epi32(a01, a23);
+        let b47 = _mm256_hadd_epi32(a45, a67);
+        let lo = _mm256_permute2x128_si256(b03, b47, 0x20);
+        let hi = _mm256_permute2x128_si256(b03, b47, 0x31);
+        _mm256_add_epi32(lo, hi)
+    }
+
+    /// The 32 weights of the `Q4` block at `q` (16 bytes of nibbles) as 32 bytes in natural order.
+    ///
+    /// # Safety
+    /// `q` must point to 16 readable bytes; the CPU must support AVX2.
+    #[inline(always)]
+    unsafe fn q4_bytes(q: *const u8) -> __m256i {
+        let v = _mm_loadu_si128(q as *const __m128i);
+        let m4 = _mm256_set1_epi8(0x0F);
+        _mm256_and_si256(_mm256_set_m128i(_mm_srli_epi16(v, 4), v), m4)
+    }
+
+    /// Eight lanes of partial integer sums of the weight block at `wq` times the activation block at `xq`
+    /// (their total is the exact dot product).
+    ///
+    /// # Safety
+    /// `wq` must point to one block of quants of `kind` (16 or 32 bytes), `xq` to 32 readable bytes; the CPU
+    /// must support AVX2, and AVX-512 VNNI + VL when `VNNI`.
+    #[inline(always)]
+    unsafe fn block_lanes<const VNNI: bool>(kind: QKind, wq: *const u8, xq: *const u8) -> __m256i {
+        let xv = _mm256_loadu_si256(xq as *const __m256i);
+        let (u, s) = match kind {
+            QKind::Q4 => (q4_bytes(wq), xv),
+            QKind::Q8 => {
+                let wv = _mm256_loadu_si256(wq as *const __m256i);
+                // |w| as u8 (|-128| = 128 fits) and x with w's sign.
+                (_mm256_sign_epi8(wv, wv), _mm256_sign_epi8(xv, wv))
+            }
+        };
+        if VNNI {
+            vnni(u, s)
+        } else {
+            // Pairs of u8·i8 products are at most 2·128·127 < 2¹⁵: no saturation, the result is exact.
+            _mm256_madd_epi16(_mm256_maddubs_epi16(u, s), _mm256_set1_epi16(1))
+        }
+    }
+
+    /// `vpdpbusd` from zero: the eight sums of four `u8 · i8` products. Inline assembly, not the intrinsic
+    /// (stable only since Rust 1.89; the workspace's MSRV is 1.85) and not `#[target_feature]` for it.
+    ///
+    /// # Safety
+    /// The CPU must support AVX-512 VNNI and AVX-512 VL (and AVX2).
+    #[inline]
+    #[target_feature(enable = "avx2")]
+    unsafe fn vnni(u: __m256i, s: __m256i) -> __m256i {
+        let mut acc = _mm256_setzero_si256();
+        std::arch::asm!(
+            "vpdpbusd {acc}, {u}, {s}",
+            acc = inout(ymm_reg) acc,
+            u = in(ymm_reg) u,
+            s = in(ymm_reg) s,
+            options(pure, nomem, nostack, preserves_flags),
+        );
+        acc
+    }
+
+    /// Row `r` of `w` times `x`, bit for bit [`row_dot_scalar`].
+    ///
+    /// # Safety
+    /// `r < w.rows`, `x.len() == w.cols`; the CPU must support AVX2 (and AVX-512 VNNI + VL when `VNNI`).
+    #[inline(always)]
+    unsafe fn row_dot<const VNNI: bool>(w: &QMatrix, x: &Q8Vec, r: usize) -> f32 {
+        let kind = w.kind;
+        let nb = w.cols / QBLOCK;
+        let ql = w.qlen();
+        let groups = nb / LANES;
+        let mut acc = [0.0f32; LANES];
+        // Row r's blocks are r·nb .. (r + 1)·nb of the scale arrays and r·nb·ql .. of the quants; `x` has nb
+        // blocks. Every pointer below stays inside those ranges (block indices b < groups·8 ≤ nb).
+        let wq = w.qs.as_ptr().add(r * nb * ql);
+        let wd = w.d.as_ptr().add(r * nb);
+        let wm = if kind == QKind::Q4 {
+            w.m.as_ptr().add(r * nb)
+        } else {
+            wd
+        };
+        let xq = x.qs.as_ptr() as *const u8;
+        let (xd, xs) = (x.d.as_ptr(), x.s.as_ptr());
+        let mut av = _mm256_setzero_ps();
+        for g in 0..groups {
+            let b0 = g * LANES;
+            let mut v = [_mm256_setzero_si256(); 8];
+            for (k, vk) in v.iter_mut().enumerate() {
+                *vk = block_lanes::<VNNI>(kind, wq.add((b0 + k) * ql), xq.add((b0 + k) * QBLOCK));
+            }
+            let fi = _mm256_cvtepi32_ps(hsum8(v));
+            let xdv = _mm256_loadu_ps(xd.add(b0));
+            let wdv = _mm256_loadu_ps(wd.add(b0));
+            let term = match kind {
+                QKind::Q4 => {
+                    let wmv = _mm256_loadu_ps(wm.add(b0));
+                    let xsv = _mm256_loadu_ps(xs.add(b0));
+                    _mm256_mul_ps(xdv, _mm256_add_ps(_mm256_mul_ps(wdv, fi), _mm256_mul_ps(wmv, xsv)))
+                }
+                QKind::Q8 => _mm256_mul_ps(_mm256_mul_ps(xdv, wdv), fi),
+            };
+            av = _mm256_add_ps(av, term);
+        }
+        _mm256_storeu_ps(acc.as_mut_ptr(), av);
+        for b in groups * LANES..nb {
+            let wb = r * nb + b;
+            let i = block_dot_scalar(kind, w, wb, x, b);
+            acc[b % LANES] += block_term(kind, w, wb, x, b, i);
+        }
+        lanes_sum(&acc)
+    }
+
+    /// Eight lanes of partial sums of the weight block at `wq` times the int16 activation block at `xq`.
+    ///
+    /// # Safety
+    /// `wq` must point to one block of quants of `kind`, `xq` to 32 readable `i16`; the CPU must support AVX2.
+    #[inline(always)]
+    unsafe fn block_lanes16(kind: QKind, wq: *const u8, xq: *const i16) -> __m256i {
+        let x0 = _mm256_loadu_si256(xq as *const __m256i);
+        let x1 = _mm256_loadu_si256(xq.add(16) as *const __m256i);
+        let (w0, w1) = match kind {
+            QKind::Q4 => {
+                let v = _mm_loadu_si128(wq as *const __m128i);
+                let m4 = _mm_set1_epi8(0x0F);
+                (
+                    _mm256_cvtepu8_epi16(_mm_and_si128(v, m4)),
+                    _mm256_cvtepu8_epi16(_mm_and_si128(_mm_srli_epi16(v, 4), m4)),
+                )
+            }
+            QKind::Q8 => (
+                _mm256_cvtepi8_epi16(_mm_loadu_si128(wq as *const __m128i)),
+                _mm256_cvtepi8_epi16(_mm_loadu_si128(wq.add(16) as *const __m128i)),
+            ),
+        };
+        // Pairs of i16 products are at most 2·128·32767 < 2³¹ and a block's sum 32·128·32767 < 2³¹: exact.
+        _mm256_add_epi32(_mm256_madd_epi16(w0, x0), _mm256_madd_epi16(w1, x1))
+    }
+
+    /// Row `r` of `w` times int16 `x`, bit for bit [`row_dot16_scalar`].
+    ///
+    /// # Safety
+    /// `r < w.rows`, `x.len() == w.cols`; the CPU must support AVX2.
+    #[inline(always)]
+    unsafe fn row_dot16(w: &QMatrix, x: &Q16Vec, r: usize) -> f32 {
+        let kind = w.kind;
+        let nb = w.cols / QBLOCK;
+        let ql = w.qlen();
+        let groups = nb / LANES;
+        let mut acc = [0.0f32; LANES];
+        // As in `row_dot`: every pointer stays inside row r's blocks and x's nb blocks.
+        let wq = w.qs.as_ptr().add(r * nb * ql);
+        let wd = w.d.as_ptr().add(r * nb);
+        let wm = if kind == QKind::Q4 {
+            w.m.as_ptr().add(r * nb)
+        } else {
+            wd
+        };
+        let xq = x.qs.as_ptr();
+        let (xd, xs) = (x.d.as_ptr(), x.s.as_ptr());
+        let mut av = _mm256_setzero_ps();
+        for g in 0..groups {
+            let b0 = g * LANES;
+            let mut v = [_mm256_setzero_si256(); 8];
+            for (k, vk) in v.iter_mut().enumerate() {
+                *vk = block_lanes16(kind, wq.add((b0 + k) * ql), xq.add((b0 + k) * QBLOCK));
+            }
+            let fi = _mm256_cvtepi32_ps(hsum8(v));
+            let xdv = _mm256_loadu_ps(xd.add(b0));
+            let wdv = _mm256_loadu_ps(wd.add(b0));
+            let term = match kind {
+                QKind::Q4 => {
+                    let wmv = _mm256_loadu_ps(wm.add(b0));
+                    let xsv = _mm256_loadu_ps(xs.add(b0));
+                    _mm256_mul_ps(xdv, _mm256_add_ps(_mm256_mul_ps(wdv, fi), _mm256_mul_ps(wmv, xsv)))
+                }
+                QKind::Q8 => _mm256_mul_ps(_mm256_mul_ps(xdv, wdv), fi),
+            };
+            av = _mm256_add_ps(av, term);
+        }
+        _mm256_storeu_ps(acc.as_mut_ptr(), av);
+        for b in groups * LANES..nb {
+            let wb = r * nb + b;
+            let i = block_dot16_scalar(kind, w, wb, x, b);
+            acc[b % LANES] += block_term16(kind, w, wb, x, b, i);
+        }
+        lanes_sum(&acc)
+    }
+
+    /// Rows `r0..r0 + y.len()` of `w` times int16 `x` with the AVX2 kernel.
+    ///
+    /// # Safety
+    /// The CPU must support AVX2.
+    #[target_feature(enable = "avx2")]
+    pub(super) unsafe fn rows16_avx2(w: &QMatrix, x: &Q16Vec, r0: usize, y: &mut [f32]) {
+        assert!(x.len() == w.cols && r0 + y.len() <= w.rows, "rows16_avx2: shapes");
+        for (i, o) in y.iter_mut().enumerate() {
+            // SAFETY: the row exists and `x` has `w.cols` values (asserted above); the caller guarantees AVX2.
+            *o = unsafe { row_dot16(w, x, r0 + i) };
+        }
+    }
+
+    /// Rows `r0..r0 + y.len()` with the AVX2 kernel.
+    ///
+    /// # Safety
+    /// The CPU must support AVX2.
+    #[target_feature(enable = "avx2")]
+    pub(super) unsafe fn rows_avx2(w: &QMatrix, x: &Q8Vec, r0: usize, y: &mut [f32]) {
+        assert!(x.len() == w.cols && r0 + y.len() <= w.rows, "rows_avx2: shapes");
+        for (i, o) in y.iter_mut().enumerate() {
+            // SAFETY: the row exists and `x` has `w.cols` values (asserted above); the caller guarantees AVX2.
+            *o = unsafe { row_dot::<false>(w, x, r0 + i) };
+        }
+    }
+
+    /// Rows `r0..r0 + y.len()` with the AVX-512 VNNI kernel.
+    ///
+    /// # Safety
+    /// The CPU must support AVX2, AVX-512 VNNI and AVX-512 VL.
+    #[target_feature(enable = "avx2")]
+    pub(super) unsafe fn rows_vnni(w: &QMatrix, x: &Q8Vec, r0: usize, y: &mut [f32]) {
+        assert!(x.len() == w.cols && r0 + y.len() <= w.rows, "rows_vnni: shapes");
+        for (i, o) in y.iter_mut().enumerate() {
+            // SAFETY: the row exists and `x` has `w.cols` values (asserted above); the caller guarantees the
+            // CPU features.
+            *o = unsafe { row_dot::<true>(w, x, r0 + i) };
+        }
+    }
+}
+
+/// `y[i] = row (r0 + i) of w · x` with kernel `isa`, falling back to the portable kernel when this CPU does
+/// not run `isa`. `x` must have `w.cols` values and the rows must exist.
+pub fn rows_int8(w: &QMatrix, x: &Q8Vec, r0: usize, y: &mut [f32], isa: Isa) {
+    assert_eq!(x.len(), w.cols, "rows_int8: input length");
+    assert!(r0 + y.len() <= w.rows, "rows_int8: rows past the matrix");
+    #[cfg(target_arch = "x86_64")]
+    match isa {
+        // SAFETY: `supported()` checked the features each kernel requires.
+        Isa::Avx512Vnni if isa.supported() => return unsafe { x86::rows_vnni(w, x, r0, y) },
+        // SAFETY: as above.
+        Isa::Avx2 if isa.supported() => return unsafe { x86::rows_avx2(w, x, r0, y) },
+        _ => {}
+    }
+    let _ = isa;
+    for (i, o) in y.iter_mut().enumerate() {
+        *o = row_dot_scalar(w, x, r0 + i);
+    }
+}
+
+/// `y[i] = row (r0 + i) of w · x` for int16 activations with kernel `isa` ([`Isa::Avx2`] or the portable
+/// one; others fall back to the portable kernel).
+pub fn rows_int16(w: &QMatrix, x: &Q16Vec, r0: usize, y: &mut [f32], isa: Isa) {
+    assert_eq!(x.len(), w.cols, "rows_int16: input length");
+    assert!(r0 + y.len() <= w.rows, "rows_int16: rows past the matrix");
+    #[cfg(target_arch = "x86_64")]
+    if isa == Isa::Avx2 && isa.supported() {
+        // SAFETY: `supported()` checked AVX2, the kernel's only requirement.
+        return unsafe { x86::rows16_avx2(w, x, r0, y) };
+    }
+    let _ = isa;
+    for (i, o) in y.iter_mut().enumerate() {
+        *o = row_dot16_scalar(w, x, r0 + i);
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::model::dequant::GgmlType;
+
+    fn rng(seed: u64) -> impl FnMut() -> u64 {
+        let mut s = seed.wrapping_mul(0x9E37_79B9_7F4A_7C15) | 1;
+        move || {
+            s ^= s << 13;
+            s ^= s >> 7;
+            s ^= s << 17;
+            s
+        }
+    }
+
+    /// Random GGUF blocks of `ty` (every byte random, scales finite f16 of either sign).
+    fn random_matrix(ty: GgmlType, rows: usize, nb: usize, seed: u64) -> QMatrix {
+        let bb = match ty {
+            GgmlType::Q4_0 => 18,
+            GgmlType::Q4_1 => 20,
+            _ => 34,
+        };
+        let mut next = rng(seed);
+        let mut raw: Vec<u8> = (0..rows * nb * bb).map(|_| next() as u8).collect();
+        for b in raw.chunks_exact_mut(bb) {
+            // f16 with exponent 0x08..0x0F (about 2⁻⁷..1) and a random sign.
+            let scale = |r: u64| (((r & 0x8000) | (0x2000 + (r & 0x1FFF))) as u16).to_le_bytes();
+            b[0..2].copy_from_slice(&scale(next()));
+            if ty == GgmlType::Q4_1 {
+                b[2..4].copy_from_slice(&scale(next()));
+            }
+        }
+        QMatrix::from_ggml(ty, rows, nb * QBLOCK, &raw).expect("valid blocks")
+    }
+
+    fn random_x(len: usize, seed: u64) -> Vec<f32> {
+        let mut next = rng(seed);
+        (0..len)
+            .map(|i| {
+                let v = (next() % 20001) as f32 / 10000.0 - 1.0;
+                // Some blocks large, some tiny, some all zero: scales of very different sizes.
+                match (i / QBLOCK) % 5 {
+                    0 => v * 30.0,
+                    1 => v * 1e-3,
+                    2 => 0.0,
+                    _ => v,
+                }
+            })
+            .collect()
+    }
+
+    fn run(isa: Isa, w: &QMatrix, x: &Q8Vec) -> Vec<u32> {
+        let mut y = vec![f32::NAN; w.rows];
+        rows_int8(w, x, 0, &mut y, isa);
+        y.iter().map(|v| v.to_bits()).collect()
+    }
+
+    const TYPES: [GgmlType; 3] = [GgmlType::Q4_0, GgmlType::Q4_1, GgmlType::Q8_0];
+
+    /// Every SIMD kernel this CPU runs gives bit for bit the portable kernel's result, for block counts
+    /// below, at and around the 8-block group (tails), every weight type, rows of random bytes.
+    #[test]
+    fn simd_kernels_equal_scalar_bit_for_bit() {
+        let isas: Vec<Isa> = [Isa::Avx2, Isa::Avx512Vnni]
+            .into_iter()
+            .filter(|i| i.supported())
+            .collect();
+        #[cfg(target_arch = "x86_64")]
+        assert!(
+            !isas.is_empty() || !std::arch::is_x86_feature_detected!("avx2"),
+            "no SIMD kernel ran"
+        );
+        for (k, ty) in TYPES.into_iter().enumerate() {
+            for nb in [1, 2, 7, 8, 9, 15, 16, 17, 18, 48, 49] {
+                let w = random_matrix(ty, 37, nb, nb as u64 * 31 + k as u64);
+                let x = Q8Vec::quantize(&random_x(nb * QBLOCK, nb as u64)).unwrap();
+                let want = run(Isa::Scalar, &w, &x);
+                for &isa in &isas {
+                    assert_eq!(run(isa, &w, &x), want, "{ty} nb {nb} {isa:?}");
+                }
+            }
+        }
+    }
+
+    fn run16(isa: Isa, w: &QMatrix, x: &Q16Vec) -> Vec<u32> {
+        let mut y = vec![f32::NAN; w.rows];
+        rows_int16(w, x, 0, &mut y, isa);
+        y.iter().map(|v| v.to_bits()).collect()
+    }
+
+    /// The int16 path: AVX2 = portable bit for bit (tails included), and the portable kernel is the product
+    /// of the dequantized operands.
+    #[test]
+    fn int16_kernels_equal_scalar_and_the_dequantized_product() {
+        for (k, ty) in TYPES.into_iter().enumerate() {
+            for nb in [1, 7, 8, 9, 17, 18, 48, 49] {
+                let w = random_matrix(ty, 23, nb, nb as u64 * 13 + k as u64);
+                let x = Q16Vec::quantize(&random_x(nb * QBLOCK, nb as u64 + 99)).unwrap();
+                let want = run16(Isa::Scalar, &w, &x);
+                if Isa::Avx2.supported() {
+                    assert_eq!(run16(Isa::Avx2, &w, &x), want, "{ty} nb {nb}");
+                }
+                let (wd, xd) = (w.to_f32(), x.to_f32());
+                for (r, &bits) in want.iter().enumerate() {
+                    let got = f32::from_bits(bits);
+                    let row = &wd.data[r * w.cols..(r + 1) * w.cols];
+                    let exact: f64 = row.iter().zip(&xd).map(|(&a, &b)| f64::from(a) * f64::from(b)).sum();
+                    let mag: f64 = row
+                        .iter()
+                        .zip(&xd)
+                        .map(|(&a, &b)| (f64::from(a) * f64::from(b)).abs())
+                        .sum();
+                    assert!(
+                        (f64::from(got) - exact).abs() <= 1e-5 * (1.0 + mag),
+                        "{ty} row {r}: {got} vs {exact}"
+                    );
+                }
+            }
+        }
+        // Finer than int8: the quantized activations are within amax / 65534 of the input.
+        let xf = random_x(4 * QBLOCK, 3);
+        for (xb, qb) in xf
+            .chunks_exact(QBLOCK)
+            .zip(Q16Vec::quantize(&xf).unwrap().to_f32().chunks_exact(QBLOCK))
+        {
+            let amax = xb.iter().fold(0.0f32, |a, v| a.max(v.abs()));
+            for (a, r) in xb.iter().zip(qb) {
+                assert!((a - r).abs() <= amax / 65534.0 * 1.001 + 1e-30, "{a} vs {r}");
+            }
+        }
+        assert!(Q16Vec::quantize(&[0.0; 31]).is_none());
+    }
+
+    /// The portable kernel is the exact product of the dequantized weights with the dequantized int8
+    /// activations (up to f32 rounding): the integer arithmetic and the scale formula are right.
+    #[test]
+    fn scalar_kernel_is_the_product_of_the_dequantized_operands() {
+        for ty in TYPES {
+            let nb = 11;
+            let w = random_matrix(ty, 9, nb, 5);
+            let x = Q8Vec::quantize(&random_x(nb * QBLOCK, 6)).unwrap();
+            let (wd, xd) = (w.to_f32(), x.to_f32());
+            let mut y = vec![0.0; w.rows];
+            rows_int8(&w, &x, 0, &mut y, Isa::Scalar);
+            for (r, &got) in y.iter().enumerate() {
+                let row = &wd.data[r * w.cols..(r + 1) * w.cols];
+                let want: f64 = row.iter().zip(&xd).map(|(&a, &b)| f64::from(a) * f64::from(b)).sum();
+                let mag: f64 = row
+                    .iter()
+                    .zip(&xd)
+                    .map(|(&a, &b)| (f64::from(a) * f64::from(b)).abs())
+                    .sum();
+                assert!(
+                    (f64::from(got) - want).abs() <= 1e-5 * (1.0 + mag),
+                    "{ty} row {r}: {got} vs {want}"
+                );
+            }
+        }
+    }
+
+    #[test]
+    fn quantize_bounds_and_errors() {
+        let x = random_x(4 * QBLOCK, 9);
+        let q = Q8Vec::quantize(&x).unwrap();
+        assert!(q.qs.iter().all(|&v| v != i8::MIN));
+        for (b, (xb, qb)) in x.chunks_exact(QBLOCK).zip(q.to_f32().chunks_exact(QBLOCK)).enumerate() {
+            let amax = xb.iter().fold(0.0f32, |a, v| a.max(v.abs()));
+            for (a, r) in xb.iter().zip(qb) {
+                // Round to nearest: at most half a step (amax / 254) off, plus f32 rounding.
+                assert!((a - r).abs() <= amax / 254.0 * 1.0001 + 1e-30, "block {b}: {a} vs {r}");
+            }
+        }
+        assert!(Q8Vec::quantize(&[1.0; 33]).is_none());
+        // Non-finite values give a non-finite result, not a panic.
+        let w = random_matrix(GgmlType::Q4_1, 1, 1, 3);
+        for bad_value in [f32::NAN, f32::INFINITY, f32::NEG_INFINITY] {
+            let mut bad = vec![1.0f32; QBLOCK];
+            bad[3] = bad_value;
+            let q = Q8Vec::quantize(&bad).unwrap();
+            for isa in [Isa::Scalar, Isa::Avx2, Isa::Avx512Vnni] {
+                let mut y = [0.0f32];
+                rows_int8(&w, &q, 0, &mut y, isa);
+                assert!(!y[0].is_finite(), "{bad_value} {isa:?}: {}", y[0]);
+            }
+        }
+    }
+
+    proptest::proptest! {
+        #![proptest_config(proptest::prelude::ProptestConfig::with_cases(64))]
+        /// Random shapes, weights and activations (including values of any size): SIMD = scalar, bit for
+        /// bit, and `matvec_int8` (chunked, threaded) equals the kernel row by row.
+        #[test]
+        fn simd_equals_scalar_on_random_inputs(
+            kind in 0usize..3, rows in 1usize..140, nb in 1usize..40, seed in 0u64..u64::MAX, threads in 1usize..3,
+            scale in -20i32..20,
+        ) {
+            let ty = TYPES[kind];
+            let w = random_matrix(ty, rows, nb, seed);
+            let xf: Vec<f32> = random_x(nb * QBLOCK, seed ^ 0xABCD).iter().map(|v| v * 2f32.powi(scale)).collect();
+            let x = Q8Vec::quantize(&xf).unwrap();
+            let want = run(Isa::Scalar, &w, &x);
+            for isa in [Isa::Avx2, Isa::Avx512Vnni] {
+                if isa.supported() {
+                    proptest::prop_assert_eq!(&run(isa, &w, &x), &want, "{} {:?}", ty, isa);
+                }
+            }
+            let mut y = vec![f32::NAN; rows];
+            w.matvec_int8(&xf, &mut y, threads);
+            let got: Vec<u32> = y.iter().map(|v| v.to_bits()).collect();
+            proptest::prop_assert_eq!(&got, &run(Isa::detect(), &w, &x));
+            // The batched form gives each vector what the single form gives it.
+            let xx: Vec<f32> = xf.iter().chain(xf.iter().rev()).copied().collect();
+            let mut yy = vec![f32::NAN; 2 * rows];
+            w.matvec_batch_int8(&xx, 2, &mut yy, threads);
+            let got: Vec<u32> = yy[..rows].iter().map(|v| v.to_bits()).collect();
+            proptest::prop_assert_eq!(&got, &want);
+            // The same for the int16 path.
+            let x16 = Q16Vec::quantize(&xf).unwrap();
+            let want16 = run16(Isa::Scalar, &w, &x16);
+            if Isa::Avx2.supported() {
+                proptest::prop_assert_eq!(&run16(Isa::Avx2, &w, &x16), &want16, "{} int16", ty);
+            }
+            w.matvec_batch_int16(&xx, 2, &mut yy, threads);
+            let got: Vec<u32> = yy[..rows].iter().map(|v| v.to_bits()).collect();
+            proptest::prop_assert_eq!(&got, &want16);
+            w.matvec_int16(&xf, &mut y, threads);
+            let got: Vec<u32> = y.iter().map(|v| v.to_bits()).collect();
+            proptest::prop_assert_eq!(&got, &want16);
+        }
+    }
+}
