@@ -163,6 +163,27 @@ pub fn host_process(layout: Layout) -> Result<RankComms> {
     })
 }
 
+/// Loads world rank `comms.world_rank`'s shard of `src` for `layout` (its place from the layout's coordinates,
+/// no progress reporting) and wraps it in a [`crate::engine::Rank`] over `comms`.
+pub(crate) fn load_rank(
+    src: &dyn crate::model::WeightSource,
+    layout: Layout,
+    threads: usize,
+    comms: RankComms,
+) -> Result<crate::engine::Rank> {
+    use crate::engine::{Rank, RankModel, RankPlace};
+    let (stage, tp_rank) = layout.coords(comms.world_rank);
+    let place = RankPlace {
+        tp: layout.tp,
+        tp_rank,
+        pp: layout.pp,
+        stage,
+        threads,
+    };
+    let model = RankModel::load(src, place, &mut |_, _| {})?;
+    Rank::new(model, comms.tp, comms.pp)
+}
+
 /// Loads and runs a whole `layout` on threads of this process (host backend) and returns every rank's
 /// output, indexed by world rank. `threads` is each rank's compute threads.
 pub fn generate_in_threads(
@@ -172,27 +193,12 @@ pub fn generate_in_threads(
     prompt: &[u32],
     params: &crate::engine::GenerateParams,
 ) -> Result<Vec<crate::engine::GenerateOutput>> {
-    use crate::engine::{Rank, RankModel, RankPlace};
     crate::engine::check_layout(src.config(), layout.tp, layout.pp)?;
     let comms = host_threads(layout)?;
     let results: Vec<Result<crate::engine::GenerateOutput>> = std::thread::scope(|s| {
         let handles: Vec<_> = comms
             .into_iter()
-            .map(|c| {
-                s.spawn(move || {
-                    let (stage, tp_rank) = layout.coords(c.world_rank);
-                    let place = RankPlace {
-                        tp: layout.tp,
-                        tp_rank,
-                        pp: layout.pp,
-                        stage,
-                        threads,
-                    };
-                    let model = RankModel::load(src, place, &mut |_, _| {})?;
-                    let rank = Rank::new(model, c.tp, c.pp)?;
-                    rank.generate(prompt, params, &mut |_| {})
-                })
-            })
+            .map(|c| s.spawn(move || load_rank(src, layout, threads, c)?.generate(prompt, params, &mut |_| {})))
             .collect();
         handles
             .into_iter()

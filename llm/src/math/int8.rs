@@ -101,28 +101,56 @@ impl Isa {
     }
 }
 
-/// A vector quantized to int8 per block of [`QBLOCK`] values: `x ≈ d_b · q` with `d_b = max|x| / 127`.
+/// An integer type activations are quantized to: `i8` ([`Q8Vec`]) or `i16` ([`Q16Vec`]).
+pub trait QInt: Copy + Default + Into<i32> + Into<f32> + std::fmt::Debug + Send + Sync + 'static {
+    /// The symmetric range used: values are quantized to `±MAX`.
+    const MAX: f32;
+    /// `r`, already rounded and clamped to `±MAX`.
+    fn from_clamped(r: i32) -> Self;
+}
+
+impl QInt for i8 {
+    const MAX: f32 = 127.0;
+    fn from_clamped(r: i32) -> Self {
+        r as i8
+    }
+}
+
+impl QInt for i16 {
+    const MAX: f32 = 32767.0;
+    fn from_clamped(r: i32) -> Self {
+        r as i16
+    }
+}
+
+/// A vector quantized per block of [`QBLOCK`] values to integers `T`: `x ≈ d_b · q` with
+/// `d_b = max|x| / T::MAX`.
 #[derive(Clone, Debug)]
-pub struct Q8Vec {
+pub struct QVec<T> {
     /// The quantized values (`cols` of them).
-    qs: Vec<i8>,
+    qs: Vec<T>,
     /// Per-block scale.
     d: Vec<f32>,
     /// Per-block sum of the quantized values (exact in f32), for the `Q4` minimum term.
     s: Vec<f32>,
 }
 
-impl Q8Vec {
+/// Activations quantized to int8 (`d_b = max|x| / 127`), for the `--int8` path.
+pub type Q8Vec = QVec<i8>;
+/// Activations quantized to int16 (`d_b = max|x| / 32767`), for the `--int16` path.
+pub type Q16Vec = QVec<i16>;
+
+impl<T: QInt> QVec<T> {
     /// Quantizes `x` (round to nearest, ties to even); `None` unless its length is a whole number of blocks.
     /// Non-finite values do not panic: a block with an infinite or NaN value gets a non-finite scale, which
     /// propagates to the result.
-    pub fn quantize(x: &[f32]) -> Option<Q8Vec> {
+    pub fn quantize(x: &[f32]) -> Option<QVec<T>> {
         if x.len() % QBLOCK != 0 {
             return None;
         }
         let nb = x.len() / QBLOCK;
-        let mut v = Q8Vec {
-            qs: vec![0; x.len()],
+        let mut v = QVec {
+            qs: vec![T::default(); x.len()],
             d: vec![0.0; nb],
             s: vec![0.0; nb],
         };
@@ -136,7 +164,7 @@ impl Q8Vec {
         Some(v)
     }
 
-    /// [`Q8Vec::quantize_into`] compiled for AVX2 (the same IEEE operations, so the same result).
+    /// [`QVec::quantize_into`] compiled for AVX2 (the same IEEE operations, so the same result).
     ///
     /// # Safety
     /// The CPU must support AVX2.
@@ -149,7 +177,9 @@ impl Q8Vec {
     /// Fills `self` (already sized for `x`) with the quantization of `x`.
     #[inline(always)]
     fn quantize_into(&mut self, x: &[f32]) {
-        quantize_blocks(x, 127.0, &mut self.d, &mut self.s, |i, q| self.qs[i] = q as i8);
+        quantize_blocks(x, T::MAX, &mut self.d, &mut self.s, |i, q| {
+            self.qs[i] = T::from_clamped(q)
+        });
     }
 
     /// Number of values.
@@ -167,71 +197,7 @@ impl Q8Vec {
         self.qs
             .chunks_exact(QBLOCK)
             .zip(&self.d)
-            .flat_map(|(q, &d)| q.iter().map(move |&v| d * f32::from(v)))
-            .collect()
-    }
-}
-
-/// A vector quantized to int16 per block of [`QBLOCK`] values: `x ≈ d_b · q` with `d_b = max|x| / 32767`.
-#[derive(Clone, Debug)]
-pub struct Q16Vec {
-    qs: Vec<i16>,
-    d: Vec<f32>,
-    s: Vec<f32>,
-}
-
-impl Q16Vec {
-    /// Quantizes `x` as [`Q8Vec::quantize`] does, to ±32767; `None` unless its length is a whole number of
-    /// blocks.
-    pub fn quantize(x: &[f32]) -> Option<Q16Vec> {
-        if x.len() % QBLOCK != 0 {
-            return None;
-        }
-        let nb = x.len() / QBLOCK;
-        let mut v = Q16Vec {
-            qs: vec![0; x.len()],
-            d: vec![0.0; nb],
-            s: vec![0.0; nb],
-        };
-        #[cfg(target_arch = "x86_64")]
-        if std::arch::is_x86_feature_detected!("avx2") {
-            // SAFETY: the CPU supports AVX2, the only requirement of `quantize_avx2` (safe code inside).
-            unsafe { v.quantize_avx2(x) };
-            return Some(v);
-        }
-        v.quantize_into(x);
-        Some(v)
-    }
-
-    /// # Safety
-    /// The CPU must support AVX2.
-    #[cfg(target_arch = "x86_64")]
-    #[target_feature(enable = "avx2")]
-    unsafe fn quantize_avx2(&mut self, x: &[f32]) {
-        self.quantize_into(x)
-    }
-
-    #[inline(always)]
-    fn quantize_into(&mut self, x: &[f32]) {
-        quantize_blocks(x, 32767.0, &mut self.d, &mut self.s, |i, q| self.qs[i] = q as i16);
-    }
-
-    /// Number of values.
-    pub fn len(&self) -> usize {
-        self.qs.len()
-    }
-
-    /// Whether there are no values.
-    pub fn is_empty(&self) -> bool {
-        self.qs.is_empty()
-    }
-
-    /// The dequantized values (`d_b · q`).
-    pub fn to_f32(&self) -> Vec<f32> {
-        self.qs
-            .chunks_exact(QBLOCK)
-            .zip(&self.d)
-            .flat_map(|(q, &d)| q.iter().map(move |&v| d * f32::from(v)))
+            .flat_map(|(q, &d)| q.iter().map(move |&v| d * Into::<f32>::into(v)))
             .collect()
     }
 }
@@ -271,7 +237,7 @@ const LANES: usize = 8;
 
 /// The f32 contribution of block `b` with integer dot product `i` (the one formula every kernel uses).
 #[inline(always)]
-fn block_term(kind: QKind, w: &QMatrix, wb: usize, x: &Q8Vec, b: usize, i: i32) -> f32 {
+fn block_term<T: QInt>(kind: QKind, w: &QMatrix, wb: usize, x: &QVec<T>, b: usize, i: i32) -> f32 {
     let fi = i as f32;
     match kind {
         QKind::Q4 => x.d[b] * (w.d[wb] * fi + w.m[wb] * x.s[b]),
@@ -285,16 +251,17 @@ fn lanes_sum(a: &[f32; LANES]) -> f32 {
     ((a[0] + a[1]) + (a[2] + a[3])) + ((a[4] + a[5]) + (a[6] + a[7]))
 }
 
-/// Exact integer dot product of weight block `wb` with activation block `b` (portable).
+/// Exact integer dot product of weight block `wb` with activation block `b` (portable; int8 or int16).
 #[inline(always)]
-fn block_dot_scalar(kind: QKind, w: &QMatrix, wb: usize, x: &Q8Vec, b: usize) -> i32 {
+fn block_dot_scalar<T: QInt>(kind: QKind, w: &QMatrix, wb: usize, x: &QVec<T>, b: usize) -> i32 {
     let xq = &x.qs[b * QBLOCK..(b + 1) * QBLOCK];
     match kind {
         QKind::Q4 => {
             let q = &w.qs[wb * 16..wb * 16 + 16];
             let mut s = 0i32;
             for j in 0..16 {
-                s += i32::from(q[j] & 15) * i32::from(xq[j]) + i32::from(q[j] >> 4) * i32::from(xq[j + 16]);
+                s += i32::from(q[j] & 15) * Into::<i32>::into(xq[j])
+                    + i32::from(q[j] >> 4) * Into::<i32>::into(xq[j + 16]);
             }
             s
         }
@@ -302,7 +269,7 @@ fn block_dot_scalar(kind: QKind, w: &QMatrix, wb: usize, x: &Q8Vec, b: usize) ->
             let q = &w.qs[wb * 32..wb * 32 + 32];
             let mut s = 0i32;
             for j in 0..32 {
-                s += i32::from(q[j] as i8) * i32::from(xq[j]);
+                s += i32::from(q[j] as i8) * Into::<i32>::into(xq[j]);
             }
             s
         }
@@ -310,58 +277,13 @@ fn block_dot_scalar(kind: QKind, w: &QMatrix, wb: usize, x: &Q8Vec, b: usize) ->
 }
 
 /// Row `r` of `w` times `x` (portable kernel).
-fn row_dot_scalar(w: &QMatrix, x: &Q8Vec, r: usize) -> f32 {
+fn row_dot_scalar<T: QInt>(w: &QMatrix, x: &QVec<T>, r: usize) -> f32 {
     let nb = w.cols / QBLOCK;
     let mut acc = [0.0f32; LANES];
     for b in 0..nb {
         let wb = r * nb + b;
         let i = block_dot_scalar(w.kind, w, wb, x, b);
         acc[b % LANES] += block_term(w.kind, w, wb, x, b, i);
-    }
-    lanes_sum(&acc)
-}
-
-/// Exact integer dot product of weight block `wb` with int16 activation block `b` (portable).
-#[inline(always)]
-fn block_dot16_scalar(kind: QKind, w: &QMatrix, wb: usize, x: &Q16Vec, b: usize) -> i32 {
-    let xq = &x.qs[b * QBLOCK..(b + 1) * QBLOCK];
-    match kind {
-        QKind::Q4 => {
-            let q = &w.qs[wb * 16..wb * 16 + 16];
-            let mut s = 0i32;
-            for j in 0..16 {
-                s += i32::from(q[j] & 15) * i32::from(xq[j]) + i32::from(q[j] >> 4) * i32::from(xq[j + 16]);
-            }
-            s
-        }
-        QKind::Q8 => {
-            let q = &w.qs[wb * 32..wb * 32 + 32];
-            let mut s = 0i32;
-            for j in 0..32 {
-                s += i32::from(q[j] as i8) * i32::from(xq[j]);
-            }
-            s
-        }
-    }
-}
-
-/// The f32 contribution of block `b` for int16 activations (the formula of [`block_term`]).
-#[inline(always)]
-fn block_term16(kind: QKind, w: &QMatrix, wb: usize, x: &Q16Vec, b: usize, i: i32) -> f32 {
-    let fi = i as f32;
-    match kind {
-        QKind::Q4 => x.d[b] * (w.d[wb] * fi + w.m[wb] * x.s[b]),
-        QKind::Q8 => (x.d[b] * w.d[wb]) * fi,
-    }
-}
-
-fn row_dot16_scalar(w: &QMatrix, x: &Q16Vec, r: usize) -> f32 {
-    let nb = w.cols / QBLOCK;
-    let mut acc = [0.0f32; LANES];
-    for b in 0..nb {
-        let wb = r * nb + b;
-        let i = block_dot16_scalar(w.kind, w, wb, x, b);
-        acc[b % LANES] += block_term16(w.kind, w, wb, x, b, i);
     }
     lanes_sum(&acc)
 }
@@ -518,7 +440,7 @@ mod x86 {
         _mm256_add_epi32(_mm256_madd_epi16(w0, x0), _mm256_madd_epi16(w1, x1))
     }
 
-    /// Row `r` of `w` times int16 `x`, bit for bit [`row_dot16_scalar`].
+    /// Row `r` of `w` times int16 `x`, bit for bit [`row_dot_scalar`].
     ///
     /// # Safety
     /// `r < w.rows`, `x.len() == w.cols`; the CPU must support AVX2.
@@ -562,8 +484,8 @@ mod x86 {
         _mm256_storeu_ps(acc.as_mut_ptr(), av);
         for b in groups * LANES..nb {
             let wb = r * nb + b;
-            let i = block_dot16_scalar(kind, w, wb, x, b);
-            acc[b % LANES] += block_term16(kind, w, wb, x, b, i);
+            let i = block_dot_scalar(kind, w, wb, x, b);
+            acc[b % LANES] += block_term(kind, w, wb, x, b, i);
         }
         lanes_sum(&acc)
     }
@@ -640,7 +562,7 @@ pub fn rows_int16(w: &QMatrix, x: &Q16Vec, r0: usize, y: &mut [f32], isa: Isa) {
     }
     let _ = isa;
     for (i, o) in y.iter_mut().enumerate() {
-        *o = row_dot16_scalar(w, x, r0 + i);
+        *o = row_dot_scalar(w, x, r0 + i);
     }
 }
 

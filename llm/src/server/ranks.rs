@@ -23,9 +23,9 @@ use std::thread::JoinHandle;
 use std::time::{Duration, Instant};
 
 use crate::comm::Comm;
-use crate::engine::{KvCache, Rank, RankModel, RankPlace};
+use crate::engine::{KvCache, Rank};
 use crate::error::{EngineError, Result};
-use crate::launch::RankComms;
+use crate::launch::{load_rank, RankComms};
 use crate::model::WeightSource;
 use crate::shard::Layout;
 
@@ -318,19 +318,6 @@ fn rank_main(rank: Rank, w: usize, leader: Option<Leader>) -> std::result::Resul
             }
         }
     }
-}
-
-fn load_rank(src: &dyn WeightSource, layout: Layout, threads: usize, comms: RankComms) -> Result<Rank> {
-    let (stage, tp_rank) = layout.coords(comms.world_rank);
-    let place = RankPlace {
-        tp: layout.tp,
-        tp_rank,
-        pp: layout.pp,
-        stage,
-        threads,
-    };
-    let model = RankModel::load(src, place, &mut |_, _| {})?;
-    Rank::new(model, comms.tp, comms.pp)
 }
 
 /// The ranks of one replica as the leader drives them: the channel to world rank 0 (a thread of this
