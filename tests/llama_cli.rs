@@ -249,3 +249,25 @@ fn nccl_tp2_processes_matches_host() {
 fn nccl_tp2_pp2_processes_matches_host() {
     nccl_matches_host("pp_llama", &["--tp", "2", "--pp", "2", "--nprocs", "4"]);
 }
+
+#[test]
+fn an_integer_decode_path_on_f32_weights_says_it_decodes_exact() {
+    // The tiny model's weights are f32: --int8 has nothing to compute on, and the output must say what ran
+    // (before, `decode_path` said "int8-…" while the exact path ran).
+    let out = run(
+        "tp_llama",
+        &[
+            "--prompt-ids",
+            "1,2,3",
+            "--max-new-tokens",
+            "3",
+            "--ignore-eos",
+            "--json",
+            "--int8",
+        ],
+    );
+    let j = json_of(&out);
+    assert_eq!(j["decode_path"], serde_json::json!("exact"), "{j}");
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(stderr.contains("--int8 needs block-quantized weights"), "{stderr}");
+}

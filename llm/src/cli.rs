@@ -486,7 +486,14 @@ fn run_rank(job: &Job, comms: RankComms, reporter: bool) -> Result<GenerateOutpu
             pb.set_position(done as u64);
         }
     })?;
-    model.set_decode_path(decode_path(&job.args));
+    let requested = decode_path(&job.args);
+    let path = model.set_decode_path(requested);
+    if path != requested && reporter {
+        eprintln!(
+            "note: --{} needs block-quantized weights (Q4_0/Q4_1/Q8_0 GGUF) and this model has none: decoding exact",
+            if requested == DecodePath::Int8 { "int8" } else { "int16" }
+        );
+    }
     if let Some(pb) = pb {
         pb.finish_and_clear();
         eprintln!(
@@ -496,7 +503,7 @@ fn run_rank(job: &Job, comms: RankComms, reporter: bool) -> Result<GenerateOutpu
             job.layout.tp,
             job.layout.pp,
             job.threads,
-            decode_path(&job.args).describe()
+            path.describe()
         );
     }
     let rank = Rank::new(model, comms.tp, comms.pp)?;
@@ -587,7 +594,7 @@ fn report(job: &Job, out: &GenerateOutput, backend: &str) -> Result<()> {
             "threads_per_rank": job.threads,
             "prefill_tokens_per_s": prefill_tps,
             "decode_tokens_per_s": decode_tps,
-            "decode_path": decode_path(&job.args).describe(),
+            "decode_path": out.decode_path.describe(),
         });
         println!("{v}");
     } else {
@@ -597,7 +604,7 @@ fn report(job: &Job, out: &GenerateOutput, backend: &str) -> Result<()> {
             out.generated.len(),
             prefill_tps,
             decode_tps,
-            decode_path(&job.args).describe(),
+            out.decode_path.describe(),
             job.layout.tp,
             job.layout.pp
         );

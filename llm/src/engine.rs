@@ -384,10 +384,28 @@ impl RankModel {
     }
 
     /// Chooses how decode steps (one row per sequence) compute their matrix-vector products on
-    /// block-quantized weights; [`DecodePath::Exact`] (the default after loading) or [`DecodePath::Int8`].
-    /// Prefill always uses the exact blocked product.
-    pub fn set_decode_path(&mut self, path: DecodePath) {
-        self.decode_path = path;
+    /// block-quantized weights: [`DecodePath::Exact`] (the default after loading), [`DecodePath::Int8`] or
+    /// [`DecodePath::Int16`]. Prefill always uses the exact blocked product. Returns the path in effect: a
+    /// rank holding no block-quantized matrix (f32 weights: a Hugging Face checkpoint, the tiny model) has
+    /// nothing for an integer path to compute on and stays [`DecodePath::Exact`], so that what is printed is
+    /// what runs.
+    pub fn set_decode_path(&mut self, path: DecodePath) -> DecodePath {
+        self.decode_path = if self.has_quantized_weights() {
+            path
+        } else {
+            DecodePath::Exact
+        };
+        self.decode_path
+    }
+
+    /// Whether any matrix of this rank is kept block-quantized.
+    pub fn has_quantized_weights(&self) -> bool {
+        let quant = |w: &Weight| matches!(w, Weight::Quant(_));
+        self.layers
+            .iter()
+            .any(|l| quant(&l.qkv) || quant(&l.o) || quant(&l.gate_up) || quant(&l.down))
+            || self.embed.as_ref().is_some_and(quant)
+            || self.lm_head.as_ref().is_some_and(quant)
     }
 
     /// The decode path in use (see [`RankModel::set_decode_path`]).
@@ -729,6 +747,8 @@ pub struct GenerateOutput {
     pub prefill_secs: f64,
     /// Seconds spent decoding the following tokens.
     pub decode_secs: f64,
+    /// The decode path this rank used ([`RankModel::set_decode_path`]).
+    pub decode_path: DecodePath,
 }
 
 /// One rank: its shard, its communicators and its KV cache.
@@ -874,7 +894,10 @@ impl Rank {
                 cfg.max_position_embeddings
             )));
         }
-        let mut out = GenerateOutput::default();
+        let mut out = GenerateOutput {
+            decode_path: self.model.decode_path(),
+            ..GenerateOutput::default()
+        };
         if params.max_new_tokens == 0 {
             return Ok(out);
         }
