@@ -657,17 +657,7 @@ impl Communicator {
             // which the child keeps.
             Ok(unsafe { ffi!(OP, ncclCommSplit(raw, color, key, slot.comm_ptr(), slot.config_ptr())) })
         });
-        // An error here came before the call (aborted, or the symbol is missing): NCCL never saw the slot.
-        let code = match code {
-            Ok(code) => code,
-            Err(e) => {
-                slot.take(); // frees it
-                return Err(e);
-            }
-        };
-        // On an error `slot` is not taken: it goes out of scope without being freed (`ChildSlot` has no Drop).
-        let code = self.complete_child_call(OP, code)?;
-        let child = slot.take();
+        let (code, child) = self.child_from_slot(OP, code, slot)?;
         if color == nccl_sys::NCCL_SPLIT_NOCOLOR {
             // SAFETY: a null communicator asks for the global last error.
             unsafe { result::check(OP, code, std::ptr::null_mut()) }?;
@@ -687,6 +677,27 @@ impl Communicator {
     /// for at most the parent's [`Config::wait`] (then the parent is aborted and [`Error::Timeout`] returned).
     /// Returns the code to judge the child by (`ncclSuccess` after a completed wait). When the wait fails,
     /// NCCL may still hold the slot: the caller must not take it (it is leaked).
+    /// The end of a split or shrink: `code` is what issuing the call gave. An error before the call (aborted,
+    /// or the symbol is missing) means NCCL never saw `slot`, which is freed. Otherwise waits for the child
+    /// ([`Self::complete_child_call`]); on an error there `slot` is not freed (NCCL may still write it: it goes
+    /// out of scope without being freed, `ChildSlot` has no Drop), else the child's handle is taken out of it.
+    fn child_from_slot(
+        &self,
+        op: &'static str,
+        code: Result<i32>,
+        slot: ChildSlot,
+    ) -> Result<(i32, nccl_sys::ncclComm_t)> {
+        let code = match code {
+            Ok(code) => code,
+            Err(e) => {
+                slot.take(); // frees it
+                return Err(e);
+            }
+        };
+        let code = self.complete_child_call(op, code)?;
+        Ok((code, slot.take()))
+    }
+
     fn complete_child_call(&self, op: &'static str, code: i32) -> Result<i32> {
         if code != IN_PROGRESS {
             return Ok(code);
@@ -747,17 +758,7 @@ impl Communicator {
                 )
             })
         });
-        // An error here came before the call (aborted, or the symbol is missing): NCCL never saw the slot.
-        let code = match code {
-            Ok(code) => code,
-            Err(e) => {
-                slot.take(); // frees it
-                return Err(e);
-            }
-        };
-        // On an error `slot` is not taken: it goes out of scope without being freed (`ChildSlot` has no Drop).
-        let code = self.complete_child_call(OP, code)?;
-        let child = slot.take();
+        let (code, child) = self.child_from_slot(OP, code, slot)?;
         let mut comm = Self::finish_create(OP, code, child, Some(inherited), 0, 0, None)?;
         comm.fill_rank_size()?;
         #[cfg(feature = "cuda")]
