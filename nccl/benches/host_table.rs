@@ -91,7 +91,20 @@ fn threads() -> Vec<(usize, Duration)> {
     })
 }
 
-fn procs_rank(rank: usize, port: u16) -> Vec<(usize, Duration)> {
+/// Options of a processes-mode rank: staged (every byte through the shared segment) or the defaults
+/// (cross-memory attach from 16 KiB where it works).
+fn procs_opts(staged: bool) -> HostOptions {
+    HostOptions {
+        direct_min_bytes: if staged {
+            usize::MAX
+        } else {
+            HostOptions::default().direct_min_bytes
+        },
+        ..HostOptions::default()
+    }
+}
+
+fn procs_rank(rank: usize, port: u16, staged: bool) -> Vec<(usize, Duration)> {
     use nccl::bootstrap::{RankInfo, Rendezvous, RendezvousOptions};
     let mut vars = std::collections::HashMap::new();
     vars.insert("RANK", rank.to_string());
@@ -102,19 +115,38 @@ fn procs_rank(rank: usize, port: u16) -> Vec<(usize, Duration)> {
     vars.insert("MASTER_PORT", port.to_string());
     let info = RankInfo::from_vars(|k| vars.get(k).cloned()).unwrap();
     let rv = Rendezvous::new(&info, RendezvousOptions::default()).unwrap();
-    let c = HostComm::from_rendezvous(&rv, HostOptions::default()).unwrap();
+    let c = HostComm::from_rendezvous(&rv, procs_opts(staged)).unwrap();
+    if rank == 0 {
+        let min = c.options().direct_min_bytes;
+        eprintln!(
+            "# processes: cross-memory attach {}, direct from {}",
+            if c.uses_cross_memory_attach() {
+                "available"
+            } else {
+                "unavailable"
+            },
+            if min == usize::MAX || !c.uses_cross_memory_attach() {
+                "never (staged)".to_string()
+            } else {
+                format!("{min} B")
+            }
+        );
+    }
     table_rank(&c)
 }
 
-fn procs() -> Vec<(usize, Duration)> {
+/// Processes mode, rank 1 re-executed from this binary; `staged` forces the shared-segment path.
+fn procs(staged: bool) -> Vec<(usize, Duration)> {
     let port = nccl::bootstrap::launch::free_port("127.0.0.1".parse().unwrap()).unwrap();
     let exe = std::env::current_exe().unwrap();
+    let flag = if staged { "1" } else { "0" };
     let mut child = std::process::Command::new(exe)
         .env("NCCL_RS_BENCH_RANK", "1")
         .env("NCCL_RS_BENCH_PORT", port.to_string())
+        .env("NCCL_RS_BENCH_STAGED", flag)
         .spawn()
         .unwrap();
-    let r = procs_rank(0, port);
+    let r = procs_rank(0, port, staged);
     assert!(child.wait().unwrap().success());
     r
 }
@@ -126,7 +158,8 @@ fn gbs(bytes: usize, d: Duration) -> f64 {
 fn main() {
     if let Ok(r) = std::env::var("NCCL_RS_BENCH_RANK") {
         let port = std::env::var("NCCL_RS_BENCH_PORT").unwrap().parse().unwrap();
-        procs_rank(r.parse().unwrap(), port);
+        let staged = std::env::var("NCCL_RS_BENCH_STAGED").is_ok_and(|v| v == "1");
+        procs_rank(r.parse().unwrap(), port, staged);
         return;
     }
     let args: Vec<String> = std::env::args().collect();
@@ -134,29 +167,30 @@ fn main() {
     let want_p = !args.iter().any(|a| a == "--threads-only");
     let mc = memcpy_times();
     let th = if want_t { Some(threads()) } else { None };
-    let pr = if want_p { Some(procs()) } else { None };
+    let pr = if want_p { Some(procs(false)) } else { None };
+    let st = if want_p { Some(procs(true)) } else { None };
     println!("# host backend all_reduce f32 sum, 2 ranks; memcpy = single-thread copy of the same size");
+    println!("# proc = processes with the default options, staged = processes through the shared segment only");
     println!(
-        "{:>10} {:>12} {:>9} {:>12} {:>9} {:>12} {:>9} {:>8} {:>8}",
-        "bytes", "thr_us", "thr_GB/s", "proc_us", "proc_GB/s", "memcpy_us", "cpy_GB/s", "thr/cpy", "proc/cpy"
+        "{:>10} {:>12} {:>12} {:>12} {:>12} {:>9} {:>8} {:>8} {:>8}",
+        "bytes", "thr_us", "proc_us", "staged_us", "memcpy_us", "cpy_GB/s", "thr/cpy", "proc/cpy", "stg/cpy"
     );
     for (i, (bytes, m)) in mc.iter().enumerate() {
-        let t = th.as_ref().map(|v| v[i].1);
-        let p = pr.as_ref().map(|v| v[i].1);
+        let pick = |v: &Option<Vec<(usize, Duration)>>| v.as_ref().map(|v| v[i].1);
+        let (t, p, g) = (pick(&th), pick(&pr), pick(&st));
         let f = |d: Option<Duration>| d.map_or("-".to_string(), |d| format!("{:.2}", d.as_secs_f64() * 1e6));
-        let g = |d: Option<Duration>| d.map_or("-".to_string(), |d| format!("{:.2}", gbs(*bytes, d)));
         let r = |d: Option<Duration>| d.map_or("-".to_string(), |d| format!("{:.2}", gbs(*bytes, d) / gbs(*bytes, *m)));
         println!(
-            "{:>10} {:>12} {:>9} {:>12} {:>9} {:>12.2} {:>9.2} {:>8} {:>8}",
+            "{:>10} {:>12} {:>12} {:>12} {:>12.2} {:>9.2} {:>8} {:>8} {:>8}",
             bytes,
             f(t),
-            g(t),
             f(p),
-            g(p),
+            f(g),
             m.as_secs_f64() * 1e6,
             gbs(*bytes, *m),
             r(t),
-            r(p)
+            r(p),
+            r(g)
         );
     }
 }

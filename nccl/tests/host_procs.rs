@@ -39,6 +39,85 @@ fn processes_every_collective_and_type() {
     }
 }
 
+/// The direct path between processes (cross-memory attach) for every collective and type, every message
+/// size (direct_min_bytes 0), in and out of place: the same exact checks as the staged path.
+#[test]
+fn processes_cross_memory_attach_every_collective_and_type() {
+    const T: &str = "processes_cross_memory_attach_every_collective_and_type";
+    if let Some(c) = child(
+        T,
+        HostOptions {
+            direct_min_bytes: 0,
+            ..procs_opts()
+        },
+    ) {
+        assert!(
+            c.uses_cross_memory_attach() || c.size() == 1,
+            "rank {}: cross-memory attach (process_vm_readv) is not usable between these processes; \
+             is ptrace restricted (/proc/sys/kernel/yama/ptrace_scope) or process_vm_readv filtered?",
+            c.rank()
+        );
+        rank_body::<i8>(&c, 37, "procs-cma");
+        rank_body::<u32>(&c, 101, "procs-cma");
+        rank_body::<half::bf16>(&c, 101, "procs-cma");
+        rank_body::<f32>(&c, 101, "procs-cma");
+        rank_body::<f64>(&c, 37, "procs-cma");
+        rank_body::<float8::F8E5M2>(&c, 37, "procs-cma");
+        rank_body::<u8>(&c, 0, "procs-cma");
+        // Larger than one reduction block (64 KiB) and one copy piece (256 KiB), with a ragged end.
+        rank_body::<f32>(&c, (300 << 10) / 4 + 3, "procs-cma-large");
+        return;
+    }
+    for n in [1, 2, 3, 4] {
+        assert_all_ok(&spawn_world(T, n));
+    }
+}
+
+/// A rank process killed while the others move data by cross-memory attach (64 MiB all-reduces, so the kill
+/// lands in a data phase or its barriers): the others fail naming it, well before the timeout, instead of
+/// waiting for a rank that can never arrive at the closing barrier.
+#[test]
+fn processes_killed_during_cross_memory_attach_is_detected() {
+    const T: &str = "processes_killed_during_cross_memory_attach_is_detected";
+    if let Some(c) = child(T, procs_opts()) {
+        let r = c.rank();
+        let mut b = vec![1f32; (64 << 20) / 4];
+        c.all_reduce_in_place(&mut b, ReduceOp::Sum).unwrap();
+        if r == 1 {
+            std::thread::spawn(|| {
+                std::thread::sleep(Duration::from_millis(30));
+                // SAFETY: sending SIGKILL to ourselves; nothing after this runs.
+                unsafe { libc::kill(libc::getpid(), libc::SIGKILL) };
+            });
+        }
+        let t = Instant::now();
+        let e = loop {
+            if let Err(e) = c.all_reduce_in_place(&mut b, ReduceOp::Sum) {
+                break e;
+            }
+            assert!(
+                t.elapsed() < Duration::from_secs(20),
+                "rank {r}: no failure after {:?}",
+                t.elapsed()
+            );
+        };
+        assert!(t.elapsed() < Duration::from_secs(15), "took {:?}", t.elapsed());
+        match &e {
+            Error::PeerFailed { rank: 1, .. } => {}
+            other => panic!("expected PeerFailed naming rank 1, got {other}"),
+        }
+        println!("rank {r} saw: {e}");
+        return;
+    }
+    let exits = spawn_world(T, 3);
+    assert_eq!(exits[1].signal, Some(libc::SIGKILL), "{}", exits[1].out);
+    for r in [0, 2] {
+        assert_eq!(exits[r].code, Some(0), "rank {r}:\n{}", exits[r].out);
+        assert!(exits[r].out.contains("rank 1 failed"), "rank {r}:\n{}", exits[r].out);
+    }
+    assert_no_leak(&exits);
+}
+
 #[test]
 fn processes_pipelined_rounds() {
     const T: &str = "processes_pipelined_rounds";

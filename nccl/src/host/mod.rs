@@ -6,11 +6,12 @@
 //! [`HostComm::from_rendezvous`] (ranks are processes on this host, sharing a `/dev/shm` segment).
 //!
 //! # How data moves
-//! - **Staged** (every message between processes; messages under 16 KiB between threads): each rank copies its
-//!   part into its slot of the shared region, one barrier, then every rank reads what it needs from the
-//!   slots. Slots alternate between two buffers by barrier phase, so one barrier per round suffices. Large
+//! - **Staged** (messages under 16 KiB; every message between processes that cannot attach to each
+//!   other's memory): each rank copies its part into its slot of the shared region, one barrier, then
+//!   every rank reads what it needs from the slots. Slots alternate between two buffers by barrier phase, so one barrier per round suffices. Large
 //!   messages are pipelined in rounds of one slot.
-//! - **Direct** (threads, messages of at least [`HostOptions::direct_min_bytes`]): ranks publish pointers
+//! - **Direct** (messages of at least [`HostOptions::direct_min_bytes`]; between processes through the
+//!   kernel's cross-memory attach, `process_vm_readv`/`writev`, probed at creation): ranks publish pointers
 //!   to their buffers, pass a barrier, and each rank works on its share of the output reading the other
 //!   ranks' buffers in place (all-reduce: rank `r` reduces chunk `r` of every input and writes it to every
 //!   output, the minimum of 4 bytes of memory traffic per byte reduced for 2 ranks); a closing barrier
@@ -39,6 +40,7 @@
 //! every rank that makes it; no wait outlasts the timeout by more than one block of a peer's work
 //! (`direct.rs`, step 4).
 
+mod cma;
 mod copy;
 mod direct;
 mod p2p;
@@ -73,9 +75,11 @@ pub struct HostOptions {
     /// 2 ranks, smaller for larger worlds). Small values force many pipelined rounds (useful in tests).
     /// In processes mode rank 0's value is used by everyone.
     pub slot_bytes: Option<usize>,
-    /// Threads mode: messages of at least this many bytes (per rank's largest buffer) are moved by direct
-    /// access between ranks' buffers instead of being staged. `0` = always direct, `usize::MAX` = never.
-    /// Default 16 KiB (below that, one barrier of the staged path beats the two of the direct path).
+    /// Messages of at least this many bytes (per rank's largest buffer) are moved by direct access
+    /// between ranks' buffers instead of being staged: between threads by loads and stores, between
+    /// processes by cross-memory attach when it works (see [`HostComm::uses_cross_memory_attach`]). `0` =
+    /// always direct, `usize::MAX` = never. Default 16 KiB (below that, one barrier of the staged path beats
+    /// the two of the direct path). In processes mode rank 0's value is used by everyone.
     pub direct_min_bytes: usize,
 }
 
@@ -103,6 +107,9 @@ pub struct HostComm {
     n: usize,
     opts: HostOptions,
     procs: bool,
+    /// Processes mode: every rank can reach every other's memory by cross-memory attach (probed at
+    /// creation), so direct collectives are used between processes too.
+    cma: bool,
     /// Barrier phases this rank has entered (see `sync.rs`).
     phase: Cell<u64>,
 }
@@ -170,6 +177,7 @@ impl HostComm {
                 n: nranks,
                 opts: opts.clone(),
                 procs: false,
+                cma: false,
                 phase: Cell::new(0),
             })
             .collect())
@@ -179,13 +187,19 @@ impl HostComm {
     /// rendezvous: rank 0 creates a shared-memory segment, every rank maps it, and the name is unlinked as
     /// soon as everyone has it (nothing is left in `/dev/shm`, even after a crash).
     pub fn from_rendezvous(rv: &crate::bootstrap::Rendezvous, opts: HostOptions) -> Result<HostComm> {
-        let (region, rank, n) = shm::join(rv, &opts)?;
+        let (joined, rank, n) = shm::join(rv, &opts)?;
+        let mut opts = opts;
+        opts.direct_min_bytes = joined
+            .region
+            .word(region::off::DIRECT)
+            .load(std::sync::atomic::Ordering::Acquire) as usize;
         Ok(HostComm {
-            region: Arc::new(region),
+            region: Arc::new(joined.region),
             rank,
             n,
             opts,
             procs: true,
+            cma: joined.cma,
             phase: Cell::new(0),
         })
     }
@@ -212,7 +226,15 @@ impl HostComm {
         self.procs
     }
 
-    /// The options this rank was created with.
+    /// True when the ranks are processes that move large messages by cross-memory attach
+    /// (`process_vm_readv`/`process_vm_writev`: one copy, no staging); false for threads, and for processes
+    /// when some rank could not attach to another at creation (another user, a ptrace restriction, a
+    /// seccomp filter), which then stage everything through the shared segment.
+    pub fn uses_cross_memory_attach(&self) -> bool {
+        self.cma
+    }
+
+    /// The options this rank was created with (processes mode: with rank 0's `direct_min_bytes`).
     pub fn options(&self) -> &HostOptions {
         &self.opts
     }
@@ -248,7 +270,7 @@ impl HostComm {
     }
 
     fn direct_ok(&self, bytes: usize) -> bool {
-        !self.procs && self.n > 1 && bytes >= self.opts.direct_min_bytes
+        (!self.procs || self.cma) && self.n > 1 && bytes >= self.opts.direct_min_bytes
     }
 }
 

@@ -98,6 +98,8 @@ pub(crate) mod off {
     pub const SLOT: usize = 16;
     pub const CHAN: usize = 24;
     pub const TOTAL: usize = 32;
+    /// Processes mode: rank 0's `HostOptions::direct_min_bytes`, which every rank uses.
+    pub const DIRECT: usize = 40;
     /// The barrier word: broken bit, phase, count.
     pub const BAR: usize = LINE;
     /// First failure: kind and rank.
@@ -127,8 +129,12 @@ pub(crate) mod rec {
     pub const START: usize = 24;
     /// Two phase stamps of 6 words each (one line apiece), indexed by phase parity (see `Stamp`).
     pub const SIG: usize = LINE;
-    /// Direct-mode descriptor (threads only): send ptr, recv ptr, scale bits, has-scale.
+    /// Direct-mode descriptor: send ptr, recv ptr, scale bits, has-scale.
     pub const DESC: usize = 3 * LINE;
+    /// Processes mode: where this rank mapped the region (its address space), for the attach probe.
+    pub const BASE: usize = 3 * LINE + 32;
+    /// Processes mode: this rank's verdict on cross-memory attach to every peer (1 = works, 2 = not).
+    pub const CMA: usize = 3 * LINE + 40;
 }
 
 impl Region {
@@ -211,10 +217,20 @@ impl Region {
         unsafe { &*(self.base.add(o) as *const AtomicU32) }
     }
 
+    /// This process's address of the mapping.
+    pub fn base_addr(&self) -> usize {
+        self.base as usize
+    }
+
+    /// Byte offset of a word of rank `r`'s record from the start of the region.
+    pub fn rank_word_offset(&self, r: usize, field: usize) -> usize {
+        self.geo.rank_base() + r * RANK_REC + field
+    }
+
     /// A word of rank `r`'s record.
     pub fn rank_word(&self, r: usize, field: usize) -> &AtomicU64 {
         debug_assert!(r < self.geo.nranks);
-        self.word(self.geo.rank_base() + r * RANK_REC + field)
+        self.word(self.rank_word_offset(r, field))
     }
 
     /// Pointer to rank `r`'s staging slot for phase parity `par`.

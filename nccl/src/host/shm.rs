@@ -5,9 +5,9 @@
 //! by rank 0 on every error path). The memory itself is freed by the kernel when the last mapping goes.
 
 use std::ffi::CString;
-use std::sync::atomic::Ordering::Release;
+use std::sync::atomic::Ordering::{Acquire, Release};
 
-use super::region::{rec, Geometry, Region};
+use super::region::{off, rec, Geometry, Region};
 use super::sync::process_start_time;
 use super::HostOptions;
 use crate::error::{Error, Result};
@@ -69,7 +69,7 @@ pub(crate) fn join_with(
     opts: &HostOptions,
     bcast: &mut dyn FnMut(&[u8]) -> Result<Vec<u8>>,
     barrier: &mut dyn FnMut() -> Result<()>,
-) -> Result<Region> {
+) -> Result<Joined> {
     if size == 0 || rank >= size {
         return Err(Error::InvalidRank {
             op: OP,
@@ -86,10 +86,11 @@ pub(crate) fn join_with(
         };
         let sent = bcast(&msg);
         let (region, name) = made?;
-        let _unlink = Unlink::new(name); // unlinked on every path from here on
+        let unlink = Unlink::new(name); // unlinked on every path from here on
         sent?;
         register(&region, rank);
         barrier()?;
+        drop(unlink);
         region
     } else {
         let msg = bcast(&[])?;
@@ -110,7 +111,24 @@ pub(crate) fn join_with(
         r?;
         region
     };
-    Ok(region)
+    // Every rank is registered (pid, mapping address): try attaching to each peer, publish the verdict,
+    // and use cross-memory attach only if every rank could reach every other (all decide alike).
+    let ok = (0..size).filter(|&j| j != rank).all(|j| {
+        let pid = region.rank_word(j, rec::PID).load(Acquire);
+        let base = region.rank_word(j, rec::BASE).load(Acquire) as usize;
+        let at = base.wrapping_add(region.rank_word_offset(j, rec::PID));
+        super::cma::probe(pid as i32, at, pid).is_ok()
+    });
+    region.rank_word(rank, rec::CMA).store(if ok { 1 } else { 2 }, Release);
+    barrier()?;
+    let cma = (0..size).all(|j| region.rank_word(j, rec::CMA).load(Acquire) == 1);
+    Ok(Joined { region, cma })
+}
+
+/// A joined region and whether the ranks use cross-memory attach.
+pub(crate) struct Joined {
+    pub region: Region,
+    pub cma: bool,
 }
 
 fn create(size: usize, opts: &HostOptions) -> Result<(Region, CString)> {
@@ -146,6 +164,7 @@ fn create(size: usize, opts: &HostOptions) -> Result<(Region, CString)> {
     // SAFETY: a fresh shared mapping of `len` bytes (zero-filled by the kernel), owned by the region.
     let region = unsafe { Region::from_mmap(base, len, geo) };
     region.init_header();
+    region.word(off::DIRECT).store(opts.direct_min_bytes as u64, Release);
     Ok((region, unlink.disarm()))
 }
 
@@ -202,14 +221,17 @@ fn register(region: &Region, rank: usize) {
     let start = process_start_time(pid as i32).unwrap_or(0);
     region.rank_word(rank, rec::START).store(start, Release);
     region.rank_word(rank, rec::PID).store(pid as u64, Release);
+    region
+        .rank_word(rank, rec::BASE)
+        .store(region.base_addr() as u64, Release);
     region.rank_word(rank, rec::ALIVE).store(1, Release);
 }
 
 /// Creates or joins the region through the bootstrap's rendezvous; returns it with (rank, size).
-pub(crate) fn join(rv: &crate::bootstrap::Rendezvous, opts: &HostOptions) -> Result<(Region, usize, usize)> {
+pub(crate) fn join(rv: &crate::bootstrap::Rendezvous, opts: &HostOptions) -> Result<(Joined, usize, usize)> {
     let (rank, size) = (rv.rank(), rv.size());
-    let region = join_with(rank, size, opts, &mut |d| Ok(rv.broadcast(d)?), &mut || {
+    let joined = join_with(rank, size, opts, &mut |d| Ok(rv.broadcast(d)?), &mut || {
         Ok(rv.barrier()?)
     })?;
-    Ok((region, rank, size))
+    Ok((joined, rank, size))
 }

@@ -207,6 +207,8 @@ pub(crate) enum Wait {
     /// because returning earlier would let the caller free buffers a peer still accesses. It is bounded
     /// all the same: on the timeout or a gone rank it breaks the communicator, and ranks in a data phase
     /// check the broken bit between blocks, stop, and arrive. The caller learns the verdict from the stamps.
+    /// The one early exit: every rank still missing is a process that exited (it accesses nothing any
+    /// more and will never arrive); then the wait fails with [`Error::PeerFailed`] naming it.
     Drain,
 }
 
@@ -294,7 +296,8 @@ impl Ctl<'_> {
     /// Passes one barrier phase. `phase` is this rank's phase counter (incremented by the caller).
     ///
     /// [`Wait::Breakable`]: fails on a broken communicator, a rank that is gone, or the timeout (then it
-    /// breaks the communicator). [`Wait::Drain`]: always completes and returns `Ok` (see its docs).
+    /// breaks the communicator). [`Wait::Drain`]: completes and returns `Ok`, unless the ranks missing are
+    /// processes that exited (see its docs).
     pub fn barrier(&self, phase: u64, wait: Wait, op: &'static str) -> Result<(), Error> {
         let breakable = wait == Wait::Breakable;
         let pm = phase & PHASE_MASK;
@@ -342,6 +345,15 @@ impl Ctl<'_> {
             }
             let missing = || -> Vec<usize> { (0..self.n).filter(|&j| self.arrived(j) <= phase).collect() };
             if !breakable {
+                if self.procs {
+                    let gone: Vec<(usize, Option<String>)> = missing().into_iter().map(|j| (j, self.gone(j))).collect();
+                    if let Some((dead, Some(why))) = gone.first().cloned() {
+                        if gone.iter().all(|(_, g)| g.is_some()) {
+                            self.break_comm(Kind::Gone, dead, &why);
+                            return Err(self.failure(op, b.elapsed()));
+                        }
+                    }
+                }
                 if broke || w & BROKEN != 0 {
                     broke = true;
                     continue;
