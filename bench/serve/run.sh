@@ -6,7 +6,8 @@
 #   LLAMA_SERVER=/work/llamacpp-build/bin/llama-server bench/serve/run.sh
 #
 # llama-server is built OUTSIDE the project like llama-bench (see bench/llama/run.sh; target llama-server).
-# Both get the same threads (THREADS, default 2) and as many slots as the largest concurrency level.
+# Both get the same threads (THREADS, default 2) and as many slots as the largest concurrency level; both
+# run side by side and take turns at every level, after warm-up requests, so load from elsewhere hits both.
 # Bounded: every level sends concurrency × REQS requests of MAX_TOKENS tokens; servers are stopped at the end.
 set -euo pipefail
 cd "$(dirname "$0")/../.."
@@ -38,9 +39,8 @@ pids+=($!)
 for _ in $(seq 600); do grep -q "listening on" "$LOG" && break; sleep 0.1; done
 URL=$(sed -n 's/^listening on \(http[^ ]*\).*/\1/p' "$LOG")
 [ -n "$URL" ] || { echo "our server did not start" >&2; exit 1; }
-python3 bench/serve/load.py --url "$URL" --model smollm2 --levels "$LEVELS" --max-tokens "$MAX_TOKENS" \
-  --requests-per-client "$REQS" --label "nccl-llm tp$TP dp$DP${PROCS:+ processes}"
-kill "${pids[0]}"; wait "${pids[0]}" 2>/dev/null || true
+OURS="nccl-llm tp$TP dp$DP${PROCS:+ processes}"
+TARGETS=(--url "$OURS=$URL")
 
 if [ -n "${LLAMA_SERVER:-}" ]; then
   PORT=$(python3 -c 'import socket; s=socket.socket(); s.bind(("127.0.0.1",0)); print(s.getsockname()[1])')
@@ -48,6 +48,10 @@ if [ -n "${LLAMA_SERVER:-}" ]; then
     -c $(( MAXC * 256 )) > /dev/null 2>&1 &
   pids+=($!)
   for _ in $(seq 600); do curl -sf "http://127.0.0.1:$PORT/health" >/dev/null && break; sleep 0.1; done
-  python3 bench/serve/load.py --url "http://127.0.0.1:$PORT" --model smollm2 --levels "$LEVELS" \
-    --max-tokens "$MAX_TOKENS" --requests-per-client "$REQS" --label "llama-server"
+  TARGETS+=(--url "llama-server=http://127.0.0.1:$PORT")
 fi
+# Both servers stay up (idle servers cost nothing) and take turns at every level.
+uptime >&2
+python3 bench/serve/load.py "${TARGETS[@]}" --model smollm2 --levels "$LEVELS" --max-tokens "$MAX_TOKENS" \
+  --requests-per-client "$REQS" --table
+uptime >&2
