@@ -182,10 +182,22 @@ impl<'s> Capture<'s> {
     }
 }
 
-/// `cuStreamEndCapture` on `stream` (with its context current), returning the raw graph (null when none).
+/// Makes `stream`'s context current on this thread without cudarc's `bind_to_thread`, which first returns
+/// (and clears) any error an earlier drop recorded in the context: ending a capture or destroying a graph must
+/// not be skipped because of an unrelated earlier error, and that error stays recorded for the caller's next
+/// cudarc call.
+fn make_current(stream: &CudaStream) -> std::result::Result<(), cudarc::driver::DriverError> {
+    // SAFETY: the context is live (the stream holds an Arc to it); making it current has no other effect.
+    unsafe { cu::ctx::set_current(stream.context().cu_ctx()) }
+}
+
+/// `cuStreamEndCapture` on `stream`, returning the raw graph (null when none). Ends the capture even when the
+/// context cannot be made current (the driver then reports whatever is wrong).
 fn end_capture(stream: &CudaStream) -> std::result::Result<sys::CUgraph, cudarc::driver::DriverError> {
-    stream.context().bind_to_thread()?;
-    // SAFETY: `stream` is a live stream (borrowed for this call) of the context made current above.
+    // Ignored on purpose: if the context cannot be made current, cuStreamEndCapture says what is wrong, and a
+    // graph it does return is not leaked.
+    let _ = make_current(stream);
+    // SAFETY: `stream` is a live stream (borrowed for this call) of that context.
     unsafe { cu::stream::end_capture(stream.cu_stream()) }
 }
 
@@ -257,7 +269,7 @@ impl Drop for Graph {
     fn drop(&mut self) {
         let ctx = self.stream.context();
         // As cudarc does for its own graphs, errors are kept in the context (the next cudarc call returns them).
-        ctx.record_err(ctx.bind_to_thread());
+        ctx.record_err(make_current(&self.stream));
         // SAFETY: `exec` and `graph` are owned by this value, valid, and destroyed once (here). CUDA defers the
         // destruction of an executable graph that is still running.
         ctx.record_err(unsafe { cu::graph::exec_destroy(self.exec) });
