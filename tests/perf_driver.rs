@@ -362,3 +362,18 @@ fn graph_mode_still_counts_wrong_values() {
     assert_eq!(data_rows(&text)[0][8], "1", "{text}");
     assert_eq!(sum.wrong_total, 1);
 }
+
+/// The host backend's backstop for `-G` (the command line refuses it first): capture errors without issuing.
+#[test]
+fn host_backend_capture_is_refused_without_issuing() {
+    let comms = nccl::host::HostComm::threads(1, nccl::host::HostOptions::default()).unwrap();
+    let mut issued = 0;
+    let err = comms[0]
+        .capture(&mut || {
+            issued += 1;
+            Ok(())
+        })
+        .unwrap_err();
+    assert!(err.to_string().contains("the host backend has no graphs"), "{err}");
+    assert_eq!(issued, 0);
+}
