@@ -206,6 +206,10 @@ run() {
     done <"$bundle/nccl_gpu.1gpu"
     step "nccl-perf all_reduce -g 1" 120 "$bundle/bin/nccl-perf" all_reduce -b 8 -e 256M -f 4 -g 1 --backend nccl
     step "nccl-perf sendrecv -g 1" 120 "$bundle/bin/nccl-perf" sendrecv -b 8 -e 64M -f 4 -g 1 --backend nccl
+    # --- begin: nccl-perf -G (CUDA graph launches), branch graph ---
+    step "nccl-perf all_reduce -g 1 -G 2" 120 "$bundle/bin/nccl-perf" all_reduce -b 8 -e 64M -f 4 -g 1 -G 2 --backend nccl
+    step "nccl-perf all_reduce -g 1 -G 2 -C 1" 120 "$bundle/bin/nccl-perf" all_reduce -b 8 -e 1M -f 8 -g 1 -G 2 -C 1 --backend nccl
+    # --- end: nccl-perf -G ---
     say ""
     if [ "$status" = 0 ]; then say "RESULT: PASS"; else say "RESULT: FAIL"; fi
     log "report: $report"

@@ -3,6 +3,7 @@
 
 use std::borrow::Cow;
 use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::Mutex;
 
 use nccl::{Collectives, Elem, ReduceOp, Result};
 use nccl_stack::perf::cli::{Cli, RootSel};
@@ -11,9 +12,22 @@ use nccl_stack::perf::{run::make_plan, run_rank, CollOp};
 
 /// TEST DOUBLE: one rank, host slices. With a single rank every collective is a copy (avg and mulsum scale).
 /// `sabotage` makes all_reduce write a wrong first element, to prove the driver notices.
+/// Its "graphs" (`-G`) are host bookkeeping only: a capture runs the operations as they are issued (no device
+/// to defer them to) and remembers how many there were; a launch only counts. That is enough to check the
+/// driver's graph accounting (what is captured, how often it is launched), not CUDA graphs.
 struct SoloCommDouble {
     calls: AtomicUsize,
     sabotage: bool,
+    /// Operations issued inside each capture, in order.
+    captures: Mutex<Vec<usize>>,
+    /// Graph launches, and the operations they stand for.
+    launches: AtomicUsize,
+    launched_ops: AtomicUsize,
+}
+
+/// TEST DOUBLE graph: how many operations its capture recorded.
+struct CountedGraph {
+    ops: usize,
 }
 
 impl SoloCommDouble {
@@ -21,6 +35,9 @@ impl SoloCommDouble {
         SoloCommDouble {
             calls: AtomicUsize::new(0),
             sabotage,
+            captures: Mutex::new(Vec::new()),
+            launches: AtomicUsize::new(0),
+            launched_ops: AtomicUsize::new(0),
         }
     }
     fn copy<T: Elem>(&self, src: &[T], dst: &mut [T], op: Option<ReduceOp>) -> Result<()> {
@@ -148,6 +165,19 @@ impl PerfComm for SoloCommDouble {
     }
     fn library_version(&self) -> String {
         "test".into()
+    }
+    type Graph = CountedGraph;
+    fn capture(&self, issue: &mut dyn FnMut() -> Result<()>) -> Result<CountedGraph> {
+        let before = self.calls.load(Ordering::Relaxed);
+        issue()?;
+        let ops = self.calls.load(Ordering::Relaxed) - before;
+        self.captures.lock().unwrap().push(ops);
+        Ok(CountedGraph { ops })
+    }
+    fn launch(&self, graph: &CountedGraph) -> Result<()> {
+        self.launches.fetch_add(1, Ordering::Relaxed);
+        self.launched_ops.fetch_add(graph.ops, Ordering::Relaxed);
+        Ok(())
     }
 }
 
@@ -280,4 +310,70 @@ fn root_out_of_range_is_an_error() {
     let plan = make_plan(&cli, &comm, 1, "test", "double");
     let err = run_rank(&comm, &plan, 0, None).unwrap_err();
     assert!(err.to_string().contains("root 3"), "{err}");
+}
+
+/// `-G N` as nccl-tests: per column, the timed loop's `-n × -m` operations are captured once and the graph is
+/// launched `N` times; each check iteration captures its one operation and launches it once; the warm-up and
+/// the untimed call before the loop are issued directly. Without `-G` nothing is captured.
+#[test]
+fn graph_mode_captures_the_timed_loop_once_and_launches_it_g_times() {
+    let comm = SoloCommDouble::new(false);
+    let (text, sum) = run(
+        &[
+            "all_reduce",
+            "-b",
+            "64",
+            "-e",
+            "64",
+            "-n",
+            "3",
+            "-m",
+            "2",
+            "-G",
+            "4",
+            "-c",
+            "2",
+        ],
+        &comm,
+    );
+    assert!(text.contains(" graph: 4 "), "{text}");
+    assert_eq!(sum.wrong_total, 0, "{text}");
+    let rows = data_rows(&text);
+    assert_eq!(rows.len(), 1, "{text}");
+    assert_eq!((rows[0][8].as_str(), rows[0][12].as_str()), ("0", "0"), "{text}");
+    // Out of place then in place: the timed capture (3 × 2 ops), then both check iterations (-c 2 stops early
+    // only on wrong values), one captured op each.
+    assert_eq!(*comm.captures.lock().unwrap(), [6, 1, 1, 6, 1, 1]);
+    assert_eq!(comm.launches.load(Ordering::Relaxed), 2 * (4 + 1 + 1));
+    assert_eq!(comm.launched_ops.load(Ordering::Relaxed), 2 * (6 * 4 + 1 + 1));
+
+    let eager = SoloCommDouble::new(false);
+    let (text, _) = run(&["all_reduce", "-b", "64", "-e", "64", "-n", "3", "-m", "2"], &eager);
+    assert!(text.contains(" graph: 0 "), "{text}");
+    assert!(eager.captures.lock().unwrap().is_empty());
+    assert_eq!(eager.launches.load(Ordering::Relaxed), 0);
+}
+
+/// A wrong result of the operation run through the check graph is still counted.
+#[test]
+fn graph_mode_still_counts_wrong_values() {
+    let comm = SoloCommDouble::new(true);
+    let (text, sum) = run(&["all_reduce", "-b", "64", "-e", "64", "-n", "1", "-G", "2"], &comm);
+    assert_eq!(data_rows(&text)[0][8], "1", "{text}");
+    assert_eq!(sum.wrong_total, 1);
+}
+
+/// The host backend's backstop for `-G` (the command line refuses it first): capture errors without issuing.
+#[test]
+fn host_backend_capture_is_refused_without_issuing() {
+    let comms = nccl::host::HostComm::threads(1, nccl::host::HostOptions::default()).unwrap();
+    let mut issued = 0;
+    let err = comms[0]
+        .capture(&mut || {
+            issued += 1;
+            Ok(())
+        })
+        .unwrap_err();
+    assert!(err.to_string().contains("the host backend has no graphs"), "{err}");
+    assert_eq!(issued, 0);
 }

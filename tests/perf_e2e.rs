@@ -359,6 +359,52 @@ fn nccl_backend_every_op_on_2_gpus() {
     assert_eq!(o.status.code(), Some(0), "{}", text(&o));
 }
 
+/// `-G 2` on one GPU: the timed loops and the checks run from CUDA graphs, every value right, exit 0; `-C 1`
+/// with it prints the cputime header. Run with: `cargo test --release --features cuda --test perf_e2e --
+/// --ignored nccl_backend_graph`
+#[cfg(feature = "cuda")]
+#[test]
+#[ignore = "needs 1 GPU"]
+fn nccl_backend_graph_launches_on_1_gpu() {
+    for (op, extra) in [
+        ("all_reduce", &[][..]),
+        ("all_gather", &[][..]),
+        ("sendrecv", &[][..]),
+        ("all_reduce", &["-C", "1", "-m", "2"][..]),
+    ] {
+        let mut args = vec![
+            op,
+            "--backend",
+            "nccl",
+            "-g",
+            "1",
+            "-G",
+            "2",
+            "-b",
+            "8",
+            "-e",
+            "1M",
+            "-f",
+            "8",
+            "-n",
+            "5",
+        ];
+        args.extend_from_slice(extra);
+        let o = perf(&args, &[]);
+        let t = text(&o);
+        assert_eq!(o.status.code(), Some(0), "{args:?}\n{t}");
+        assert!(t.contains(" graph: 2 "), "{t}");
+        let rows = rows(&o);
+        assert_eq!(rows.len(), 6, "{t}"); // 8 B to 256 KiB, factor 8
+        for row in rows {
+            assert_eq!(row[8], "0", "{args:?}\n{t}");
+        }
+        if extra.contains(&"-C") {
+            assert!(t.contains("cputime"), "{t}");
+        }
+    }
+}
+
 /// nccl-perf takes its rendezvous options from the environment like every binary: a rank whose peers never
 /// come gives up after `NCCL_RS_BOOTSTRAP_TIMEOUT`, says who it waited for on the way (the tracing warning,
 /// on by default), and prints the failure once (not once per error layer).

@@ -9,6 +9,8 @@ pub mod comm;
 pub mod config;
 pub mod counts;
 pub mod error;
+#[cfg(feature = "cuda")]
+pub mod graph;
 pub mod group;
 pub mod host;
 pub mod id;

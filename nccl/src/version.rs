@@ -100,6 +100,8 @@ impl fmt::Display for Version {
 pub mod since {
     use super::Version;
 
+    /// Capturing NCCL operations into CUDA graphs (with CUDA 11.3 or newer).
+    pub const GRAPH_CAPTURE: Version = Version::new(2, 9, 0);
     /// `ncclBfloat16`.
     pub const BF16: Version = Version::new(2, 10, 0);
     /// `ncclAvg`.

@@ -826,3 +826,106 @@ fn group_end_times_out_when_the_peer_never_connects() {
         "{took:?}"
     );
 }
+
+/// CUDA graphs (`nccl::graph`) at world size 1: an out-of-place all-reduce and an in-place doubling
+/// (PreMulSum 2, so every launch shows) captured once and launched 3 times give what 3 eager rounds give; the
+/// capture itself runs nothing.
+#[test]
+#[ignore = "needs 1 GPU"]
+fn graph_all_reduce_world_1_launched_3_times_matches_eager() {
+    use nccl::graph::{Capture, CaptureMode};
+    run_ranks(1, |comm, s| {
+        nccl::graph::require_nccl_capture().unwrap();
+        let premul = nccl::version().unwrap().at_least(nccl::version::since::PREMULSUM);
+        let input: Vec<f32> = (0..4096).map(|i| (i % 17) as f32).collect();
+        let rounds = |acc: &mut CudaSlice<f32>, recv: &mut CudaSlice<f32>, send: &CudaSlice<f32>| {
+            comm.all_reduce(send, recv, ReduceOp::Sum).unwrap();
+            if premul {
+                comm.all_reduce_in_place(acc, ReduceOp::PreMulSum(2.0)).unwrap();
+            }
+        };
+        let send = s.clone_htod(&input).unwrap();
+
+        let mut eager_acc = s.clone_htod(&input).unwrap();
+        let mut eager_recv = s.alloc_zeros::<f32>(input.len()).unwrap();
+        for _ in 0..3 {
+            rounds(&mut eager_acc, &mut eager_recv, &send);
+        }
+        s.synchronize().unwrap();
+
+        let mut acc = s.clone_htod(&input).unwrap();
+        let mut recv = s.alloc_zeros::<f32>(input.len()).unwrap();
+        s.synchronize().unwrap();
+        assert!(s.context().is_event_tracking());
+        // SAFETY: one thread, one stream, nothing else on this context.
+        let capture = unsafe { Capture::begin(s, CaptureMode::ThreadLocal) }.unwrap();
+        assert!(!s.context().is_event_tracking(), "tracking is off while capturing");
+        rounds(&mut acc, &mut recv, &send);
+        let graph = capture.end().unwrap();
+        assert!(s.context().is_event_tracking(), "tracking is restored");
+        assert_eq!(
+            s.capture_status().unwrap(),
+            cudarc::driver::sys::CUstreamCaptureStatus::CU_STREAM_CAPTURE_STATUS_NONE
+        );
+        s.synchronize().unwrap();
+        assert!(
+            s.clone_dtoh(&recv).unwrap().iter().all(|&x| x == 0.0),
+            "capturing ran nothing"
+        );
+        assert_eq!(s.clone_dtoh(&acc).unwrap(), input, "capturing ran nothing");
+        graph.upload().unwrap();
+        for _ in 0..3 {
+            graph.launch().unwrap();
+        }
+        s.synchronize().unwrap();
+        let eager_acc = s.clone_dtoh(&eager_acc).unwrap();
+        assert_eq!(s.clone_dtoh(&recv).unwrap(), s.clone_dtoh(&eager_recv).unwrap());
+        assert_eq!(s.clone_dtoh(&recv).unwrap(), input);
+        assert_eq!(s.clone_dtoh(&acc).unwrap(), eager_acc);
+        if premul {
+            let x8: Vec<f32> = input.iter().map(|x| x * 8.0).collect();
+            assert_eq!(eager_acc, x8);
+        }
+        drop(graph);
+        // The stream and the buffers still work eagerly after the graph is gone.
+        comm.all_reduce(&send, &mut recv, ReduceOp::Sum).unwrap();
+        assert_eq!(s.clone_dtoh(&recv).unwrap(), input);
+    });
+}
+
+/// A capture abandoned on an error (`?`) or a panic ends: the stream leaves capture mode, event tracking is
+/// back on, and eager collectives work again.
+#[test]
+#[ignore = "needs 1 GPU"]
+fn graph_capture_abandoned_on_error_or_panic_leaves_the_stream_usable() {
+    use cudarc::driver::sys::CUstreamCaptureStatus as Status;
+    use nccl::graph::{Capture, CaptureMode};
+    run_ranks(1, |comm, s| {
+        let send = s.clone_htod(&[1.0f32; 64]).unwrap();
+        let mut short = s.alloc_zeros::<f32>(63).unwrap();
+        let mut captured = || -> nccl::Result<nccl::graph::Graph> {
+            // SAFETY: one thread, one stream, nothing else on this context.
+            let capture = unsafe { Capture::begin(s, CaptureMode::ThreadLocal) }?;
+            assert_eq!(s.capture_status().unwrap(), Status::CU_STREAM_CAPTURE_STATUS_ACTIVE);
+            comm.all_reduce(&send, &mut short, ReduceOp::Sum)?; // refused: 63 != 64
+            capture.end()
+        };
+        let err = captured().unwrap_err();
+        assert!(matches!(err, Error::LengthMismatch { .. }), "{err:?}");
+        assert_eq!(s.capture_status().unwrap(), Status::CU_STREAM_CAPTURE_STATUS_NONE);
+        assert!(s.context().is_event_tracking());
+
+        let panicked = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| {
+            // SAFETY: as above.
+            let _capture = unsafe { Capture::begin(s, CaptureMode::ThreadLocal) }.unwrap();
+            panic!("boom while capturing");
+        }));
+        assert!(panicked.is_err());
+        assert_eq!(s.capture_status().unwrap(), Status::CU_STREAM_CAPTURE_STATUS_NONE);
+        assert!(s.context().is_event_tracking());
+
+        let mut recv = s.alloc_zeros::<f32>(64).unwrap();
+        comm.all_reduce(&send, &mut recv, ReduceOp::Sum).unwrap();
+        assert_eq!(s.clone_dtoh(&recv).unwrap(), vec![1.0f32; 64]);
+    });
+}

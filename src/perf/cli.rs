@@ -85,10 +85,12 @@ pub struct Cli {
     /// Abort when an operation takes longer than this many seconds (0: never).
     #[arg(short = 'T', long = "timeout", default_value_t = 0)]
     pub timeout: u64,
-    /// Capture the timed iterations in a CUDA graph and launch it this many times (NCCL backend only).
+    /// Capture the timed iterations (-n × -m operations) in a CUDA graph and launch it this many times; time per
+    /// operation is over all launches (NCCL backend only, -z 0).
     #[arg(short = 'G', long = "cudagraph", default_value_t = 0)]
     pub cudagraph: usize,
-    /// 1: report host (CPU) time per call instead of completion time.
+    /// 1: report host (CPU) time per call instead of completion time (with -G: the host time of all the launches
+    /// over the operations of one graph, as nccl-tests reports it).
     #[arg(short = 'C', long = "report_cputime", default_value_t = 0)]
     pub report_cputime: u32,
     /// How times are combined over ranks: 0 rank 0, 1 average, 2 minimum, 3 maximum.
@@ -286,6 +288,15 @@ impl Cli {
         }
         if self.cudagraph > 0 && self.blocking == 3 {
             return Err("-z 3 cannot be combined with CUDA graphs (-G)".into());
+        }
+        if self.cudagraph > 0 && self.blocking != 0 {
+            // nccl-tests would try and fail in the middle of the capture (a capturing stream cannot be waited
+            // for); refused up front here.
+            return Err(format!(
+                "-z {} waits for each operation, which cannot be done while the operations are captured into a \
+                 CUDA graph (-G): use -z 0 with -G",
+                self.blocking
+            ));
         }
         if self.cudagraph > 0 && self.backend == Some(BackendKind::Host) {
             return Err("-G (CUDA graph launches) needs the nccl backend; the host backend has no graphs".into());

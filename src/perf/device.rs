@@ -36,6 +36,15 @@ pub trait PerfComm: Collectives {
     /// The library version printed in the header and the JSON file (crate version on the host backend, the
     /// loaded libnccl version on NCCL).
     fn library_version(&self) -> String;
+    /// A recorded sequence of operations that can be launched again (`-G`): a CUDA graph on NCCL.
+    type Graph;
+    /// Records the operations `issue` enqueues into a [`PerfComm::Graph`] instead of running them (NCCL: a
+    /// CUDA graph captured on the communicator's stream). Every rank must capture the same operations. The
+    /// host backend has no graphs and returns an error.
+    fn capture(&self, issue: &mut dyn FnMut() -> Result<()>) -> Result<Self::Graph>;
+    /// Runs `graph` once, enqueued after the work already issued (a collective when it holds collectives:
+    /// every rank launches its graph as many times).
+    fn launch(&self, graph: &Self::Graph) -> Result<()>;
     /// Whether the backend supports `dt` (for `-d all`; e.g. fp8 needs NCCL 2.24 and a Hopper GPU).
     fn supports(&self, dt: nccl::DataType) -> bool {
         let _ = dt;

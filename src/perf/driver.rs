@@ -37,6 +37,9 @@ pub struct Plan {
     pub agg_iters: usize,
     /// `-w`.
     pub warmup_iters: usize,
+    /// `-G`: capture each timed loop (`-n × -m` operations) in a CUDA graph and launch it this many times
+    /// (0: issue the operations directly).
+    pub graph_launches: usize,
     /// `-c`.
     pub check: usize,
     /// `-z`.
@@ -574,6 +577,120 @@ fn verify<C: PerfComm, T: Elem>(
     Ok(count_wrong(recipe, part, want))
 }
 
+/// The timed loop's accounting, as nccl-tests' `BenchTime` does it: one pass issues `-n × -m` operations
+/// (directly, or captured once into a graph); with `-G N` the graph runs `N` times.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct Timed {
+    /// `-n`.
+    pub iters: usize,
+    /// `-m`.
+    pub agg_iters: usize,
+    /// `-G` (0: no graph).
+    pub graph_launches: usize,
+}
+
+impl Timed {
+    /// Operations in one pass of the loop: `-n × -m` (also the operations captured in the graph).
+    pub fn ops_per_pass(&self) -> usize {
+        self.iters * self.agg_iters
+    }
+
+    /// How many times the pass runs: the graph's launches with `-G`, else once.
+    pub fn passes(&self) -> usize {
+        self.graph_launches.max(1)
+    }
+
+    /// Operations the timed loop runs in all: `-n × -m × max(1, -G)`.
+    pub fn ops_run(&self) -> usize {
+        self.ops_per_pass() * self.passes()
+    }
+
+    /// Seconds per operation from the loop's completion time (first issue or launch until the stream is
+    /// done): over every operation run, `-G` launches included.
+    pub fn per_op(&self, elapsed_sec: f64) -> f64 {
+        elapsed_sec / self.ops_run() as f64
+    }
+
+    /// The `-C 1` time: host seconds spent issuing (the calls, or with `-G` the `N` graph launches) over the
+    /// operations of *one pass*. nccl-tests divides this by `-n × -m` only, not by the launches, so with
+    /// `-G N` it is the host cost of all `N` launches per captured operation; kept as nccl-tests reports it.
+    pub fn cpu_per_op(&self, host_sec: f64) -> f64 {
+        host_sec / self.ops_per_pass() as f64
+    }
+}
+
+/// The timed loop issuing the operations directly: returns (seconds per operation, `-C` host seconds per
+/// operation), this rank's values.
+fn timed_eager<C: PerfComm>(
+    comm: &C,
+    plan: &Plan,
+    st: &RankState,
+    timed: &Timed,
+    issue: &mut dyn FnMut() -> Result<()>,
+) -> Result<(f64, f64)> {
+    let start = Instant::now();
+    let mut coll_only = 0.0f64;
+    mark(plan, st.slot);
+    for _ in 0..plan.iters {
+        let t0 = start.elapsed().as_secs_f64();
+        for _ in 0..plan.agg_iters {
+            issue()?;
+            if plan.blocking != 0 {
+                comm.synchronize()?;
+            }
+            if plan.blocking == 1 {
+                comm.barrier()?;
+            }
+        }
+        if plan.blocking == 3 {
+            comm.synchronize()?;
+            coll_only += start.elapsed().as_secs_f64() - t0;
+            comm.barrier()?;
+        }
+    }
+    let host = if plan.blocking == 3 {
+        coll_only
+    } else {
+        start.elapsed().as_secs_f64()
+    };
+    sync(comm, plan, st.slot)?;
+    let done = if plan.blocking == 3 {
+        coll_only
+    } else {
+        start.elapsed().as_secs_f64()
+    };
+    Ok((timed.per_op(done), timed.cpu_per_op(host)))
+}
+
+/// The timed loop with `-G N`, as nccl-tests: capture one pass (`-n × -m` operations) into a graph on this
+/// rank's stream, line every rank up, then time `N` launches of it until the stream is done. `-z` is 0 here
+/// (the command line refuses the others with `-G`: a capturing stream cannot be waited for).
+fn timed_graph<C: PerfComm>(
+    comm: &C,
+    plan: &Plan,
+    st: &RankState,
+    timed: &Timed,
+    issue: &mut dyn FnMut() -> Result<()>,
+) -> Result<(f64, f64)> {
+    mark(plan, st.slot);
+    let graph = comm.capture(&mut || {
+        for _ in 0..timed.ops_per_pass() {
+            issue()?;
+        }
+        Ok(())
+    })?;
+    comm.barrier()?;
+    let start = Instant::now();
+    for _ in 0..timed.graph_launches {
+        comm.launch(&graph)?;
+    }
+    let host = start.elapsed().as_secs_f64();
+    sync(comm, plan, st.slot)?;
+    let done = start.elapsed().as_secs_f64();
+    drop(graph);
+    Ok((timed.per_op(done), timed.cpu_per_op(host)))
+}
+
 /// Measures one column (out-of-place or in-place) of one row.
 #[allow(clippy::too_many_arguments)]
 fn bench<C: PerfComm, T: Elem>(
@@ -597,38 +714,20 @@ fn bench<C: PerfComm, T: Elem>(
     sync(comm, plan, st.slot)?;
     comm.barrier()?;
 
-    let total = (plan.iters * plan.agg_iters) as f64;
-    let start = Instant::now();
-    let mut coll_only = 0.0f64;
-    mark(plan, st.slot);
-    for _ in 0..plan.iters {
-        let t0 = start.elapsed().as_secs_f64();
-        for _ in 0..plan.agg_iters {
-            issue(comm, op, &mut bufs, in_place, redop, root)?;
-            if plan.blocking != 0 {
-                comm.synchronize()?;
-            }
-            if plan.blocking == 1 {
-                comm.barrier()?;
-            }
-        }
-        if plan.blocking == 3 {
-            comm.synchronize()?;
-            coll_only += start.elapsed().as_secs_f64() - t0;
-            comm.barrier()?;
-        }
-    }
-    let cpu_sec = if plan.blocking == 3 {
-        coll_only
+    let timed = Timed {
+        iters: plan.iters,
+        agg_iters: plan.agg_iters,
+        graph_launches: plan.graph_launches,
+    };
+    let (delta, cpu_sec) = if timed.graph_launches > 0 {
+        timed_graph(comm, plan, st, &timed, &mut || {
+            issue(comm, op, &mut bufs, in_place, redop, root)
+        })?
     } else {
-        start.elapsed().as_secs_f64()
-    } / total;
-    sync(comm, plan, st.slot)?;
-    let delta = if plan.blocking == 3 {
-        coll_only
-    } else {
-        start.elapsed().as_secs_f64()
-    } / total;
+        timed_eager(comm, plan, st, &timed, &mut || {
+            issue(comm, op, &mut bufs, in_place, redop, root)
+        })?
+    };
     let delta = combine(comm, delta, plan.average)?;
     let cpu_sec = if plan.cputime {
         combine(comm, cpu_sec, plan.average)?
@@ -649,8 +748,15 @@ fn bench<C: PerfComm, T: Elem>(
             st.rep += 1;
             init_data(comm, op, &mut bufs, counts, recipe, root, st.rep)?;
             mark(plan, st.slot);
-            issue(comm, op, &mut bufs, in_place, redop, root)?;
-            sync(comm, plan, st.slot)?;
+            if plan.graph_launches > 0 {
+                // As nccl-tests: with -G the checked operation runs from a graph of its own, launched once.
+                let graph = comm.capture(&mut || issue(comm, op, &mut bufs, in_place, redop, root))?;
+                comm.launch(&graph)?;
+                sync(comm, plan, st.slot)?;
+            } else {
+                issue(comm, op, &mut bufs, in_place, redop, root)?;
+                sync(comm, plan, st.slot)?;
+            }
             let corrupt = plan.corrupt && !in_place && comm.rank() == corrupt_rank;
             let local = verify(comm, op, &bufs, counts, in_place, recipe, root, st.rep, corrupt)?;
             total_wrong = combine(comm, local as f64, MODE_SUM)?;
@@ -674,6 +780,63 @@ fn bench<C: PerfComm, T: Elem>(
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    fn close(a: f64, b: f64) -> bool {
+        (a - b).abs() <= 1e-12 * b.abs().max(1e-30)
+    }
+
+    #[test]
+    fn eager_loop_accounting_is_per_issued_operation() {
+        let t = Timed {
+            iters: 20,
+            agg_iters: 1,
+            graph_launches: 0,
+        };
+        assert_eq!((t.ops_per_pass(), t.passes(), t.ops_run()), (20, 1, 20));
+        assert!(close(t.per_op(0.002), 1.0e-4));
+        assert!(close(t.cpu_per_op(0.001), 5.0e-5));
+        let t = Timed { agg_iters: 4, ..t };
+        assert_eq!(t.ops_run(), 80);
+        assert!(close(t.per_op(0.008), 1.0e-4));
+    }
+
+    #[test]
+    fn graph_loop_time_is_over_every_launch_and_cputime_over_one_graph() {
+        // -n 20 -m 2 -G 5: 40 operations in the graph, launched 5 times: 200 operations timed.
+        let t = Timed {
+            iters: 20,
+            agg_iters: 2,
+            graph_launches: 5,
+        };
+        assert_eq!((t.ops_per_pass(), t.passes(), t.ops_run()), (40, 5, 200));
+        assert!(close(t.per_op(0.02), 1.0e-4));
+        // nccl-tests' -C with -G: the host time of the 5 launches over the 40 captured operations.
+        assert!(close(t.cpu_per_op(0.0004), 1.0e-5));
+        // -G 1 times the same number of operations as no graph.
+        let one = Timed { graph_launches: 1, ..t };
+        let none = Timed { graph_launches: 0, ..t };
+        assert_eq!(one.ops_run(), none.ops_run());
+        assert!(close(one.per_op(0.3), none.per_op(0.3)));
+    }
+
+    #[test]
+    fn graph_mode_bandwidth_is_the_per_operation_formula() {
+        // The same per-operation time gives the same algbw/busbw whether it came from a graph or not: 1 MiB
+        // float all-reduce on 8 ranks, 5 launches of 10 operations in 0.05 s = 1 ms each.
+        let t = Timed {
+            iters: 10,
+            agg_iters: 1,
+            graph_launches: 5,
+        };
+        let per_op = t.per_op(0.05);
+        assert!(close(per_op, 1.0e-3));
+        let (alg, bus) = CollOp::AllReduce.bandwidth(262_144, 4, per_op, 8);
+        assert!(close(alg, 1_048_576.0 / 1.0e-3 / 1.0e9), "{alg}");
+        assert!(close(bus, alg * 2.0 * 7.0 / 8.0), "{bus}");
+        let eager = Timed { graph_launches: 0, ..t };
+        let (alg2, bus2) = CollOp::AllReduce.bandwidth(262_144, 4, eager.per_op(0.01), 8);
+        assert!(close(alg2, alg) && close(bus2, bus), "{alg2} {bus2}");
+    }
 
     #[test]
     fn progress_reports_the_longest_busy_rank() {

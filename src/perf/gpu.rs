@@ -82,6 +82,28 @@ impl PerfComm for Communicator {
         mem
     }
 
+    /// A CUDA graph captured on the communicator's stream.
+    type Graph = nccl::graph::Graph;
+
+    fn capture(&self, issue: &mut dyn FnMut() -> Result<()>) -> Result<nccl::graph::Graph> {
+        nccl::graph::require_nccl_capture()?;
+        let stream = self.stream()?;
+        // Thread-local mode, as nccl-tests' timed loop: every rank is a thread of its own, and NCCL may make
+        // calls that are unsafe under a global capture (cudaMalloc when it first connects peers).
+        // SAFETY: nccl-perf runs one rank per GPU (`run_nccl` gives each local rank its own device) and each
+        // rank's context is used only by that rank's thread, with every buffer on the communicator's stream,
+        // so nothing else on this context depends on cudarc's event tracking while the capture is open; no
+        // buffer is allocated during it.
+        let capture = unsafe { nccl::graph::Capture::begin(stream, nccl::graph::CaptureMode::ThreadLocal) }?;
+        // An error while issuing drops `capture`, which ends it: the stream never stays in capture mode.
+        issue()?;
+        capture.end()
+    }
+
+    fn launch(&self, graph: &nccl::graph::Graph) -> Result<()> {
+        graph.launch()
+    }
+
     fn device_info(&self) -> DeviceInfo {
         let index = self.device();
         match self.stream() {
@@ -132,12 +154,6 @@ impl PerfComm for Communicator {
 
 /// Runs the benchmark on NCCL: `local` GPUs per process (one thread each), ranks numbered as nccl-tests does.
 pub fn run_nccl(cli: &Cli, args: &[String], info: &RankInfo, local: usize) -> Result<i32> {
-    if cli.cudagraph > 0 {
-        return Err(Error::invalid(
-            "nccl-perf",
-            "-G (CUDA graph capture) is not implemented in nccl-perf yet; run without -G",
-        ));
-    }
     let nranks = info.world_size * local;
     let id = if info.world_size > 1 {
         let rv = nccl::bootstrap::Rendezvous::for_rank(info)?;

@@ -3,7 +3,7 @@
 use std::borrow::Cow;
 
 use nccl::host::HostComm;
-use nccl::{Elem, Result};
+use nccl::{Elem, Error, Result};
 
 use super::device::{host_cpu_name, DeviceInfo, PerfComm};
 
@@ -29,6 +29,20 @@ impl PerfComm for HostComm {
 
     fn buf_mut<T: Elem>(mem: &mut Vec<T>) -> &mut [T] {
         mem
+    }
+
+    /// No graphs on the host: `-G` is refused before a run starts; this is the backstop.
+    type Graph = std::convert::Infallible;
+
+    fn capture(&self, _issue: &mut dyn FnMut() -> Result<()>) -> Result<Self::Graph> {
+        Err(Error::invalid(
+            "nccl-perf",
+            "-G (CUDA graph launches) needs the nccl backend; the host backend has no graphs",
+        ))
+    }
+
+    fn launch(&self, graph: &Self::Graph) -> Result<()> {
+        match *graph {}
     }
 
     fn device_info(&self) -> DeviceInfo {

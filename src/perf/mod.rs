@@ -14,7 +14,13 @@
 //! - Buffers are allocated per size instead of rotating offsets inside one maximum-size buffer.
 //! - `-T` is a watchdog: when one operation (or one timed loop) exceeds it, the process prints
 //!   `Test timeout` and exits with code 124.
-//! - `-G` (CUDA graphs) is rejected on the host backend: it has no graphs.
+//! - `-G` (CUDA graphs) is rejected on the host backend: it has no graphs. On NCCL it follows nccl-tests: the
+//!   timed loop's `-n × -m` operations are captured once per column into a CUDA graph (`nccl::graph`,
+//!   thread-local capture) and launched `-G` times, time per operation over all of them
+//!   ([`driver::Timed`]); every check iteration runs from a graph launched once; `-C 1` is the launches' host
+//!   time over `-n × -m`, as nccl-tests reports it. `-G` needs `-z 0` (the others wait on a capturing
+//!   stream; nccl-tests fails there mid-capture, nccl-perf refuses them up front). Compiled and unit-tested
+//!   on the host (accounting and arithmetic); never run on a GPU in this repository.
 //! - Exit codes: 0 success, 1 wrong values, 2 usage error, 3 runtime error, 124 timeout.
 
 pub mod cli;
@@ -31,5 +37,5 @@ pub mod run;
 
 pub use cli::{BackendKind, Cli};
 pub use device::{DeviceInfo, PerfComm};
-pub use driver::{run_rank, Measure, Plan, Row, Summary};
+pub use driver::{run_rank, Measure, Plan, Row, Summary, Timed};
 pub use ops::{CollOp, Counts};

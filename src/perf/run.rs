@@ -152,6 +152,7 @@ pub fn make_plan<C: PerfComm>(cli: &Cli, probe: &C, nranks: usize, version: &str
         iters: cli.iters,
         agg_iters: cli.agg_iters,
         warmup_iters: cli.warmup_iters,
+        graph_launches: cli.cudagraph,
         check: cli.check,
         blocking: cli.blocking,
         cputime: cli.report_cputime == 1,
