@@ -323,6 +323,34 @@ fn prompts_file_results_come_back_in_input_order_equal_to_solo_runs() {
     let _ = std::fs::remove_dir_all(&dir);
 }
 
+/// A bad line of a prompts file (here an unknown field, which would otherwise be ignored) is an error naming
+/// the file and line before any model is loaded, and no results file is written.
+#[test]
+fn a_bad_prompts_file_line_fails_before_the_model_loads() {
+    let Some(exe) = example() else { return };
+    let dir = std::env::temp_dir().join(format!("serve_cli_bad_{}", std::process::id()));
+    std::fs::create_dir_all(&dir).unwrap();
+    let (inp, out) = (dir.join("prompts.jsonl"), dir.join("results.jsonl"));
+    std::fs::write(
+        &inp,
+        "{\"prompt\": [1, 2], \"top_p\": 0.5, \"stop\": [\"x\"]}\n{\"prompt\": [3], \"top_k\": 4}\n",
+    )
+    .unwrap();
+    let o = Command::new(&exe)
+        .args(["--prompts-file", inp.to_str().unwrap(), "--out", out.to_str().unwrap()])
+        .output()
+        .unwrap();
+    let err = String::from_utf8_lossy(&o.stderr);
+    assert!(!o.status.success(), "{err}");
+    assert!(
+        err.contains("prompts.jsonl:2") && err.contains("unknown field `top_k`"),
+        "{err}"
+    );
+    assert!(!err.contains("loaded in"), "the model was loaded first:\n{err}");
+    assert!(!out.exists());
+    let _ = std::fs::remove_dir_all(&dir);
+}
+
 /// [`spawn`] that also collects the server's standard error (echoed to ours), line by line.
 fn spawn_capturing(exe: &PathBuf, args: &[&str]) -> (Proc, mpsc::Receiver<String>) {
     let mut child = Command::new(exe)

@@ -361,12 +361,78 @@ async fn shutdown_signal() {
     }
 }
 
+/// One line of a prompts file: a JSON string (the prompt), or an object with these fields (any other field
+/// is an error, not silently ignored).
 #[derive(serde::Deserialize)]
+#[serde(deny_unknown_fields)]
 struct Line {
     prompt: serde_json::Value,
     max_tokens: Option<usize>,
     temperature: Option<f32>,
+    top_p: Option<f32>,
     seed: Option<u64>,
+    #[serde(default)]
+    stop: Vec<String>,
+    #[serde(default)]
+    ignore_eos: bool,
+}
+
+/// A prompt as given: text (tokenized once the model is loaded) or token ids.
+enum Prompt {
+    Text(String),
+    Ids(Vec<u32>),
+}
+
+/// Reads and checks every line of the prompts file (JSON, fields, types) before any model is loaded, so a
+/// bad line costs no model load; returns each line's number, prompt and request settings.
+fn read_prompts(args: &Args, inp: &std::path::Path) -> Result<Vec<(usize, Prompt, GenRequest)>> {
+    let io = |source| EngineError::Io {
+        path: inp.to_path_buf(),
+        source,
+    };
+    let file = std::fs::File::open(inp).map_err(io)?;
+    let mut out = Vec::new();
+    for (i, line) in std::io::BufReader::new(file).lines().enumerate() {
+        let line = line.map_err(io)?;
+        if line.trim().is_empty() {
+            continue;
+        }
+        let bad = |m: String| EngineError::Config(format!("{}:{}: {m}", inp.display(), i + 1));
+        let v: serde_json::Value = serde_json::from_str(&line).map_err(|e| bad(e.to_string()))?;
+        let l: Line = if let serde_json::Value::String(s) = v {
+            Line {
+                prompt: serde_json::Value::String(s),
+                max_tokens: None,
+                temperature: None,
+                top_p: None,
+                seed: None,
+                stop: Vec::new(),
+                ignore_eos: false,
+            }
+        } else {
+            serde_json::from_value(v).map_err(|e| bad(e.to_string()))?
+        };
+        let prompt = match l.prompt {
+            serde_json::Value::String(s) => Prompt::Text(s),
+            other => Prompt::Ids(
+                serde_json::from_value::<Vec<u32>>(other)
+                    .map_err(|_| bad("prompt must be a string or a list of token ids".into()))?,
+            ),
+        };
+        let req = GenRequest {
+            prompt: Vec::new(),
+            max_tokens: l.max_tokens.unwrap_or(args.max_tokens),
+            sampling: SamplingParams {
+                temperature: l.temperature.unwrap_or(0.0),
+                top_p: l.top_p.unwrap_or(1.0),
+                seed: l.seed.unwrap_or(0),
+            },
+            stop: l.stop,
+            ignore_eos: l.ignore_eos,
+        };
+        out.push((i + 1, prompt, req));
+    }
+    Ok(out)
 }
 
 fn batch(args: &Args, inp: &std::path::Path, out: &std::path::Path, comms: Option<RankComms>) -> Result<()> {
@@ -374,29 +440,15 @@ fn batch(args: &Args, inp: &std::path::Path, out: &std::path::Path, comms: Optio
         let path = path.to_path_buf();
         move |source| EngineError::Io { path, source }
     };
-    let file = std::fs::File::open(inp).map_err(io(inp))?;
+    let lines = read_prompts(args, inp)?;
     let (pool, _) = pool_with(args, comms)?;
     let tok = pool.tokenizer().cloned();
-    let mut reqs = Vec::new();
-    for (i, line) in std::io::BufReader::new(file).lines().enumerate() {
-        let line = line.map_err(io(inp))?;
-        if line.trim().is_empty() {
-            continue;
-        }
-        let bad = |m: String| EngineError::Config(format!("{}:{}: {m}", inp.display(), i + 1));
-        let v: serde_json::Value = serde_json::from_str(&line).map_err(|e| bad(e.to_string()))?;
-        let l: Line = if v.is_string() {
-            Line {
-                prompt: v,
-                max_tokens: None,
-                temperature: None,
-                seed: None,
-            }
-        } else {
-            serde_json::from_value(v).map_err(|e| bad(e.to_string()))?
-        };
-        let prompt = match &l.prompt {
-            serde_json::Value::String(s) => {
+    let mut reqs = Vec::with_capacity(lines.len());
+    for (no, prompt, mut req) in lines {
+        let bad = |m: String| EngineError::Config(format!("{}:{no}: {m}", inp.display()));
+        req.prompt = match prompt {
+            Prompt::Ids(ids) => ids,
+            Prompt::Text(s) => {
                 let t = tok
                     .as_ref()
                     .ok_or_else(|| bad("the model has no tokenizer: give prompts as lists of token ids".into()))?;
@@ -405,20 +457,8 @@ fn batch(args: &Args, inp: &std::path::Path, out: &std::path::Path, comms: Optio
                     .get_ids()
                     .to_vec()
             }
-            other => serde_json::from_value::<Vec<u32>>(other.clone())
-                .map_err(|_| bad("prompt must be a string or a list of token ids".into()))?,
         };
-        reqs.push(GenRequest {
-            prompt,
-            max_tokens: l.max_tokens.unwrap_or(args.max_tokens),
-            sampling: SamplingParams {
-                temperature: l.temperature.unwrap_or(0.0),
-                top_p: 1.0,
-                seed: l.seed.unwrap_or(0),
-            },
-            stop: Vec::new(),
-            ignore_eos: false,
-        });
+        reqs.push(req);
     }
     let n = reqs.len();
     let t0 = std::time::Instant::now();
