@@ -3,6 +3,7 @@
 pub mod chat;
 pub mod cli;
 pub mod comm;
+pub mod compute;
 #[cfg(feature = "cuda")]
 pub mod cuda;
 pub mod engine;
