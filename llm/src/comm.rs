@@ -32,6 +32,12 @@ pub trait Comm: Send {
     fn recv(&self, buf: &mut [f32], peer: usize) -> nccl::Result<()>;
     /// Returns once every rank has called it.
     fn barrier(&self) -> nccl::Result<()>;
+    /// The NCCL communicator behind this one, if any (the CUDA engine runs its collectives on it, on device
+    /// buffers).
+    #[cfg(feature = "cuda")]
+    fn nccl_communicator(&self) -> Option<&nccl::Communicator> {
+        None
+    }
 }
 
 /// The communicator of a group of one rank: collectives are identities, point-to-point is an error.
@@ -172,6 +178,9 @@ pub mod cuda {
         }
         fn barrier(&self) -> nccl::Result<()> {
             Collectives::barrier(&self.0)
+        }
+        fn nccl_communicator(&self) -> Option<&Communicator> {
+            Some(&self.0)
         }
     }
 }

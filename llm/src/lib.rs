@@ -6,6 +6,8 @@ pub mod comm;
 pub mod compute;
 #[cfg(feature = "cuda")]
 pub mod cuda;
+#[cfg(feature = "cuda")]
+pub mod cuda_engine;
 pub mod engine;
 pub mod error;
 pub mod kernels;
