@@ -3,8 +3,9 @@
 //! The engine is written once against [`Comm`]; a backend plugs in by implementing it. Implemented here for
 //! any [`nccl::Collectives`] backend whose buffers are host slices (the host backend, through
 //! [`HostCollComm`]), for a single rank ([`SingleComm`]) and, with the `cuda` feature, for an NCCL
-//! communicator by staging the host slices through device memory (`cuda::StagedNcclComm`: a seam for the GPU
-//! engine, which will keep activations on the device instead).
+//! communicator by staging the host slices through device memory (`cuda::StagedNcclComm`, what the CPU engine
+//! uses with `--backend nccl`; the CUDA engine runs its TP collectives on device buffers through
+//! `Comm::nccl_communicator` instead).
 //!
 //! For 2-D parallelism (TP × PP) each rank holds two communicators: one over its tensor-parallel group and
 //! one over its pipeline group. Ranks passed to [`Comm::send`] / [`Comm::recv`] are ranks *of that

@@ -9,7 +9,7 @@
 //!   [`crate::math`] and a host communicator ([`Comm`]). Each operation is the code the CPU engine always ran,
 //!   so its results are bit for bit those of before the engine became generic.
 //! * `crate::cuda_engine::Cuda` (feature `cuda`): activations, bf16 weights and the KV cache on one device,
-//!   the kernels of [`crate::cuda::CudaKernels`] and cuBLAS on one stream, and the TP collectives as NCCL
+//!   the kernels of `crate::cuda::CudaKernels` and cuBLAS on one stream, and the TP collectives as NCCL
 //!   calls on that same stream.
 
 use std::borrow::{Borrow, BorrowMut};
