@@ -80,6 +80,9 @@ print(exes[-1] if exes else "")')"
         echo "cudarc: cuda-13000 (the workspace's cuda-12090 replaced in a copy of the tree)"
     } >"$bundle/MANIFEST"
     run_cargo kernels_gpu test -p nccl-llm --features cuda --test kernels_gpu --no-run
+    # --- engine_gpu (issue 13: the CUDA engine against the CPU engine), build half; run half below ---
+    run_cargo engine_gpu test -p nccl-llm --features cuda --test engine_gpu --no-run
+    # --- end engine_gpu ---
     run_cargo nccl_gpu test -p nccl-rs --features cuda --test nccl_gpu --no-run
     run_cargo nccl-perf build -p nccl-stack --features cuda --bin nccl-perf
     # The NCCL tests that need exactly one GPU, by their #[ignore] reason.
@@ -201,6 +204,15 @@ run() {
         fi
     }
     step "kernels vs CPU twins" 300 "$bundle/bin/kernels_gpu" --ignored --test-threads=1
+    # --- engine_gpu (issue 13), run half: the 1-GPU test only (TP=2 needs 2 GPUs) ---
+    if [ -x "$bundle/bin/engine_gpu" ]; then
+        step "CUDA engine vs CPU engine, TP=1" 300 "$bundle/bin/engine_gpu" --ignored --exact \
+            tp1_cuda_engine_matches_the_cpu_engine --test-threads=1 --nocapture
+    else
+        say "FAIL engine_gpu: not in the bundle (rebuild it)"
+        status=1
+    fi
+    # --- end engine_gpu ---
     while read -r t; do
         [ -n "$t" ] && step "nccl_gpu $t" 120 "$bundle/bin/nccl_gpu" --ignored --exact "$t" --test-threads=1
     done <"$bundle/nccl_gpu.1gpu"

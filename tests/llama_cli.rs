@@ -135,6 +135,70 @@ fn bad_arguments_are_clear_errors() {
     }
 }
 
+/// `--device cuda` (the GPU engine) is refused before anything starts without `--backend nccl` and with
+/// the CPU-only integer decode paths, in every build.
+#[test]
+fn cuda_device_needs_nccl_and_the_exact_path() {
+    let cases: [(&[&str], &str); 2] = [
+        (&["--device", "cuda"], "--device cuda needs --backend nccl"),
+        (&["--device", "cuda", "--backend", "nccl", "--int8"], "CPU decode paths"),
+    ];
+    for (args, needle) in cases {
+        for name in ["tp_llama", "pp_llama"] {
+            let out = run(name, args);
+            let err = String::from_utf8_lossy(&out.stderr);
+            assert_eq!(out.status.code(), Some(1), "{name} {args:?}: exit code ({err})");
+            assert!(err.contains("error:") && err.contains(needle), "{name} {args:?}: {err}");
+        }
+    }
+}
+
+/// `--device cuda --backend nccl --tp 2` (the GPU engine, ranks as threads) against the CPU engine on the
+/// host backend: logits within the bf16 bound of llm/tests/engine_gpu.rs (`0.05 + 0.05 |host|`), 6 tokens.
+/// Never run yet.
+#[cfg(feature = "cuda")]
+#[test]
+#[ignore = "needs 2 GPUs"]
+fn cuda_device_tp2_threads_close_to_host() {
+    let dir = std::env::temp_dir().join(format!("llama_cli_cuda_{}", std::process::id()));
+    std::fs::create_dir_all(&dir).unwrap();
+    let common = [
+        "--prompt-ids",
+        "1,5,9,42,7",
+        "--max-new-tokens",
+        "6",
+        "--ignore-eos",
+        "--json",
+        "--tp",
+        "2",
+    ];
+    let mut got = Vec::new();
+    for extra in [
+        &["--backend", "host"][..],
+        &["--backend", "nccl", "--device", "cuda"][..],
+    ] {
+        let path = dir.join(format!("{}.json", extra.len()));
+        let args = [&common[..], extra, &["--logits-out", path.to_str().unwrap()]].concat();
+        let out = run("tp_llama", &args);
+        let j = json_of(&out);
+        if extra.len() > 2 {
+            let err = String::from_utf8_lossy(&out.stderr);
+            assert!(
+                err.contains("compute on each rank's GPU"),
+                "the log line says so: {err}"
+            );
+        }
+        assert_eq!(j["generated_ids"].as_array().unwrap().len(), 6);
+        got.push(logits(&path));
+    }
+    let (host, gpu) = (&got[0], &got[1]);
+    assert_eq!(host.len(), gpu.len());
+    for (i, (h, g)) in host.iter().zip(gpu).enumerate() {
+        assert!((h - g).abs() <= 0.05 + 0.05 * h.abs(), "logit {i}: GPU {g}, host {h}");
+    }
+    let _ = std::fs::remove_dir_all(&dir);
+}
+
 /// The error of a `--backend nccl` run: exit code 1 (not a panic's 101), `needle` on stderr.
 fn assert_nccl_error(args: &[&str], env: &[(&str, &str)], needle: &str) {
     for name in ["tp_llama", "pp_llama"] {

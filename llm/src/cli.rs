@@ -31,9 +31,21 @@ pub enum Backend {
     /// CPU ranks, collectives over host memory (threads or shared memory between processes).
     Host,
     /// NCCL between GPUs (needs a build with `--features cuda` and one GPU per rank: as threads rank r uses
-    /// device r % device count, as processes device LOCAL_RANK). Compute stays on the CPU: each collective is
-    /// staged host → GPU → NCCL → host (the GPU engine comes later).
+    /// device r % device count, as processes device LOCAL_RANK). With `--device cpu` compute stays on the
+    /// CPU and each collective is staged host → GPU → NCCL → host; with `--device cuda` the GPU engine
+    /// computes on the device and the TP collectives run on device buffers.
     Nccl,
+}
+
+/// Where a rank computes its forward pass.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, ValueEnum)]
+pub enum Device {
+    /// On the CPU (f32 activations, weights as the file stores them or f32).
+    Cpu,
+    /// On the rank's GPU (the CUDA engine: bf16 weights, f32 activations and KV cache on the device, TP
+    /// collectives by NCCL on the compute stream). Needs `--backend nccl`, a build with `--features cuda` and
+    /// one GPU per rank. Not yet run on a GPU; one sequence at a time.
+    Cuda,
 }
 
 /// Tensor- and pipeline-parallel Llama inference on CPU ranks.
@@ -93,9 +105,14 @@ pub struct Args {
     /// Run the ranks as this many local processes instead of threads (must equal tp × pp).
     #[arg(long)]
     pub nprocs: Option<usize>,
-    /// Communication backend. `nccl` moves the communication to NCCL on GPUs; compute stays on the CPU.
+    /// Communication backend. `nccl` moves the communication to NCCL on GPUs; compute stays on the CPU
+    /// unless `--device cuda`.
     #[arg(long, value_enum, default_value = "host")]
     pub backend: Backend,
+    /// Where each rank computes: `cpu` (default) or `cuda` (the GPU engine; needs `--backend nccl`, one GPU
+    /// per rank and a `--features cuda` build; never run on a GPU yet).
+    #[arg(long, value_enum, default_value = "cpu")]
+    pub device: Device,
     /// Prompt micro-batches in pipeline-parallel prefill (0 = one per stage).
     #[arg(long, default_value_t = 0)]
     pub micro_batches: usize,
@@ -193,6 +210,7 @@ pub fn run(example: Example, args: Args) -> Result<i32> {
     let layout = layout_of(example, &args)?;
     sampling_of(&args)?; // before spawning workers: a bad flag fails once, in the launcher
     let nccl = args.backend == Backend::Nccl;
+    check_device(&args)?;
     if nccl {
         check_nccl_build()?;
     }
@@ -270,7 +288,10 @@ pub fn run(example: Example, args: Args) -> Result<i32> {
         };
         let w = comms.world_rank;
         if nccl && w == reporter {
-            eprintln!("{}", nccl_log_line(layout, "processes, device LOCAL_RANK each"));
+            eprintln!(
+                "{}",
+                nccl_log_line(layout, "processes, device LOCAL_RANK each", job.args.device)
+            );
         }
         let out = run_rank(&job, comms, w == reporter).map_err(|e| EngineError::Rank {
             rank: w,
@@ -284,7 +305,7 @@ pub fn run(example: Example, args: Args) -> Result<i32> {
 
     // Each rank thread gets its communicators from `comms_of` (NCCL creates them on the rank's own thread).
     let (comms_of, backend) = if nccl {
-        nccl_threads(layout)?
+        nccl_threads(layout, job.args.device)?
     } else {
         let comms = launch::host_threads(layout)?;
         let backend = comms[0].tp.backend_name();
@@ -344,6 +365,25 @@ pub fn default_model() -> Option<PathBuf> {
 /// Gives rank thread `w` its communicators.
 type CommsOf = Box<dyn Fn(usize) -> Result<RankComms> + Send + Sync>;
 
+/// `--device cuda` needs `--backend nccl` (each rank's stream is its NCCL communicator's) and the exact
+/// decode path (the integer paths are CPU kernels); checked before anything starts.
+fn check_device(args: &Args) -> Result<()> {
+    if args.device != Device::Cuda {
+        return Ok(());
+    }
+    if args.backend != Backend::Nccl {
+        return Err(EngineError::Config(
+            "--device cuda needs --backend nccl (the GPU engine's collectives are NCCL calls on its stream)".into(),
+        ));
+    }
+    if args.int8 || args.int16 {
+        return Err(EngineError::Config(
+            "--int8/--int16 are CPU decode paths; --device cuda computes in bf16/f32 on the GPU".into(),
+        ));
+    }
+    Ok(())
+}
+
 /// `--backend nccl` needs the `cuda` feature and a CUDA device; checked before any worker process starts.
 fn check_nccl_build() -> Result<()> {
     #[cfg(not(feature = "cuda"))]
@@ -368,10 +408,13 @@ fn no_cuda_feature() -> EngineError {
     )
 }
 
-fn nccl_log_line(layout: Layout, placement: &str) -> String {
+fn nccl_log_line(layout: Layout, placement: &str, device: Device) -> String {
+    let compute = match device {
+        Device::Cpu => "compute stays on the CPU, each collective is staged host → GPU → NCCL → host",
+        Device::Cuda => "compute on each rank's GPU (--device cuda), TP collectives by NCCL on device buffers",
+    };
     format!(
-        "backend nccl: tp {} × pp {} ranks as {placement}; compute stays on the CPU, each collective is staged \
-         host → GPU → NCCL → host (the GPU engine comes later)",
+        "backend nccl: tp {} × pp {} ranks as {placement}; {compute}",
         layout.tp, layout.pp
     )
 }
@@ -387,7 +430,11 @@ fn nccl_process(_layout: Layout) -> Result<RankComms> {
 }
 
 #[cfg(feature = "cuda")]
-fn nccl_threads(layout: Layout) -> Result<(CommsOf, &'static str)> {
+fn nccl_threads(layout: Layout, device: Device) -> Result<(CommsOf, &'static str)> {
+    if device == Device::Cuda {
+        // The GPU engine puts each rank on its own GPU.
+        crate::cuda_engine::device_for_rank(0, layout.world(), nccl::cuda_device_count())?;
+    }
     let nt = launch::NcclThreads::new(layout)?;
     let devices: Vec<String> = (0..layout.world())
         .filter_map(|w| nt.device(w))
@@ -395,13 +442,17 @@ fn nccl_threads(layout: Layout) -> Result<(CommsOf, &'static str)> {
         .collect();
     eprintln!(
         "{}",
-        nccl_log_line(layout, &format!("threads on CUDA device(s) {}", devices.join(",")))
+        nccl_log_line(
+            layout,
+            &format!("threads on CUDA device(s) {}", devices.join(",")),
+            device
+        )
     );
     Ok((Box::new(move |w| nt.rank(w)), "nccl"))
 }
 
 #[cfg(not(feature = "cuda"))]
-fn nccl_threads(_layout: Layout) -> Result<(CommsOf, &'static str)> {
+fn nccl_threads(_layout: Layout, _device: Device) -> Result<(CommsOf, &'static str)> {
     Err(no_cuda_feature())
 }
 
@@ -469,6 +520,26 @@ fn progress_bar(total_hint: usize) -> indicatif::ProgressBar {
     pb
 }
 
+/// The rank's shard moved to its GPU: the CUDA engine on the stream of its NCCL communicator (TP, else
+/// pipeline), its TP collectives on device buffers.
+#[cfg(feature = "cuda")]
+fn cuda_rank(model: RankModel, comms: RankComms) -> Result<Rank<crate::cuda_engine::Cuda>> {
+    use crate::cuda_engine::{upload_to, Cuda, DeviceTp};
+    let stream = comms
+        .tp
+        .nccl_communicator()
+        .or(comms.pp.nccl_communicator())
+        .map(|c| c.stream().cloned())
+        .transpose()?
+        .ok_or_else(|| {
+            EngineError::Config("--device cuda: the rank has no NCCL communicator (use --backend nccl)".into())
+        })?;
+    let tp = DeviceTp::from_comm(comms.tp)?;
+    let backend = Cuda::on_stream(stream, model.rope(), model.config().max_position_embeddings)?;
+    let model = upload_to(model, backend)?;
+    Rank::new(model, Box::new(tp), comms.pp)
+}
+
 fn run_rank(job: &Job, comms: RankComms, reporter: bool) -> Result<GenerateOutput> {
     let (stage, tp_rank) = job.layout.coords(comms.world_rank);
     let place = RankPlace {
@@ -488,6 +559,7 @@ fn run_rank(job: &Job, comms: RankComms, reporter: bool) -> Result<GenerateOutpu
     })?;
     let requested = decode_path(&job.args);
     let path = model.set_decode_path(requested);
+    let cuda = job.args.device == Device::Cuda;
     if path != requested && reporter {
         eprintln!(
             "note: --{} needs block-quantized weights (Q4_0/Q4_1/Q8_0 GGUF) and this model has none: decoding exact",
@@ -503,12 +575,26 @@ fn run_rank(job: &Job, comms: RankComms, reporter: bool) -> Result<GenerateOutpu
             job.layout.tp,
             job.layout.pp,
             job.threads,
-            path.describe()
+            if cuda {
+                "GPU (bf16 weights)".to_string()
+            } else {
+                path.describe()
+            }
         );
     }
-    let rank = Rank::new(model, comms.tp, comms.pp)?;
+    if cuda {
+        #[cfg(feature = "cuda")]
+        return generate_on(job, cuda_rank(model, comms)?, reporter);
+        #[cfg(not(feature = "cuda"))]
+        return Err(no_cuda_feature());
+    }
+    generate_on(job, Rank::new(model, comms.tp, comms.pp)?, reporter)
+}
+
+/// Generates on a ready rank, streaming the reporter's tokens.
+fn generate_on<B: crate::compute::Compute>(job: &Job, rank: Rank<B>, reporter: bool) -> Result<GenerateOutput> {
     // All ranks start generating together so the timings measure generation, not loading skew.
-    rank_barrier(&rank)?;
+    rank.barrier()?;
     let stream = reporter && !job.args.json;
     let mut printed = String::new();
     let mut ids = Vec::new();
@@ -555,10 +641,6 @@ fn decode_path(args: &Args) -> DecodePath {
     } else {
         DecodePath::Exact
     }
-}
-
-fn rank_barrier(rank: &Rank) -> Result<()> {
-    rank.barrier()
 }
 
 fn report(job: &Job, out: &GenerateOutput, backend: &str) -> Result<()> {

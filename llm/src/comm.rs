@@ -3,8 +3,9 @@
 //! The engine is written once against [`Comm`]; a backend plugs in by implementing it. Implemented here for
 //! any [`nccl::Collectives`] backend whose buffers are host slices (the host backend, through
 //! [`HostCollComm`]), for a single rank ([`SingleComm`]) and, with the `cuda` feature, for an NCCL
-//! communicator by staging the host slices through device memory (`cuda::StagedNcclComm`: a seam for the GPU
-//! engine, which will keep activations on the device instead).
+//! communicator by staging the host slices through device memory (`cuda::StagedNcclComm`, what the CPU engine
+//! uses with `--backend nccl`; the CUDA engine runs its TP collectives on device buffers through
+//! `Comm::nccl_communicator` instead).
 //!
 //! For 2-D parallelism (TP × PP) each rank holds two communicators: one over its tensor-parallel group and
 //! one over its pipeline group. Ranks passed to [`Comm::send`] / [`Comm::recv`] are ranks *of that
@@ -32,6 +33,12 @@ pub trait Comm: Send {
     fn recv(&self, buf: &mut [f32], peer: usize) -> nccl::Result<()>;
     /// Returns once every rank has called it.
     fn barrier(&self) -> nccl::Result<()>;
+    /// The NCCL communicator behind this one, if any (the CUDA engine runs its collectives on it, on device
+    /// buffers).
+    #[cfg(feature = "cuda")]
+    fn nccl_communicator(&self) -> Option<&nccl::Communicator> {
+        None
+    }
 }
 
 /// The communicator of a group of one rank: collectives are identities, point-to-point is an error.
@@ -172,6 +179,9 @@ pub mod cuda {
         }
         fn barrier(&self) -> nccl::Result<()> {
             Collectives::barrier(&self.0)
+        }
+        fn nccl_communicator(&self) -> Option<&Communicator> {
+            Some(&self.0)
         }
     }
 }

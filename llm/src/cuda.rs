@@ -7,15 +7,17 @@
 //! (cudarc feature `cuda-13000`) looks for the `.so.13` names. A missing library is a [`CudaError::Library`]
 //! here, never cudarc's panic.
 //!
-//! Not yet wired into the engine's forward pass: this is the layer the CUDA engine will be written on.
+//! The engine's CUDA compute backend (`crate::cuda_engine::Cuda`) runs the forward pass on these.
 //! Shapes are validated before every launch; a wrong shape is a [`CudaError::Shape`], never a launch.
 
 use std::sync::Arc;
 
-use cudarc::cublas::{result::CublasError, sys::cublasOperation_t, CudaBlas, Gemm, GemmConfig};
+use cudarc::cublas::result::CublasError;
+use cudarc::cublas::sys::{cublasComputeType_t, cublasGemmAlgo_t, cublasOperation_t, cudaDataType_t};
+use cudarc::cublas::{CudaBlas, Gemm, GemmConfig};
 use cudarc::driver::{
-    CudaContext, CudaFunction, CudaModule, CudaSlice, CudaStream, DeviceRepr, DriverError, LaunchConfig, PushKernelArg,
-    ValidAsZeroBits,
+    CudaContext, CudaFunction, CudaModule, CudaSlice, CudaStream, DevicePtr, DevicePtrMut, DeviceRepr, DriverError,
+    LaunchConfig, PushKernelArg, ValidAsZeroBits,
 };
 use cudarc::nvrtc::{CompileError, CompileOptions};
 use half::bf16;
@@ -88,6 +90,22 @@ fn library(present: bool, library: &'static str, lib: &str) -> Result<()> {
     })
 }
 
+/// Whether the CUDA driver, NVRTC and cuBLAS can be loaded ([`CudaError::Library`] naming the first that
+/// cannot).
+fn check_libraries() -> Result<()> {
+    // SAFETY: these only try to load the libraries (dlopen by name) and report whether that worked.
+    let (driver, nvrtc, cublas) = unsafe {
+        (
+            cudarc::driver::sys::is_culib_present(),
+            cudarc::nvrtc::sys::is_culib_present(),
+            cudarc::cublas::sys::is_culib_present(),
+        )
+    };
+    library(driver, "CUDA driver", "cuda")?;
+    library(nvrtc, "NVRTC", "nvrtc")?;
+    library(cublas, "cuBLAS", "cublas")
+}
+
 /// A storage type of the kernels on the device: f32, or bf16 (`half::bf16`, the same 16 bits as the
 /// kernels' `bf16`).
 pub trait DeviceElem: kernels::Elem + DeviceRepr + ValidAsZeroBits {
@@ -119,6 +137,45 @@ fn config(l: Launch) -> LaunchConfig {
     }
 }
 
+/// The GEMM of [`CudaKernels::linear_bf16_f32`], its buffers' lengths checked: [`LinearShape::check`] with
+/// output rows `y_stride` apart.
+pub fn linear_strided(
+    n: usize,
+    rows: usize,
+    cols: usize,
+    x: usize,
+    w: usize,
+    y: usize,
+    y_stride: usize,
+) -> Result<kernels::Gemm, ShapeError> {
+    let shape = LinearShape { n, rows, cols };
+    let dense = n.checked_mul(rows).ok_or_else(|| ShapeError::Inconsistent {
+        kernel: "linear",
+        detail: format!("{n} × {rows} outputs overflow"),
+    })?;
+    let mut g = shape.check(x, w, dense)?;
+    if y_stride < rows || i32::try_from(y_stride).is_err() {
+        return Err(ShapeError::Inconsistent {
+            kernel: "linear",
+            detail: format!("output stride {y_stride} for rows of {rows}"),
+        });
+    }
+    let want = n.checked_mul(y_stride).ok_or_else(|| ShapeError::Inconsistent {
+        kernel: "linear",
+        detail: format!("{n} rows of stride {y_stride} overflow"),
+    })?;
+    if y != want {
+        return Err(ShapeError::Len {
+            kernel: "linear",
+            what: "y",
+            expected: want,
+            actual: y,
+        });
+    }
+    g.ldc = y_stride as i32;
+    Ok(g)
+}
+
 /// `v` as the kernels' `int` (the shape checks have already bounded every size by `i32::MAX`).
 fn int(v: usize) -> i32 {
     i32::try_from(v).expect("sizes are checked to fit i32 before any launch")
@@ -147,22 +204,26 @@ impl CudaKernels {
     /// Compiles [`kernels::SOURCE`] with NVRTC for device `ordinal`'s architecture, loads every kernel and
     /// creates a stream and a cuBLAS handle. Clear errors when a library, the device or NVRTC fails.
     pub fn new(ordinal: usize) -> Result<Self> {
-        // SAFETY: these only try to load the libraries (dlopen by name) and report whether that worked.
-        let (driver, nvrtc, cublas) = unsafe {
-            (
-                cudarc::driver::sys::is_culib_present(),
-                cudarc::nvrtc::sys::is_culib_present(),
-                cudarc::cublas::sys::is_culib_present(),
-            )
-        };
-        library(driver, "CUDA driver", "cuda")?;
-        library(nvrtc, "NVRTC", "nvrtc")?;
-        library(cublas, "cuBLAS", "cublas")?;
+        check_libraries()?;
         let count = CudaContext::device_count()?.max(0) as usize;
         if ordinal >= count {
             return Err(CudaError::NoDevice { ordinal, count });
         }
         let ctx = CudaContext::new(ordinal)?;
+        let stream = ctx.new_stream()?;
+        Self::build(ctx, stream)
+    }
+
+    /// [`CudaKernels::new`] on an existing stream (e.g. the one an NCCL communicator is bound to, so that
+    /// kernels, cuBLAS and collectives run in one stream order).
+    pub fn on_stream(stream: Arc<CudaStream>) -> Result<Self> {
+        check_libraries()?;
+        let ctx = stream.context().clone();
+        Self::build(ctx, stream)
+    }
+
+    fn build(ctx: Arc<CudaContext>, stream: Arc<CudaStream>) -> Result<Self> {
+        let ordinal = ctx.ordinal();
         let (major, minor) = ctx.compute_capability()?;
         let arch = kernels::nvrtc_arch(major, minor).ok_or(CudaError::Arch { ordinal, major, minor })?;
         let ptx = cudarc::nvrtc::compile_ptx_with_opts(
@@ -179,7 +240,6 @@ impl CudaKernels {
             .iter()
             .map(|k| module.load_function(k.name()))
             .collect::<Result<Vec<_>, _>>()?;
-        let stream = ctx.new_stream()?;
         let blas = CudaBlas::new(stream.clone())?;
         Ok(CudaKernels {
             ctx,
@@ -405,6 +465,55 @@ impl CudaKernels {
         // SAFETY: parameters (const float*, unsigned*, int); rows * vocab logits and rows outputs (checked),
         // one block per row.
         unsafe { b.launch(config(l)) }?;
+        Ok(())
+    }
+
+    /// A linear layer through cuBLAS with bf16 inputs and weights, f32 accumulation and f32 output:
+    /// `y[t, 0..rows] = W · x[t, :]` for `n` rows, output row `t` starting at `t * y_stride` (`y_stride ≥
+    /// rows`; the elements past `rows` are left as they are). `y` holds `n * y_stride` elements.
+    #[allow(clippy::too_many_arguments)]
+    pub fn linear_bf16_f32(
+        &self,
+        x: &CudaSlice<bf16>,
+        n: usize,
+        w: &CudaSlice<bf16>,
+        rows: usize,
+        cols: usize,
+        y: &mut CudaSlice<f32>,
+        y_stride: usize,
+    ) -> Result<()> {
+        let g = linear_strided(n, rows, cols, x.len(), w.len(), y.len(), y_stride)?;
+        let (alpha, beta) = (1.0f32, 0.0f32);
+        let (a, _ra) = w.device_ptr(&self.stream);
+        let (b, _rb) = x.device_ptr(&self.stream);
+        let (c, _rc) = y.device_ptr_mut(&self.stream);
+        // SAFETY: `linear_strided` checked that w holds rows * cols, x n * cols and y n * y_stride elements,
+        // which is what this column-major product (C = Wᵀ' · X, m = rows, n = n, k = cols, lda = ldb = cols,
+        // ldc = y_stride ≥ rows) reads and writes; the pointers come from live buffers whose stream records
+        // are held until the call is enqueued; alpha and beta are host f32s, as CUBLAS_COMPUTE_32F needs.
+        unsafe {
+            cudarc::cublas::result::gemm_ex(
+                *self.blas.handle(),
+                cublasOperation_t::CUBLAS_OP_T,
+                cublasOperation_t::CUBLAS_OP_N,
+                g.m,
+                g.n,
+                g.k,
+                (&alpha) as *const f32 as *const _,
+                a as *const _,
+                cudaDataType_t::CUDA_R_16BF,
+                g.lda,
+                b as *const _,
+                cudaDataType_t::CUDA_R_16BF,
+                g.ldb,
+                (&beta) as *const f32 as *const _,
+                c as *mut _,
+                cudaDataType_t::CUDA_R_32F,
+                g.ldc,
+                cublasComputeType_t::CUBLAS_COMPUTE_32F,
+                cublasGemmAlgo_t::CUBLAS_GEMM_DEFAULT,
+            )
+        }?;
         Ok(())
     }
 

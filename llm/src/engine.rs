@@ -17,8 +17,11 @@ use std::ops::Range;
 use std::time::Instant;
 
 use crate::comm::Comm;
+use crate::compute::{
+    self, AttnDims, ColumnParallel, Compute, Cpu, RowParallel, StepRows, VocabParallelEmbedding, VocabParallelHead,
+};
 use crate::error::{EngineError, Result};
-use crate::math::{self, DecodePath, Matrix, QMatrix, Rope, Weight};
+use crate::math::{DecodePath, Matrix, QMatrix, Rope, Weight};
 use crate::model::{self, LlamaConfig, WeightSource};
 use crate::sample::{Sampler, SamplingParams};
 use crate::shard::{self, HeadShard};
@@ -38,35 +41,37 @@ pub struct RankPlace {
     pub threads: usize,
 }
 
-struct Layer {
-    attn_norm: Vec<f32>,
-    mlp_norm: Vec<f32>,
+pub use crate::compute::KvCache;
+
+struct Layer<B: Compute> {
+    attn_norm: B::Norm,
+    mlp_norm: B::Norm,
     /// Rows: local q heads, then local k heads, then local v heads (`head_dim` rows each).
-    qkv: Weight,
+    qkv: ColumnParallel<B>,
     /// `[hidden, local q heads * head_dim]`.
-    o: Weight,
+    o: RowParallel<B>,
     /// Rows: local gate rows, then the same up rows.
-    gate_up: Weight,
+    gate_up: ColumnParallel<B>,
     /// `[hidden, local intermediate]`.
-    down: Weight,
+    down: RowParallel<B>,
 }
 
-/// The weights one rank owns.
-pub struct RankModel {
+/// The weights one rank owns, as compute backend `B`'s types (host [`Weight`]s for the default [`Cpu`]).
+pub struct RankModel<B: Compute = Cpu> {
+    backend: B,
     cfg: LlamaConfig,
     place: RankPlace,
     heads: HeadShard,
     ffn_local: usize,
     layers_range: Range<usize>,
-    layers: Vec<Layer>,
+    layers: Vec<Layer<B>>,
     vocab_rows: Range<usize>,
     vocab_per: usize,
-    embed: Option<Weight>,
-    final_norm: Option<Vec<f32>>,
+    embed: Option<VocabParallelEmbedding<B>>,
+    final_norm: Option<B::Norm>,
     /// `None` with a tied head on a single-stage layout: the embedding shard is the head.
-    lm_head: Option<Weight>,
+    lm_head: Option<B::Weight>,
     rope: Rope,
-    decode_path: DecodePath,
 }
 
 fn expect_shape(name: &str, t: &model::Tensor, expected: &[usize]) -> Result<()> {
@@ -263,7 +268,10 @@ impl RankModel {
             )?;
             done += 1;
             progress(done, total);
-            Some(m)
+            Some(VocabParallelEmbedding {
+                table: m,
+                rows: vocab_rows.clone(),
+            })
         } else {
             None
         };
@@ -321,24 +329,28 @@ impl RankModel {
             layers.push(Layer {
                 attn_norm: load_vector(src, &format!("{p}.input_layernorm.weight"), h)?,
                 mlp_norm: load_vector(src, &format!("{p}.post_attention_layernorm.weight"), h)?,
-                qkv,
-                o: load_cols(
-                    src,
-                    &format!("{p}.self_attn.o_proj.weight"),
-                    h,
-                    q_all,
-                    q_rows.clone(),
-                    f32_weights,
-                )?,
-                gate_up,
-                down: load_cols(
-                    src,
-                    &format!("{p}.mlp.down_proj.weight"),
-                    h,
-                    inter,
-                    ffn.clone(),
-                    f32_weights,
-                )?,
+                qkv: ColumnParallel { w: qkv },
+                o: RowParallel {
+                    w: load_cols(
+                        src,
+                        &format!("{p}.self_attn.o_proj.weight"),
+                        h,
+                        q_all,
+                        q_rows.clone(),
+                        f32_weights,
+                    )?,
+                },
+                gate_up: ColumnParallel { w: gate_up },
+                down: RowParallel {
+                    w: load_cols(
+                        src,
+                        &format!("{p}.mlp.down_proj.weight"),
+                        h,
+                        inter,
+                        ffn.clone(),
+                        f32_weights,
+                    )?,
+                },
             });
             done += 1;
             progress(done, total);
@@ -367,6 +379,10 @@ impl RankModel {
 
         let rope = Rope::new(model::rope_inv_freq(&cfg));
         Ok(RankModel {
+            backend: Cpu {
+                threads: place.threads,
+                decode_path: DecodePath::Exact,
+            },
             ffn_local: ffn.len(),
             cfg,
             place,
@@ -379,7 +395,6 @@ impl RankModel {
             final_norm,
             lm_head,
             rope,
-            decode_path: DecodePath::Exact,
         })
     }
 
@@ -390,12 +405,12 @@ impl RankModel {
     /// nothing for an integer path to compute on and stays [`DecodePath::Exact`], so that what is printed is
     /// what runs.
     pub fn set_decode_path(&mut self, path: DecodePath) -> DecodePath {
-        self.decode_path = if self.has_quantized_weights() {
+        self.backend.decode_path = if self.has_quantized_weights() {
             path
         } else {
             DecodePath::Exact
         };
-        self.decode_path
+        self.backend.decode_path
     }
 
     /// Whether any matrix of this rank is kept block-quantized.
@@ -403,14 +418,108 @@ impl RankModel {
         let quant = |w: &Weight| matches!(w, Weight::Quant(_));
         self.layers
             .iter()
-            .any(|l| quant(&l.qkv) || quant(&l.o) || quant(&l.gate_up) || quant(&l.down))
-            || self.embed.as_ref().is_some_and(quant)
+            .any(|l| quant(&l.qkv.w) || quant(&l.o.w) || quant(&l.gate_up.w) || quant(&l.down.w))
+            || self.embed.as_ref().is_some_and(|e| quant(&e.table))
             || self.lm_head.as_ref().is_some_and(quant)
     }
 
-    /// The decode path in use (see [`RankModel::set_decode_path`]).
+    /// Bytes of weights this rank reads per decoded token (all its matrices and norms).
+    pub fn weight_bytes(&self) -> usize {
+        let layers: usize = self
+            .layers
+            .iter()
+            .map(|l| l.qkv.w.bytes() + l.o.w.bytes() + l.gate_up.w.bytes() + l.down.w.bytes() + 8 * l.attn_norm.len())
+            .sum();
+        let head = self.lm_head.as_ref().or(if self.final_norm.is_some() {
+            self.embed.as_ref().map(|e| &e.table)
+        } else {
+            None
+        });
+        layers + head.map_or(0, |m| m.bytes())
+    }
+
+    /// An empty KV cache for up to `max_seq` positions.
+    pub fn new_cache(&self, max_seq: usize) -> KvCache {
+        self.try_new_cache(max_seq).expect("host allocation")
+    }
+
+    /// This shard on another compute backend: `weight` converts each matrix (by its canonical role, e.g.
+    /// `layers.3.qkv`) and `norm` each norm vector. The layout, the rotary embedding and the vocabulary
+    /// split are kept; nothing is re-sharded.
+    pub fn to_backend<C: Compute>(
+        self,
+        backend: C,
+        mut weight: impl FnMut(&C, &str, Weight) -> Result<C::Weight>,
+        mut norm: impl FnMut(&C, Vec<f32>) -> Result<C::Norm>,
+    ) -> Result<RankModel<C>> {
+        let first = self.layers_range.start;
+        let mut layers = Vec::with_capacity(self.layers.len());
+        for (i, l) in self.layers.into_iter().enumerate() {
+            let p = format!("layers.{}", first + i);
+            layers.push(Layer {
+                attn_norm: norm(&backend, l.attn_norm)?,
+                mlp_norm: norm(&backend, l.mlp_norm)?,
+                qkv: ColumnParallel {
+                    w: weight(&backend, &format!("{p}.qkv"), l.qkv.w)?,
+                },
+                o: RowParallel {
+                    w: weight(&backend, &format!("{p}.o"), l.o.w)?,
+                },
+                gate_up: ColumnParallel {
+                    w: weight(&backend, &format!("{p}.gate_up"), l.gate_up.w)?,
+                },
+                down: RowParallel {
+                    w: weight(&backend, &format!("{p}.down"), l.down.w)?,
+                },
+            });
+        }
+        let embed = match self.embed {
+            Some(e) => Some(VocabParallelEmbedding {
+                table: weight(&backend, "embed", e.table)?,
+                rows: e.rows,
+            }),
+            None => None,
+        };
+        let final_norm = match self.final_norm {
+            Some(n) => Some(norm(&backend, n)?),
+            None => None,
+        };
+        let lm_head = match self.lm_head {
+            Some(w) => Some(weight(&backend, "lm_head", w)?),
+            None => None,
+        };
+        Ok(RankModel {
+            backend,
+            cfg: self.cfg,
+            place: self.place,
+            heads: self.heads,
+            ffn_local: self.ffn_local,
+            layers_range: self.layers_range,
+            layers,
+            vocab_rows: self.vocab_rows,
+            vocab_per: self.vocab_per,
+            embed,
+            final_norm,
+            lm_head,
+            rope: self.rope,
+        })
+    }
+}
+
+impl<B: Compute> RankModel<B> {
+    /// The compute backend.
+    pub fn backend(&self) -> &B {
+        &self.backend
+    }
+
+    /// The rotary embedding.
+    pub fn rope(&self) -> &Rope {
+        &self.rope
+    }
+
+    /// The decode path in use (see [`RankModel::set_decode_path`]; [`DecodePath::Exact`] off the CPU).
     pub fn decode_path(&self) -> DecodePath {
-        self.decode_path
+        self.backend.decode_path()
     }
 
     /// The model configuration.
@@ -428,21 +537,6 @@ impl RankModel {
         self.layers_range.clone()
     }
 
-    /// Bytes of weights this rank reads per decoded token (all its matrices and norms).
-    pub fn weight_bytes(&self) -> usize {
-        let layers: usize = self
-            .layers
-            .iter()
-            .map(|l| l.qkv.bytes() + l.o.bytes() + l.gate_up.bytes() + l.down.bytes() + 8 * l.attn_norm.len())
-            .sum();
-        let head = self.lm_head.as_ref().or(if self.final_norm.is_some() {
-            self.embed.as_ref()
-        } else {
-            None
-        });
-        layers + head.map_or(0, |m| m.bytes())
-    }
-
     fn is_first(&self) -> bool {
         self.place.stage == 0
     }
@@ -457,46 +551,25 @@ impl RankModel {
         2 * self.layers.len() * self.heads.kv_heads.len() * self.cfg.head_dim * std::mem::size_of::<f32>()
     }
 
-    /// An empty KV cache for up to `max_seq` positions.
-    pub fn new_cache(&self, max_seq: usize) -> KvCache {
-        let per = self.heads.kv_heads.len() * max_seq * self.cfg.head_dim;
-        KvCache {
-            k: (0..self.layers.len()).map(|_| vec![0.0; per]).collect(),
-            v: (0..self.layers.len()).map(|_| vec![0.0; per]).collect(),
-            max_seq,
-            len: 0,
-        }
+    /// An empty KV cache of this backend for up to `max_seq` positions.
+    pub fn try_new_cache(&self, max_seq: usize) -> Result<B::Cache> {
+        self.backend
+            .new_cache(self.layers.len(), self.heads.kv_heads.len(), self.cfg.head_dim, max_seq)
     }
 
-    /// Embeds `tokens` into `x` (`tokens.len() * hidden`): each rank writes its vocabulary rows, then one
-    /// all-reduce over the TP group completes every row.
-    pub fn embed(&self, tokens: &[u32], tp: &dyn Comm) -> Result<Vec<f32>> {
+    /// Embeds `tokens` into `tokens.len() * hidden` activations (vocabulary-parallel: each rank writes its
+    /// vocabulary rows, then one all-reduce over the TP group completes every row).
+    pub fn embed(&self, tokens: &[u32], tp: &B::Tp) -> Result<B::ActBuf> {
         let embed = self
             .embed
             .as_ref()
             .ok_or_else(|| EngineError::Config("embed called on a later stage".into()))?;
-        let h = self.cfg.hidden_size;
-        let mut x = vec![0.0f32; tokens.len() * h];
-        for (t, &tok) in tokens.iter().enumerate() {
-            let tok = tok as usize;
-            if tok >= self.cfg.vocab_size {
-                return Err(EngineError::Config(format!(
-                    "token id {tok} is out of range for a vocabulary of {}",
-                    self.cfg.vocab_size
-                )));
-            }
-            if self.vocab_rows.contains(&tok) {
-                let r = tok - self.vocab_rows.start;
-                embed.row_into(r, &mut x[t * h..(t + 1) * h]);
-            }
-        }
-        tp.all_reduce_sum(&mut x)?;
-        Ok(x)
+        embed.forward(&self.backend, tokens, self.cfg.vocab_size, self.cfg.hidden_size, tp)
     }
 
     /// Runs this stage's layers on `n` rows of activations `x` at positions `pos0..pos0 + n`, appending their
     /// keys and values to `cache`.
-    pub fn forward_layers(&self, x: &mut [f32], n: usize, cache: &mut KvCache, tp: &dyn Comm) -> Result<()> {
+    pub fn forward_layers(&self, x: &mut B::Act, n: usize, cache: &mut B::Cache, tp: &B::Tp) -> Result<()> {
         self.forward_batch(x, &mut [(n, cache)], tp)
     }
 
@@ -505,150 +578,113 @@ impl RankModel {
     /// whose cache is `segs[s].1`, at its next positions. The matrix products run over all rows together, so
     /// the weights are read once per step; attention reads each sequence's own cache.
     ///
-    /// When every segment is one row (a decode step) the products use [`Weight::matvec_batch`], whose
-    /// result for each row is bit for bit what a step of that sequence alone computes: batching changes no
-    /// token. Segments of several rows (prefill) go through the blocked product of [`Weight::linear`].
-    /// Nothing is written to any cache when one of them would overflow.
-    pub fn forward_batch(&self, x: &mut [f32], segs: &mut [(usize, &mut KvCache)], tp: &dyn Comm) -> Result<()> {
+    /// When every segment is one row (a decode step) the products use [`Weight::matvec_batch`] (on the CPU
+    /// backend), whose result for each row is bit for bit what a step of that sequence alone computes:
+    /// batching changes no token. Segments of several rows (prefill) go through the blocked product of
+    /// [`Weight::linear`]. Nothing is written to any cache when one of them would overflow.
+    ///
+    /// This is the model, written once for every [`Compute`] backend: the tensor-parallel layers
+    /// ([`ColumnParallel`], [`RowParallel`]) run their own collectives.
+    pub fn forward_batch(&self, x: &mut B::Act, segs: &mut [(usize, &mut B::Cache)], tp: &B::Tp) -> Result<()> {
+        let b = &self.backend;
         let cfg = &self.cfg;
         let (h, hd) = (cfg.hidden_size, cfg.head_dim);
         let n: usize = segs.iter().map(|s| s.0).sum();
-        if x.len() != n * h {
+        if B::act_len(x) != n * h {
             return Err(EngineError::Config(format!(
                 "forward: {} activations for {n} rows of width {h}",
-                x.len()
+                B::act_len(x)
             )));
         }
         for (len, cache) in segs.iter() {
-            if cache.len + len > cache.max_seq {
+            let (filled, cap) = (B::cache_len(cache), B::cache_capacity(cache));
+            if filled + len > cap {
                 return Err(EngineError::Config(format!(
-                    "sequence of {} tokens exceeds the KV cache ({} positions)",
-                    cache.len + len,
-                    cache.max_seq
+                    "sequence of {} tokens exceeds the KV cache ({cap} positions)",
+                    filled + len,
                 )));
             }
         }
         let decode = segs.len() > 1 && segs.iter().all(|s| s.0 == 1);
-        let path = self.decode_path;
-        let lin = |w: &Weight, input: &[f32], out: &mut [f32]| {
-            if decode {
-                w.matvec_batch_path(input, n, out, self.place.threads, path)
-            } else {
-                w.linear_path(input, n, out, self.place.threads, path)
-            }
-        };
         let eps = cfg.rms_norm_eps as f32;
-        let nq = self.heads.q_heads.len();
-        let nkv = self.heads.kv_heads.len();
-        let group = cfg.num_attention_heads / cfg.num_key_value_heads;
-        let qkv_w = (nq + 2 * nkv) * hd;
-        let scale = 1.0 / (hd as f32).sqrt();
-        // Row r belongs to segment seg_of[r] at position pos_of[r].
-        let mut seg_of = Vec::with_capacity(n);
-        let mut pos_of = Vec::with_capacity(n);
+        let d = AttnDims {
+            q_heads: self.heads.q_heads.len(),
+            kv_heads: self.heads.kv_heads.len(),
+            head_dim: hd,
+            group: cfg.num_attention_heads / cfg.num_key_value_heads,
+            q_start: self.heads.q_heads.start,
+            kv_start: self.heads.kv_heads.start,
+        };
+        let mut rows = StepRows {
+            seg_of: Vec::with_capacity(n),
+            pos_of: Vec::with_capacity(n),
+        };
         for (si, (len, cache)) in segs.iter().enumerate() {
+            let filled = B::cache_len(cache);
             for t in 0..*len {
-                seg_of.push(si);
-                pos_of.push(cache.len + t);
+                rows.seg_of.push(si);
+                rows.pos_of.push(filled + t);
             }
         }
-        let angles: Vec<(Vec<f32>, Vec<f32>)> = pos_of.iter().map(|&p| self.rope.angles(p)).collect();
-        let max_ctx = pos_of.iter().copied().max().map_or(0, |p| p + 1);
+        let mut step = b.begin_step(&self.rope, &rows)?;
 
-        let mut normed = vec![0.0f32; n * h];
-        let mut qkv = vec![0.0f32; n * qkv_w];
-        let mut attn = vec![0.0f32; n * nq * hd];
-        let mut proj = vec![0.0f32; n * h];
-        let mut gu = vec![0.0f32; n * 2 * self.ffn_local];
-        let mut act = vec![0.0f32; n * self.ffn_local];
-        let mut scores = vec![0.0f32; max_ctx];
+        let f = self.ffn_local;
+        let mut normed = b.alloc(n * h)?;
+        let mut qkv = b.alloc(n * d.qkv_width())?;
+        let mut attn = b.alloc(n * d.q_heads * hd)?;
+        let mut proj = b.alloc(n * h)?;
+        let mut gu = b.alloc(n * 2 * f)?;
+        let mut act = b.alloc(n * f)?;
+        let (normed, qkv, attn) = (
+            compute::view_mut::<B>(&mut normed),
+            compute::view_mut::<B>(&mut qkv),
+            compute::view_mut::<B>(&mut attn),
+        );
+        let (proj, gu, act) = (
+            compute::view_mut::<B>(&mut proj),
+            compute::view_mut::<B>(&mut gu),
+            compute::view_mut::<B>(&mut act),
+        );
 
         for (li, layer) in self.layers.iter().enumerate() {
             // Attention.
-            math::rms_norm(x, &layer.attn_norm, eps, &mut normed);
-            lin(&layer.qkv, &normed, &mut qkv);
-            for t in 0..n {
-                let cache = &mut *segs[seg_of[t]].1;
-                let max_seq = cache.max_seq;
-                let (kc, vc) = (&mut cache.k[li], &mut cache.v[li]);
-                let row = &mut qkv[t * qkv_w..(t + 1) * qkv_w];
-                let (cos, sin) = &angles[t];
-                self.rope.apply(&mut row[..(nq + nkv) * hd], cos, sin);
-                let pos = pos_of[t];
-                for j in 0..nkv {
-                    let dst = (j * max_seq + pos) * hd;
-                    kc[dst..dst + hd].copy_from_slice(&row[(nq + j) * hd..(nq + j + 1) * hd]);
-                    vc[dst..dst + hd].copy_from_slice(&row[(nq + nkv + j) * hd..(nq + nkv + j + 1) * hd]);
-                }
-            }
-            for t in 0..n {
-                let cache = &*segs[seg_of[t]].1;
-                let max_seq = cache.max_seq;
-                let (kc, vc) = (&cache.k[li], &cache.v[li]);
-                let ctx = pos_of[t] + 1;
-                for i in 0..nq {
-                    let gq = self.heads.q_heads.start + i;
-                    let j = gq / group - self.heads.kv_heads.start;
-                    let q = &qkv[t * qkv_w + i * hd..t * qkv_w + (i + 1) * hd];
-                    let kbase = j * max_seq * hd;
-                    let s = &mut scores[..ctx];
-                    for (p, sc) in s.iter_mut().enumerate() {
-                        *sc = math::dot(q, &kc[kbase + p * hd..kbase + (p + 1) * hd]) * scale;
-                    }
-                    math::softmax(s);
-                    let out = &mut attn[(t * nq + i) * hd..(t * nq + i + 1) * hd];
-                    out.fill(0.0);
-                    for (p, &w) in s.iter().enumerate() {
-                        let v = &vc[kbase + p * hd..kbase + (p + 1) * hd];
-                        for (o, &vv) in out.iter_mut().zip(v) {
-                            *o += w * vv;
-                        }
-                    }
-                }
-            }
-            lin(&layer.o, &attn, &mut proj);
-            tp.all_reduce_sum(&mut proj)?;
-            for (a, b) in x.iter_mut().zip(&proj) {
-                *a += b;
-            }
+            b.rms_norm(x, &layer.attn_norm, eps, normed)?;
+            layer.qkv.forward(b, normed, n, qkv, decode)?;
+            b.rope_kv_append(&self.rope, &step, &rows, &d, li, qkv, segs)?;
+            b.attention(&mut step, &rows, &d, li, qkv, segs, attn)?;
+            layer.o.forward(b, attn, n, proj, decode, tp)?;
+            b.residual_add(x, proj)?;
 
             // MLP.
-            math::rms_norm(x, &layer.mlp_norm, eps, &mut normed);
-            lin(&layer.gate_up, &normed, &mut gu);
-            let f = self.ffn_local;
-            for t in 0..n {
-                let row = &gu[t * 2 * f..(t + 1) * 2 * f];
-                let a = &mut act[t * f..(t + 1) * f];
-                a.copy_from_slice(&row[..f]);
-                math::silu_mul(a, &row[f..]);
-            }
-            lin(&layer.down, &act, &mut proj);
-            tp.all_reduce_sum(&mut proj)?;
-            for (a, b) in x.iter_mut().zip(&proj) {
-                *a += b;
-            }
+            b.rms_norm(x, &layer.mlp_norm, eps, normed)?;
+            layer.gate_up.forward(b, normed, n, gu, decode)?;
+            b.silu_mul(gu, n, f, act)?;
+            layer.down.forward(b, act, n, proj, decode, tp)?;
+            b.residual_add(x, proj)?;
         }
         for (len, cache) in segs.iter_mut() {
-            cache.len += *len;
+            B::cache_advance(cache, *len);
         }
         Ok(())
     }
 
     /// Logits of the last row of `x` (last stage only): final norm, this rank's vocabulary rows, then one
     /// all-gather over the TP group. Returns all `vocab_size` logits on every TP rank.
-    pub fn logits(&self, x: &[f32], tp: &dyn Comm) -> Result<Vec<f32>> {
+    pub fn logits(&self, x: &B::Act, tp: &B::Tp) -> Result<Vec<f32>> {
         let h = self.cfg.hidden_size;
-        if x.len() < h {
+        let len = B::act_len(x);
+        if len < h {
             return Err(EngineError::Config("logits of an empty batch".into()));
         }
-        let rows = [x.len() / h - 1];
+        let rows = [len / h - 1];
         Ok(self.logits_rows(x, &rows, tp)?.pop().expect("one row"))
     }
 
     /// Logits of rows `rows` of `x` (last stage only), one vector of `vocab_size` per row, with one pass
     /// over the LM head and one all-gather for all of them. Each row's logits are bit for bit those that
     /// [`RankModel::logits`] gives for that row alone.
-    pub fn logits_rows(&self, x: &[f32], rows: &[usize], tp: &dyn Comm) -> Result<Vec<Vec<f32>>> {
+    pub fn logits_rows(&self, x: &B::Act, rows: &[usize], tp: &B::Tp) -> Result<Vec<Vec<f32>>> {
+        let b = &self.backend;
         let h = self.cfg.hidden_size;
         let norm = self
             .final_norm
@@ -657,69 +693,21 @@ impl RankModel {
         let head = self
             .lm_head
             .as_ref()
-            .or(self.embed.as_ref())
+            .or(self.embed.as_ref().map(|e| &e.table))
             .expect("the last stage holds a head");
+        if let Some(&r) = rows.iter().find(|&&r| (r + 1) * h > B::act_len(x)) {
+            return Err(EngineError::Config(format!("logits: row {r} is past the batch")));
+        }
         let m = rows.len();
-        let mut normed = vec![0.0f32; m * h];
-        for (i, &r) in rows.iter().enumerate() {
-            let row = x
-                .get(r * h..(r + 1) * h)
-                .ok_or_else(|| EngineError::Config(format!("logits: row {r} is past the batch")))?;
-            math::rms_norm(row, norm, self.cfg.rms_norm_eps as f32, &mut normed[i * h..(i + 1) * h]);
-        }
-        let (vp, mine) = (self.vocab_per, self.vocab_rows.len());
-        let mut local = vec![0.0f32; m * vp];
-        if m == 1 {
-            head.matvec_path(&normed, &mut local[..mine], self.place.threads, self.decode_path);
-        } else {
-            let mut packed = vec![0.0f32; m * mine];
-            head.matvec_batch_path(&normed, m, &mut packed, self.place.threads, self.decode_path);
-            for i in 0..m {
-                local[i * vp..i * vp + mine].copy_from_slice(&packed[i * mine..(i + 1) * mine]);
-            }
-        }
-        let tpn = self.place.tp;
-        let mut all = vec![0.0f32; m * vp * tpn];
-        tp.all_gather(&local, &mut all)?;
-        Ok((0..m)
-            .map(|i| {
-                let mut v = Vec::with_capacity(vp * tpn);
-                for r in 0..tpn {
-                    let base = r * m * vp + i * vp;
-                    v.extend_from_slice(&all[base..base + vp]);
-                }
-                v.truncate(self.cfg.vocab_size);
-                v
-            })
-            .collect())
-    }
-}
-
-/// Keys and values of this rank's KV heads for this stage's layers.
-pub struct KvCache {
-    /// Per layer: `[kv head][position][head_dim]`.
-    k: Vec<Vec<f32>>,
-    v: Vec<Vec<f32>>,
-    max_seq: usize,
-    len: usize,
-}
-
-impl KvCache {
-    /// Positions filled so far.
-    pub fn len(&self) -> usize {
-        self.len
-    }
-    /// True when nothing was cached yet.
-    pub fn is_empty(&self) -> bool {
-        self.len == 0
-    }
-    /// Forgets every position (the buffers are kept).
-    pub fn clear(&mut self) {
-        self.len = 0;
-    }
-    /// Positions this cache can hold.
-    pub fn capacity(&self) -> usize {
-        self.max_seq
+        let mut normed = b.alloc(m * h)?;
+        let normed = compute::view_mut::<B>(&mut normed);
+        b.rms_norm_rows(x, rows, norm, self.cfg.rms_norm_eps as f32, h, normed)?;
+        let shard = VocabParallelHead {
+            per: self.vocab_per,
+            mine: self.vocab_rows.len(),
+            vocab: self.cfg.vocab_size,
+        };
+        shard.forward(b, head, normed, m, tp)
     }
 }
 
@@ -751,17 +739,17 @@ pub struct GenerateOutput {
     pub decode_path: DecodePath,
 }
 
-/// One rank: its shard, its communicators and its KV cache.
-pub struct Rank {
-    model: RankModel,
-    tp: Box<dyn Comm>,
+/// One rank: its shard on compute backend `B`, its communicators and its KV cache.
+pub struct Rank<B: Compute = Cpu> {
+    model: RankModel<B>,
+    tp: Box<B::Tp>,
     pp: Box<dyn Comm>,
 }
 
-impl Rank {
-    /// A rank from its shard, its TP-group communicator and its pipeline-group communicator (whose rank is
-    /// the stage).
-    pub fn new(model: RankModel, tp: Box<dyn Comm>, pp: Box<dyn Comm>) -> Result<Self> {
+impl<B: Compute> Rank<B> {
+    /// A rank from its shard, its TP-group communicator (on the backend's buffers) and its pipeline-group
+    /// communicator (whose rank is the stage).
+    pub fn new(model: RankModel<B>, tp: Box<B::Tp>, pp: Box<dyn Comm>) -> Result<Self> {
         let place = model.place;
         if tp.size() != place.tp || tp.rank() != place.tp_rank || pp.size() != place.pp || pp.rank() != place.stage {
             return Err(EngineError::Config(format!(
@@ -783,13 +771,13 @@ impl Rank {
     }
 
     /// The shard.
-    pub fn model(&self) -> &RankModel {
+    pub fn model(&self) -> &RankModel<B> {
         &self.model
     }
 
     /// The TP-group communicator (its rank is `tp_rank`).
-    pub fn tp_comm(&self) -> &dyn Comm {
-        &*self.tp
+    pub fn tp_comm(&self) -> &B::Tp {
+        &self.tp
     }
 
     /// The pipeline communicator (its rank is the stage).
@@ -798,20 +786,20 @@ impl Rank {
     }
 
     /// Runs the stage on one chunk: embed or receive, layers, then send or (last stage) nothing.
-    fn run_chunk(&self, tokens: &[u32], cache: &mut KvCache) -> Result<Vec<f32>> {
+    fn run_chunk(&self, tokens: &[u32], cache: &mut B::Cache) -> Result<B::ActBuf> {
         let n = tokens.len();
         let h = self.model.cfg.hidden_size;
         let stage = self.model.place.stage;
+        let b = &self.model.backend;
         let mut x = if self.model.is_first() {
-            self.model.embed(tokens, &*self.tp)?
+            self.model.embed(tokens, &self.tp)?
         } else {
-            let mut x = vec![0.0f32; n * h];
-            self.pp.recv(&mut x, stage - 1)?;
-            x
+            b.recv(&*self.pp, n * h, stage - 1)?
         };
-        self.model.forward_layers(&mut x, n, cache, &*self.tp)?;
+        self.model
+            .forward_layers(compute::view_mut::<B>(&mut x), n, cache, &self.tp)?;
         if !self.model.is_last() {
-            self.pp.send(&x, stage + 1)?;
+            b.send(&*self.pp, compute::view::<B>(&x), stage + 1)?;
         }
         Ok(x)
     }
@@ -821,25 +809,25 @@ impl Rank {
     /// decode step adds). Stage 0 embeds them, every stage runs its layers over all rows in one pass (see
     /// [`RankModel::forward_batch`]) and passes them on. Returns, on the last stage's ranks, the logits at the
     /// last row of each segment (`None` on the other stages).
-    pub fn step(&self, segs: &mut [(&[u32], &mut KvCache)]) -> Result<Option<Vec<Vec<f32>>>> {
+    pub fn step(&self, segs: &mut [(&[u32], &mut B::Cache)]) -> Result<Option<Vec<Vec<f32>>>> {
         let h = self.model.cfg.hidden_size;
         let stage = self.model.place.stage;
         let n: usize = segs.iter().map(|s| s.0.len()).sum();
         if segs.iter().any(|s| s.0.is_empty()) {
             return Err(EngineError::Config("step: a segment has no tokens".into()));
         }
+        let b = &self.model.backend;
         let mut x = if self.model.is_first() {
             let tokens: Vec<u32> = segs.iter().flat_map(|s| s.0.iter().copied()).collect();
-            self.model.embed(&tokens, &*self.tp)?
+            self.model.embed(&tokens, &self.tp)?
         } else {
-            let mut x = vec![0.0f32; n * h];
-            self.pp.recv(&mut x, stage - 1)?;
-            x
+            b.recv(&*self.pp, n * h, stage - 1)?
         };
-        let mut rows: Vec<(usize, &mut KvCache)> = segs.iter_mut().map(|(t, c)| (t.len(), &mut **c)).collect();
-        self.model.forward_batch(&mut x, &mut rows, &*self.tp)?;
+        let mut rows: Vec<(usize, &mut B::Cache)> = segs.iter_mut().map(|(t, c)| (t.len(), &mut **c)).collect();
+        self.model
+            .forward_batch(compute::view_mut::<B>(&mut x), &mut rows, &self.tp)?;
         if !self.model.is_last() {
-            self.pp.send(&x, stage + 1)?;
+            b.send(&*self.pp, compute::view::<B>(&x), stage + 1)?;
             return Ok(None);
         }
         let mut last = Vec::with_capacity(segs.len());
@@ -848,7 +836,7 @@ impl Rank {
             end += s.0.len();
             last.push(end - 1);
         }
-        Ok(Some(self.model.logits_rows(&x, &last, &*self.tp)?))
+        Ok(Some(self.model.logits_rows(compute::view::<B>(&x), &last, &self.tp)?))
     }
 
     /// The last stage tells every other stage which token was chosen.
@@ -901,7 +889,7 @@ impl Rank {
         if params.max_new_tokens == 0 {
             return Ok(out);
         }
-        let mut cache = self.model.new_cache(max_seq);
+        let mut cache = self.model.try_new_cache(max_seq)?;
         let mut sampler = Sampler::new(params.sampling.clone());
         let start = Instant::now();
 
@@ -913,14 +901,15 @@ impl Rank {
             params.micro_batches
         }
         .clamp(1, prompt.len());
-        let mut last_x = Vec::new();
+        let mut last_x = None;
         for c in 0..chunks {
             let r = shard::even_range(prompt.len(), chunks, c);
-            last_x = self.run_chunk(&prompt[r], &mut cache)?;
+            last_x = Some(self.run_chunk(&prompt[r], &mut cache)?);
         }
+        let last_x = last_x.expect("at least one prefill chunk");
         let mut token = None;
         if self.model.is_last() {
-            let logits = self.model.logits(&last_x, &*self.tp)?;
+            let logits = self.model.logits(compute::view::<B>(&last_x), &self.tp)?;
             token = Some(sampler.sample(&logits));
             out.prompt_logits = Some(logits);
         }
@@ -934,7 +923,7 @@ impl Rank {
             let x = self.run_chunk(&[t], &mut cache)?;
             let mut token = None;
             if self.model.is_last() {
-                let logits = self.model.logits(&x, &*self.tp)?;
+                let logits = self.model.logits(compute::view::<B>(&x), &self.tp)?;
                 token = Some(sampler.sample(&logits));
             }
             t = self.share_token(token)?;

@@ -25,6 +25,10 @@ pub enum EngineError {
         #[source]
         source: nccl::Error,
     },
+    /// The CUDA compute backend failed (a missing library or device, NVRTC, cuBLAS, a kernel's shape check).
+    #[cfg(feature = "cuda")]
+    #[error("CUDA engine: {0}")]
+    Cuda(#[from] crate::cuda::CudaError),
     /// The model cannot be run with the requested layout or arguments.
     #[error("{0}")]
     Config(String),

@@ -3,8 +3,11 @@
 pub mod chat;
 pub mod cli;
 pub mod comm;
+pub mod compute;
 #[cfg(feature = "cuda")]
 pub mod cuda;
+#[cfg(feature = "cuda")]
+pub mod cuda_engine;
 pub mod engine;
 pub mod error;
 pub mod kernels;

@@ -1,0 +1,667 @@
+//! The engine's CUDA compute backend (feature `cuda`): [`Cuda`] implements [`Compute`] with activations,
+//! bf16 weights and an f32 KV cache on one device, the kernels of [`CudaKernels`] and cuBLAS on one stream,
+//! and the tensor-parallel collectives as NCCL calls on that same stream ([`DeviceTp`]): nothing goes
+//! through the host inside a stage except the logits (for sampling) and the positions of a step.
+//!
+//! Weights: [`upload`] takes a rank's already-sharded host model ([`RankModel`] on the CPU backend),
+//! dequantizes every matrix to f32, rounds it to bf16 and copies it to the device; norms stay f32. Linear
+//! layers cast their f32 input to bf16 and run `cublasGemmEx` with bf16 operands, f32 accumulation and an
+//! f32 output ([`CudaKernels::linear_bf16_f32`]).
+//!
+//! Limits of this first version: one sequence per step (a step of several segments, the server's
+//! continuous batching, is refused with a clear error); pipeline stages hand their activations on through
+//! the host pipeline communicator (a copy to and from the host per stage and step).
+//!
+//! Nothing here has run on a GPU yet: it is compiled (CI: `clippy --all-features`), its host-side logic is
+//! unit-tested, and `llm/tests/engine_gpu.rs` holds the GPU checks (ignored without a device).
+
+use std::collections::HashMap;
+use std::ops::Range;
+use std::sync::{Arc, Mutex};
+
+use cudarc::driver::{CudaSlice, CudaStream, DriverError};
+use half::bf16;
+use nccl::{Collectives, ReduceOp};
+
+use crate::comm::{Comm, SingleComm};
+use crate::compute::{AttnDims, Compute, Cpu, StepRows};
+use crate::cuda::{CudaError, CudaKernels};
+use crate::engine::RankModel;
+use crate::error::{EngineError, Result};
+use crate::kernels::{AttentionShape, EmbedShape, RmsNormShape, RopeShape, SiluMulShape};
+use crate::math::{Rope, Weight};
+
+fn drv<T>(r: std::result::Result<T, DriverError>) -> Result<T> {
+    r.map_err(|e| EngineError::Cuda(CudaError::Driver(e)))
+}
+
+fn cuda<T>(r: std::result::Result<T, CudaError>) -> Result<T> {
+    r.map_err(EngineError::Cuda)
+}
+
+/// The CUDA device of the rank with local rank `local_rank` when `local_ranks` ranks share this host and
+/// `device_count` devices are visible: device `local_rank`, each rank on its own GPU. Fails with a clear
+/// error when there are fewer GPUs than ranks (or none).
+pub fn device_for_rank(local_rank: usize, local_ranks: usize, device_count: usize) -> Result<usize> {
+    if device_count == 0 {
+        return Err(EngineError::Config(
+            "--device cuda: no CUDA device is visible (the CUDA driver is missing or reports 0 devices; check \
+             nvidia-smi and CUDA_VISIBLE_DEVICES)"
+                .into(),
+        ));
+    }
+    if local_ranks > device_count || local_rank >= device_count {
+        return Err(EngineError::Config(format!(
+            "--device cuda: {local_ranks} rank(s) on this host need one GPU each, but only {device_count} \
+             device(s) are visible"
+        )));
+    }
+    Ok(local_rank)
+}
+
+/// A weight matrix on the device: `[rows, cols]` row-major bf16.
+pub struct DeviceWeight {
+    data: CudaSlice<bf16>,
+    rows: usize,
+    cols: usize,
+}
+
+impl DeviceWeight {
+    /// Rows (output features).
+    pub fn rows(&self) -> usize {
+        self.rows
+    }
+    /// Columns (input features).
+    pub fn cols(&self) -> usize {
+        self.cols
+    }
+}
+
+/// A host weight as the device stores it: dequantized to f32 (a copy for block-quantized weights), then
+/// rounded to bf16 (round to nearest even). Returns `(rows, cols, values)`.
+pub fn weight_to_bf16(w: Weight) -> (usize, usize, Vec<bf16>) {
+    let m = w.into_f32();
+    let data = m.data.iter().map(|&v| bf16::from_f32(v)).collect();
+    (m.rows, m.cols, data)
+}
+
+/// The KV cache of one sequence on the device: per layer, `[kv head][position][head_dim]` f32 keys and
+/// values.
+pub struct DeviceCache {
+    k: Vec<CudaSlice<f32>>,
+    v: Vec<CudaSlice<f32>>,
+    max_seq: usize,
+    len: usize,
+}
+
+impl DeviceCache {
+    /// Positions filled so far.
+    pub fn len(&self) -> usize {
+        self.len
+    }
+    /// True when nothing was cached yet.
+    pub fn is_empty(&self) -> bool {
+        self.len == 0
+    }
+    /// Forgets every position (the buffers are kept).
+    pub fn clear(&mut self) {
+        self.len = 0;
+    }
+    /// Positions this cache can hold.
+    pub fn capacity(&self) -> usize {
+        self.max_seq
+    }
+}
+
+/// The TP communicator of the CUDA backend: a group of one (collectives are identities, no NCCL needed) or
+/// an NCCL communicator bound to the backend's stream, whose collectives run on device buffers. As a host
+/// [`Comm`] (barriers, the server's host messages) the NCCL one stages through the device.
+pub enum DeviceTp {
+    /// TP = 1.
+    Single,
+    /// A communicator with an NCCL communicator behind it ([`Comm::nccl_communicator`]), e.g. a
+    /// [`StagedNcclComm`](crate::comm::cuda::StagedNcclComm), whose stream is the kernels' stream.
+    Nccl(Box<dyn Comm>),
+}
+
+impl DeviceTp {
+    /// The TP communicator of the CUDA engine from a rank's TP communicator: a group of one needs no NCCL;
+    /// a larger group must be an NCCL communicator (`--backend nccl`).
+    pub fn from_comm(c: Box<dyn Comm>) -> Result<Self> {
+        if c.size() == 1 {
+            return Ok(DeviceTp::Single);
+        }
+        if c.nccl_communicator().is_none() {
+            return Err(EngineError::Config(format!(
+                "--device cuda with TP {}: the TP communicator must be NCCL (--backend nccl), not {}",
+                c.size(),
+                c.backend_name()
+            )));
+        }
+        Ok(DeviceTp::Nccl(c))
+    }
+
+    /// The NCCL communicator's stream (the stream the rank's CUDA engine must run on), if any.
+    pub fn stream(&self) -> Option<Arc<CudaStream>> {
+        match self {
+            DeviceTp::Single => None,
+            DeviceTp::Nccl(c) => c.nccl_communicator().and_then(|n| n.stream().ok()).cloned(),
+        }
+    }
+}
+
+impl Comm for DeviceTp {
+    fn rank(&self) -> usize {
+        match self {
+            DeviceTp::Single => 0,
+            DeviceTp::Nccl(c) => c.rank(),
+        }
+    }
+    fn size(&self) -> usize {
+        match self {
+            DeviceTp::Single => 1,
+            DeviceTp::Nccl(c) => c.size(),
+        }
+    }
+    fn backend_name(&self) -> &'static str {
+        match self {
+            DeviceTp::Single => "single",
+            DeviceTp::Nccl(_) => "nccl",
+        }
+    }
+    fn all_reduce_sum(&self, buf: &mut [f32]) -> nccl::Result<()> {
+        match self {
+            DeviceTp::Single => SingleComm.all_reduce_sum(buf),
+            DeviceTp::Nccl(c) => c.all_reduce_sum(buf),
+        }
+    }
+    fn all_gather(&self, send: &[f32], recv: &mut [f32]) -> nccl::Result<()> {
+        match self {
+            DeviceTp::Single => SingleComm.all_gather(send, recv),
+            DeviceTp::Nccl(c) => c.all_gather(send, recv),
+        }
+    }
+    fn send(&self, buf: &[f32], peer: usize) -> nccl::Result<()> {
+        match self {
+            DeviceTp::Single => SingleComm.send(buf, peer),
+            DeviceTp::Nccl(c) => c.send(buf, peer),
+        }
+    }
+    fn recv(&self, buf: &mut [f32], peer: usize) -> nccl::Result<()> {
+        match self {
+            DeviceTp::Single => SingleComm.recv(buf, peer),
+            DeviceTp::Nccl(c) => c.recv(buf, peer),
+        }
+    }
+    fn barrier(&self) -> nccl::Result<()> {
+        match self {
+            DeviceTp::Single => Ok(()),
+            DeviceTp::Nccl(c) => c.barrier(),
+        }
+    }
+}
+
+/// The CUDA compute backend of one rank: the kernels on one device and stream, the rotary tables on the
+/// device, and reusable bf16 buffers for the linear layers' inputs.
+pub struct Cuda {
+    k: CudaKernels,
+    cos: CudaSlice<f32>,
+    sin: CudaSlice<f32>,
+    max_pos: usize,
+    /// bf16 copies of linear inputs, by length (stream order makes reusing one buffer safe).
+    scratch: Mutex<HashMap<usize, CudaSlice<bf16>>>,
+}
+
+impl std::fmt::Debug for Cuda {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Cuda")
+            .field("kernels", &self.k)
+            .field("max_pos", &self.max_pos)
+            .finish_non_exhaustive()
+    }
+}
+
+/// What a CUDA step keeps: the positions of its rows (one sequence).
+pub struct CudaStep {
+    positions: Vec<u32>,
+}
+
+impl Cuda {
+    /// The kernels on device `ordinal` (compiled by NVRTC for it) and the rotary tables of positions
+    /// `0..max_pos`. Typed errors ([`CudaError`]) when the driver, NVRTC or cuBLAS is missing or the device
+    /// does not exist.
+    pub fn new(ordinal: usize, rope: &Rope, max_pos: usize) -> Result<Self> {
+        Self::with_kernels(cuda(CudaKernels::new(ordinal))?, rope, max_pos)
+    }
+
+    /// [`Cuda::new`] on an existing stream: the stream an NCCL TP communicator is bound to
+    /// ([`DeviceTp::stream`]), so that kernels and collectives share one stream order.
+    pub fn on_stream(stream: Arc<CudaStream>, rope: &Rope, max_pos: usize) -> Result<Self> {
+        Self::with_kernels(cuda(CudaKernels::on_stream(stream))?, rope, max_pos)
+    }
+
+    fn with_kernels(k: CudaKernels, rope: &Rope, max_pos: usize) -> Result<Self> {
+        let (cos, sin) = crate::kernels::rope_tables(rope, max_pos);
+        let s = k.stream().clone();
+        Ok(Cuda {
+            cos: drv(s.clone_htod(&cos))?,
+            sin: drv(s.clone_htod(&sin))?,
+            k,
+            max_pos,
+            scratch: Mutex::new(HashMap::new()),
+        })
+    }
+
+    /// The stream every operation goes on; an NCCL TP communicator must be bound to it
+    /// (`Communicator::init_rank_on(stream, ..)`).
+    pub fn stream(&self) -> &Arc<CudaStream> {
+        self.k.stream()
+    }
+
+    /// Copies a host weight to the device as bf16 ([`weight_to_bf16`]).
+    pub fn upload_weight(&self, w: Weight) -> Result<DeviceWeight> {
+        let (rows, cols, data) = weight_to_bf16(w);
+        Ok(DeviceWeight {
+            data: drv(self.stream().clone_htod(&data))?,
+            rows,
+            cols,
+        })
+    }
+
+    /// Copies a norm vector to the device (f32).
+    pub fn upload_norm(&self, v: Vec<f32>) -> Result<CudaSlice<f32>> {
+        drv(self.stream().clone_htod(&v))
+    }
+
+    /// The NCCL communicator of `tp`, checked to run on this backend's stream (`None` for a group of one).
+    fn nccl<'a>(&self, tp: &'a DeviceTp) -> Result<Option<&'a nccl::Communicator>> {
+        match tp {
+            DeviceTp::Single => Ok(None),
+            DeviceTp::Nccl(c) => {
+                let c = c.nccl_communicator().ok_or_else(|| {
+                    EngineError::Config("the CUDA engine's TP communicator is not an NCCL communicator".into())
+                })?;
+                if !Arc::ptr_eq(c.stream()?, self.stream()) {
+                    return Err(EngineError::Config(
+                        "the TP communicator's stream is not the CUDA engine's stream (bind it with \
+                         Communicator::init_rank_on(cuda.stream().clone(), ..))"
+                            .into(),
+                    ));
+                }
+                Ok(Some(c))
+            }
+        }
+    }
+
+    /// `out[0..n * w.rows]` (rows `stride` apart) `= W · x` through a bf16 copy of `x`.
+    fn gemm(
+        &self,
+        w: &DeviceWeight,
+        x: &CudaSlice<f32>,
+        n: usize,
+        out: &mut CudaSlice<f32>,
+        stride: usize,
+    ) -> Result<()> {
+        let len = x.len();
+        let taken = self.scratch.lock().expect("scratch lock").remove(&len);
+        let mut xb = match taken {
+            Some(b) => b,
+            None => drv(self.stream().alloc_zeros::<bf16>(len))?,
+        };
+        let r = cuda(self.k.cast_bf16(x, &mut xb))
+            .and_then(|()| cuda(self.k.linear_bf16_f32(&xb, n, &w.data, w.rows, w.cols, out, stride)));
+        self.scratch.lock().expect("scratch lock").insert(len, xb);
+        r
+    }
+
+    fn attention_shape(&self, d: &AttnDims, rows: usize, max_seq: usize) -> AttentionShape {
+        AttentionShape {
+            rows,
+            row_stride: d.qkv_width(),
+            q_heads: d.q_heads,
+            kv_heads: d.kv_heads,
+            head_dim: d.head_dim,
+            max_seq,
+            group: d.group,
+            q_start: d.q_start,
+            kv_start: d.kv_start,
+        }
+    }
+}
+
+/// The steps the CUDA backend runs: one sequence per step.
+fn check_one_sequence(rows: &StepRows) -> Result<()> {
+    if rows.seg_of.iter().any(|&s| s != 0) {
+        return Err(EngineError::Config(
+            "the CUDA engine runs one sequence per step (continuous batching of several sequences is not \
+             implemented on the device yet)"
+                .into(),
+        ));
+    }
+    Ok(())
+}
+
+impl Compute for Cuda {
+    type Act = CudaSlice<f32>;
+    type ActBuf = CudaSlice<f32>;
+    type Weight = DeviceWeight;
+    type Norm = CudaSlice<f32>;
+    type Cache = DeviceCache;
+    type Step = CudaStep;
+    type Tp = DeviceTp;
+
+    fn act_len(x: &CudaSlice<f32>) -> usize {
+        x.len()
+    }
+
+    fn alloc(&self, len: usize) -> Result<CudaSlice<f32>> {
+        drv(self.stream().alloc_zeros::<f32>(len))
+    }
+
+    fn new_cache(&self, layers: usize, kv_heads: usize, head_dim: usize, max_seq: usize) -> Result<DeviceCache> {
+        if max_seq > self.max_pos {
+            return Err(EngineError::Config(format!(
+                "a KV cache of {max_seq} positions exceeds the rotary tables of the CUDA engine ({} positions)",
+                self.max_pos
+            )));
+        }
+        let per = kv_heads * max_seq * head_dim;
+        let mut k = Vec::with_capacity(layers);
+        let mut v = Vec::with_capacity(layers);
+        for _ in 0..layers {
+            k.push(self.alloc(per)?);
+            v.push(self.alloc(per)?);
+        }
+        Ok(DeviceCache { k, v, max_seq, len: 0 })
+    }
+
+    fn cache_len(c: &DeviceCache) -> usize {
+        c.len
+    }
+
+    fn cache_capacity(c: &DeviceCache) -> usize {
+        c.max_seq
+    }
+
+    fn cache_advance(c: &mut DeviceCache, n: usize) {
+        c.len += n;
+    }
+
+    fn embed(&self, table: &DeviceWeight, tokens: &[u32], rows: Range<usize>, hidden: usize) -> Result<CudaSlice<f32>> {
+        if table.rows != rows.len() || table.cols != hidden {
+            return Err(EngineError::Config(format!(
+                "embed: a table of {} × {} for vocabulary rows {rows:?} of width {hidden}",
+                table.rows, table.cols
+            )));
+        }
+        let shape = EmbedShape {
+            tokens: tokens.len(),
+            hidden,
+            row_start: rows.start,
+            rows: rows.len(),
+        };
+        let ids = drv(self.stream().clone_htod(tokens))?;
+        let mut out = self.alloc(tokens.len() * hidden)?;
+        cuda(self.k.embed::<bf16>(&shape, &table.data, &ids, &mut out))?;
+        Ok(out)
+    }
+
+    fn rms_norm(&self, x: &CudaSlice<f32>, w: &CudaSlice<f32>, eps: f32, out: &mut CudaSlice<f32>) -> Result<()> {
+        let dim = w.len();
+        let shape = RmsNormShape {
+            rows: x.len().checked_div(dim).unwrap_or(0),
+            dim,
+            eps,
+        };
+        cuda(self.k.rms_norm::<f32>(&shape, x, w, out))
+    }
+
+    fn rms_norm_rows(
+        &self,
+        x: &CudaSlice<f32>,
+        rows: &[usize],
+        w: &CudaSlice<f32>,
+        eps: f32,
+        h: usize,
+        out: &mut CudaSlice<f32>,
+    ) -> Result<()> {
+        let mut picked = self.alloc(rows.len() * h)?;
+        for (i, &r) in rows.iter().enumerate() {
+            let src = x.slice(r * h..(r + 1) * h);
+            let mut dst = picked.slice_mut(i * h..(i + 1) * h);
+            drv(self.stream().memcpy_dtod(&src, &mut dst))?;
+        }
+        self.rms_norm(&picked, w, eps, out)
+    }
+
+    fn linear(
+        &self,
+        w: &DeviceWeight,
+        x: &CudaSlice<f32>,
+        n: usize,
+        out: &mut CudaSlice<f32>,
+        _batched_decode: bool,
+    ) -> Result<()> {
+        // cuBLAS computes each output column independently of the others: batching changes no row's result
+        // beyond what the chosen GEMM algorithm does, which is why there is one path here.
+        self.gemm(w, x, n, out, w.rows)
+    }
+
+    fn begin_step(&self, _rope: &Rope, rows: &StepRows) -> Result<CudaStep> {
+        check_one_sequence(rows)?;
+        let positions = rows
+            .pos_of
+            .iter()
+            .map(|&p| u32::try_from(p).map_err(|_| EngineError::Config(format!("position {p} exceeds u32"))))
+            .collect::<Result<Vec<u32>>>()?;
+        Ok(CudaStep { positions })
+    }
+
+    fn rope_kv_append(
+        &self,
+        _rope: &Rope,
+        step: &CudaStep,
+        rows: &StepRows,
+        d: &AttnDims,
+        li: usize,
+        qkv: &mut CudaSlice<f32>,
+        segs: &mut [(usize, &mut DeviceCache)],
+    ) -> Result<()> {
+        let n = rows.pos_of.len();
+        let rope = RopeShape {
+            rows: n,
+            row_stride: d.qkv_width(),
+            heads: d.q_heads + d.kv_heads,
+            half: d.head_dim / 2,
+            max_pos: self.max_pos,
+        };
+        cuda(self.k.rope(&rope, qkv, &self.cos, &self.sin, &step.positions))?;
+        let cache = &mut *segs
+            .first_mut()
+            .ok_or_else(|| EngineError::Config("a step without a sequence".into()))?
+            .1;
+        let shape = self.attention_shape(d, n, cache.max_seq);
+        let (k, v) = (&mut cache.k[li], &mut cache.v[li]);
+        cuda(self.k.kv_append::<f32>(&shape, qkv, k, v, &step.positions))
+    }
+
+    fn attention(
+        &self,
+        step: &mut CudaStep,
+        rows: &StepRows,
+        d: &AttnDims,
+        li: usize,
+        qkv: &CudaSlice<f32>,
+        segs: &[(usize, &mut DeviceCache)],
+        out: &mut CudaSlice<f32>,
+    ) -> Result<()> {
+        let cache = &*segs
+            .first()
+            .ok_or_else(|| EngineError::Config("a step without a sequence".into()))?
+            .1;
+        let shape = self.attention_shape(d, rows.pos_of.len(), cache.max_seq);
+        cuda(
+            self.k
+                .attention::<f32>(&shape, qkv, &cache.k[li], &cache.v[li], &step.positions, out),
+        )
+    }
+
+    fn silu_mul(&self, gu: &CudaSlice<f32>, rows: usize, ffn: usize, out: &mut CudaSlice<f32>) -> Result<()> {
+        cuda(self.k.silu_mul::<f32>(&SiluMulShape { rows, ffn }, gu, out))
+    }
+
+    fn residual_add(&self, x: &mut CudaSlice<f32>, delta: &CudaSlice<f32>) -> Result<()> {
+        cuda(self.k.residual_add::<f32>(x, delta))
+    }
+
+    fn head(
+        &self,
+        w: &DeviceWeight,
+        normed: &CudaSlice<f32>,
+        m: usize,
+        mine: usize,
+        stride: usize,
+        out: &mut CudaSlice<f32>,
+    ) -> Result<()> {
+        if w.rows != mine {
+            return Err(EngineError::Config(format!(
+                "LM head: {} rows on the device, {mine} expected",
+                w.rows
+            )));
+        }
+        self.gemm(w, normed, m, out, stride)
+    }
+
+    fn all_reduce_sum(&self, tp: &DeviceTp, buf: &mut CudaSlice<f32>) -> Result<()> {
+        match self.nccl(tp)? {
+            None => Ok(()),
+            Some(c) => Ok(Collectives::all_reduce_in_place::<f32>(c, buf, ReduceOp::Sum)?),
+        }
+    }
+
+    fn all_gather(&self, tp: &DeviceTp, send: &CudaSlice<f32>, recv: &mut CudaSlice<f32>) -> Result<()> {
+        match self.nccl(tp)? {
+            None => {
+                if recv.len() != send.len() {
+                    return Err(EngineError::Comm(nccl::Error::LengthMismatch {
+                        op: "all_gather",
+                        what: "recv buffer",
+                        expected: send.len(),
+                        actual: recv.len(),
+                    }));
+                }
+                drv(self.stream().memcpy_dtod(send, recv))
+            }
+            Some(c) => Ok(Collectives::all_gather::<f32>(c, send, recv)?),
+        }
+    }
+
+    fn with_host<R>(&self, x: &CudaSlice<f32>, f: impl FnOnce(&[f32]) -> R) -> Result<R> {
+        let host = drv(self.stream().clone_dtoh(x))?;
+        drv(self.stream().synchronize())?;
+        Ok(f(&host))
+    }
+
+    fn send(&self, pp: &dyn Comm, x: &CudaSlice<f32>, peer: usize) -> Result<()> {
+        let host = self.with_host(x, <[f32]>::to_vec)?;
+        Ok(pp.send(&host, peer)?)
+    }
+
+    fn recv(&self, pp: &dyn Comm, len: usize, peer: usize) -> Result<CudaSlice<f32>> {
+        let mut host = vec![0.0f32; len];
+        pp.recv(&mut host, peer)?;
+        drv(self.stream().clone_htod(&host))
+    }
+}
+
+/// Moves a rank's host shard to device `ordinal`: the [`Cuda`] backend (kernels, rotary tables for the
+/// model's context) and every weight uploaded as bf16 ([`Cuda::upload_weight`]), norms as f32. The shard's
+/// layout is kept; the CPU decode path does not apply on the device.
+pub fn upload(model: RankModel<Cpu>, ordinal: usize) -> Result<RankModel<Cuda>> {
+    let backend = Cuda::new(ordinal, model.rope(), model.config().max_position_embeddings)?;
+    upload_to(model, backend)
+}
+
+/// [`upload`] onto a backend made by the caller (e.g. [`Cuda::on_stream`]).
+pub fn upload_to(model: RankModel<Cpu>, backend: Cuda) -> Result<RankModel<Cuda>> {
+    model.to_backend(backend, |b, _, w| b.upload_weight(w), |b, v| b.upload_norm(v))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::math::Matrix;
+
+    #[test]
+    fn weights_round_to_bf16_with_their_shape() {
+        let w = Weight::F32(Matrix::new(2, 3, vec![1.0, -2.5, 3.0e-3, 65504.0, 1.0 / 3.0, 0.0]));
+        let (rows, cols, data) = weight_to_bf16(w);
+        assert_eq!((rows, cols), (2, 3));
+        let back: Vec<f32> = data.iter().map(|v| v.to_f32()).collect();
+        assert_eq!(back[0], 1.0);
+        assert_eq!(back[1], -2.5);
+        assert_eq!(back[5], 0.0);
+        // bf16 keeps 8 significant bits: rounding to nearest is off by at most half an ulp, 2^-8 relative.
+        for (a, b) in back.iter().zip([1.0f32, -2.5, 3.0e-3, 65504.0, 1.0 / 3.0, 0.0]) {
+            assert!((a - b).abs() <= b.abs() / 256.0, "{a} vs {b}");
+        }
+    }
+
+    #[test]
+    fn one_gpu_per_rank() {
+        assert_eq!(device_for_rank(1, 2, 2).unwrap(), 1);
+        assert_eq!(device_for_rank(0, 1, 8).unwrap(), 0);
+        let e = device_for_rank(0, 2, 1).unwrap_err().to_string();
+        assert!(e.contains("2 rank(s)") && e.contains("only 1 device"), "{e}");
+        let e = device_for_rank(0, 1, 0).unwrap_err().to_string();
+        assert!(e.contains("no CUDA device"), "{e}");
+    }
+
+    #[test]
+    fn steps_of_several_sequences_are_refused() {
+        let one = StepRows {
+            seg_of: vec![0, 0, 0],
+            pos_of: vec![4, 5, 6],
+        };
+        check_one_sequence(&one).unwrap();
+        let two = StepRows {
+            seg_of: vec![0, 1],
+            pos_of: vec![4, 9],
+        };
+        let e = check_one_sequence(&two).unwrap_err().to_string();
+        assert!(e.contains("one sequence per step"), "{e}");
+    }
+
+    #[test]
+    fn strided_linear_shapes() {
+        let g = crate::cuda::linear_strided(2, 3, 4, 8, 12, 2 * 5, 5).unwrap();
+        assert_eq!((g.m, g.n, g.k, g.lda, g.ldb, g.ldc), (3, 2, 4, 4, 4, 5));
+        assert!(g.transpose_a);
+        // Too small a stride, a wrong output length.
+        assert!(crate::cuda::linear_strided(2, 3, 4, 8, 12, 4, 2).is_err());
+        assert!(crate::cuda::linear_strided(2, 3, 4, 8, 12, 9, 5).is_err());
+        // The strided GEMM's meaning: rows 5 apart, the padding untouched.
+        let w: Vec<f32> = (0..12).map(|v| v as f32).collect();
+        let x: Vec<f32> = (0..8).map(|v| (v as f32) * 0.5).collect();
+        let mut y = vec![-1.0f32; 10];
+        crate::kernels::gemm_reference(&g, &w, &x, &mut y);
+        for t in 0..2 {
+            for r in 0..3 {
+                let want: f32 = (0..4).map(|c| w[r * 4 + c] * x[t * 4 + c]).sum();
+                assert_eq!(y[t * 5 + r], want);
+            }
+            assert_eq!(y[t * 5 + 3..t * 5 + 5], [-1.0, -1.0]);
+        }
+    }
+
+    /// Without a GPU (this host, CI) the backend fails with a typed error, never a panic.
+    #[test]
+    fn no_device_is_a_typed_error() {
+        let rope = Rope::new(vec![1.0, 0.5]);
+        match Cuda::new(0, &rope, 16) {
+            Ok(c) => eprintln!("a CUDA device is present: {c:?}"),
+            Err(EngineError::Cuda(CudaError::Library { .. } | CudaError::NoDevice { .. })) => {}
+            Err(e) => panic!("unexpected error without a GPU: {e}"),
+        }
+    }
+}
