@@ -132,6 +132,7 @@ fn case() -> impl Strategy<Value = (Vec<Plan>, HostOptions)> {
                 timeout: TIMEOUT,
                 slot_bytes,
                 direct_min_bytes,
+                ..HostOptions::default()
             };
             (plans, o)
         })

@@ -73,16 +73,20 @@ fn processes_cross_memory_attach_every_collective_and_type() {
     }
 }
 
-/// A rank process killed while the others move data by cross-memory attach (64 MiB all-reduces, so the kill
-/// lands in a data phase or its barriers): the others fail naming it, well before the timeout, instead of
+/// A rank process killed while the others move data by cross-memory attach (4 MiB all-reduces back to back,
+/// so the kill lands in a data phase or its barriers): the others fail naming it, well before the timeout, instead of
 /// waiting for a rank that can never arrive at the closing barrier.
 #[test]
 fn processes_killed_during_cross_memory_attach_is_detected() {
     const T: &str = "processes_killed_during_cross_memory_attach_is_detected";
     if let Some(c) = child(T, procs_opts()) {
         let r = c.rank();
-        let mut b = vec![1f32; (64 << 20) / 4];
+        let mut b = vec![1f32; (4 << 20) / 4];
         c.all_reduce_in_place(&mut b, ReduceOp::Sum).unwrap();
+        assert!(
+            c.uses_cross_memory_attach(),
+            "rank {r}: cross-memory attach is not in use"
+        );
         if r == 1 {
             std::thread::spawn(|| {
                 std::thread::sleep(Duration::from_millis(30));

@@ -81,6 +81,11 @@ pub struct HostOptions {
     /// always direct, `usize::MAX` = never. Default 16 KiB (below that, one barrier of the staged path beats
     /// the two of the direct path). In processes mode rank 0's value is used by everyone.
     pub direct_min_bytes: usize,
+    /// Processes mode: messages of more than this many bytes are staged even when cross-memory attach
+    /// works. Default 8 MiB: on the 2-core VM this was tuned on (`bench/host/run.sh`), the kernel's copy
+    /// beat staging from 256 KiB to 4 MiB and lost from 16 MiB (staging streams its stores, the kernel does
+    /// not). `usize::MAX` = no limit. Rank 0's value is used by everyone. Threads ignore it.
+    pub cma_max_bytes: usize,
 }
 
 impl Default for HostOptions {
@@ -94,6 +99,7 @@ impl Default for HostOptions {
             timeout,
             slot_bytes: None,
             direct_min_bytes: 16 * 1024,
+            cma_max_bytes: 8 << 20,
         }
     }
 }
@@ -189,10 +195,9 @@ impl HostComm {
     pub fn from_rendezvous(rv: &crate::bootstrap::Rendezvous, opts: HostOptions) -> Result<HostComm> {
         let (joined, rank, n) = shm::join(rv, &opts)?;
         let mut opts = opts;
-        opts.direct_min_bytes = joined
-            .region
-            .word(region::off::DIRECT)
-            .load(std::sync::atomic::Ordering::Acquire) as usize;
+        let word = |o| joined.region.word(o).load(std::sync::atomic::Ordering::Acquire) as usize;
+        opts.direct_min_bytes = word(region::off::DIRECT);
+        opts.cma_max_bytes = word(region::off::CMA_MAX);
         Ok(HostComm {
             region: Arc::new(joined.region),
             rank,
@@ -270,7 +275,8 @@ impl HostComm {
     }
 
     fn direct_ok(&self, bytes: usize) -> bool {
-        (!self.procs || self.cma) && self.n > 1 && bytes >= self.opts.direct_min_bytes
+        let procs_ok = self.cma && bytes <= self.opts.cma_max_bytes;
+        (!self.procs || procs_ok) && self.n > 1 && bytes >= self.opts.direct_min_bytes
     }
 }
 

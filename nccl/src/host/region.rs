@@ -100,6 +100,8 @@ pub(crate) mod off {
     pub const TOTAL: usize = 32;
     /// Processes mode: rank 0's `HostOptions::direct_min_bytes`, which every rank uses.
     pub const DIRECT: usize = 40;
+    /// Processes mode: rank 0's `HostOptions::cma_max_bytes`.
+    pub const CMA_MAX: usize = 56;
     /// The barrier word: broken bit, phase, count.
     pub const BAR: usize = LINE;
     /// First failure: kind and rank.

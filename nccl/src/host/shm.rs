@@ -165,6 +165,7 @@ fn create(size: usize, opts: &HostOptions) -> Result<(Region, CString)> {
     let region = unsafe { Region::from_mmap(base, len, geo) };
     region.init_header();
     region.word(off::DIRECT).store(opts.direct_min_bytes as u64, Release);
+    region.word(off::CMA_MAX).store(opts.cma_max_bytes as u64, Release);
     Ok((region, unlink.disarm()))
 }
 

@@ -383,6 +383,7 @@ pub fn decode(s: &str) -> (Vec<Plan>, HostOptions) {
         timeout: Duration::from_millis(head[0] as u64),
         slot_bytes: (head[1] != 0).then_some(head[1]),
         direct_min_bytes: head[2],
+        ..HostOptions::default()
     };
     let num = |t: &str| -> usize { t.parse().unwrap() };
     let plans = parts
