@@ -18,7 +18,8 @@ REQS=${REQS:-2}
 THREADS=${THREADS:-2}
 TP=${TP:-1}
 DP=${DP:-1}
-# PROCS=1: our ranks as processes (--nprocs TP, needs DP=1) instead of threads.
+# PROCS=1: our ranks as processes (--nprocs TP, needs DP=1) instead of threads. SERVE_ARGS: more flags for
+# our server (e.g. --int16).
 PROCS=${PROCS:-}
 [ -f "$MODEL" ] || { echo "model $MODEL is absent (scripts/setup.sh fetches it)" >&2; exit 1; }
 export CARGO_TARGET_DIR=${CARGO_TARGET_DIR:-target}
@@ -34,12 +35,12 @@ trap cleanup EXIT
 PROC_ARGS=()
 if [ -n "$PROCS" ]; then PROC_ARGS=(--nprocs "$TP"); fi
 "$BIN" --model "$MODEL" --model-name smollm2 --tp "$TP" --dp "$DP" --threads $(( THREADS / (TP * DP) > 0 ? THREADS / (TP * DP) : 1 )) \
-  --max-batch "$MAXC" --port 0 "${PROC_ARGS[@]}" > "$LOG" 2>/dev/null &
+  --max-batch "$MAXC" --port 0 "${PROC_ARGS[@]}" ${SERVE_ARGS:-} > "$LOG" 2>/dev/null &
 pids+=($!)
 for _ in $(seq 600); do grep -q "listening on" "$LOG" && break; sleep 0.1; done
 URL=$(sed -n 's/^listening on \(http[^ ]*\).*/\1/p' "$LOG")
 [ -n "$URL" ] || { echo "our server did not start" >&2; exit 1; }
-OURS="nccl-llm tp$TP dp$DP${PROCS:+ processes}"
+OURS="nccl-llm tp$TP dp$DP${PROCS:+ processes}${SERVE_ARGS:+ $SERVE_ARGS}"
 TARGETS=(--url "$OURS=$URL")
 
 if [ -n "${LLAMA_SERVER:-}" ]; then

@@ -164,11 +164,13 @@ pub fn host_process(layout: Layout) -> Result<RankComms> {
 }
 
 /// Loads world rank `comms.world_rank`'s shard of `src` for `layout` (its place from the layout's coordinates,
-/// no progress reporting) and wraps it in a [`crate::engine::Rank`] over `comms`.
+/// no progress reporting), sets its decode path (see [`crate::engine::RankModel::set_decode_path`]) and wraps
+/// it in a [`crate::engine::Rank`] over `comms`.
 pub(crate) fn load_rank(
     src: &dyn crate::model::WeightSource,
     layout: Layout,
     threads: usize,
+    path: crate::math::DecodePath,
     comms: RankComms,
 ) -> Result<crate::engine::Rank> {
     use crate::engine::{Rank, RankModel, RankPlace};
@@ -180,7 +182,8 @@ pub(crate) fn load_rank(
         stage,
         threads,
     };
-    let model = RankModel::load(src, place, &mut |_, _| {})?;
+    let mut model = RankModel::load(src, place, &mut |_, _| {})?;
+    model.set_decode_path(path);
     Rank::new(model, comms.tp, comms.pp)
 }
 
@@ -198,7 +201,15 @@ pub fn generate_in_threads(
     let results: Vec<Result<crate::engine::GenerateOutput>> = std::thread::scope(|s| {
         let handles: Vec<_> = comms
             .into_iter()
-            .map(|c| s.spawn(move || load_rank(src, layout, threads, c)?.generate(prompt, params, &mut |_| {})))
+            .map(|c| {
+                s.spawn(move || {
+                    load_rank(src, layout, threads, crate::math::DecodePath::Exact, c)?.generate(
+                        prompt,
+                        params,
+                        &mut |_| {},
+                    )
+                })
+            })
             .collect();
         handles
             .into_iter()

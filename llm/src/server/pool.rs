@@ -51,6 +51,8 @@ pub struct PoolConfig {
     pub dp: usize,
     /// Compute threads per rank.
     pub threads: usize,
+    /// How decode steps compute on block-quantized weights (`--int8`/`--int16`; exact f32 by default).
+    pub decode_path: crate::math::DecodePath,
     /// Most sequences in one replica's running batch.
     pub max_batch: usize,
     /// Most requests waiting for admission, over all replicas (more get 429).
@@ -73,6 +75,7 @@ impl Default for PoolConfig {
             layout: Layout { tp: 1, pp: 1 },
             dp: 1,
             threads: 1,
+            decode_path: crate::math::DecodePath::Exact,
             max_batch: 32,
             max_queue: 256,
             kv_budget_bytes: 256 << 20,
@@ -349,9 +352,16 @@ impl Pool {
             let comms = comms.ok_or_else(|| {
                 EngineError::Config("the rank processes cannot be started again from this server".into())
             })?;
-            return RankSet::build(&self.src, layout, self.cfg.threads, index, Some(comms));
+            return RankSet::build(
+                &self.src,
+                layout,
+                self.cfg.threads,
+                self.cfg.decode_path,
+                index,
+                Some(comms),
+            );
         }
-        RankSet::build(&self.src, layout, self.cfg.threads, index, None)
+        RankSet::build(&self.src, layout, self.cfg.threads, self.cfg.decode_path, index, None)
     }
 
     /// True when the ranks are processes ([`Pool::start_process`]).

@@ -26,6 +26,7 @@ use crate::comm::Comm;
 use crate::engine::{KvCache, Rank};
 use crate::error::{EngineError, Result};
 use crate::launch::{load_rank, RankComms};
+use crate::math::DecodePath;
 use crate::model::WeightSource;
 use crate::shard::Layout;
 
@@ -355,6 +356,7 @@ impl RankSet {
         src: &Arc<dyn WeightSource>,
         layout: Layout,
         threads: usize,
+        path: DecodePath,
         replica: usize,
         comms: Option<RankComms>,
     ) -> Result<RankSet> {
@@ -378,7 +380,7 @@ impl RankSet {
             let h = std::thread::Builder::new()
                 .name(format!("replica{replica}-rank{w}"))
                 .spawn(move || {
-                    let rank = match load_rank(&*src, layout, threads, c) {
+                    let rank = match load_rank(&*src, layout, threads, path, c) {
                         Ok(r) => {
                             let _ = ready_tx.send((w, Ok(())));
                             r
@@ -465,12 +467,18 @@ impl RankSet {
 
 /// A rank process other than rank 0 (`serve --nprocs N`, torchrun, mpirun): loads its shard, then runs
 /// the plans rank 0 sends until it sends a stop plan (`Ok`) or the replica fails (`Err`).
-pub fn serve_rank(src: &dyn WeightSource, layout: Layout, threads: usize, comms: RankComms) -> Result<()> {
+pub fn serve_rank(
+    src: &dyn WeightSource,
+    layout: Layout,
+    threads: usize,
+    path: DecodePath,
+    comms: RankComms,
+) -> Result<()> {
     let w = comms.world_rank;
     if w == 0 {
         return Err(EngineError::Config("serve_rank runs the ranks other than 0".into()));
     }
-    let rank = load_rank(src, layout, threads, comms)?;
+    let rank = load_rank(src, layout, threads, path, comms)?;
     rank_main(rank, w, None).map_err(EngineError::Config)
 }
 
