@@ -340,3 +340,53 @@ fn out_of_range_sampling_is_a_typed_error_in_the_engine_and_the_pool() {
     }
     pool.shutdown();
 }
+
+/// The pool on the int16 decode path (`serve --int16`) on SmolLM2: 1 and 8 concurrent greedy requests give
+/// exactly what one sequence alone gives on that path (its batched and single kernels are bit-identical), and
+/// the rank really runs it (the solo model reports the path in effect).
+#[test]
+fn int16_decode_path_through_the_pool_equals_its_solo_run_smollm2() {
+    use nccl_llm::math::DecodePath;
+    let Some(src) = smollm2() else { return };
+    let src: Arc<dyn WeightSource> = Arc::from(src);
+    let place = RankPlace {
+        tp: 1,
+        tp_rank: 0,
+        pp: 1,
+        stage: 0,
+        threads: 1,
+    };
+    let mut model = RankModel::load(&*src, place, &mut |_, _| {}).unwrap();
+    assert_eq!(model.set_decode_path(DecodePath::Int16), DecodePath::Int16);
+    let rank = Rank::new(model, Box::new(SingleComm), Box::new(SingleComm)).unwrap();
+    let params = GenerateParams {
+        max_new_tokens: 6,
+        sampling: SamplingParams::default(),
+        ignore_eos: true,
+        micro_batches: 1,
+    };
+    let uniq = prompts(49152, 4);
+    let want: Vec<Vec<u32>> = uniq
+        .iter()
+        .map(|p| rank.generate(p, &params, &mut |_| {}).unwrap().generated)
+        .collect();
+    let pool = Pool::start(
+        src,
+        PoolConfig {
+            decode_path: DecodePath::Int16,
+            max_batch: 8,
+            ..PoolConfig::default()
+        },
+    )
+    .unwrap();
+    for c in [1, 8] {
+        let reqs: Vec<GenRequest> = (0..c).map(|i| greedy(uniq[i % 4].clone(), 6)).collect();
+        for (i, g) in generate_distributed(&pool, reqs, Duration::from_secs(300))
+            .into_iter()
+            .enumerate()
+        {
+            assert_eq!(g.unwrap().token_ids, want[i % 4], "{c} concurrent, request {i}");
+        }
+    }
+    pool.shutdown();
+}
