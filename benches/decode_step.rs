@@ -35,13 +35,7 @@ fn load(src: &dyn WeightSource, f32_weights: bool) -> RankModel {
     } else {
         std::env::remove_var("NCCL_LLM_F32_WEIGHTS");
     }
-    let place = RankPlace {
-        tp: 1,
-        tp_rank: 0,
-        pp: 1,
-        stage: 0,
-        threads: 1,
-    };
+    let place = RankPlace::single(1);
     RankModel::load(src, place, &mut |_, _| {}).expect("load the model")
 }
 

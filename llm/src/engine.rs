@@ -41,6 +41,19 @@ pub struct RankPlace {
     pub threads: usize,
 }
 
+impl RankPlace {
+    /// The only rank of a TP 1 × PP 1 layout, with `threads` compute threads.
+    pub const fn single(threads: usize) -> RankPlace {
+        RankPlace {
+            tp: 1,
+            tp_rank: 0,
+            pp: 1,
+            stage: 0,
+            threads,
+        }
+    }
+}
+
 pub use crate::compute::KvCache;
 
 struct Layer<B: Compute> {

@@ -14,13 +14,7 @@ use nccl_llm::math::DecodePath;
 use nccl_llm::model::{self, reference, WeightSource};
 use nccl_llm::sample::SamplingParams;
 
-const PLACE: RankPlace = RankPlace {
-    tp: 1,
-    tp_rank: 0,
-    pp: 1,
-    stage: 0,
-    threads: 2,
-};
+const PLACE: RankPlace = RankPlace::single(2);
 
 fn load(src: &dyn WeightSource, path: DecodePath) -> RankModel {
     let mut m = RankModel::load_with(src, PLACE, false, &mut |_, _| {}).expect("load SmolLM2");

@@ -70,13 +70,7 @@ fn greedy(prompt: Vec<u32>, n: usize) -> GenRequest {
 #[allow(clippy::needless_range_loop)] // `step` indexes every sequence's solo logits
 fn batched_step_logits_equal_solo_bit_for_bit() {
     let src = model::tiny_random(3);
-    let place = RankPlace {
-        tp: 1,
-        tp_rank: 0,
-        pp: 1,
-        stage: 0,
-        threads: 1,
-    };
+    let place = RankPlace::single(1);
     let model = RankModel::load(&*src, place, &mut |_, _| {}).unwrap();
     let rank = Rank::new(model, Box::new(SingleComm), Box::new(SingleComm)).unwrap();
     let ps = prompts(256, 5);
@@ -349,13 +343,7 @@ fn int16_decode_path_through_the_pool_equals_its_solo_run_smollm2() {
     use nccl_llm::math::DecodePath;
     let Some(src) = smollm2() else { return };
     let src: Arc<dyn WeightSource> = Arc::from(src);
-    let place = RankPlace {
-        tp: 1,
-        tp_rank: 0,
-        pp: 1,
-        stage: 0,
-        threads: 1,
-    };
+    let place = RankPlace::single(1);
     let mut model = RankModel::load(&*src, place, &mut |_, _| {}).unwrap();
     assert_eq!(model.set_decode_path(DecodePath::Int16), DecodePath::Int16);
     let rank = Rank::new(model, Box::new(SingleComm), Box::new(SingleComm)).unwrap();
