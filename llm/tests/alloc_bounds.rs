@@ -23,11 +23,27 @@ fn serial() -> std::sync::MutexGuard<'static, ()> {
 /// What a refused file may cost beyond its own size: error messages, paths, a few small vectors.
 const SLACK: usize = 64 << 10;
 
-fn tmp(tag: &str) -> PathBuf {
+/// A scratch directory, removed when dropped (also when the test fails).
+struct TmpDir(PathBuf);
+
+impl std::ops::Deref for TmpDir {
+    type Target = std::path::Path;
+    fn deref(&self) -> &std::path::Path {
+        &self.0
+    }
+}
+
+impl Drop for TmpDir {
+    fn drop(&mut self) {
+        let _ = std::fs::remove_dir_all(&self.0);
+    }
+}
+
+fn tmp(tag: &str) -> TmpDir {
     let d = std::env::temp_dir().join(format!("alloc_bounds_{tag}_{}", std::process::id()));
     let _ = std::fs::remove_dir_all(&d);
     std::fs::create_dir_all(&d).unwrap();
-    d
+    TmpDir(d)
 }
 
 fn gguf_head(tensors: u64, kvs: u64) -> Vec<u8> {
