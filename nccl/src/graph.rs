@@ -14,7 +14,8 @@
 //! comm.all_reduce_in_place(&mut buf, ReduceOp::Sum)?; // recorded, not run
 //! let graph = capture.end()?;
 //! for _ in 0..3 {
-//!     graph.launch()?; // runs the all-reduce
+//!     // SAFETY: `buf`, the only buffer the captured all-reduce uses, is alive and used by nothing else.
+//!     unsafe { graph.launch()? }; // runs the all-reduce
 //! }
 //! stream.synchronize().unwrap();
 //! # Ok(()) }
@@ -238,7 +239,14 @@ impl Graph {
     /// stream already holds. Returns once it is enqueued; synchronize the stream before reading results.
     ///
     /// A graph holding NCCL operations is a collective: every rank launches its graph of the same capture.
-    pub fn launch(&self) -> Result<()> {
+    ///
+    /// # Safety
+    ///
+    /// The graph runs the captured kernels and collectives on the device addresses they had at capture
+    /// time; nothing here holds those buffers. Every device buffer the captured work reads or writes must
+    /// still be allocated (not dropped since the capture) and not accessed by anything else until the
+    /// launched work is done (synchronize its stream, or order other streams after it).
+    pub unsafe fn launch(&self) -> Result<()> {
         self.stream
             .context()
             .bind_to_thread()

@@ -44,7 +44,12 @@ pub trait PerfComm: Collectives {
     fn capture(&self, issue: &mut dyn FnMut() -> Result<()>) -> Result<Self::Graph>;
     /// Runs `graph` once, enqueued after the work already issued (a collective when it holds collectives:
     /// every rank launches its graph as many times).
-    fn launch(&self, graph: &Self::Graph) -> Result<()>;
+    ///
+    /// # Safety
+    ///
+    /// As [`nccl::graph::Graph::launch`]: every buffer the captured operations use is still allocated and
+    /// used by nothing else until the launched work is done.
+    unsafe fn launch(&self, graph: &Self::Graph) -> Result<()>;
     /// Whether the backend supports `dt` (for `-d all`; e.g. fp8 needs NCCL 2.24 and a Hopper GPU).
     fn supports(&self, dt: nccl::DataType) -> bool {
         let _ = dt;

@@ -682,7 +682,9 @@ fn timed_graph<C: PerfComm>(
     comm.barrier()?;
     let start = Instant::now();
     for _ in 0..timed.graph_launches {
-        comm.launch(&graph)?;
+        // SAFETY: the buffers `issue` captured are borrowed by `issue`, which outlives `graph` (dropped below,
+        // after `sync` waited for every launch).
+        unsafe { comm.launch(&graph)? };
     }
     let host = start.elapsed().as_secs_f64();
     sync(comm, plan, st.slot)?;
@@ -751,7 +753,9 @@ fn bench<C: PerfComm, T: Elem>(
             if plan.graph_launches > 0 {
                 // As nccl-tests: with -G the checked operation runs from a graph of its own, launched once.
                 let graph = comm.capture(&mut || issue(comm, op, &mut bufs, in_place, redop, root))?;
-                comm.launch(&graph)?;
+                // SAFETY: the captured operation uses `bufs`, alive and untouched until `sync` below has
+                // waited for it; `graph` is dropped at the end of this block.
+                unsafe { comm.launch(&graph)? };
                 sync(comm, plan, st.slot)?;
             } else {
                 issue(comm, op, &mut bufs, in_place, redop, root)?;

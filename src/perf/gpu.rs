@@ -100,8 +100,9 @@ impl PerfComm for Communicator {
         capture.end()
     }
 
-    fn launch(&self, graph: &nccl::graph::Graph) -> Result<()> {
-        graph.launch()
+    unsafe fn launch(&self, graph: &nccl::graph::Graph) -> Result<()> {
+        // SAFETY: forwarded (this method's contract is the graph's).
+        unsafe { graph.launch() }
     }
 
     fn device_info(&self) -> DeviceInfo {
