@@ -634,13 +634,7 @@ fn generate_on<B: crate::compute::Compute>(job: &Job, rank: Rank<B>, reporter: b
 }
 
 fn decode_path(args: &Args) -> DecodePath {
-    if args.int8 {
-        DecodePath::Int8
-    } else if args.int16 {
-        DecodePath::Int16
-    } else {
-        DecodePath::Exact
-    }
+    DecodePath::from_flags(args.int8, args.int16)
 }
 
 fn report(job: &Job, out: &GenerateOutput, backend: &str) -> Result<()> {

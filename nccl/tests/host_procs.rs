@@ -11,6 +11,17 @@ use host_common::*;
 use nccl::host::HostOptions;
 use nccl::{Collectives, Error, ReduceOp};
 
+/// A 3-rank world where rank 1 killed itself (SIGKILL) and ranks 0 and 2 reported "rank 1 failed" and exited
+/// cleanly, leaving nothing in /dev/shm.
+fn assert_rank_1_killed(exits: &[Exit]) {
+    assert_eq!(exits[1].signal, Some(libc::SIGKILL), "{}", exits[1].out);
+    for r in [0, 2] {
+        assert_eq!(exits[r].code, Some(0), "rank {r}:\n{}", exits[r].out);
+        assert!(exits[r].out.contains("rank 1 failed"), "rank {r}:\n{}", exits[r].out);
+    }
+    assert_no_leak(exits);
+}
+
 fn procs_opts() -> HostOptions {
     HostOptions {
         timeout: Duration::from_secs(30),
@@ -113,13 +124,7 @@ fn processes_killed_during_cross_memory_attach_is_detected() {
         println!("rank {r} saw: {e}");
         return;
     }
-    let exits = spawn_world(T, 3);
-    assert_eq!(exits[1].signal, Some(libc::SIGKILL), "{}", exits[1].out);
-    for r in [0, 2] {
-        assert_eq!(exits[r].code, Some(0), "rank {r}:\n{}", exits[r].out);
-        assert!(exits[r].out.contains("rank 1 failed"), "rank {r}:\n{}", exits[r].out);
-    }
-    assert_no_leak(&exits);
+    assert_rank_1_killed(&spawn_world(T, 3));
 }
 
 #[test]
@@ -208,13 +213,7 @@ fn processes_killed_rank_is_detected() {
         println!("rank {r} saw: {e}");
         return;
     }
-    let exits = spawn_world(T, 3);
-    assert_eq!(exits[1].signal, Some(libc::SIGKILL), "{}", exits[1].out);
-    for r in [0, 2] {
-        assert_eq!(exits[r].code, Some(0), "rank {r}:\n{}", exits[r].out);
-        assert!(exits[r].out.contains("rank 1 failed"), "rank {r}:\n{}", exits[r].out);
-    }
-    assert_no_leak(&exits);
+    assert_rank_1_killed(&spawn_world(T, 3));
 }
 
 /// A rank that exits normally without joining the collective (its communicator is dropped).

@@ -28,6 +28,17 @@ pub enum DecodePath {
 }
 
 impl DecodePath {
+    /// The path the command-line flags `--int8` / `--int16` ask for (exact f32 when neither is given).
+    pub fn from_flags(int8: bool, int16: bool) -> DecodePath {
+        if int8 {
+            DecodePath::Int8
+        } else if int16 {
+            DecodePath::Int16
+        } else {
+            DecodePath::Exact
+        }
+    }
+
     /// A short name for output: `exact`, or `int8-` and the kernel's instruction set.
     pub fn describe(self) -> String {
         match self {

@@ -182,13 +182,7 @@ fn source_of(args: &Args) -> Result<Arc<dyn WeightSource>> {
 
 /// The decode path `--int8`/`--int16` ask for (exact f32 otherwise).
 fn decode_path(args: &Args) -> crate::math::DecodePath {
-    if args.int8 {
-        crate::math::DecodePath::Int8
-    } else if args.int16 {
-        crate::math::DecodePath::Int16
-    } else {
-        crate::math::DecodePath::Exact
-    }
+    crate::math::DecodePath::from_flags(args.int8, args.int16)
 }
 
 fn threads_of(args: &Args, layout: Layout) -> usize {

@@ -346,12 +346,14 @@ impl Ctl<'_> {
             let missing = || -> Vec<usize> { (0..self.n).filter(|&j| self.arrived(j) <= phase).collect() };
             if !breakable {
                 if self.procs {
-                    let gone: Vec<(usize, Option<String>)> = missing().into_iter().map(|j| (j, self.gone(j))).collect();
-                    if let Some((dead, Some(why))) = gone.first().cloned() {
-                        if gone.iter().all(|(_, g)| g.is_some()) {
-                            self.break_comm(Kind::Gone, dead, &why);
-                            return Err(self.failure(op, b.elapsed()));
-                        }
+                    // `Some` only when every missing rank is gone (stops at the first one alive).
+                    let all_gone: Option<Vec<(usize, String)>> = missing()
+                        .into_iter()
+                        .map(|j| self.gone(j).map(|why| (j, why)))
+                        .collect();
+                    if let Some((dead, why)) = all_gone.and_then(|g| g.into_iter().next()) {
+                        self.break_comm(Kind::Gone, dead, &why);
+                        return Err(self.failure(op, b.elapsed()));
                     }
                 }
                 if broke || w & BROKEN != 0 {
