@@ -12,7 +12,7 @@ use std::time::{Duration, Instant};
 
 use criterion::{criterion_group, criterion_main, Criterion, Throughput};
 use nccl_llm::comm::SingleComm;
-use nccl_llm::engine::{RankModel, RankPlace};
+use nccl_llm::engine::{KvCache, Rank, RankModel, RankPlace};
 use nccl_llm::math::{DecodePath, QMatrix};
 use nccl_llm::model::{self, WeightSource};
 
@@ -65,6 +65,30 @@ fn decode(m: &RankModel, iters: u64) -> Duration {
     total
 }
 
+/// `iters` batched decode steps of `caches.len()` sequences (one token each, through the layers and the LM
+/// head, as the server's step loop runs them). The caches persist between calls (criterion calls this many
+/// times with few iterations); they are refilled with a short prompt (untimed) when empty or full.
+fn decode_batch(rank: &Rank, caches: &mut [KvCache], iters: u64) -> Duration {
+    let prompt = [1u32, 2, 3, 4, 5, 6, 7, 8];
+    let mut total = Duration::ZERO;
+    for i in 0..iters {
+        if caches[0].is_empty() || caches[0].len() == CONTEXT {
+            for c in caches.iter_mut() {
+                c.clear();
+                rank.step(&mut [(&prompt[..], c)]).unwrap();
+            }
+        }
+        let tokens: Vec<[u32; 1]> = (0..caches.len())
+            .map(|s| [((i as usize + s) % 100) as u32 + 10])
+            .collect();
+        let mut segs: Vec<(&[u32], &mut KvCache)> = tokens.iter().map(|t| &t[..]).zip(caches.iter_mut()).collect();
+        let t = Instant::now();
+        std::hint::black_box(rank.step(&mut segs).unwrap());
+        total += t.elapsed();
+    }
+    total
+}
+
 /// This thread's CPU time for `n` calls of `f` (not wall time: on a machine shared with other work, time
 /// spent descheduled is not counted).
 fn cpu_time(n: u64, mut f: impl FnMut()) -> Duration {
@@ -103,6 +127,23 @@ fn bench(c: &mut Criterion) {
     g.bench_function(format!("quantized weights, {}", DecodePath::Int8.describe()), |b| {
         b.iter_custom(|n| decode(&int8, n))
     });
+    g.finish();
+
+    // Batched decode (the server's step): n sequences, one token each, one pass over the weights per step;
+    // throughput in tokens, so 16 sequences at 16x the tokens/s of 1 would mean batching costs nothing.
+    let mut g = c.benchmark_group("decode_batch");
+    g.sample_size(10).measurement_time(Duration::from_secs(5));
+    let mut rank = Rank::new(int8, Box::new(SingleComm), Box::new(SingleComm)).expect("a TP 1 x PP 1 rank");
+    for path in [DecodePath::Exact, DecodePath::Int16, DecodePath::Int8] {
+        rank.set_decode_path(path);
+        for n in [1usize, 4, 16] {
+            g.throughput(Throughput::Elements(n as u64));
+            let mut caches: Vec<KvCache> = (0..n).map(|_| rank.model().new_cache(CONTEXT)).collect();
+            g.bench_function(format!("{n} sequences, {}", path.describe()), |b| {
+                b.iter_custom(|iters| decode_batch(&rank, &mut caches, iters))
+            });
+        }
+    }
     g.finish();
 
     // One product of Q4_1 matrices of 576 columns (bytes from a fixed pseudo-random sequence, scales ~0.01):

@@ -759,6 +759,13 @@ pub struct Rank<B: Compute = Cpu> {
     pp: Box<dyn Comm>,
 }
 
+impl Rank {
+    /// [`RankModel::set_decode_path`] on this rank's shard (every rank of a layout must choose the same).
+    pub fn set_decode_path(&mut self, path: DecodePath) -> DecodePath {
+        self.model.set_decode_path(path)
+    }
+}
+
 impl<B: Compute> Rank<B> {
     /// A rank from its shard, its TP-group communicator (on the backend's buffers) and its pipeline-group
     /// communicator (whose rank is the stage).

@@ -509,10 +509,7 @@ impl QMatrix {
             .collect();
         let isa = Isa::detect();
         batch_rows(n, self.rows, y, threads, |base, out| {
-            let rlen = out.len() / n;
-            for (t, o) in out.chunks_exact_mut(rlen).enumerate() {
-                int8::rows_int8(self, &xq[t], base, o, isa);
-            }
+            int8::rows_int8_multi(self, &xq, base, out, isa)
         });
     }
 }

@@ -425,6 +425,116 @@ mod x86 {
         lanes_sum(&acc)
     }
 
+    /// Rows `r0..r0 + rlen` of `w` times each of `xs` into `out` (`[xs.len()][rlen]`), every output bit for
+    /// bit what [`row_dot`] gives for its vector alone: a group of eight weight blocks is loaded and unpacked
+    /// once and then dotted with every vector (the batched decode step), where [`row_dot`] unpacks it again
+    /// for each vector. The integer block sums are exact, and each vector's float arithmetic is `row_dot`'s,
+    /// in the same order.
+    ///
+    /// # Safety
+    /// `r0 + rlen <= w.rows` with `rlen = out.len() / xs.len()`, every `x.len() == w.cols`; the CPU must
+    /// support AVX2 (and AVX-512 VNNI + VL when `VNNI`).
+    #[inline(always)]
+    unsafe fn rows_multi<const VNNI: bool>(w: &QMatrix, xs: &[Q8Vec], r0: usize, out: &mut [f32]) {
+        let n = xs.len();
+        let rlen = out.len() / n;
+        let kind = w.kind;
+        let nb = w.cols / QBLOCK;
+        let ql = w.qlen();
+        let groups = nb / LANES;
+        let mut av = vec![_mm256_setzero_ps(); n];
+        for i in 0..rlen {
+            let r = r0 + i;
+            // As in `row_dot`: every pointer stays inside row r's blocks and each x's nb blocks.
+            let wq = w.qs.as_ptr().add(r * nb * ql);
+            let wd = w.d.as_ptr().add(r * nb);
+            let wm = if kind == QKind::Q4 {
+                w.m.as_ptr().add(r * nb)
+            } else {
+                wd
+            };
+            av.fill(_mm256_setzero_ps());
+            for g in 0..groups {
+                let b0 = g * LANES;
+                // The unsigned operand of each block's products (Q4: the nibbles; Q8: |w|) and, for Q8, the
+                // raw weights whose signs go onto x.
+                let mut wu = [_mm256_setzero_si256(); 8];
+                let mut ws = [_mm256_setzero_si256(); 8];
+                for k in 0..LANES {
+                    let q = wq.add((b0 + k) * ql);
+                    match kind {
+                        QKind::Q4 => wu[k] = q4_bytes(q),
+                        QKind::Q8 => {
+                            let wv = _mm256_loadu_si256(q as *const __m256i);
+                            wu[k] = _mm256_sign_epi8(wv, wv);
+                            ws[k] = wv;
+                        }
+                    }
+                }
+                let wdv = _mm256_loadu_ps(wd.add(b0));
+                let wmv = _mm256_loadu_ps(wm.add(b0));
+                for (x, a) in xs.iter().zip(av.iter_mut()) {
+                    let xq = x.qs.as_ptr() as *const u8;
+                    let mut v = [_mm256_setzero_si256(); 8];
+                    for (k, vk) in v.iter_mut().enumerate() {
+                        let xv = _mm256_loadu_si256(xq.add((b0 + k) * QBLOCK) as *const __m256i);
+                        let sv = match kind {
+                            QKind::Q4 => xv,
+                            QKind::Q8 => _mm256_sign_epi8(xv, ws[k]),
+                        };
+                        *vk = if VNNI {
+                            vnni(wu[k], sv)
+                        } else {
+                            _mm256_madd_epi16(_mm256_maddubs_epi16(wu[k], sv), _mm256_set1_epi16(1))
+                        };
+                    }
+                    let fi = _mm256_cvtepi32_ps(hsum8(v));
+                    let xdv = _mm256_loadu_ps(x.d.as_ptr().add(b0));
+                    let term = match kind {
+                        QKind::Q4 => {
+                            let xsv = _mm256_loadu_ps(x.s.as_ptr().add(b0));
+                            _mm256_mul_ps(xdv, _mm256_add_ps(_mm256_mul_ps(wdv, fi), _mm256_mul_ps(wmv, xsv)))
+                        }
+                        QKind::Q8 => _mm256_mul_ps(_mm256_mul_ps(xdv, wdv), fi),
+                    };
+                    *a = _mm256_add_ps(*a, term);
+                }
+            }
+            for (t, (x, a)) in xs.iter().zip(&av).enumerate() {
+                let mut acc = [0.0f32; LANES];
+                _mm256_storeu_ps(acc.as_mut_ptr(), *a);
+                for b in groups * LANES..nb {
+                    let wb = r * nb + b;
+                    let iv = block_dot_scalar(kind, w, wb, x, b);
+                    acc[b % LANES] += block_term(kind, w, wb, x, b, iv);
+                }
+                out[t * rlen + i] = lanes_sum(&acc);
+            }
+        }
+    }
+
+    /// [`rows_multi`] with the AVX2 kernel.
+    ///
+    /// # Safety
+    /// The CPU must support AVX2.
+    #[target_feature(enable = "avx2")]
+    pub(super) unsafe fn rows_multi_avx2(w: &QMatrix, xs: &[Q8Vec], r0: usize, out: &mut [f32]) {
+        check_multi(w, xs, r0, out);
+        // SAFETY: shapes checked just above; the caller guarantees AVX2.
+        unsafe { rows_multi::<false>(w, xs, r0, out) }
+    }
+
+    /// [`rows_multi`] with the AVX-512 VNNI kernel.
+    ///
+    /// # Safety
+    /// The CPU must support AVX2, AVX-512 VNNI and AVX-512 VL.
+    #[target_feature(enable = "avx2")]
+    pub(super) unsafe fn rows_multi_vnni(w: &QMatrix, xs: &[Q8Vec], r0: usize, out: &mut [f32]) {
+        check_multi(w, xs, r0, out);
+        // SAFETY: shapes checked just above; the caller guarantees the CPU features.
+        unsafe { rows_multi::<true>(w, xs, r0, out) }
+    }
+
     /// Eight lanes of partial sums of the weight block at `wq` times the int16 activation block at `xq`.
     ///
     /// # Safety
@@ -561,6 +671,39 @@ pub fn rows_int8(w: &QMatrix, x: &Q8Vec, r0: usize, y: &mut [f32], isa: Isa) {
     }
 }
 
+/// The shapes [`rows_int8_multi`]'s kernels rely on (asserted: a wrong call panics, never reads out of
+/// bounds).
+fn check_multi(w: &QMatrix, xs: &[Q8Vec], r0: usize, out: &[f32]) {
+    assert!(
+        !xs.is_empty() && out.len() % xs.len() == 0,
+        "rows_int8_multi: output is not [n][rows]"
+    );
+    assert!(xs.iter().all(|x| x.len() == w.cols), "rows_int8_multi: input length");
+    assert!(
+        r0 + out.len() / xs.len() <= w.rows,
+        "rows_int8_multi: rows past the matrix"
+    );
+}
+
+/// `out[t][i] = row (r0 + i) of w · xs[t]` (`out` is `[xs.len()][rows]`) with kernel `isa`, each output bit
+/// for bit what [`rows_int8`] gives for its vector alone; the SIMD kernels load and unpack each weight block
+/// once for all the vectors.
+pub fn rows_int8_multi(w: &QMatrix, xs: &[Q8Vec], r0: usize, out: &mut [f32], isa: Isa) {
+    check_multi(w, xs, r0, out);
+    #[cfg(target_arch = "x86_64")]
+    match isa {
+        // SAFETY: `supported()` checked the features each kernel requires.
+        Isa::Avx512Vnni if isa.supported() => return unsafe { x86::rows_multi_vnni(w, xs, r0, out) },
+        // SAFETY: as above.
+        Isa::Avx2 if isa.supported() => return unsafe { x86::rows_multi_avx2(w, xs, r0, out) },
+        _ => {}
+    }
+    let rlen = out.len() / xs.len();
+    for (x, o) in xs.iter().zip(out.chunks_exact_mut(rlen)) {
+        rows_int8(w, x, r0, o, isa);
+    }
+}
+
 /// `y[i] = row (r0 + i) of w · x` for int16 activations with kernel `isa` ([`Isa::Avx2`] or the portable
 /// one; others fall back to the portable kernel).
 pub fn rows_int16(w: &QMatrix, x: &Q16Vec, r0: usize, y: &mut [f32], isa: Isa) {
@@ -635,6 +778,43 @@ mod tests {
     }
 
     const TYPES: [GgmlType; 3] = [GgmlType::Q4_0, GgmlType::Q4_1, GgmlType::Q8_0];
+
+    /// The multi-vector kernels (weights unpacked once for every vector) give, for each vector, bit for bit
+    /// the portable single-vector kernel's result: every type, block counts with and without tails, batches
+    /// of 1-5 vectors, a row offset.
+    #[test]
+    fn multi_vector_kernels_equal_the_single_vector_kernel_bit_for_bit() {
+        let isas: Vec<Isa> = [Isa::Scalar, Isa::Avx2, Isa::Avx512Vnni]
+            .into_iter()
+            .filter(|i| i.supported())
+            .collect();
+        #[cfg(target_arch = "x86_64")]
+        assert!(
+            isas.len() > 1 || !std::arch::is_x86_feature_detected!("avx2"),
+            "no SIMD kernel ran"
+        );
+        for (k, ty) in TYPES.into_iter().enumerate() {
+            for nb in [1, 7, 8, 9, 18, 49] {
+                let w = random_matrix(ty, 23, nb, nb as u64 * 17 + k as u64);
+                for n in 1..=5usize {
+                    let xs: Vec<Q8Vec> = (0..n)
+                        .map(|t| Q8Vec::quantize(&random_x(nb * QBLOCK, (nb * 10 + t) as u64)).unwrap())
+                        .collect();
+                    let (r0, rlen) = (3, 19);
+                    let want: Vec<u32> = xs
+                        .iter()
+                        .flat_map(|x| run(Isa::Scalar, &w, x)[r0..r0 + rlen].to_vec())
+                        .collect();
+                    for &isa in &isas {
+                        let mut out = vec![f32::NAN; n * rlen];
+                        rows_int8_multi(&w, &xs, r0, &mut out, isa);
+                        let got: Vec<u32> = out.iter().map(|v| v.to_bits()).collect();
+                        assert_eq!(got, want, "{ty} nb {nb} n {n} {isa:?}");
+                    }
+                }
+            }
+        }
+    }
 
     /// Every SIMD kernel this CPU runs gives bit for bit the portable kernel's result, for block counts
     /// below, at and around the 8-block group (tails), every weight type, rows of random bytes.
