@@ -5,6 +5,8 @@
 //! f32 path. The int8 decode path (`DecodePath::Int8`) runs on the same quantized weights; a second group
 //! times one matrix-vector product of Q4_1 matrices (256 × 576, and SmolLM2's fused gate/up 3072 × 576) on both paths, in this
 //! thread's CPU time (so that load from other processes on a shared machine counts less).
+//! A third group, `decode_batch`, times one batched step of the server (`Rank::step`: 1, 4 and 16 sequences
+//! of one token each, layers and LM head) on each decode path, in tokens per second.
 //! `cargo bench --bench decode_step`.
 
 use std::sync::Arc;

@@ -330,22 +330,33 @@ mod x86 {
         _mm256_and_si256(_mm256_set_m128i(_mm_srli_epi16(v, 4), v), m4)
     }
 
-    /// Eight lanes of partial integer sums of the weight block at `wq` times the activation block at `xq`
+    /// The weight block at `wq` ready for [`dot_lanes`]: the unsigned operand of its products (`Q4`: the
+    /// nibbles; `Q8`: |w|, where |-128| = 128 fits in u8) and, for `Q8`, the raw weights whose signs go onto x.
+    ///
+    /// # Safety
+    /// `wq` must point to one block of quants of `kind` (16 or 32 bytes); the CPU must support AVX2.
+    #[inline(always)]
+    unsafe fn unpack(kind: QKind, wq: *const u8) -> (__m256i, __m256i) {
+        match kind {
+            QKind::Q4 => (q4_bytes(wq), _mm256_setzero_si256()),
+            QKind::Q8 => {
+                let wv = _mm256_loadu_si256(wq as *const __m256i);
+                (_mm256_sign_epi8(wv, wv), wv)
+            }
+        }
+    }
+
+    /// Eight lanes of partial integer sums of an [`unpack`]ed weight block times the activation block at `xq`
     /// (their total is the exact dot product).
     ///
     /// # Safety
-    /// `wq` must point to one block of quants of `kind` (16 or 32 bytes), `xq` to 32 readable bytes; the CPU
-    /// must support AVX2, and AVX-512 VNNI + VL when `VNNI`.
+    /// `xq` must point to 32 readable bytes; the CPU must support AVX2, and AVX-512 VNNI + VL when `VNNI`.
     #[inline(always)]
-    unsafe fn block_lanes<const VNNI: bool>(kind: QKind, wq: *const u8, xq: *const u8) -> __m256i {
+    unsafe fn dot_lanes<const VNNI: bool>(kind: QKind, (u, raw): (__m256i, __m256i), xq: *const u8) -> __m256i {
         let xv = _mm256_loadu_si256(xq as *const __m256i);
-        let (u, s) = match kind {
-            QKind::Q4 => (q4_bytes(wq), xv),
-            QKind::Q8 => {
-                let wv = _mm256_loadu_si256(wq as *const __m256i);
-                // |w| as u8 (|-128| = 128 fits) and x with w's sign.
-                (_mm256_sign_epi8(wv, wv), _mm256_sign_epi8(xv, wv))
-            }
+        let s = match kind {
+            QKind::Q4 => xv,
+            QKind::Q8 => _mm256_sign_epi8(xv, raw),
         };
         if VNNI {
             vnni(u, s)
@@ -353,6 +364,50 @@ mod x86 {
             // Pairs of u8·i8 products are at most 2·128·127 < 2¹⁵: no saturation, the result is exact.
             _mm256_madd_epi16(_mm256_maddubs_epi16(u, s), _mm256_set1_epi16(1))
         }
+    }
+
+    /// The float term that eight blocks' exact integer sums `fi` add to a row's lanes: for `Q4`,
+    /// `xd·(wd·fi + wm·xs)`; for `Q8`, `xd·wd·fi`. The one definition of that arithmetic for every kernel
+    /// here, so that they all round alike.
+    ///
+    /// # Safety
+    /// `wd` and `xd` (and for `Q4` also `wm` and `xs`) must point to 8 readable values; the CPU must support
+    /// AVX2.
+    #[inline(always)]
+    unsafe fn group_term(
+        kind: QKind,
+        fi: __m256,
+        (wd, wm): (*const f32, *const f32),
+        (xd, xs): (*const f32, *const f32),
+    ) -> __m256 {
+        let xdv = _mm256_loadu_ps(xd);
+        let wdv = _mm256_loadu_ps(wd);
+        match kind {
+            QKind::Q4 => {
+                let wmv = _mm256_loadu_ps(wm);
+                let xsv = _mm256_loadu_ps(xs);
+                _mm256_mul_ps(xdv, _mm256_add_ps(_mm256_mul_ps(wdv, fi), _mm256_mul_ps(wmv, xsv)))
+            }
+            QKind::Q8 => _mm256_mul_ps(_mm256_mul_ps(xdv, wdv), fi),
+        }
+    }
+
+    /// Row `r`'s result from its SIMD lanes `av` (the whole groups of eight blocks): the tail blocks on the
+    /// portable kernel, then the lanes' sum.
+    ///
+    /// # Safety
+    /// The CPU must support AVX2.
+    #[inline(always)]
+    unsafe fn finish_row<T: QInt>(w: &QMatrix, x: &QVec<T>, r: usize, av: __m256) -> f32 {
+        let nb = w.cols / QBLOCK;
+        let mut acc = [0.0f32; LANES];
+        _mm256_storeu_ps(acc.as_mut_ptr(), av);
+        for b in nb / LANES * LANES..nb {
+            let wb = r * nb + b;
+            let i = block_dot_scalar(w.kind, w, wb, x, b);
+            acc[b % LANES] += block_term(w.kind, w, wb, x, b, i);
+        }
+        lanes_sum(&acc)
     }
 
     /// `vpdpbusd` from zero: the eight sums of four `u8 · i8` products. Inline assembly, not the intrinsic
@@ -383,8 +438,6 @@ mod x86 {
         let kind = w.kind;
         let nb = w.cols / QBLOCK;
         let ql = w.qlen();
-        let groups = nb / LANES;
-        let mut acc = [0.0f32; LANES];
         // Row r's blocks are r·nb .. (r + 1)·nb of the scale arrays and r·nb·ql .. of the quants; `x` has nb
         // blocks. Every pointer below stays inside those ranges (block indices b < groups·8 ≤ nb).
         let wq = w.qs.as_ptr().add(r * nb * ql);
@@ -397,32 +450,19 @@ mod x86 {
         let xq = x.qs.as_ptr() as *const u8;
         let (xd, xs) = (x.d.as_ptr(), x.s.as_ptr());
         let mut av = _mm256_setzero_ps();
-        for g in 0..groups {
+        for g in 0..nb / LANES {
             let b0 = g * LANES;
             let mut v = [_mm256_setzero_si256(); 8];
             for (k, vk) in v.iter_mut().enumerate() {
-                *vk = block_lanes::<VNNI>(kind, wq.add((b0 + k) * ql), xq.add((b0 + k) * QBLOCK));
+                *vk = dot_lanes::<VNNI>(kind, unpack(kind, wq.add((b0 + k) * ql)), xq.add((b0 + k) * QBLOCK));
             }
             let fi = _mm256_cvtepi32_ps(hsum8(v));
-            let xdv = _mm256_loadu_ps(xd.add(b0));
-            let wdv = _mm256_loadu_ps(wd.add(b0));
-            let term = match kind {
-                QKind::Q4 => {
-                    let wmv = _mm256_loadu_ps(wm.add(b0));
-                    let xsv = _mm256_loadu_ps(xs.add(b0));
-                    _mm256_mul_ps(xdv, _mm256_add_ps(_mm256_mul_ps(wdv, fi), _mm256_mul_ps(wmv, xsv)))
-                }
-                QKind::Q8 => _mm256_mul_ps(_mm256_mul_ps(xdv, wdv), fi),
-            };
-            av = _mm256_add_ps(av, term);
+            av = _mm256_add_ps(
+                av,
+                group_term(kind, fi, (wd.add(b0), wm.add(b0)), (xd.add(b0), xs.add(b0))),
+            );
         }
-        _mm256_storeu_ps(acc.as_mut_ptr(), av);
-        for b in groups * LANES..nb {
-            let wb = r * nb + b;
-            let i = block_dot_scalar(kind, w, wb, x, b);
-            acc[b % LANES] += block_term(kind, w, wb, x, b, i);
-        }
-        lanes_sum(&acc)
+        finish_row(w, x, r, av)
     }
 
     /// Rows `r0..r0 + rlen` of `w` times each of `xs` into `out` (`[xs.len()][rlen]`), every output bit for
@@ -441,7 +481,6 @@ mod x86 {
         let kind = w.kind;
         let nb = w.cols / QBLOCK;
         let ql = w.qlen();
-        let groups = nb / LANES;
         let mut av = vec![_mm256_setzero_ps(); n];
         for i in 0..rlen {
             let r = r0 + i;
@@ -454,61 +493,25 @@ mod x86 {
                 wd
             };
             av.fill(_mm256_setzero_ps());
-            for g in 0..groups {
+            for g in 0..nb / LANES {
                 let b0 = g * LANES;
-                // The unsigned operand of each block's products (Q4: the nibbles; Q8: |w|) and, for Q8, the
-                // raw weights whose signs go onto x.
-                let mut wu = [_mm256_setzero_si256(); 8];
-                let mut ws = [_mm256_setzero_si256(); 8];
-                for k in 0..LANES {
-                    let q = wq.add((b0 + k) * ql);
-                    match kind {
-                        QKind::Q4 => wu[k] = q4_bytes(q),
-                        QKind::Q8 => {
-                            let wv = _mm256_loadu_si256(q as *const __m256i);
-                            wu[k] = _mm256_sign_epi8(wv, wv);
-                            ws[k] = wv;
-                        }
-                    }
+                let mut wu = [(_mm256_setzero_si256(), _mm256_setzero_si256()); 8];
+                for (k, u) in wu.iter_mut().enumerate() {
+                    *u = unpack(kind, wq.add((b0 + k) * ql));
                 }
-                let wdv = _mm256_loadu_ps(wd.add(b0));
-                let wmv = _mm256_loadu_ps(wm.add(b0));
                 for (x, a) in xs.iter().zip(av.iter_mut()) {
                     let xq = x.qs.as_ptr() as *const u8;
                     let mut v = [_mm256_setzero_si256(); 8];
                     for (k, vk) in v.iter_mut().enumerate() {
-                        let xv = _mm256_loadu_si256(xq.add((b0 + k) * QBLOCK) as *const __m256i);
-                        let sv = match kind {
-                            QKind::Q4 => xv,
-                            QKind::Q8 => _mm256_sign_epi8(xv, ws[k]),
-                        };
-                        *vk = if VNNI {
-                            vnni(wu[k], sv)
-                        } else {
-                            _mm256_madd_epi16(_mm256_maddubs_epi16(wu[k], sv), _mm256_set1_epi16(1))
-                        };
+                        *vk = dot_lanes::<VNNI>(kind, wu[k], xq.add((b0 + k) * QBLOCK));
                     }
                     let fi = _mm256_cvtepi32_ps(hsum8(v));
-                    let xdv = _mm256_loadu_ps(x.d.as_ptr().add(b0));
-                    let term = match kind {
-                        QKind::Q4 => {
-                            let xsv = _mm256_loadu_ps(x.s.as_ptr().add(b0));
-                            _mm256_mul_ps(xdv, _mm256_add_ps(_mm256_mul_ps(wdv, fi), _mm256_mul_ps(wmv, xsv)))
-                        }
-                        QKind::Q8 => _mm256_mul_ps(_mm256_mul_ps(xdv, wdv), fi),
-                    };
-                    *a = _mm256_add_ps(*a, term);
+                    let (xd, xsum) = (x.d.as_ptr().add(b0), x.s.as_ptr().add(b0));
+                    *a = _mm256_add_ps(*a, group_term(kind, fi, (wd.add(b0), wm.add(b0)), (xd, xsum)));
                 }
             }
-            for (t, (x, a)) in xs.iter().zip(&av).enumerate() {
-                let mut acc = [0.0f32; LANES];
-                _mm256_storeu_ps(acc.as_mut_ptr(), *a);
-                for b in groups * LANES..nb {
-                    let wb = r * nb + b;
-                    let iv = block_dot_scalar(kind, w, wb, x, b);
-                    acc[b % LANES] += block_term(kind, w, wb, x, b, iv);
-                }
-                out[t * rlen + i] = lanes_sum(&acc);
+            for (t, (x, &a)) in xs.iter().zip(&av).enumerate() {
+                out[t * rlen + i] = finish_row(w, x, r, a);
             }
         }
     }
@@ -570,8 +573,6 @@ mod x86 {
         let kind = w.kind;
         let nb = w.cols / QBLOCK;
         let ql = w.qlen();
-        let groups = nb / LANES;
-        let mut acc = [0.0f32; LANES];
         // As in `row_dot`: every pointer stays inside row r's blocks and x's nb blocks.
         let wq = w.qs.as_ptr().add(r * nb * ql);
         let wd = w.d.as_ptr().add(r * nb);
@@ -583,32 +584,19 @@ mod x86 {
         let xq = x.qs.as_ptr();
         let (xd, xs) = (x.d.as_ptr(), x.s.as_ptr());
         let mut av = _mm256_setzero_ps();
-        for g in 0..groups {
+        for g in 0..nb / LANES {
             let b0 = g * LANES;
             let mut v = [_mm256_setzero_si256(); 8];
             for (k, vk) in v.iter_mut().enumerate() {
                 *vk = block_lanes16(kind, wq.add((b0 + k) * ql), xq.add((b0 + k) * QBLOCK));
             }
             let fi = _mm256_cvtepi32_ps(hsum8(v));
-            let xdv = _mm256_loadu_ps(xd.add(b0));
-            let wdv = _mm256_loadu_ps(wd.add(b0));
-            let term = match kind {
-                QKind::Q4 => {
-                    let wmv = _mm256_loadu_ps(wm.add(b0));
-                    let xsv = _mm256_loadu_ps(xs.add(b0));
-                    _mm256_mul_ps(xdv, _mm256_add_ps(_mm256_mul_ps(wdv, fi), _mm256_mul_ps(wmv, xsv)))
-                }
-                QKind::Q8 => _mm256_mul_ps(_mm256_mul_ps(xdv, wdv), fi),
-            };
-            av = _mm256_add_ps(av, term);
+            av = _mm256_add_ps(
+                av,
+                group_term(kind, fi, (wd.add(b0), wm.add(b0)), (xd.add(b0), xs.add(b0))),
+            );
         }
-        _mm256_storeu_ps(acc.as_mut_ptr(), av);
-        for b in groups * LANES..nb {
-            let wb = r * nb + b;
-            let i = block_dot_scalar(kind, w, wb, x, b);
-            acc[b % LANES] += block_term(kind, w, wb, x, b, i);
-        }
-        lanes_sum(&acc)
+        finish_row(w, x, r, av)
     }
 
     /// Rows `r0..r0 + y.len()` of `w` times int16 `x` with the AVX2 kernel.
