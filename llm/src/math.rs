@@ -521,8 +521,9 @@ impl QMatrix {
         self.matvec_batch_int16(x, 1, y, threads)
     }
 
-    /// [`QMatrix::matvec_int16`] for `n` vectors in one pass over the blocks; each output equals what
-    /// `matvec_int16` gives for its vector alone (same kernel per row).
+    /// [`QMatrix::matvec_int16`] for `n` vectors in one pass over the blocks, each weight block widened once
+    /// for all of them ([`int8::rows_int16_multi`]); each output equals what `matvec_int16` gives for its
+    /// vector alone.
     pub fn matvec_batch_int16(&self, x: &[f32], n: usize, y: &mut [f32], threads: usize) {
         assert_eq!(x.len(), n * self.cols, "matvec_batch: input length");
         assert_eq!(y.len(), n * self.rows, "matvec_batch: output length");
@@ -546,10 +547,7 @@ impl QMatrix {
             return;
         }
         batch_rows(n, self.rows, y, threads, |base, out| {
-            let rlen = out.len() / n;
-            for (t, o) in out.chunks_exact_mut(rlen).enumerate() {
-                int8::rows_int16(self, &xq[t], base, o, isa);
-            }
+            int8::rows_int16_multi(self, &xq, base, out, isa)
         });
     }
 }

@@ -429,12 +429,73 @@ mod x86 {
         acc
     }
 
-    /// Row `r` of `w` times `x`, bit for bit [`row_dot_scalar`].
+    /// One kernel's block product in two halves: what a weight block unpacks to (done once per block for
+    /// all the vectors of a batched step), and its eight lanes of exact integer partial sums with one
+    /// activation block (their total is the block's dot product).
+    trait Kernel {
+        /// The activations' integer type.
+        type X: QInt;
+        /// # Safety
+        /// `wq` must point to one block of quants of `kind`; the CPU must run the kernel.
+        unsafe fn unpack(kind: QKind, wq: *const u8) -> (__m256i, __m256i);
+        /// # Safety
+        /// `xq` must point to one block of activations (32 values); the CPU must run the kernel.
+        unsafe fn dot(kind: QKind, w: (__m256i, __m256i), xq: *const Self::X) -> __m256i;
+    }
+
+    /// int8 activations: AVX2 `vpmaddubsw`, or AVX-512 VNNI `vpdpbusd` when `VNNI`.
+    struct Int8<const VNNI: bool>;
+
+    impl<const VNNI: bool> Kernel for Int8<VNNI> {
+        type X = i8;
+        #[inline(always)]
+        unsafe fn unpack(kind: QKind, wq: *const u8) -> (__m256i, __m256i) {
+            unpack(kind, wq)
+        }
+        #[inline(always)]
+        unsafe fn dot(kind: QKind, w: (__m256i, __m256i), xq: *const i8) -> __m256i {
+            dot_lanes::<VNNI>(kind, w, xq as *const u8)
+        }
+    }
+
+    /// int16 activations: AVX2 `vpmaddwd` on the weights widened to i16.
+    struct Int16;
+
+    impl Kernel for Int16 {
+        type X = i16;
+        #[inline(always)]
+        unsafe fn unpack(kind: QKind, wq: *const u8) -> (__m256i, __m256i) {
+            match kind {
+                QKind::Q4 => {
+                    let v = _mm_loadu_si128(wq as *const __m128i);
+                    let m4 = _mm_set1_epi8(0x0F);
+                    (
+                        _mm256_cvtepu8_epi16(_mm_and_si128(v, m4)),
+                        _mm256_cvtepu8_epi16(_mm_and_si128(_mm_srli_epi16(v, 4), m4)),
+                    )
+                }
+                QKind::Q8 => (
+                    _mm256_cvtepi8_epi16(_mm_loadu_si128(wq as *const __m128i)),
+                    _mm256_cvtepi8_epi16(_mm_loadu_si128(wq.add(16) as *const __m128i)),
+                ),
+            }
+        }
+        #[inline(always)]
+        unsafe fn dot(_kind: QKind, (w0, w1): (__m256i, __m256i), xq: *const i16) -> __m256i {
+            let x0 = _mm256_loadu_si256(xq as *const __m256i);
+            let x1 = _mm256_loadu_si256(xq.add(16) as *const __m256i);
+            // Pairs of i16 products are at most 2·128·32767 < 2³¹ and a block's sum 32·128·32767 < 2³¹:
+            // exact.
+            _mm256_add_epi32(_mm256_madd_epi16(w0, x0), _mm256_madd_epi16(w1, x1))
+        }
+    }
+
+    /// Row `r` of `w` times `x` with kernel `K`, bit for bit [`row_dot_scalar`].
     ///
     /// # Safety
-    /// `r < w.rows`, `x.len() == w.cols`; the CPU must support AVX2 (and AVX-512 VNNI + VL when `VNNI`).
+    /// `r < w.rows`, `x.len() == w.cols`; the CPU must run `K`.
     #[inline(always)]
-    unsafe fn row_dot<const VNNI: bool>(w: &QMatrix, x: &Q8Vec, r: usize) -> f32 {
+    unsafe fn row_dot<K: Kernel>(w: &QMatrix, x: &QVec<K::X>, r: usize) -> f32 {
         let kind = w.kind;
         let nb = w.cols / QBLOCK;
         let ql = w.qlen();
@@ -447,14 +508,14 @@ mod x86 {
         } else {
             wd
         };
-        let xq = x.qs.as_ptr() as *const u8;
+        let xq = x.qs.as_ptr();
         let (xd, xs) = (x.d.as_ptr(), x.s.as_ptr());
         let mut av = _mm256_setzero_ps();
         for g in 0..nb / LANES {
             let b0 = g * LANES;
             let mut v = [_mm256_setzero_si256(); 8];
             for (k, vk) in v.iter_mut().enumerate() {
-                *vk = dot_lanes::<VNNI>(kind, unpack(kind, wq.add((b0 + k) * ql)), xq.add((b0 + k) * QBLOCK));
+                *vk = K::dot(kind, K::unpack(kind, wq.add((b0 + k) * ql)), xq.add((b0 + k) * QBLOCK));
             }
             let fi = _mm256_cvtepi32_ps(hsum8(v));
             av = _mm256_add_ps(
@@ -465,17 +526,17 @@ mod x86 {
         finish_row(w, x, r, av)
     }
 
-    /// Rows `r0..r0 + rlen` of `w` times each of `xs` into `out` (`[xs.len()][rlen]`), every output bit for
-    /// bit what [`row_dot`] gives for its vector alone: a group of eight weight blocks is loaded and unpacked
-    /// once and then dotted with every vector (the batched decode step), where [`row_dot`] unpacks it again
-    /// for each vector. The integer block sums are exact, and each vector's float arithmetic is `row_dot`'s,
-    /// in the same order.
+    /// Rows `r0..r0 + rlen` of `w` times each of `xs` into `out` (`[xs.len()][rlen]`) with kernel `K`, every
+    /// output bit for bit what [`row_dot`] gives for its vector alone: a group of eight weight blocks is
+    /// loaded and unpacked once and then dotted with every vector (the batched decode step), where
+    /// [`row_dot`] unpacks it again for each vector. The integer block sums are exact, and each vector's
+    /// float arithmetic is `row_dot`'s, in the same order.
     ///
     /// # Safety
-    /// `r0 + rlen <= w.rows` with `rlen = out.len() / xs.len()`, every `x.len() == w.cols`; the CPU must
-    /// support AVX2 (and AVX-512 VNNI + VL when `VNNI`).
+    /// `r0 + rlen <= w.rows` with `rlen = out.len() / xs.len()`, every `x.len() == w.cols`; the CPU must run
+    /// `K`.
     #[inline(always)]
-    unsafe fn rows_multi<const VNNI: bool>(w: &QMatrix, xs: &[Q8Vec], r0: usize, out: &mut [f32]) {
+    unsafe fn rows_multi<K: Kernel>(w: &QMatrix, xs: &[QVec<K::X>], r0: usize, out: &mut [f32]) {
         let n = xs.len();
         let rlen = out.len() / n;
         let kind = w.kind;
@@ -497,13 +558,13 @@ mod x86 {
                 let b0 = g * LANES;
                 let mut wu = [(_mm256_setzero_si256(), _mm256_setzero_si256()); 8];
                 for (k, u) in wu.iter_mut().enumerate() {
-                    *u = unpack(kind, wq.add((b0 + k) * ql));
+                    *u = K::unpack(kind, wq.add((b0 + k) * ql));
                 }
                 for (x, a) in xs.iter().zip(av.iter_mut()) {
-                    let xq = x.qs.as_ptr() as *const u8;
+                    let xq = x.qs.as_ptr();
                     let mut v = [_mm256_setzero_si256(); 8];
                     for (k, vk) in v.iter_mut().enumerate() {
-                        *vk = dot_lanes::<VNNI>(kind, wu[k], xq.add((b0 + k) * QBLOCK));
+                        *vk = K::dot(kind, wu[k], xq.add((b0 + k) * QBLOCK));
                     }
                     let fi = _mm256_cvtepi32_ps(hsum8(v));
                     let (xd, xsum) = (x.d.as_ptr().add(b0), x.s.as_ptr().add(b0));
@@ -524,7 +585,7 @@ mod x86 {
     pub(super) unsafe fn rows_multi_avx2(w: &QMatrix, xs: &[Q8Vec], r0: usize, out: &mut [f32]) {
         check_multi(w, xs, r0, out);
         // SAFETY: shapes checked just above; the caller guarantees AVX2.
-        unsafe { rows_multi::<false>(w, xs, r0, out) }
+        unsafe { rows_multi::<Int8<false>>(w, xs, r0, out) }
     }
 
     /// [`rows_multi`] with the AVX-512 VNNI kernel.
@@ -535,68 +596,7 @@ mod x86 {
     pub(super) unsafe fn rows_multi_vnni(w: &QMatrix, xs: &[Q8Vec], r0: usize, out: &mut [f32]) {
         check_multi(w, xs, r0, out);
         // SAFETY: shapes checked just above; the caller guarantees the CPU features.
-        unsafe { rows_multi::<true>(w, xs, r0, out) }
-    }
-
-    /// Eight lanes of partial sums of the weight block at `wq` times the int16 activation block at `xq`.
-    ///
-    /// # Safety
-    /// `wq` must point to one block of quants of `kind`, `xq` to 32 readable `i16`; the CPU must support AVX2.
-    #[inline(always)]
-    unsafe fn block_lanes16(kind: QKind, wq: *const u8, xq: *const i16) -> __m256i {
-        let x0 = _mm256_loadu_si256(xq as *const __m256i);
-        let x1 = _mm256_loadu_si256(xq.add(16) as *const __m256i);
-        let (w0, w1) = match kind {
-            QKind::Q4 => {
-                let v = _mm_loadu_si128(wq as *const __m128i);
-                let m4 = _mm_set1_epi8(0x0F);
-                (
-                    _mm256_cvtepu8_epi16(_mm_and_si128(v, m4)),
-                    _mm256_cvtepu8_epi16(_mm_and_si128(_mm_srli_epi16(v, 4), m4)),
-                )
-            }
-            QKind::Q8 => (
-                _mm256_cvtepi8_epi16(_mm_loadu_si128(wq as *const __m128i)),
-                _mm256_cvtepi8_epi16(_mm_loadu_si128(wq.add(16) as *const __m128i)),
-            ),
-        };
-        // Pairs of i16 products are at most 2·128·32767 < 2³¹ and a block's sum 32·128·32767 < 2³¹: exact.
-        _mm256_add_epi32(_mm256_madd_epi16(w0, x0), _mm256_madd_epi16(w1, x1))
-    }
-
-    /// Row `r` of `w` times int16 `x`, bit for bit [`row_dot_scalar`].
-    ///
-    /// # Safety
-    /// `r < w.rows`, `x.len() == w.cols`; the CPU must support AVX2.
-    #[inline(always)]
-    unsafe fn row_dot16(w: &QMatrix, x: &Q16Vec, r: usize) -> f32 {
-        let kind = w.kind;
-        let nb = w.cols / QBLOCK;
-        let ql = w.qlen();
-        // As in `row_dot`: every pointer stays inside row r's blocks and x's nb blocks.
-        let wq = w.qs.as_ptr().add(r * nb * ql);
-        let wd = w.d.as_ptr().add(r * nb);
-        let wm = if kind == QKind::Q4 {
-            w.m.as_ptr().add(r * nb)
-        } else {
-            wd
-        };
-        let xq = x.qs.as_ptr();
-        let (xd, xs) = (x.d.as_ptr(), x.s.as_ptr());
-        let mut av = _mm256_setzero_ps();
-        for g in 0..nb / LANES {
-            let b0 = g * LANES;
-            let mut v = [_mm256_setzero_si256(); 8];
-            for (k, vk) in v.iter_mut().enumerate() {
-                *vk = block_lanes16(kind, wq.add((b0 + k) * ql), xq.add((b0 + k) * QBLOCK));
-            }
-            let fi = _mm256_cvtepi32_ps(hsum8(v));
-            av = _mm256_add_ps(
-                av,
-                group_term(kind, fi, (wd.add(b0), wm.add(b0)), (xd.add(b0), xs.add(b0))),
-            );
-        }
-        finish_row(w, x, r, av)
+        unsafe { rows_multi::<Int8<true>>(w, xs, r0, out) }
     }
 
     /// Rows `r0..r0 + y.len()` of `w` times int16 `x` with the AVX2 kernel.
@@ -608,8 +608,19 @@ mod x86 {
         assert!(x.len() == w.cols && r0 + y.len() <= w.rows, "rows16_avx2: shapes");
         for (i, o) in y.iter_mut().enumerate() {
             // SAFETY: the row exists and `x` has `w.cols` values (asserted above); the caller guarantees AVX2.
-            *o = unsafe { row_dot16(w, x, r0 + i) };
+            *o = unsafe { row_dot::<Int16>(w, x, r0 + i) };
         }
+    }
+
+    /// [`rows_multi`] with the int16 AVX2 kernel.
+    ///
+    /// # Safety
+    /// The CPU must support AVX2.
+    #[target_feature(enable = "avx2")]
+    pub(super) unsafe fn rows16_multi_avx2(w: &QMatrix, xs: &[Q16Vec], r0: usize, out: &mut [f32]) {
+        check_multi(w, xs, r0, out);
+        // SAFETY: shapes checked just above; the caller guarantees AVX2.
+        unsafe { rows_multi::<Int16>(w, xs, r0, out) }
     }
 
     /// Rows `r0..r0 + y.len()` with the AVX2 kernel.
@@ -621,7 +632,7 @@ mod x86 {
         assert!(x.len() == w.cols && r0 + y.len() <= w.rows, "rows_avx2: shapes");
         for (i, o) in y.iter_mut().enumerate() {
             // SAFETY: the row exists and `x` has `w.cols` values (asserted above); the caller guarantees AVX2.
-            *o = unsafe { row_dot::<false>(w, x, r0 + i) };
+            *o = unsafe { row_dot::<Int8<false>>(w, x, r0 + i) };
         }
     }
 
@@ -635,7 +646,7 @@ mod x86 {
         for (i, o) in y.iter_mut().enumerate() {
             // SAFETY: the row exists and `x` has `w.cols` values (asserted above); the caller guarantees the
             // CPU features.
-            *o = unsafe { row_dot::<true>(w, x, r0 + i) };
+            *o = unsafe { row_dot::<Int8<true>>(w, x, r0 + i) };
         }
     }
 }
@@ -659,17 +670,17 @@ pub fn rows_int8(w: &QMatrix, x: &Q8Vec, r0: usize, y: &mut [f32], isa: Isa) {
     }
 }
 
-/// The shapes [`rows_int8_multi`]'s kernels rely on (asserted: a wrong call panics, never reads out of
+/// The shapes [`rows_int8_multi`]'s and [`rows_int16_multi`]'s kernels rely on (asserted: a wrong call panics, never reads out of
 /// bounds).
-fn check_multi(w: &QMatrix, xs: &[Q8Vec], r0: usize, out: &[f32]) {
+fn check_multi<T: QInt>(w: &QMatrix, xs: &[QVec<T>], r0: usize, out: &[f32]) {
     assert!(
         !xs.is_empty() && out.len() % xs.len() == 0,
-        "rows_int8_multi: output is not [n][rows]"
+        "rows_int*_multi: output is not [n][rows]"
     );
-    assert!(xs.iter().all(|x| x.len() == w.cols), "rows_int8_multi: input length");
+    assert!(xs.iter().all(|x| x.len() == w.cols), "rows_int*_multi: input length");
     assert!(
         r0 + out.len() / xs.len() <= w.rows,
-        "rows_int8_multi: rows past the matrix"
+        "rows_int*_multi: rows past the matrix"
     );
 }
 
@@ -705,6 +716,22 @@ pub fn rows_int16(w: &QMatrix, x: &Q16Vec, r0: usize, y: &mut [f32], isa: Isa) {
     let _ = isa;
     for (i, o) in y.iter_mut().enumerate() {
         *o = row_dot_scalar(w, x, r0 + i);
+    }
+}
+
+/// `out[t][i] = row (r0 + i) of w · xs[t]` (`out` is `[xs.len()][rows]`) for int16 activations with kernel
+/// `isa`, each output bit for bit what [`rows_int16`] gives for its vector alone; the AVX2 kernel widens
+/// each weight block to i16 once for all the vectors.
+pub fn rows_int16_multi(w: &QMatrix, xs: &[Q16Vec], r0: usize, out: &mut [f32], isa: Isa) {
+    check_multi(w, xs, r0, out);
+    #[cfg(target_arch = "x86_64")]
+    if isa == Isa::Avx2 && isa.supported() {
+        // SAFETY: `supported()` checked AVX2, the kernel's only requirement.
+        return unsafe { x86::rows16_multi_avx2(w, xs, r0, out) };
+    }
+    let rlen = out.len() / xs.len();
+    for (x, o) in xs.iter().zip(out.chunks_exact_mut(rlen)) {
+        rows_int16(w, x, r0, o, isa);
     }
 }
 
@@ -767,9 +794,9 @@ mod tests {
 
     const TYPES: [GgmlType; 3] = [GgmlType::Q4_0, GgmlType::Q4_1, GgmlType::Q8_0];
 
-    /// The multi-vector kernels (weights unpacked once for every vector) give, for each vector, bit for bit
-    /// the portable single-vector kernel's result: every type, block counts with and without tails, batches
-    /// of 1-5 vectors, a row offset.
+    /// The multi-vector kernels, int8 and int16 (weights unpacked once for every vector), give, for each
+    /// vector, bit for bit the portable single-vector kernel's result: every type, block counts with and without
+    /// tails, batches of 1-5 vectors, a row offset.
     #[test]
     fn multi_vector_kernels_equal_the_single_vector_kernel_bit_for_bit() {
         let isas: Vec<Isa> = [Isa::Scalar, Isa::Avx2, Isa::Avx512Vnni]
@@ -798,6 +825,20 @@ mod tests {
                         rows_int8_multi(&w, &xs, r0, &mut out, isa);
                         let got: Vec<u32> = out.iter().map(|v| v.to_bits()).collect();
                         assert_eq!(got, want, "{ty} nb {nb} n {n} {isa:?}");
+                    }
+                    // The int16 path: its multi-vector kernel against the portable single-vector one.
+                    let xs16: Vec<Q16Vec> = (0..n)
+                        .map(|t| Q16Vec::quantize(&random_x(nb * QBLOCK, (nb * 10 + t) as u64)).unwrap())
+                        .collect();
+                    let want16: Vec<u32> = xs16
+                        .iter()
+                        .flat_map(|x| run16(Isa::Scalar, &w, x)[r0..r0 + rlen].to_vec())
+                        .collect();
+                    for isa in [Isa::Scalar, Isa::Avx2].into_iter().filter(|i| i.supported()) {
+                        let mut out = vec![f32::NAN; n * rlen];
+                        rows_int16_multi(&w, &xs16, r0, &mut out, isa);
+                        let got: Vec<u32> = out.iter().map(|v| v.to_bits()).collect();
+                        assert_eq!(got, want16, "int16 {ty} nb {nb} n {n} {isa:?}");
                     }
                 }
             }
