@@ -107,16 +107,11 @@ pub trait Compute {
         hidden: usize,
         out: &mut Self::Act,
     ) -> Result<()>;
-    /// `out[t, :] = W · x[t, :]` for `n` rows. `batched_decode`: the rows are one decode step of `n`
-    /// distinct sequences (each row's result must not depend on the others).
-    fn linear(
-        &self,
-        w: &Self::Weight,
-        x: &Self::Act,
-        n: usize,
-        out: &mut Self::Act,
-        batched_decode: bool,
-    ) -> Result<()>;
+    /// `out[t, :] = W · x[t, :]` for `n` rows. The first `decode_rows` rows are the one token each of
+    /// that many distinct sequences (a decode step, batched): each of their results must be what that
+    /// sequence's row alone gives, whatever else shares the step. The other rows are prefill (several
+    /// consecutive positions of a sequence). A step can mix both: decodes first, then prefill chunks.
+    fn linear(&self, w: &Self::Weight, x: &Self::Act, n: usize, out: &mut Self::Act, decode_rows: usize) -> Result<()>;
     /// Prepares a step over `rows`.
     fn begin_step(&self, rope: &Rope, rows: &StepRows) -> Result<Self::Step>;
     /// Rotates the q and k heads of every row of `qkv` and writes each row's keys and values at its position
@@ -302,11 +297,25 @@ impl Compute for Cpu {
         Ok(())
     }
 
-    fn linear(&self, w: &Weight, x: &[f32], n: usize, out: &mut [f32], batched_decode: bool) -> Result<()> {
-        if batched_decode {
-            w.matvec_batch_path(x, n, out, self.threads, self.decode_path)
-        } else {
-            w.linear_path(x, n, out, self.threads, self.decode_path)
+    fn linear(&self, w: &Weight, x: &[f32], n: usize, out: &mut [f32], decode_rows: usize) -> Result<()> {
+        let (k, m) = (w.cols(), w.rows());
+        if x.len() != n * k || out.len() != n * m || decode_rows > n {
+            return Err(EngineError::Config(format!(
+                "linear: {} inputs and {} outputs for {n} rows ({decode_rows} decode) of a {m}×{k} weight",
+                x.len(),
+                out.len()
+            )));
+        }
+        // The decode rows go through the batched product (each row bit for bit its solo product), the
+        // prefill rows after them through the blocked one: two passes over the weights in a mixed step,
+        // the second mostly from cache.
+        let (xd, xp) = x.split_at(decode_rows * k);
+        let (yd, yp) = out.split_at_mut(decode_rows * m);
+        if decode_rows > 0 {
+            w.matvec_batch_path(xd, decode_rows, yd, self.threads, self.decode_path);
+        }
+        if n > decode_rows {
+            w.linear_path(xp, n - decode_rows, yp, self.threads, self.decode_path);
         }
         Ok(())
     }
@@ -449,8 +458,8 @@ pub struct ColumnParallel<B: Compute> {
 
 impl<B: Compute> ColumnParallel<B> {
     /// `out = W_local · x` for `n` rows.
-    pub fn forward(&self, b: &B, x: &B::Act, n: usize, out: &mut B::Act, batched_decode: bool) -> Result<()> {
-        b.linear(&self.w, x, n, out, batched_decode)
+    pub fn forward(&self, b: &B, x: &B::Act, n: usize, out: &mut B::Act, decode_rows: usize) -> Result<()> {
+        b.linear(&self.w, x, n, out, decode_rows)
     }
 }
 
@@ -463,16 +472,8 @@ pub struct RowParallel<B: Compute> {
 
 impl<B: Compute> RowParallel<B> {
     /// `out = Σ_ranks W_local · x_local` for `n` rows.
-    pub fn forward(
-        &self,
-        b: &B,
-        x: &B::Act,
-        n: usize,
-        out: &mut B::Act,
-        batched_decode: bool,
-        tp: &B::Tp,
-    ) -> Result<()> {
-        b.linear(&self.w, x, n, out, batched_decode)?;
+    pub fn forward(&self, b: &B, x: &B::Act, n: usize, out: &mut B::Act, decode_rows: usize, tp: &B::Tp) -> Result<()> {
+        b.linear(&self.w, x, n, out, decode_rows)?;
         b.all_reduce_sum(tp, out)
     }
 }

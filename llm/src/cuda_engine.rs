@@ -440,7 +440,7 @@ impl Compute for Cuda {
         x: &CudaSlice<f32>,
         n: usize,
         out: &mut CudaSlice<f32>,
-        _batched_decode: bool,
+        _decode_rows: usize,
     ) -> Result<()> {
         // cuBLAS computes each output column independently of the others: batching changes no row's result
         // beyond what the chosen GEMM algorithm does, which is why there is one path here.

@@ -591,10 +591,13 @@ impl<B: Compute> RankModel<B> {
     /// whose cache is `segs[s].1`, at its next positions. The matrix products run over all rows together, so
     /// the weights are read once per step; attention reads each sequence's own cache.
     ///
-    /// When every segment is one row (a decode step) the products use [`Weight::matvec_batch`] (on the CPU
-    /// backend), whose result for each row is bit for bit what a step of that sequence alone computes:
-    /// batching changes no token. Segments of several rows (prefill) go through the blocked product of
-    /// [`Weight::linear`]. Nothing is written to any cache when one of them would overflow.
+    /// The one-row segments at the front of `segs` (the decode tokens of a step) go through
+    /// [`Weight::matvec_batch`] (on the CPU backend), whose result for each row is bit for bit what a step of
+    /// that sequence alone computes: batching changes no token. The segments after them (prefill chunks)
+    /// go through the blocked product of [`Weight::linear`], in the same step: a server step that decodes
+    /// some sequences and prefills others is one call, and each sequence's rows compute as they would
+    /// without the others. A lone one-row segment takes the solo decode product. Nothing is written to any
+    /// cache when one of them would overflow.
     ///
     /// This is the model, written once for every [`Compute`] backend: the tensor-parallel layers
     /// ([`ColumnParallel`], [`RowParallel`]) run their own collectives.
@@ -618,7 +621,8 @@ impl<B: Compute> RankModel<B> {
                 )));
             }
         }
-        let decode = segs.len() > 1 && segs.iter().all(|s| s.0 == 1);
+        let lead = segs.iter().take_while(|s| s.0 == 1).count();
+        let decode = if segs.len() == 1 { 0 } else { lead };
         let eps = cfg.rms_norm_eps as f32;
         let d = AttnDims {
             q_heads: self.heads.q_heads.len(),

@@ -109,6 +109,113 @@ fn batched_step_logits_equal_solo_bit_for_bit() {
     assert!(small.is_empty());
 }
 
+/// A server step that decodes some sequences and prefills others in the same pass (decodes first, then
+/// prompt chunks): every decoding sequence gets bit for bit its solo logits, and a prefill chunk gets what
+/// it gets in a step of its own; the caches advance as in separate steps, so later steps agree too.
+#[test]
+fn a_step_mixing_decodes_and_prefill_chunks_equals_separate_steps_bit_for_bit() {
+    let src = model::tiny_random(5);
+    let model = RankModel::load(&*src, RankPlace::single(1), &mut |_, _| {}).unwrap();
+    let rank = Rank::new(model, Box::new(SingleComm), Box::new(SingleComm)).unwrap();
+    let ps = prompts(256, 6);
+    let bits = |l: &[f32]| l.iter().map(|v| v.to_bits()).collect::<Vec<u32>>();
+    // Reference: sequences 0..3 prefilled then decoded alone; sequence 4's prompt in two chunks alone;
+    // sequence 5 prefilled alone.
+    let decode_refs: Vec<(Vec<f32>, Vec<f32>)> = ps[..4]
+        .iter()
+        .map(|p| {
+            let mut c = rank.model().new_cache(64);
+            let l0 = rank.step(&mut [(p.as_slice(), &mut c)]).unwrap().unwrap().remove(0);
+            let t = [nccl_llm::sample::argmax(&l0)];
+            let l1 = rank.step(&mut [(&t[..], &mut c)]).unwrap().unwrap().remove(0);
+            (l0, l1)
+        })
+        .collect();
+    let long: Vec<u32> = (0..12).map(|j| (j * 13 + 5) % 256).collect();
+    let (head, tail) = long.split_at(5);
+    let mut c4 = rank.model().new_cache(64);
+    rank.step(&mut [(head, &mut c4)]).unwrap();
+    let want_tail = rank.step(&mut [(tail, &mut c4)]).unwrap().unwrap().remove(0);
+    let mut c5 = rank.model().new_cache(64);
+    let want_p5 = rank
+        .step(&mut [(ps[5].as_slice(), &mut c5)])
+        .unwrap()
+        .unwrap()
+        .remove(0);
+
+    // Mixed: prefill 0..3 and the head of the long prompt, then one step with the four decodes, the long
+    // prompt's second chunk and sequence 5's whole prompt.
+    let mut caches: Vec<_> = (0..4).map(|_| rank.model().new_cache(64)).collect();
+    let mut toks = Vec::new();
+    for (p, c) in ps[..4].iter().zip(caches.iter_mut()) {
+        let l = rank.step(&mut [(p.as_slice(), c)]).unwrap().unwrap().remove(0);
+        toks.push([nccl_llm::sample::argmax(&l)]);
+    }
+    let mut m4 = rank.model().new_cache(64);
+    rank.step(&mut [(head, &mut m4)]).unwrap();
+    let mut m5 = rank.model().new_cache(64);
+    let mut segs: Vec<(&[u32], &mut _)> = toks.iter().map(|t| &t[..]).zip(caches.iter_mut()).collect();
+    segs.push((tail, &mut m4));
+    segs.push((ps[5].as_slice(), &mut m5));
+    let got = rank.step(&mut segs).unwrap().unwrap();
+    assert_eq!(got.len(), 6);
+    for (i, (_, want)) in decode_refs.iter().enumerate() {
+        assert!(
+            bits(&got[i]) == bits(want),
+            "decoding sequence {i}: mixed-step logits differ from solo"
+        );
+    }
+    assert!(
+        bits(&got[4]) == bits(&want_tail),
+        "prefill chunk: mixed-step logits differ from its own step"
+    );
+    assert!(
+        bits(&got[5]) == bits(&want_p5),
+        "whole prompt: mixed-step logits differ from its own step"
+    );
+    // The caches moved on as in separate steps: the next decode of the long prompt agrees too.
+    let t = [nccl_llm::sample::argmax(&want_tail)];
+    let a = rank.step(&mut [(&t[..], &mut c4)]).unwrap().unwrap().remove(0);
+    let b = rank.step(&mut [(&t[..], &mut m4)]).unwrap().unwrap().remove(0);
+    assert!(bits(&a) == bits(&b), "the cache after a mixed step differs");
+}
+
+/// A burst of short prompts is prefilled in one step (up to `prefill_chunk` prompt tokens over all of
+/// them), not one prompt per step: 8 requests (prompts of 1 to 8 tokens, 6 tokens generated each) need at
+/// most 6 decode steps (the first step may hold only the one request that woke the leader; the step delay
+/// gives the other seven time to queue). Prefilling one prompt per step took 12, each new arrival's
+/// prefill step followed by one more decode step.
+#[test]
+fn a_burst_of_prompts_is_prefilled_together() {
+    let src: Arc<dyn WeightSource> = Arc::from(model::tiny_random(0));
+    let n_tokens = 6;
+    let ps = prompts(256, 8);
+    let want: Vec<Vec<u32>> = ps
+        .iter()
+        .map(|p| solo(&*src, Layout { tp: 1, pp: 1 }, p, n_tokens))
+        .collect();
+    let pool = Pool::start(
+        src,
+        PoolConfig {
+            prefill_chunk: 64,
+            step_delay: Duration::from_millis(50),
+            ..PoolConfig::default()
+        },
+    )
+    .unwrap();
+    let reqs: Vec<GenRequest> = ps.iter().map(|p| greedy(p.clone(), n_tokens)).collect();
+    let got = generate_distributed(&pool, reqs, Duration::from_secs(60));
+    for (i, g) in got.into_iter().enumerate() {
+        assert_eq!(g.unwrap().token_ids, want[i], "request {i}");
+    }
+    let steps = pool.metrics.batch_size.count();
+    assert!(
+        steps <= n_tokens as u64,
+        "{steps} decode steps for 8 requests of {n_tokens} tokens: the prompts were not prefilled together"
+    );
+    pool.shutdown();
+}
+
 /// Request `i` of `c` concurrent ones uses prompt `i % distinct` (solo runs load the model each time, so the
 /// real model uses fewer distinct prompts).
 fn check_concurrency(

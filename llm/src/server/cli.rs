@@ -67,7 +67,8 @@ pub struct Args {
     /// KV cache budget per rank, MiB (a request waits until its whole reservation fits).
     #[arg(long, default_value_t = 512)]
     pub kv_budget_mb: usize,
-    /// Most prompt tokens prefilled per step (long prompts are split so decodes keep running).
+    /// Most prompt tokens prefilled per step, over all prefilling requests (long prompts are split so decodes
+    /// keep running).
     #[arg(long, default_value_t = 256)]
     pub prefill_chunk: usize,
     /// Largest request body, KiB (more: 413).

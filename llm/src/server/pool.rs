@@ -8,10 +8,11 @@
 //! 1. admits waiting requests while the batch has room and their whole KV reservation (prompt + max
 //!    tokens) fits the budget (a request never starts and then runs out of memory);
 //! 2. drops sequences whose client went away (their receiver is closed) and frees their caches;
-//! 3. runs at most one prefill chunk of one sequence (`prefill_chunk` tokens), so a long prompt never stalls
-//!    the running decodes for more than one chunk;
-//! 4. runs one decode step for every sequence that has a token to feed: one pass over the weights for all
-//!    of them ([`crate::engine::Rank::step`]).
+//! 3. runs one step, one pass over the weights ([`crate::engine::Rank::step`]): every sequence that has a
+//!    token to feed decodes it, and the prompts still being prefilled, oldest first, add at most
+//!    `prefill_chunk` prompt tokens in all, so a long prompt never stalls the running decodes for more than
+//!    one chunk, and a burst of short prompts is prefilled together instead of one per step (as vLLM's
+//!    chunked prefill with a token budget per step).
 //!
 //! The same step plan goes to every rank of the replica through the communicator, threads or processes alike
 //! (see [`super::ranks`]); the last stage's first rank returns the logits to rank 0 and the leader samples (one seeded [`Sampler`] per sequence, called exactly as
@@ -59,7 +60,7 @@ pub struct PoolConfig {
     pub max_queue: usize,
     /// KV cache budget per rank, in bytes.
     pub kv_budget_bytes: usize,
-    /// Most prompt tokens prefilled in one step.
+    /// Most prompt tokens prefilled in one step, over all the sequences that are prefilling.
     pub prefill_chunk: usize,
     /// A step that takes longer than this marks the replica failed.
     pub step_timeout: Duration,
@@ -713,56 +714,58 @@ fn leader(pool: Arc<Pool>, me: Arc<Replica>, mut ranks: RankSet) {
             )
         };
 
-        // 3. One prefill chunk.
+        // 3. One step, one pass over the weights: every sequence with a token to feed decodes it, and the
+        //    prompts of the sequences still prefilling (in admission order) fill up to `prefill_chunk`
+        //    prompt tokens after them (decodes first: see `RankModel::forward_batch`).
         let mut result = Ok(());
-        let pre = running.iter().position(|s| s.prefilled < s.job.req.prompt.len());
-        let mut free = std::mem::take(&mut to_free);
-        let mut alloc_now = std::mem::take(&mut alloc);
-        if let Some(i) = pre {
-            let s = &running[i];
-            let end = (s.prefilled + pool.cfg.prefill_chunk).min(s.job.req.prompt.len());
-            let chunk = s.job.req.prompt[s.prefilled..end].to_vec();
-            match step(
-                &mut ranks,
-                vec![(s.id, chunk)],
-                std::mem::take(&mut alloc_now),
-                std::mem::take(&mut free),
-            ) {
+        let free = std::mem::take(&mut to_free);
+        let alloc_now = std::mem::take(&mut alloc);
+        let mut segs: Vec<(u64, Vec<u32>)> = Vec::new();
+        // Per segment: the sequence's index in `running`, and where its prompt is prefilled to after this
+        // step (`None`: a decode).
+        let mut fed: Vec<(usize, Option<usize>)> = Vec::new();
+        for (i, s) in running.iter().enumerate() {
+            if !s.finished && s.prefilled == s.job.req.prompt.len() {
+                if let Some(&t) = s.generated.last() {
+                    segs.push((s.id, vec![t]));
+                    fed.push((i, None));
+                }
+            }
+        }
+        let decodes = segs.len();
+        let mut budget = pool.cfg.prefill_chunk;
+        for (i, s) in running.iter().enumerate() {
+            let len = s.job.req.prompt.len();
+            if budget == 0 {
+                break;
+            }
+            if !s.finished && s.prefilled < len {
+                let end = (s.prefilled + budget).min(len);
+                budget -= end - s.prefilled;
+                segs.push((s.id, s.job.req.prompt[s.prefilled..end].to_vec()));
+                fed.push((i, Some(end)));
+            }
+        }
+        if !segs.is_empty() || !free.is_empty() || !alloc_now.is_empty() {
+            if decodes > 0 {
+                pool.metrics.batch_size.observe(decodes as f64);
+            }
+            match step(&mut ranks, segs, alloc_now, free) {
                 Ok(logits) => {
-                    let s = &mut running[i];
-                    s.prefilled = end;
-                    if end == s.job.req.prompt.len() {
-                        accept_token(&pool, s, &logits[0]);
+                    for (&(i, prefill_end), l) in fed.iter().zip(&logits) {
+                        let s = &mut running[i];
+                        match prefill_end {
+                            None => accept_token(&pool, s, l),
+                            Some(end) => {
+                                s.prefilled = end;
+                                if end == s.job.req.prompt.len() {
+                                    accept_token(&pool, s, l);
+                                }
+                            }
+                        }
                     }
                 }
                 Err(e) => result = Err(e),
-            }
-        }
-        // 4. One decode step for every sequence with a token to feed.
-        if result.is_ok() {
-            let ids: Vec<usize> = (0..running.len())
-                .filter(|&i| {
-                    let s = &running[i];
-                    !s.finished && s.prefilled == s.job.req.prompt.len() && !s.generated.is_empty()
-                })
-                .collect();
-            // A sequence whose prefill just ended joins this decode step with its first token.
-            if !ids.is_empty() || !free.is_empty() || !alloc_now.is_empty() {
-                let segs: Vec<(u64, Vec<u32>)> = ids
-                    .iter()
-                    .map(|&i| (running[i].id, vec![*running[i].generated.last().expect("has a token")]))
-                    .collect();
-                if !segs.is_empty() {
-                    pool.metrics.batch_size.observe(segs.len() as f64);
-                }
-                match step(&mut ranks, segs, alloc_now, free) {
-                    Ok(logits) => {
-                        for (k, &i) in ids.iter().enumerate() {
-                            accept_token(&pool, &mut running[i], &logits[k]);
-                        }
-                    }
-                    Err(e) => result = Err(e),
-                }
             }
         }
         if !pool.cfg.step_delay.is_zero() {
