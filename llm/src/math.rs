@@ -571,6 +571,32 @@ impl QMatrix {
         });
     }
 
+    /// Row `r`'s quants as f32 (exact: small integers) in block order (for `Q4` each block's low nibbles,
+    /// then its high ones), into `qf` (`cols` values).
+    #[inline(always)]
+    fn unpack_row_quants(&self, r: usize, qf: &mut [f32]) {
+        let nb = self.cols / QBLOCK;
+        let ql = self.qlen();
+        let qs = &self.qs[r * nb * ql..(r + 1) * nb * ql];
+        match self.kind {
+            QKind::Q4 => {
+                for (qb, q) in qf.chunks_exact_mut(32).zip(qs.chunks_exact(16)) {
+                    let qb: &mut [f32; 32] = qb.try_into().expect("32 values");
+                    let q: &[u8; 16] = q.try_into().expect("16 bytes");
+                    for j in 0..16 {
+                        qb[j] = f32::from(q[j] & 15);
+                        qb[j + 16] = f32::from(q[j] >> 4);
+                    }
+                }
+            }
+            QKind::Q8 => {
+                for (v, &q) in qf.iter_mut().zip(qs) {
+                    *v = f32::from(q as i8);
+                }
+            }
+        }
+    }
+
     /// [`QMatrix::rows_dot`] for `n` vectors (`x`: `[n][cols]`, `xsum`: `[n][blocks]` for `Q4`) into `out`
     /// (`[n][rlen]`, rows `r0..r0 + rlen`). Each row's quants are unpacked to f32 once (exactly: they are
     /// small integers) and then every vector runs the very arithmetic of `rows_dot`, in the same order, so
@@ -584,15 +610,9 @@ impl QMatrix {
         for i in 0..rlen {
             let r = r0 + i;
             let d = &self.d[r * nb..(r + 1) * nb];
+            self.unpack_row_quants(r, &mut qf);
             match self.kind {
                 QKind::Q4 => {
-                    let qs = &self.qs[r * nb * 16..(r + 1) * nb * 16];
-                    for (b, qb) in qf.chunks_exact_mut(32).enumerate() {
-                        for j in 0..16 {
-                            qb[j] = f32::from(qs[b * 16 + j] & 15);
-                            qb[j + 16] = f32::from(qs[b * 16 + j] >> 4);
-                        }
-                    }
                     let m = &self.m[r * nb..(r + 1) * nb];
                     for t in 0..n {
                         let xt = &x[t * cols..(t + 1) * cols];
@@ -614,10 +634,6 @@ impl QMatrix {
                     }
                 }
                 QKind::Q8 => {
-                    let qs = &self.qs[r * nb * 32..(r + 1) * nb * 32];
-                    for (v, &q) in qf.iter_mut().zip(qs) {
-                        *v = f32::from(q as i8);
-                    }
                     for t in 0..n {
                         let xt = &x[t * cols..(t + 1) * cols];
                         let mut acc = [0.0f32; 16];
@@ -637,14 +653,171 @@ impl QMatrix {
         }
     }
 
-    /// [`QMatrix::rows_dot_multi`] compiled for AVX2 + FMA.
+    /// [`QMatrix::rows_dot_multi`] in AVX2, bit for bit: the same unpack, then the vectors two at a time.
+    /// Each vector's 16 lane sums are a chain of one dependent add per block; compiled from the portable
+    /// code, one vector at a time waited on that latency (4 sequences took 6× the time of one). Two
+    /// interleaved vectors overlap their chains. The lane arithmetic is `rows_dot`'s, unfused, in its
+    /// order: `acc_j + d_b·(q_j·x_j + q_{j+16}·x_{j+16})`.
     ///
     /// # Safety
-    /// The CPU must support AVX2 and FMA.
+    /// The CPU must support AVX2.
     #[cfg(target_arch = "x86_64")]
-    #[target_feature(enable = "avx2,fma")]
+    #[target_feature(enable = "avx2")]
     unsafe fn rows_dot_multi_avx2(&self, x: &[f32], xsum: &[f32], n: usize, r0: usize, out: &mut [f32]) {
-        self.rows_dot_multi(x, xsum, n, r0, out)
+        let nb = self.cols / QBLOCK;
+        let cols = self.cols;
+        let rlen = out.len() / n;
+        assert!(
+            x.len() == n * cols && out.len() == n * rlen && r0 + rlen <= self.rows,
+            "rows_dot_multi_avx2: shapes"
+        );
+        assert!(
+            self.kind != QKind::Q4 || xsum.len() == n * nb,
+            "rows_dot_multi_avx2: block sums"
+        );
+        let mut qf = vec![0.0f32; cols];
+        for i in 0..rlen {
+            let r = r0 + i;
+            // SAFETY: the row exists and `qf` holds its cols values (asserted above); the caller guarantees
+            // AVX2.
+            unsafe { self.unpack_row_quants_avx2(r, &mut qf) };
+            let mut t = 0;
+            while t < n {
+                let pair = t + 1 < n;
+                // SAFETY: vectors t and t + 1 (when `pair`) exist, `qf` holds the row's cols values, and the
+                // row exists (asserted above); the caller guarantees AVX2.
+                let (a, b) = unsafe {
+                    if pair {
+                        self.dot2_avx2::<true>(&qf, r, x.as_ptr().add(t * cols), x.as_ptr().add((t + 1) * cols))
+                    } else {
+                        let xa = x.as_ptr().add(t * cols);
+                        self.dot2_avx2::<false>(&qf, r, xa, xa)
+                    }
+                };
+                let (ma, mb) = if self.kind == QKind::Q4 {
+                    let m = &self.m[r * nb..(r + 1) * nb];
+                    let sa = &xsum[t * nb..(t + 1) * nb];
+                    let sb = if pair { &xsum[(t + 1) * nb..(t + 2) * nb] } else { sa };
+                    let (mut ma, mut mb) = (0.0f32, 0.0f32);
+                    for k in 0..nb {
+                        ma += m[k] * sa[k];
+                        mb += m[k] * sb[k];
+                    }
+                    (ma, mb)
+                } else {
+                    (0.0, 0.0)
+                };
+                let fin = |acc: [f32; 16], macc: f32| match self.kind {
+                    QKind::Q4 => acc.iter().sum::<f32>() + macc,
+                    QKind::Q8 => acc.iter().sum::<f32>(),
+                };
+                out[t * rlen + i] = fin(a, ma);
+                if pair {
+                    out[(t + 1) * rlen + i] = fin(b, mb);
+                }
+                t += if pair { 2 } else { 1 };
+            }
+        }
+    }
+
+    /// [`QMatrix::unpack_row_quants`] in AVX2 (the same exact values; the portable loop compiles to one
+    /// scalar conversion per weight, which cost more than the products of four vectors).
+    ///
+    /// # Safety
+    /// `r < rows` and `qf.len() == cols`; the CPU must support AVX2.
+    #[cfg(target_arch = "x86_64")]
+    #[inline(always)]
+    unsafe fn unpack_row_quants_avx2(&self, r: usize, qf: &mut [f32]) {
+        use std::arch::x86_64::*;
+        let nb = self.cols / QBLOCK;
+        let ql = self.qlen();
+        assert!(r < self.rows && qf.len() == self.cols, "unpack_row_quants_avx2: shapes");
+        // Row r's quants are bytes r·nb·ql .. (r + 1)·nb·ql; block k's 32 outputs are qf[32k .. 32k + 32].
+        let qs = self.qs.as_ptr().add(r * nb * ql);
+        let out = qf.as_mut_ptr();
+        // The low 8 bytes of `v` as 8 floats, unsigned or signed.
+        #[inline(always)]
+        unsafe fn widen(v: __m128i, signed: bool) -> __m256 {
+            if signed {
+                _mm256_cvtepi32_ps(_mm256_cvtepi8_epi32(v))
+            } else {
+                _mm256_cvtepi32_ps(_mm256_cvtepu8_epi32(v))
+            }
+        }
+        for k in 0..nb {
+            let o = out.add(k * QBLOCK);
+            match self.kind {
+                QKind::Q4 => {
+                    let v = _mm_loadu_si128(qs.add(k * 16) as *const __m128i);
+                    let m4 = _mm_set1_epi8(0x0F);
+                    let lo = _mm_and_si128(v, m4);
+                    let hi = _mm_and_si128(_mm_srli_epi16(v, 4), m4);
+                    _mm256_storeu_ps(o, widen(lo, false));
+                    _mm256_storeu_ps(o.add(8), widen(_mm_srli_si128(lo, 8), false));
+                    _mm256_storeu_ps(o.add(16), widen(hi, false));
+                    _mm256_storeu_ps(o.add(24), widen(_mm_srli_si128(hi, 8), false));
+                }
+                QKind::Q8 => {
+                    let p = qs.add(k * 32);
+                    for h in 0..4 {
+                        let v = _mm_loadl_epi64(p.add(8 * h) as *const __m128i);
+                        _mm256_storeu_ps(o.add(8 * h), widen(v, true));
+                    }
+                }
+            }
+        }
+    }
+
+    /// Row `r`'s 16 lane sums for vectors `xa` and (when `PAIR`) `xb`, `qf` its unpacked quants.
+    ///
+    /// # Safety
+    /// `qf` holds `cols` values, `xa` and `xb` point to `cols` readable values, `r < rows`; the CPU must
+    /// support AVX2.
+    #[cfg(target_arch = "x86_64")]
+    #[inline(always)]
+    unsafe fn dot2_avx2<const PAIR: bool>(
+        &self,
+        qf: &[f32],
+        r: usize,
+        xa: *const f32,
+        xb: *const f32,
+    ) -> ([f32; 16], [f32; 16]) {
+        use std::arch::x86_64::*;
+        let nb = self.cols / QBLOCK;
+        let d = &self.d[r * nb..(r + 1) * nb];
+        let (mut a0, mut a1) = (_mm256_setzero_ps(), _mm256_setzero_ps());
+        let (mut b0, mut b1) = (_mm256_setzero_ps(), _mm256_setzero_ps());
+        // Lanes 0..8 and 8..16 of a block's sum: q[j]·x[j] + q[j+16]·x[j+16], scaled, then accumulated.
+        #[inline(always)]
+        unsafe fn block(q: *const f32, x: *const f32, dv: __m256, acc: (__m256, __m256)) -> (__m256, __m256) {
+            let s0 = _mm256_add_ps(
+                _mm256_mul_ps(_mm256_loadu_ps(q), _mm256_loadu_ps(x)),
+                _mm256_mul_ps(_mm256_loadu_ps(q.add(16)), _mm256_loadu_ps(x.add(16))),
+            );
+            let s1 = _mm256_add_ps(
+                _mm256_mul_ps(_mm256_loadu_ps(q.add(8)), _mm256_loadu_ps(x.add(8))),
+                _mm256_mul_ps(_mm256_loadu_ps(q.add(24)), _mm256_loadu_ps(x.add(24))),
+            );
+            (
+                _mm256_add_ps(acc.0, _mm256_mul_ps(dv, s0)),
+                _mm256_add_ps(acc.1, _mm256_mul_ps(dv, s1)),
+            )
+        }
+        for (k, &db) in d.iter().enumerate() {
+            let q = qf.as_ptr().add(k * QBLOCK);
+            let dv = _mm256_set1_ps(db);
+            (a0, a1) = block(q, xa.add(k * QBLOCK), dv, (a0, a1));
+            if PAIR {
+                (b0, b1) = block(q, xb.add(k * QBLOCK), dv, (b0, b1));
+            }
+        }
+        let mut a = [0.0f32; 16];
+        let mut b = [0.0f32; 16];
+        _mm256_storeu_ps(a.as_mut_ptr(), a0);
+        _mm256_storeu_ps(a.as_mut_ptr().add(8), a1);
+        _mm256_storeu_ps(b.as_mut_ptr(), b0);
+        _mm256_storeu_ps(b.as_mut_ptr().add(8), b1);
+        (a, b)
     }
 
     fn rows_dot_multi_dispatch(&self, x: &[f32], xsum: &[f32], n: usize, r0: usize, out: &mut [f32]) {
@@ -951,8 +1124,14 @@ mod tests {
     /// f32 and quantized weights, row counts that are not a multiple of the block, serial and parallel.
     #[test]
     fn matvec_batch_equals_matvec_bit_for_bit() {
-        for &(n, rows) in &[(2, 5), (3, 64), (5, 130), (8, 257), (32, 129)] {
-            let cols = 64;
+        for &(n, rows, cols) in &[
+            (2, 5, 64),
+            (3, 64, 96),
+            (5, 130, 64),
+            (8, 257, 288),
+            (32, 129, 64),
+            (1, 7, 96),
+        ] {
             let x = pseudo(n * cols, 3);
             let f = Weight::F32(Matrix::new(rows, cols, pseudo(rows * cols, 4)));
             let mut weights = vec![f];
@@ -971,6 +1150,25 @@ mod tests {
                         let want: Vec<u32> = one.iter().map(|v| v.to_bits()).collect();
                         assert_eq!(got, want, "n {n} rows {rows} vector {t} threads {threads}");
                     }
+                }
+                // The portable multi-vector kernel, which the SIMD one replaces on this CPU, agrees too.
+                if let Weight::Quant(q) = w {
+                    let xsum: Vec<f32> = if q.kind == QKind::Q4 {
+                        x.chunks_exact(QBLOCK).map(|c| c.iter().sum()).collect()
+                    } else {
+                        Vec::new()
+                    };
+                    let (r0, rlen) = (rows / 3, rows - rows / 3);
+                    let mut portable = vec![f32::NAN; n * rlen];
+                    q.rows_dot_multi(&x, &xsum, n, r0, &mut portable);
+                    let mut dispatched = vec![f32::NAN; n * rlen];
+                    q.rows_dot_multi_dispatch(&x, &xsum, n, r0, &mut dispatched);
+                    let bits = |v: &[f32]| v.iter().map(|f| f.to_bits()).collect::<Vec<u32>>();
+                    assert_eq!(
+                        bits(&portable),
+                        bits(&dispatched),
+                        "n {n} rows {rows} cols {cols}: portable"
+                    );
                 }
             }
         }
