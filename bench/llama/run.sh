@@ -6,7 +6,10 @@
 #   LLAMA_BENCH=/work/llamacpp-build/bin/llama-bench bench/llama/run.sh
 #
 # llama.cpp is built OUTSIDE the project (never commit it): the PyPI sdist of llama-cpp-python vendors it:
-#   pip download --no-deps --no-binary :all: llama-cpp-python -d /tmp/lcp && tar xzf /tmp/lcp/*.tar.gz -C /tmp/lcp
+#   (not `pip download --no-binary :all:`, which builds cmake from source just to read the sdist's metadata)
+#   url=$(curl -s https://pypi.org/simple/llama-cpp-python/ | grep -o 'https://[^"#]*llama_cpp_python-0.3.36.tar.gz' | head -1)
+#   mkdir -p /tmp/lcp && curl -sL "$url" | tar xz -C /tmp/lcp
+#   pip install --target /tmp/cmake cmake && export PATH=/tmp/cmake/bin:$PATH PYTHONPATH=/tmp/cmake
 #   cmake -S /tmp/lcp/llama_cpp_python-*/vendor/llama.cpp -B /work/llamacpp-build -DCMAKE_BUILD_TYPE=Release \
 #     -DLLAMA_CURL=OFF -DBUILD_SHARED_LIBS=OFF && cmake --build /work/llamacpp-build --target llama-bench -j2
 #

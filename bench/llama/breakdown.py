@@ -1,0 +1,55 @@
+"""Groups `perf report --sort symbol` output (from bench/llama/breakdown.sh) by what each symbol does and
+prints one Markdown table: the share of samples per group at TP=1 and TP=2, and each run's decode rate."""
+
+import json
+import re
+import sys
+from pathlib import Path
+
+# First match wins; patterns are searched in the symbol name.
+GROUPS = [
+    ("matrix-vector kernels (decode products, LM head)",
+     r"rows_dot|rows_vnni|rows_avx2|rows16|rows_multi|rows_int|QMatrix::matvec|math::matvec|math::dot\b"),
+    ("attention (scores, softmax, values)", r"Compute>::attention|__expf|softmax"),
+    ("RMSNorm", r"rms_norm"),
+    ("RoPE and KV append", r"rope|kv_append"),
+    ("SiLU-mul, residual add", r"silu|residual"),
+    ("all-reduce and rank synchronisation", r"nccl::host|barrier|futex|sched_yield|__schedule|finish_task_switch"),
+    ("sampling, logits gather", r"sample|argmax|logits"),
+    ("load and prefill (dequantize, GEMM, page faults)",
+     r"from_ggml|dequant|gemm|f16_le|page_fault|anonymous_page|handle_mm_fault|clear_page|memcmp|mmap"),
+]
+
+
+def shares(report: Path) -> dict:
+    out = {name: 0.0 for name, _ in GROUPS}
+    out["other (allocation, copies, kernel)"] = 0.0
+    for line in report.read_text().splitlines():
+        m = re.match(r"\s*([0-9.]+)%\s+\[[.k]\]\s+(.*)", line)
+        if not m:
+            continue
+        pct, sym = float(m.group(1)), m.group(2)
+        for name, pat in GROUPS:
+            if re.search(pat, sym):
+                out[name] += pct
+                break
+        else:
+            out["other (allocation, copies, kernel)"] += pct
+    return out
+
+
+def main() -> None:
+    d = Path(sys.argv[1])
+    runs = {}
+    for tp in (1, 2):
+        rate = json.loads((d / f"tp{tp}.json").read_text()).get("decode_tokens_per_s", float("nan"))
+        runs[tp] = (shares(d / f"tp{tp}.txt"), rate)
+    print("| where the samples fall | TP=1, 1 thread | TP=2, 1 thread per rank |")
+    print("|---|---|---|")
+    for name in runs[1][0]:
+        print(f"| {name} | {runs[1][0][name]:.1f} % | {runs[2][0][name]:.1f} % |")
+    print(f"| decode tokens/s in the same run | {runs[1][1]:.1f} | {runs[2][1]:.1f} |")
+
+
+if __name__ == "__main__":
+    main()
