@@ -213,11 +213,41 @@ print(whole)
 
 #[test]
 fn sigterm_drains_the_in_flight_request_then_exits() {
+    sigterm_drain(&[]);
+}
+
+/// The same with the ranks as processes (TP 2): the drain finishes the request, then the server and both
+/// rank processes exit.
+#[test]
+fn sigterm_drains_then_exits_with_ranks_as_processes() {
+    sigterm_drain(&["--tp", "2", "--nprocs", "2"]);
+}
+
+/// The processes `pid` started (`/proc/<pid>/task/*/children`).
+fn children_of(pid: u32) -> Vec<u32> {
+    let mut out = Vec::new();
+    if let Ok(tasks) = std::fs::read_dir(format!("/proc/{pid}/task")) {
+        for t in tasks.flatten() {
+            if let Ok(c) = std::fs::read_to_string(t.path().join("children")) {
+                out.extend(c.split_whitespace().filter_map(|v| v.parse::<u32>().ok()));
+            }
+        }
+    }
+    out
+}
+
+fn sigterm_drain(extra: &[&str]) {
     let Some(exe) = example() else { return };
     if !tool("curl") {
         return;
     }
-    let mut p = spawn(&exe, &["--step-delay-ms", "10"]);
+    let mut args = vec!["--step-delay-ms", "10"];
+    args.extend_from_slice(extra);
+    let mut p = spawn(&exe, &args);
+    let ranks = children_of(p.child.id());
+    if extra.contains(&"--nprocs") {
+        assert!(!ranks.is_empty(), "no rank process found under the server");
+    }
     let url = format!("{}/v1/completions", p.url);
     let body = json!({"model": "tiny-random", "prompt": [1, 2, 3], "max_tokens": 80, "temperature": 0,
                       "ignore_eos": true, "stream": true})
@@ -265,6 +295,17 @@ fn sigterm_drains_the_in_flight_request_then_exits() {
     assert!(status.success(), "exit status {status:?}");
     let (code, _) = curl(&[&health]);
     assert_eq!(code, 0, "nothing listens after the exit");
+    let t0 = Instant::now();
+    while let Some(r) = ranks
+        .iter()
+        .find(|r| std::fs::read_to_string(format!("/proc/{r}/stat")).is_ok_and(|st| !st.contains(") Z ")))
+    {
+        assert!(
+            t0.elapsed() < Duration::from_secs(10),
+            "rank process {r} outlived the server"
+        );
+        std::thread::sleep(Duration::from_millis(20));
+    }
 }
 
 #[test]

@@ -5,6 +5,7 @@ use std::ffi::OsString;
 use std::net::{IpAddr, Ipv4Addr, TcpListener};
 use std::path::PathBuf;
 use std::process::{Child, Command, ExitStatus, Stdio};
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::thread::JoinHandle;
 use std::time::{Duration, Instant};
 
@@ -67,7 +68,10 @@ pub fn spawn_local_if_requested(nprocs: Option<usize>) -> Result<Option<i32>, Bo
         what: "finding the current executable",
         source,
     })?;
-    let outcome = LocalLaunch::new(exe, n).args(std::env::args_os().skip(1)).run()?;
+    let outcome = LocalLaunch::new(exe, n)
+        .args(std::env::args_os().skip(1))
+        .forward_sigterm(true)
+        .run()?;
     Ok(Some(outcome.exit_code()))
 }
 
@@ -93,6 +97,7 @@ pub struct LocalLaunch {
     master_port: Option<u16>,
     capture: bool,
     kill_grace: Duration,
+    forward_sigterm: bool,
 }
 
 /// How one worker ended.
@@ -157,6 +162,7 @@ impl LocalLaunch {
             master_port: None,
             capture: false,
             kill_grace: Duration::from_secs(5),
+            forward_sigterm: false,
         }
     }
 
@@ -190,8 +196,19 @@ impl LocalLaunch {
         self
     }
 
+    /// While [`LocalLaunch::run`] waits, a SIGTERM to this process is passed on to every worker still
+    /// running (as torchrun does) instead of ending the launcher at once: a supervisor that stops the
+    /// launcher's PID gets the workers' own shutdown (a server drains its requests) and then their exit
+    /// code. The previous SIGTERM disposition is restored when `run` returns. Off by default: the handler is
+    /// process-wide, so only a program's own launcher (its main thread) should turn it on.
+    pub fn forward_sigterm(mut self, forward: bool) -> Self {
+        self.forward_sigterm = forward;
+        self
+    }
+
     /// Starts the workers and waits for all of them.
     pub fn run(self) -> Result<LaunchOutcome, BootstrapError> {
+        let _sigterm = self.forward_sigterm.then(SigtermForward::install);
         if self.nprocs == 0 {
             return Err(BootstrapError::InvalidArgument {
                 what: "nprocs",
@@ -290,6 +307,15 @@ impl LocalLaunch {
                     }
                 }
             }
+            if SIGTERM_SEEN.swap(false, Ordering::SeqCst) && self.forward_sigterm {
+                for (rank, child) in children.iter().enumerate() {
+                    if statuses[rank].is_none() {
+                        // SAFETY: kill(2) with a pid of our own child, which has not been waited for (its
+                        // status is unknown), so the pid still names it.
+                        unsafe { libc::kill(child.id() as libc::pid_t, libc::SIGTERM) };
+                    }
+                }
+            }
             if kill_at.is_some_and(|t| Instant::now() >= t) {
                 for (rank, child) in children.iter_mut().enumerate() {
                     if statuses[rank].is_none() {
@@ -324,6 +350,45 @@ impl LocalLaunch {
             first_failure,
             master_port: port,
         })
+    }
+}
+
+/// Set by the SIGTERM handler of [`LocalLaunch::forward_sigterm`]; read by the wait loop.
+static SIGTERM_SEEN: AtomicBool = AtomicBool::new(false);
+
+extern "C" fn on_sigterm(_: libc::c_int) {
+    // Only an atomic store: async-signal-safe.
+    SIGTERM_SEEN.store(true, Ordering::SeqCst);
+}
+
+/// The SIGTERM handler while a launcher waits; the previous disposition comes back on drop.
+struct SigtermForward {
+    old: Option<libc::sigaction>,
+}
+
+impl SigtermForward {
+    fn install() -> Self {
+        SIGTERM_SEEN.store(false, Ordering::SeqCst);
+        // SAFETY: `sigaction` structs are plain data (zeroed is a valid empty mask and no flags); the handler
+        // only performs an atomic store, which is async-signal-safe; `old` receives the previous action.
+        unsafe {
+            let mut new: libc::sigaction = std::mem::zeroed();
+            new.sa_sigaction = on_sigterm as extern "C" fn(libc::c_int) as libc::sighandler_t;
+            new.sa_flags = libc::SA_RESTART;
+            libc::sigemptyset(&mut new.sa_mask);
+            let mut old: libc::sigaction = std::mem::zeroed();
+            let ok = libc::sigaction(libc::SIGTERM, &new, &mut old) == 0;
+            SigtermForward { old: ok.then_some(old) }
+        }
+    }
+}
+
+impl Drop for SigtermForward {
+    fn drop(&mut self) {
+        if let Some(old) = &self.old {
+            // SAFETY: restores the action saved by `install`, a valid sigaction.
+            unsafe { libc::sigaction(libc::SIGTERM, old, std::ptr::null_mut()) };
+        }
     }
 }
 
