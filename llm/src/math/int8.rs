@@ -392,19 +392,32 @@ mod x86 {
         }
     }
 
-    /// Row `r`'s result from its SIMD lanes `av` (the whole groups of eight blocks): the tail blocks on the
-    /// portable kernel, then the lanes' sum.
+    /// Row `r`'s result from its SIMD lanes `av` (the whole groups of eight blocks): the tail blocks (fewer
+    /// than eight; SmolLM2's 576 columns leave two of 18), each block's exact integer dot product by kernel
+    /// `K` and its float term by the portable [`block_term`], then the lanes' sum. The integer sums are
+    /// exact either way, so this is bit for bit the portable kernel; before, the tail's integer products
+    /// ran on the portable loop too, a scalar multiply per weight for a ninth of SmolLM2's blocks.
     ///
     /// # Safety
-    /// The CPU must support AVX2.
+    /// `r < w.rows`, `x.len() == w.cols`; the CPU must run `K`.
     #[inline(always)]
-    unsafe fn finish_row<T: QInt>(w: &QMatrix, x: &QVec<T>, r: usize, av: __m256) -> f32 {
+    unsafe fn finish_row<K: Kernel>(w: &QMatrix, x: &QVec<K::X>, r: usize, av: __m256) -> f32 {
         let nb = w.cols / QBLOCK;
+        let ql = w.qlen();
         let mut acc = [0.0f32; LANES];
         _mm256_storeu_ps(acc.as_mut_ptr(), av);
         for b in nb / LANES * LANES..nb {
             let wb = r * nb + b;
-            let i = block_dot_scalar(w.kind, w, wb, x, b);
+            // Block wb of the quants and block b of x exist (r < rows, b < nb).
+            let v = K::dot(
+                w.kind,
+                K::unpack(w.kind, w.qs.as_ptr().add(wb * ql)),
+                x.qs.as_ptr().add(b * QBLOCK),
+            );
+            let h = _mm_add_epi32(_mm256_castsi256_si128(v), _mm256_extracti128_si256(v, 1));
+            let h = _mm_add_epi32(h, _mm_shuffle_epi32(h, 0b01_00_11_10));
+            let h = _mm_add_epi32(h, _mm_shuffle_epi32(h, 0b10_11_00_01));
+            let i = _mm_cvtsi128_si32(h);
             acc[b % LANES] += block_term(w.kind, w, wb, x, b, i);
         }
         lanes_sum(&acc)
@@ -523,7 +536,7 @@ mod x86 {
                 group_term(kind, fi, (wd.add(b0), wm.add(b0)), (xd.add(b0), xs.add(b0))),
             );
         }
-        finish_row(w, x, r, av)
+        finish_row::<K>(w, x, r, av)
     }
 
     /// Rows `r0..r0 + rlen` of `w` times each of `xs` into `out` (`[xs.len()][rlen]`) with kernel `K`, every
@@ -572,7 +585,7 @@ mod x86 {
                 }
             }
             for (t, (x, &a)) in xs.iter().zip(&av).enumerate() {
-                out[t * rlen + i] = finish_row(w, x, r, a);
+                out[t * rlen + i] = finish_row::<K>(w, x, r, a);
             }
         }
     }
