@@ -822,9 +822,9 @@ impl QMatrix {
 
     fn rows_dot_multi_dispatch(&self, x: &[f32], xsum: &[f32], n: usize, r0: usize, out: &mut [f32]) {
         #[cfg(target_arch = "x86_64")]
-        if std::arch::is_x86_feature_detected!("avx2") && std::arch::is_x86_feature_detected!("fma") {
-            // SAFETY: the CPU supports AVX2 and FMA (checked just above), the only requirement of
-            // `rows_dot_multi_avx2`; the function itself is safe code.
+        if std::arch::is_x86_feature_detected!("avx2") {
+            // SAFETY: the CPU supports AVX2 (checked just above), the caller-side requirement of
+            // `rows_dot_multi_avx2`, which asserts the shapes its pointers rely on.
             unsafe { self.rows_dot_multi_avx2(x, xsum, n, r0, out) };
             return;
         }

@@ -694,26 +694,6 @@ fn leader(pool: Arc<Pool>, me: Arc<Replica>, mut ranks: RankSet) {
         me.running.store(running.len(), Ordering::Relaxed);
         me.kv_used.store(kv_used, Ordering::Relaxed);
 
-        let mut step = |ranks: &mut RankSet, plan_segs: Vec<(u64, Vec<u32>)>, alloc, free| {
-            let panic_rank = match fault {
-                Some(f) if ranks.steps + 1 >= f.step => {
-                    fault = None;
-                    Some(f.rank)
-                }
-                _ => None,
-            };
-            ranks.run(
-                Plan {
-                    alloc,
-                    free,
-                    segs: plan_segs,
-                    panic_rank,
-                    stop: false,
-                },
-                pool.cfg.step_timeout,
-            )
-        };
-
         // 3. One step, one pass over the weights: every sequence with a token to feed decodes it, and the
         //    prompts of the sequences still prefilling (in admission order) fill up to `prefill_chunk`
         //    prompt tokens after them (decodes first: see `RankModel::forward_batch`).
@@ -722,10 +702,10 @@ fn leader(pool: Arc<Pool>, me: Arc<Replica>, mut ranks: RankSet) {
         let alloc_now = std::mem::take(&mut alloc);
         let mut segs: Vec<(u64, Vec<u32>)> = Vec::new();
         // Per segment: the sequence's index in `running`, and where its prompt is prefilled to after this
-        // step (`None`: a decode).
+        // step (`None`: a decode). `running` holds no finished sequence here (retained out above).
         let mut fed: Vec<(usize, Option<usize>)> = Vec::new();
         for (i, s) in running.iter().enumerate() {
-            if !s.finished && s.prefilled == s.job.req.prompt.len() {
+            if s.prefilled == s.job.req.prompt.len() {
                 if let Some(&t) = s.generated.last() {
                     segs.push((s.id, vec![t]));
                     fed.push((i, None));
@@ -735,11 +715,11 @@ fn leader(pool: Arc<Pool>, me: Arc<Replica>, mut ranks: RankSet) {
         let decodes = segs.len();
         let mut budget = pool.cfg.prefill_chunk;
         for (i, s) in running.iter().enumerate() {
-            let len = s.job.req.prompt.len();
             if budget == 0 {
                 break;
             }
-            if !s.finished && s.prefilled < len {
+            let len = s.job.req.prompt.len();
+            if s.prefilled < len {
                 let end = (s.prefilled + budget).min(len);
                 budget -= end - s.prefilled;
                 segs.push((s.id, s.job.req.prompt[s.prefilled..end].to_vec()));
@@ -750,7 +730,21 @@ fn leader(pool: Arc<Pool>, me: Arc<Replica>, mut ranks: RankSet) {
             if decodes > 0 {
                 pool.metrics.batch_size.observe(decodes as f64);
             }
-            match step(&mut ranks, segs, alloc_now, free) {
+            let panic_rank = match fault {
+                Some(f) if ranks.steps + 1 >= f.step => {
+                    fault = None;
+                    Some(f.rank)
+                }
+                _ => None,
+            };
+            let plan = Plan {
+                alloc: alloc_now,
+                free,
+                segs,
+                panic_rank,
+                stop: false,
+            };
+            match ranks.run(plan, pool.cfg.step_timeout) {
                 Ok(logits) => {
                     for (&(i, prefill_end), l) in fed.iter().zip(&logits) {
                         let s = &mut running[i];

@@ -307,7 +307,7 @@ impl LocalLaunch {
                     }
                 }
             }
-            if SIGTERM_SEEN.swap(false, Ordering::SeqCst) && self.forward_sigterm {
+            if self.forward_sigterm && SIGTERM_SEEN.swap(false, Ordering::SeqCst) {
                 for (rank, child) in children.iter().enumerate() {
                     if statuses[rank].is_none() {
                         // SAFETY: kill(2) with a pid of our own child, which has not been waited for (its
