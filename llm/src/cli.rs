@@ -225,10 +225,6 @@ pub fn run(example: Example, args: Args) -> Result<i32> {
     };
     let cores = std::thread::available_parallelism().map_or(1, |n| n.get());
     let threads = args.threads.unwrap_or((cores / local_ranks).max(1)).max(1);
-    if multi_process {
-        // Each process has its own rayon pool: size it to this rank's share of the cores.
-        let _ = rayon::ThreadPoolBuilder::new().num_threads(threads).build_global();
-    }
 
     let mut args = args;
     let src: Arc<dyn WeightSource> = match (&args.model, args.tiny) {

@@ -205,6 +205,16 @@ impl KvCache {
     }
 }
 
+/// Attention work (context positions × heads × head size, summed over the step's rows) from which the CPU
+/// backend splits the heads over its threads: below it (a short decode context), sharing them costs more
+/// than it saves.
+const ATTENTION_PAR_WORK: usize = 1 << 14;
+
+thread_local! {
+    /// Each compute thread's attention scores when heads run in parallel.
+    static SCORES: std::cell::RefCell<Vec<f32>> = const { std::cell::RefCell::new(Vec::new()) };
+}
+
 /// The CPU backend: host `f32` activations, [`Weight`] matrices, the math of [`crate::math`] on `threads`
 /// threads, decode products on `decode_path`, collectives through a host [`Comm`].
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -368,29 +378,45 @@ impl Compute for Cpu {
     ) -> Result<()> {
         let (nq, hd, qkv_w) = (d.q_heads, d.head_dim, d.qkv_width());
         let scale = 1.0 / (hd as f32).sqrt();
-        for t in 0..rows.seg_of.len() {
+        let n = rows.seg_of.len();
+        // Query head i of row t into out (hd values), its scores in `scores` (at least ctx long).
+        let head = |t: usize, i: usize, scores: &mut [f32], out: &mut [f32]| {
             let cache = &*segs[rows.seg_of[t]].1;
             let max_seq = cache.max_seq;
             let (kc, vc) = (&cache.k[li], &cache.v[li]);
             let ctx = rows.pos_of[t] + 1;
-            for i in 0..nq {
-                let gq = d.q_start + i;
-                let j = gq / d.group - d.kv_start;
-                let q = &qkv[t * qkv_w + i * hd..t * qkv_w + (i + 1) * hd];
-                let kbase = j * max_seq * hd;
-                let s = &mut step.scores[..ctx];
-                for (p, sc) in s.iter_mut().enumerate() {
-                    *sc = math::dot(q, &kc[kbase + p * hd..kbase + (p + 1) * hd]) * scale;
+            let gq = d.q_start + i;
+            let j = gq / d.group - d.kv_start;
+            let q = &qkv[t * qkv_w + i * hd..t * qkv_w + (i + 1) * hd];
+            let kbase = j * max_seq * hd;
+            let s = &mut scores[..ctx];
+            for (p, sc) in s.iter_mut().enumerate() {
+                *sc = math::dot(q, &kc[kbase + p * hd..kbase + (p + 1) * hd]) * scale;
+            }
+            math::softmax(s);
+            out.fill(0.0);
+            for (p, &w) in s.iter().enumerate() {
+                let v = &vc[kbase + p * hd..kbase + (p + 1) * hd];
+                for (o, &vv) in out.iter_mut().zip(v) {
+                    *o += w * vv;
                 }
-                math::softmax(s);
-                let out = &mut attn[(t * nq + i) * hd..(t * nq + i + 1) * hd];
-                out.fill(0.0);
-                for (p, &w) in s.iter().enumerate() {
-                    let v = &vc[kbase + p * hd..kbase + (p + 1) * hd];
-                    for (o, &vv) in out.iter_mut().zip(v) {
-                        *o += w * vv;
+            }
+        };
+        // Heads in parallel once there is enough of them to share (each is computed the same either way).
+        let work: usize = rows.pos_of.iter().map(|&p| (p + 1) * nq * hd).sum();
+        if self.threads > 1 && n * nq > 1 && work >= ATTENTION_PAR_WORK {
+            let max_ctx = rows.pos_of.iter().max().map_or(0, |&p| p + 1);
+            crate::par::for_each_chunk(self.threads, &mut attn[..n * nq * hd], hd, |ti, out| {
+                SCORES.with_borrow_mut(|s| {
+                    if s.len() < max_ctx {
+                        s.resize(max_ctx, 0.0);
                     }
-                }
+                    head(ti / nq, ti % nq, s, out)
+                })
+            });
+        } else {
+            for (ti, out) in attn[..n * nq * hd].chunks_exact_mut(hd).enumerate() {
+                head(ti / nq, ti % nq, &mut step.scores, out);
             }
         }
         Ok(())

@@ -14,6 +14,7 @@ pub mod kernels;
 pub mod launch;
 pub mod math;
 pub mod model;
+pub mod par;
 pub mod sample;
 pub mod server;
 pub mod shard;

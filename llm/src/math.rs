@@ -1,7 +1,7 @@
 //! CPU kernels of the engine: matrix products (the `gemm` crate for prefill, a row-parallel dot-product
 //! kernel for decode), RMSNorm, rotary embeddings, SiLU, softmax.
 
-use rayon::prelude::*;
+use crate::par;
 
 pub mod int8;
 
@@ -55,45 +55,18 @@ pub fn linear(x: &[f32], n: usize, w: &Matrix, y: &mut [f32], threads: usize) {
         }
         return;
     }
-    let parallelism = if threads > 1 {
-        gemm::Parallelism::Rayon(threads)
-    } else {
-        gemm::Parallelism::None
-    };
-    // y (n × rows, row-major) = x (n × cols, row-major) · Wᵀ (cols × rows; W is rows × cols row-major, so
-    // Wᵀ has column stride cols and row stride 1).
-    // SAFETY: every pointer covers the matrix described by its dimensions and strides: `y` holds n·rows
-    // values addressed as y[i·rows + j] (i < n, j < rows); `x` holds n·cols values addressed as x[i·cols + k];
-    // `w.data` holds rows·cols values addressed as w[j·cols + k]. The lengths were checked above, `y` is
-    // borrowed mutably (no aliasing with the inputs) and `read_dst = false` means `y`'s old values are not
-    // read.
-    unsafe {
-        gemm::gemm(
-            n,
-            w.rows,
-            w.cols,
-            y.as_mut_ptr(),
-            1,
-            w.rows as isize,
-            false,
-            x.as_ptr(),
-            1,
-            w.cols as isize,
-            w.data.as_ptr(),
-            w.cols as isize,
-            1,
-            0.0f32,
-            1.0f32,
-            false,
-            false,
-            false,
-            parallelism,
-        );
-    }
+    prefill_product(Rows::Dense(&w.data), x, n, w.rows, w.cols, y, threads);
 }
 
 /// Rows per parallel task in [`matvec`].
 const MATVEC_CHUNK: usize = 64;
+
+/// Runs `kernel((block, out))` for every block of [`MATVEC_CHUNK`] rows of `y` (`out` = the block's rows),
+/// over `threads` compute threads ([`par`]) when there are at least two blocks.
+fn row_blocks(threads: usize, y: &mut [f32], kernel: impl Fn((usize, &mut [f32])) + Sync) {
+    let threads = if y.len() >= 2 * MATVEC_CHUNK { threads } else { 1 };
+    par::for_each_chunk(threads, y, MATVEC_CHUNK, |c, out| kernel((c, out)));
+}
 
 /// `y = W · x` for one vector.
 pub fn matvec(x: &[f32], w: &Matrix, y: &mut [f32], threads: usize) {
@@ -107,11 +80,7 @@ pub fn matvec(x: &[f32], w: &Matrix, y: &mut [f32], threads: usize) {
             *o = dot(row, x);
         }
     };
-    if threads > 1 && w.rows >= 2 * MATVEC_CHUNK {
-        y.par_chunks_mut(MATVEC_CHUNK).enumerate().for_each(kernel);
-    } else {
-        y.chunks_mut(MATVEC_CHUNK).enumerate().for_each(kernel);
-    }
+    row_blocks(threads, y, kernel);
 }
 
 /// `y[t, :] = W · x[t, :]` for `n` independent vectors in one pass over the weights (a batched decode
@@ -141,12 +110,10 @@ pub fn matvec_batch(x: &[f32], n: usize, w: &Matrix, y: &mut [f32], threads: usi
 /// are read from memory once for all vectors), then scatters the block-major results into `y` (`[n, rows]`).
 fn batch_rows(n: usize, rows: usize, y: &mut [f32], threads: usize, kernel: impl Fn(usize, &mut [f32]) + Sync) {
     let mut tmp = vec![0.0f32; n * rows];
-    let block = |(c, out): (usize, &mut [f32])| kernel(c * MATVEC_CHUNK, out);
-    if threads > 1 && rows >= 2 * MATVEC_CHUNK {
-        tmp.par_chunks_mut(MATVEC_CHUNK * n).enumerate().for_each(block);
-    } else {
-        tmp.chunks_mut(MATVEC_CHUNK * n).enumerate().for_each(block);
-    }
+    let threads = if rows >= 2 * MATVEC_CHUNK { threads } else { 1 };
+    par::for_each_chunk(threads, &mut tmp, MATVEC_CHUNK * n, |c, out| {
+        kernel(c * MATVEC_CHUNK, out)
+    });
     for (c, blk) in tmp.chunks(MATVEC_CHUNK * n).enumerate() {
         let rlen = blk.len() / n;
         let base = c * MATVEC_CHUNK;
@@ -463,11 +430,7 @@ impl QMatrix {
             Vec::new()
         };
         let kernel = |(chunk, out): (usize, &mut [f32])| self.rows_dot_dispatch(x, &xsum, chunk * MATVEC_CHUNK, out);
-        if threads > 1 && self.rows >= 2 * MATVEC_CHUNK {
-            y.par_chunks_mut(MATVEC_CHUNK).enumerate().for_each(kernel);
-        } else {
-            y.chunks_mut(MATVEC_CHUNK).enumerate().for_each(kernel);
-        }
+        row_blocks(threads, y, kernel);
     }
 }
 
@@ -484,11 +447,7 @@ impl QMatrix {
         let xq = Q8Vec::quantize(x).expect("a QMatrix has whole blocks of columns");
         let isa = Isa::detect();
         let kernel = |(chunk, out): (usize, &mut [f32])| int8::rows_int8(self, &xq, chunk * MATVEC_CHUNK, out, isa);
-        if threads > 1 && self.rows >= 2 * MATVEC_CHUNK {
-            y.par_chunks_mut(MATVEC_CHUNK).enumerate().for_each(kernel);
-        } else {
-            y.chunks_mut(MATVEC_CHUNK).enumerate().for_each(kernel);
-        }
+        row_blocks(threads, y, kernel);
     }
 
     /// [`QMatrix::matvec_int8`] for `n` vectors in one pass over the blocks; each output equals what
@@ -539,11 +498,7 @@ impl QMatrix {
         if n == 1 {
             let kernel =
                 |(chunk, out): (usize, &mut [f32])| int8::rows_int16(self, &xq[0], chunk * MATVEC_CHUNK, out, isa);
-            if threads > 1 && self.rows >= 2 * MATVEC_CHUNK {
-                y.par_chunks_mut(MATVEC_CHUNK).enumerate().for_each(kernel);
-            } else {
-                y.chunks_mut(MATVEC_CHUNK).enumerate().for_each(kernel);
-            }
+            row_blocks(threads, y, kernel);
             return;
         }
         batch_rows(n, self.rows, y, threads, |base, out| {
@@ -832,8 +787,11 @@ impl QMatrix {
     }
 }
 
-/// Rows dequantized at a time by the quantized prefill path of [`Weight::linear`].
-const PREFILL_TILE: usize = 1024;
+/// Weight rows per tile of [`prefill_product`]: one `gemm` call each (and, for quantized weights, one
+/// dequantized tile). The same on any number of threads: `gemm` picks its blocking from the shape, so a
+/// tile of another width may sum in another order, and the threads would change the result's last bits.
+/// Small enough to share a 576-row product out over 2 threads, large enough to keep `gemm` efficient.
+const PREFILL_TILE: usize = 128;
 
 /// A linear layer's weights: dense f32, or kept block-quantized.
 #[derive(Clone, Debug)]
@@ -950,52 +908,75 @@ impl Weight {
             }
             return;
         }
-        let parallelism = if threads > 1 {
-            gemm::Parallelism::Rayon(threads)
-        } else {
-            gemm::Parallelism::None
-        };
-        let mut tile = vec![0.0f32; PREFILL_TILE.min(q.rows) * q.cols];
-        let mut r0 = 0;
-        while r0 < q.rows {
-            let tr = PREFILL_TILE.min(q.rows - r0);
-            let t = &mut tile[..tr * q.cols];
-            let dq = |(i, o): (usize, &mut [f32])| q.dequantize_row_dispatch(r0 + i, o);
-            if threads > 1 {
-                t.par_chunks_exact_mut(q.cols).enumerate().for_each(dq);
-            } else {
-                t.chunks_exact_mut(q.cols).enumerate().for_each(dq);
-            }
-            // SAFETY: `y` holds n·rows values (checked above); the destination starts at column r0 and is
-            // addressed as y[r0 + i·rows + j] for i < n, j < tr with r0 + tr ≤ rows, so it stays inside `y`.
-            // `x` holds n·cols values addressed as x[i·cols + k]; `tile` holds tr·cols values addressed as
-            // tile[j·cols + k]. `y` is borrowed mutably and does not alias the inputs; `read_dst = false`.
+        prefill_product(Rows::Quant(q), x, n, q.rows, q.cols, y, threads);
+    }
+}
+
+/// Where [`prefill_product`] takes the weights' rows from.
+#[derive(Clone, Copy)]
+enum Rows<'a> {
+    /// Row-major f32 `[rows, cols]`, used in place.
+    Dense(&'a [f32]),
+    /// Block-quantized, dequantized one tile of rows at a time.
+    Quant(&'a QMatrix),
+}
+
+thread_local! {
+    /// Each compute thread's tile of dequantized weights for [`prefill_product`] (kept between calls).
+    static TILE: std::cell::RefCell<Vec<f32>> = const { std::cell::RefCell::new(Vec::new()) };
+}
+
+/// `y[t, :] = W · x[t, :]` for `n > 2` rows (prefill) with the `gemm` crate, in tiles of weight rows
+/// ([`PREFILL_TILE`]) shared out over `threads` compute threads ([`par`]), each tile one single-threaded
+/// product into its own columns of `y`. `x` is `n·cols`, `y` is `n·rows` (checked by the callers).
+fn prefill_product(w: Rows, x: &[f32], n: usize, rows: usize, cols: usize, y: &mut [f32], threads: usize) {
+    debug_assert!(x.len() == n * cols && y.len() == n * rows);
+    let tile = PREFILL_TILE;
+    let yp = par::SendPtr::new(y.as_mut_ptr());
+    par::for_each_index(threads, rows.div_ceil(tile), |i| {
+        let r0 = i * tile;
+        let tr = tile.min(rows - r0);
+        TILE.with_borrow_mut(|buf| {
+            let t: &[f32] = match w {
+                Rows::Dense(d) => &d[r0 * cols..(r0 + tr) * cols],
+                Rows::Quant(q) => {
+                    buf.resize(tr * cols, 0.0);
+                    for (j, o) in buf[..tr * cols].chunks_exact_mut(cols).enumerate() {
+                        q.dequantize_row_dispatch(r0 + j, o);
+                    }
+                    &buf[..tr * cols]
+                }
+            };
+            // SAFETY: `y` holds n·rows values; this tile's destination starts at column r0 and is addressed
+            // as y[r0 + i·rows + j] for i < n, j < tr with r0 + tr ≤ rows, so it stays inside `y`, and the
+            // tiles' column ranges are disjoint, so no two tasks write one value (`y` is borrowed mutably for
+            // the whole call). `x` holds n·cols values addressed as x[i·cols + k]; `t` holds tr·cols values
+            // addressed as t[j·cols + k]. `read_dst = false`: `y`'s old values are not read.
             unsafe {
                 gemm::gemm(
                     n,
                     tr,
-                    q.cols,
-                    y.as_mut_ptr().add(r0),
+                    cols,
+                    yp.at(r0),
                     1,
-                    q.rows as isize,
+                    rows as isize,
                     false,
                     x.as_ptr(),
                     1,
-                    q.cols as isize,
+                    cols as isize,
                     t.as_ptr(),
-                    q.cols as isize,
+                    cols as isize,
                     1,
                     0.0f32,
                     1.0f32,
                     false,
                     false,
                     false,
-                    parallelism,
+                    gemm::Parallelism::None,
                 );
             }
-            r0 += tr;
-        }
-    }
+        })
+    });
 }
 
 /// RMSNorm of each `weight.len()`-wide row of `x` into `out`: `x / sqrt(mean(x²) + eps) * weight`.
@@ -1122,6 +1103,47 @@ mod tests {
 
     /// The batched decode kernel gives every vector exactly (bit for bit) what `matvec` gives it alone, for
     /// f32 and quantized weights, row counts that are not a multiple of the block, serial and parallel.
+    /// Sharing a product over compute threads ([`crate::par`]) changes no bit of it: decode (one and two
+    /// rows, every path), batched decode and prefill (tiles of rows, one `gemm` each), at row counts that
+    /// split unevenly.
+    #[test]
+    fn products_on_more_threads_equal_one_thread_bit_for_bit() {
+        let bits = |v: &[f32]| v.iter().map(|f| f.to_bits()).collect::<Vec<u32>>();
+        for &(rows, cols) in &[(1000, 64), (577, 96), (130, 32)] {
+            let f = Weight::F32(Matrix::new(rows, cols, pseudo(rows * cols, 4)));
+            let mut weights = vec![f];
+            for kind in 0..3 {
+                let (ty, raw) = q_blocks(kind, rows, cols / QBLOCK, 5 + kind as u32);
+                weights.push(Weight::Quant(QMatrix::from_ggml(ty, rows, cols, &raw).unwrap()));
+            }
+            for w in &weights {
+                for path in [DecodePath::Exact, DecodePath::Int8, DecodePath::Int16] {
+                    for n in [1, 2, 3, 9, 64] {
+                        let x = pseudo(n * cols, 3 + n as u32);
+                        let run = |threads: usize, batch: bool| {
+                            let mut y = vec![f32::NAN; n * rows];
+                            if batch {
+                                w.matvec_batch_path(&x, n, &mut y, threads, path);
+                            } else {
+                                w.linear_path(&x, n, &mut y, threads, path);
+                            }
+                            bits(&y)
+                        };
+                        for batch in [false, true] {
+                            let one = run(1, batch);
+                            for threads in [2, 3] {
+                                assert!(
+                                    one == run(threads, batch),
+                                    "rows {rows} cols {cols} n {n} {path:?} batch {batch}: {threads} threads differ"
+                                );
+                            }
+                        }
+                    }
+                }
+            }
+        }
+    }
+
     #[test]
     fn matvec_batch_equals_matvec_bit_for_bit() {
         for &(n, rows, cols) in &[

@@ -162,3 +162,32 @@ fn smollm2_all_layouts_agree() {
     let layouts = [(2, 1), (3, 1), (1, 2), (1, 3), (2, 2)];
     check_all_layouts(&*src, &prompt, 6, &layouts);
 }
+
+/// A rank's compute threads (`nccl_llm::par`: products split by rows, prefill by tiles of rows, attention by
+/// heads) change no bit of the result: the same prompt logits and tokens on 1, 2 and 3 threads per rank. On
+/// SmolLM2, whose products are large enough to be split (the tiny model's mostly are not), with a prompt long
+/// enough that decode attention is split by heads too.
+#[test]
+fn smollm2_compute_threads_change_no_bit() {
+    let Some(path) = smollm2_path() else { return };
+    let src = model::open(&path).expect("open SmolLM2");
+    let prompt: Vec<u32> = (0..40).map(|i| 1000 + 37 * i % 40000).collect();
+    for layout in [Layout { tp: 1, pp: 1 }, Layout { tp: 2, pp: 1 }] {
+        let go = |threads: usize| {
+            let outs = generate_in_threads(&*src, layout, threads, &prompt, &greedy(4)).expect("generate");
+            let o = outs.into_iter().next().unwrap();
+            let bits: Vec<u32> = o.prompt_logits.unwrap().iter().map(|v| v.to_bits()).collect();
+            (bits, o.generated)
+        };
+        let one = go(1);
+        for threads in [2, 3] {
+            let (bits, tokens) = go(threads);
+            assert!(
+                bits == one.0,
+                "tp {}: prompt logits differ on {threads} threads",
+                layout.tp
+            );
+            assert_eq!(tokens, one.1, "tp {}: tokens differ on {threads} threads", layout.tp);
+        }
+    }
+}
