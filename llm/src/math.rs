@@ -1103,6 +1103,16 @@ mod tests {
 
     /// The batched decode kernel gives every vector exactly (bit for bit) what `matvec` gives it alone, for
     /// f32 and quantized weights, row counts that are not a multiple of the block, serial and parallel.
+    /// A `rows × cols` weight of each kind: f32, then the quantized ones of [`q_blocks`].
+    fn every_kind(rows: usize, cols: usize) -> Vec<Weight> {
+        let mut weights = vec![Weight::F32(Matrix::new(rows, cols, pseudo(rows * cols, 4)))];
+        for kind in 0..3 {
+            let (ty, raw) = q_blocks(kind, rows, cols / QBLOCK, 5 + kind as u32);
+            weights.push(Weight::Quant(QMatrix::from_ggml(ty, rows, cols, &raw).unwrap()));
+        }
+        weights
+    }
+
     /// Sharing a product over compute threads ([`crate::par`]) changes no bit of it: decode (one and two
     /// rows, every path), batched decode and prefill (tiles of rows, one `gemm` each), at row counts that
     /// split unevenly.
@@ -1110,12 +1120,7 @@ mod tests {
     fn products_on_more_threads_equal_one_thread_bit_for_bit() {
         let bits = |v: &[f32]| v.iter().map(|f| f.to_bits()).collect::<Vec<u32>>();
         for &(rows, cols) in &[(1000, 64), (577, 96), (130, 32)] {
-            let f = Weight::F32(Matrix::new(rows, cols, pseudo(rows * cols, 4)));
-            let mut weights = vec![f];
-            for kind in 0..3 {
-                let (ty, raw) = q_blocks(kind, rows, cols / QBLOCK, 5 + kind as u32);
-                weights.push(Weight::Quant(QMatrix::from_ggml(ty, rows, cols, &raw).unwrap()));
-            }
+            let weights = every_kind(rows, cols);
             for w in &weights {
                 for path in [DecodePath::Exact, DecodePath::Int8, DecodePath::Int16] {
                     for n in [1, 2, 3, 9, 64] {
@@ -1155,12 +1160,7 @@ mod tests {
             (1, 7, 96),
         ] {
             let x = pseudo(n * cols, 3);
-            let f = Weight::F32(Matrix::new(rows, cols, pseudo(rows * cols, 4)));
-            let mut weights = vec![f];
-            for kind in 0..3 {
-                let (ty, raw) = q_blocks(kind, rows, cols / QBLOCK, 5 + kind as u32);
-                weights.push(Weight::Quant(QMatrix::from_ggml(ty, rows, cols, &raw).unwrap()));
-            }
+            let weights = every_kind(rows, cols);
             for w in &weights {
                 for threads in [1, 2] {
                     let mut y = vec![f32::NAN; n * rows];
