@@ -211,7 +211,7 @@ impl KvCache {
 const ATTENTION_PAR_WORK: usize = 1 << 14;
 
 thread_local! {
-    /// Each compute thread's attention scores when heads run in parallel.
+    /// Each compute thread's buffer for one head's attention scores (kept between calls).
     static SCORES: std::cell::RefCell<Vec<f32>> = const { std::cell::RefCell::new(Vec::new()) };
 }
 
@@ -225,11 +225,9 @@ pub struct Cpu {
     pub decode_path: DecodePath,
 }
 
-/// What a CPU step computes once: the rotary angles of each row's position and a buffer for one row's
-/// attention scores.
+/// What a CPU step computes once: the rotary angles of each row's position.
 pub struct CpuStep {
     angles: Vec<(Vec<f32>, Vec<f32>)>,
-    scores: Vec<f32>,
 }
 
 impl Compute for Cpu {
@@ -331,10 +329,8 @@ impl Compute for Cpu {
     }
 
     fn begin_step(&self, rope: &Rope, rows: &StepRows) -> Result<CpuStep> {
-        let max_ctx = rows.pos_of.iter().copied().max().map_or(0, |p| p + 1);
         Ok(CpuStep {
             angles: rows.pos_of.iter().map(|&p| rope.angles(p)).collect(),
-            scores: vec![0.0f32; max_ctx],
         })
     }
 
@@ -368,7 +364,7 @@ impl Compute for Cpu {
 
     fn attention(
         &self,
-        step: &mut CpuStep,
+        _step: &mut CpuStep,
         rows: &StepRows,
         d: &AttnDims,
         li: usize,
@@ -402,23 +398,18 @@ impl Compute for Cpu {
                 }
             }
         };
-        // Heads in parallel once there is enough of them to share (each is computed the same either way).
+        // Heads in parallel once there is enough work to share (each is computed the same either way).
         let work: usize = rows.pos_of.iter().map(|&p| (p + 1) * nq * hd).sum();
-        if self.threads > 1 && n * nq > 1 && work >= ATTENTION_PAR_WORK {
-            let max_ctx = rows.pos_of.iter().max().map_or(0, |&p| p + 1);
-            crate::par::for_each_chunk(self.threads, &mut attn[..n * nq * hd], hd, |ti, out| {
-                SCORES.with_borrow_mut(|s| {
-                    if s.len() < max_ctx {
-                        s.resize(max_ctx, 0.0);
-                    }
-                    head(ti / nq, ti % nq, s, out)
-                })
-            });
-        } else {
-            for (ti, out) in attn[..n * nq * hd].chunks_exact_mut(hd).enumerate() {
-                head(ti / nq, ti % nq, &mut step.scores, out);
-            }
-        }
+        let threads = if work >= ATTENTION_PAR_WORK { self.threads } else { 1 };
+        let max_ctx = rows.pos_of.iter().max().map_or(0, |&p| p + 1);
+        crate::par::for_each_chunk(threads, &mut attn[..n * nq * hd], hd, |ti, out| {
+            SCORES.with_borrow_mut(|s| {
+                if s.len() < max_ctx {
+                    s.resize(max_ctx, 0.0);
+                }
+                head(ti / nq, ti % nq, s, out)
+            })
+        });
         Ok(())
     }
 

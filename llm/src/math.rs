@@ -1101,8 +1101,6 @@ mod tests {
         }
     }
 
-    /// The batched decode kernel gives every vector exactly (bit for bit) what `matvec` gives it alone, for
-    /// f32 and quantized weights, row counts that are not a multiple of the block, serial and parallel.
     /// A `rows × cols` weight of each kind: f32, then the quantized ones of [`q_blocks`].
     fn every_kind(rows: usize, cols: usize) -> Vec<Weight> {
         let mut weights = vec![Weight::F32(Matrix::new(rows, cols, pseudo(rows * cols, 4)))];
@@ -1149,6 +1147,8 @@ mod tests {
         }
     }
 
+    /// The batched decode kernel gives every vector exactly (bit for bit) what `matvec` gives it alone, for
+    /// f32 and quantized weights, row counts that are not a multiple of the block, serial and parallel.
     #[test]
     fn matvec_batch_equals_matvec_bit_for_bit() {
         for &(n, rows, cols) in &[
