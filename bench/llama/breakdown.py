@@ -1,5 +1,5 @@
 """Groups `perf report --sort symbol` output (from bench/llama/breakdown.sh) by what each symbol does and
-prints one Markdown table: the share of samples per group at TP=1 and TP=2, and each run's decode rate."""
+prints one Markdown table: the share of samples per group in each layout, and each run's decode rate."""
 
 import json
 import re
@@ -11,9 +11,11 @@ GROUPS = [
     ("matrix-vector kernels (decode products, LM head)",
      r"rows_dot|rows_vnni|rows_avx2|rows16|rows_multi|rows_int|QMatrix::matvec|math::matvec|math::dot\b"),
     ("attention (scores, softmax, values)", r"Compute>::attention|__expf|softmax"),
+    ("activation quantization (int8/int16 paths)", r"quantize|Q8Vec|Q16Vec"),
     ("RMSNorm", r"rms_norm"),
     ("RoPE and KV append", r"rope|kv_append"),
     ("SiLU-mul, residual add", r"silu|residual"),
+    ("compute threads: waiting for and handing out tasks (llm::par)", r"par::|Team|take_tasks|wait_for_job"),
     ("all-reduce and rank synchronisation", r"nccl::host|barrier|futex|sched_yield|__schedule|finish_task_switch"),
     ("sampling, logits gather", r"sample|argmax|logits"),
     ("load and prefill (dequantize, GEMM, page faults)",
@@ -40,15 +42,16 @@ def shares(report: Path) -> dict:
 
 def main() -> None:
     d = Path(sys.argv[1])
-    runs = {}
-    for tp in (1, 2):
-        rate = json.loads((d / f"tp{tp}.json").read_text()).get("decode_tokens_per_s", float("nan"))
-        runs[tp] = (shares(d / f"tp{tp}.txt"), rate)
-    print("| where the samples fall | TP=1, 1 thread | TP=2, 1 thread per rank |")
-    print("|---|---|---|")
-    for name in runs[1][0]:
-        print(f"| {name} | {runs[1][0][name]:.1f} % | {runs[2][0][name]:.1f} % |")
-    print(f"| decode tokens/s in the same run | {runs[1][1]:.1f} | {runs[2][1]:.1f} |")
+    layouts = [("tp1t1", "TP=1, 1 thread"), ("tp1t2", "TP=1, 2 threads"), ("tp2t1", "TP=2, 1 thread per rank")]
+    runs = []
+    for key, _ in layouts:
+        rate = json.loads((d / f"{key}.json").read_text()).get("decode_tokens_per_s", float("nan"))
+        runs.append((shares(d / f"{key}.txt"), rate))
+    print("| where the samples fall | " + " | ".join(title for _, title in layouts) + " |")
+    print("|---" * (len(layouts) + 1) + "|")
+    for name in runs[0][0]:
+        print(f"| {name} | " + " | ".join(f"{r[0][name]:.1f} %" for r in runs) + " |")
+    print("| decode tokens/s in the same run | " + " | ".join(f"{r[1]:.1f}" for r in runs) + " |")
 
 
 if __name__ == "__main__":

@@ -1,6 +1,7 @@
 #!/usr/bin/env bash
 # Where the time goes per decoded token: `perf record` of tp_llama (SmolLM2 Q4_1, 8-token prompt, TOKENS
-# decoded tokens, so decode dominates) at TP=1 and TP=2 with 1 thread per rank, then the samples grouped by
+# decoded tokens, so decode dominates) in three layouts (TP=1 with 1 thread, TP=1 with 2 compute threads, TP=2
+# with 1 thread per rank), then the samples grouped by
 # what the symbol does (bench/llama/breakdown.py). Shares of all samples of the run, loading included (the
 # "load and prefill" row), so read the decode rows against each other.
 #
@@ -19,10 +20,12 @@ cargo build --release --example tp_llama >&2
 BIN="$CARGO_TARGET_DIR/release/examples/tp_llama"
 OUT=$(mktemp -d)
 trap 'rm -rf "$OUT"' EXIT
-for TP in 1 2; do
-  perf record -q -F 1999 -o "$OUT/tp$TP.data" "$BIN" --model "$MODEL" --tp "$TP" --threads 1 \
+# name:tp:threads per rank (the names are breakdown.py's columns)
+for L in tp1t1:1:1 tp1t2:1:2 tp2t1:2:1; do
+  IFS=: read -r NAME TP THR <<< "$L"
+  perf record -q -F 1999 -o "$OUT/$NAME.data" "$BIN" --model "$MODEL" --tp "$TP" --threads "$THR" \
     --prompt-ids 1,2,3,4,5,6,7,8 --max-new-tokens "$TOKENS" --ignore-eos --json ${FLAG:-} 2>/dev/null \
-    | tail -1 > "$OUT/tp$TP.json"
-  perf report -q -i "$OUT/tp$TP.data" --no-children --sort symbol 2>/dev/null > "$OUT/tp$TP.txt"
+    | tail -1 > "$OUT/$NAME.json"
+  perf report -q -i "$OUT/$NAME.data" --no-children --sort symbol 2>/dev/null > "$OUT/$NAME.txt"
 done
 python3 bench/llama/breakdown.py "$OUT"

@@ -58,13 +58,18 @@ pub fn linear(x: &[f32], n: usize, w: &Matrix, y: &mut [f32], threads: usize) {
     prefill_product(Rows::Dense(&w.data), x, n, w.rows, w.cols, y, threads);
 }
 
-/// Rows per parallel task in [`matvec`].
-const MATVEC_CHUNK: usize = 64;
+/// Rows per parallel task in [`matvec`]: small, so that the last claims of a product balance its threads
+/// ([`par`] hands tasks out in shrinking runs, so small tasks do not cost one claim each). Every row is
+/// computed alone, so the value changes no result bit.
+const MATVEC_CHUNK: usize = 16;
+
+/// Fewest rows of a product split over threads (fewer: the hand-off costs more than it saves).
+const PAR_MIN_ROWS: usize = 128;
 
 /// Runs `kernel((block, out))` for every block of [`MATVEC_CHUNK`] rows of `y` (`out` = the block's rows),
-/// over `threads` compute threads ([`par`]) when there are at least two blocks.
+/// over `threads` compute threads ([`par`]) when there are at least [`PAR_MIN_ROWS`] rows.
 fn row_blocks(threads: usize, y: &mut [f32], kernel: impl Fn((usize, &mut [f32])) + Sync) {
-    let threads = if y.len() >= 2 * MATVEC_CHUNK { threads } else { 1 };
+    let threads = if y.len() >= PAR_MIN_ROWS { threads } else { 1 };
     par::for_each_chunk(threads, y, MATVEC_CHUNK, |c, out| kernel((c, out)));
 }
 
@@ -84,7 +89,7 @@ pub fn matvec(x: &[f32], w: &Matrix, y: &mut [f32], threads: usize) {
 }
 
 /// `y[t, :] = W · x[t, :]` for `n` independent vectors in one pass over the weights (a batched decode
-/// step): each block of 64 rows is read once and applied to every vector while it is in cache.
+/// step): each block of `MATVEC_CHUNK` (16) rows is read once and applied to every vector while it is in cache.
 /// Every output is computed exactly as [`matvec`] computes it (same kernel, same order), so a sequence's
 /// results do not depend on what else is in the batch.
 pub fn matvec_batch(x: &[f32], n: usize, w: &Matrix, y: &mut [f32], threads: usize) {
@@ -110,7 +115,7 @@ pub fn matvec_batch(x: &[f32], n: usize, w: &Matrix, y: &mut [f32], threads: usi
 /// are read from memory once for all vectors), then scatters the block-major results into `y` (`[n, rows]`).
 fn batch_rows(n: usize, rows: usize, y: &mut [f32], threads: usize, kernel: impl Fn(usize, &mut [f32]) + Sync) {
     let mut tmp = vec![0.0f32; n * rows];
-    let threads = if rows >= 2 * MATVEC_CHUNK { threads } else { 1 };
+    let threads = if rows >= PAR_MIN_ROWS { threads } else { 1 };
     par::for_each_chunk(threads, &mut tmp, MATVEC_CHUNK * n, |c, out| {
         kernel(c * MATVEC_CHUNK, out)
     });

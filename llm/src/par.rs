@@ -9,8 +9,10 @@
 //! peer rank on an oversubscribed machine), and after [`PARK_AFTER`] without work it sleeps on a condition
 //! variable until the next job wakes it.
 //!
-//! Tasks are handed out one at a time from a shared counter, so a helper that is descheduled or slow takes
-//! fewer; the results are the same whatever thread runs a task. Each thread that calls [`for_each_chunk`]
+//! Tasks are handed out from a shared counter in runs that shrink as the job drains (guided self-scheduling:
+//! a claim takes the remaining tasks over twice the team, at least one), so a helper that is descheduled
+//! or slow takes fewer, a job of many small tasks costs a few claims per thread instead of one per task,
+//! and its end is balanced to one task; the results are the same whatever thread runs a task. Each thread that calls [`for_each_chunk`]
 //! with `threads > 1` gets its own team, created at its first call and ended (helpers joined) when that
 //! thread exits; a call from inside a task runs on the calling thread.
 
@@ -39,11 +41,12 @@ type Task = dyn Fn(usize) + Sync;
 
 fn noop(_: usize) {}
 
-/// The job of one epoch: run `f(i)` for every `i < tasks`.
+/// The job of one epoch: run `f(i)` for every `i < tasks` on a team of `threads`.
 #[derive(Clone, Copy)]
 struct Job {
     f: *const Task,
     tasks: usize,
+    threads: usize,
 }
 
 /// A value on a cache line of its own (the counters are written by different threads).
@@ -94,6 +97,7 @@ impl Team {
             job: UnsafeCell::new(Job {
                 f: &noop as &Task,
                 tasks: 0,
+                threads,
             }),
             panic: Mutex::new(None),
             stop: AtomicBool::new(false),
@@ -128,9 +132,16 @@ impl Team {
         // between joining this epoch and counting themselves done, and this function does not return (nor
         // unwind: the leader's own tasks run under catch_unwind) before every helper that joined is done.
         let f_static: *const Task = unsafe { std::mem::transmute::<&'a (dyn Fn(usize) + Sync + 'a), &'static Task>(f) };
+        let threads = self.threads();
         // SAFETY: no job is open (the last `run` closed its job and waited for its helpers), so no helper
         // reads `job` now: see `Shared::job`.
-        unsafe { *s.job.get() = Job { f: f_static, tasks } };
+        unsafe {
+            *s.job.get() = Job {
+                f: f_static,
+                tasks,
+                threads,
+            }
+        };
         s.next.0.store(0, Ordering::Relaxed);
         s.done.0.store(0, Ordering::Relaxed);
         let e = epoch(s.state.0.load(Ordering::Relaxed)).wrapping_add(1) & 0xFFFF_FFFF;
@@ -139,7 +150,7 @@ impl Team {
             let _g = s.lock.lock().unwrap_or_else(|p| p.into_inner());
             s.wake.notify_all();
         }
-        let mine = catch_unwind(AssertUnwindSafe(|| take_tasks(s, f, tasks)));
+        let mine = catch_unwind(AssertUnwindSafe(|| take_tasks(s, f, tasks, threads)));
         let joined = (s.state.0.fetch_and(!OPEN, Ordering::AcqRel) & JOINED) as usize;
         let mut polls = 0u32;
         while s.done.0.load(Ordering::Acquire) < joined {
@@ -175,15 +186,30 @@ impl Drop for Team {
     }
 }
 
-/// Claims and runs tasks of the open job until none is left.
-fn take_tasks(s: &Shared, f: &(dyn Fn(usize) + Sync + '_), tasks: usize) {
-    loop {
-        let i = s.next.0.fetch_add(1, Ordering::Relaxed);
-        if i >= tasks {
-            return;
+/// Claims and runs tasks of the open job until none is left: each claim takes the next
+/// `max(1, remaining / (2 · threads))` tasks ([`guided_claim`]).
+fn take_tasks(s: &Shared, f: &(dyn Fn(usize) + Sync + '_), tasks: usize, threads: usize) {
+    let mut cur = s.next.0.load(Ordering::Relaxed);
+    while cur < tasks {
+        let end = guided_claim(cur, tasks, threads);
+        match s
+            .next
+            .0
+            .compare_exchange_weak(cur, end, Ordering::Relaxed, Ordering::Relaxed)
+        {
+            Ok(_) => {
+                (cur..end).for_each(f);
+                cur = s.next.0.load(Ordering::Relaxed);
+            }
+            Err(now) => cur = now,
         }
-        f(i);
     }
+}
+
+/// The end of the run of tasks a claim at `next` takes (`next < tasks`): the remaining tasks over twice the
+/// team, at least one.
+fn guided_claim(next: usize, tasks: usize, threads: usize) -> usize {
+    next + ((tasks - next) / (2 * threads.max(1))).max(1)
 }
 
 /// A helper's life: wait for a new epoch, join it while it is open, run tasks, count itself done.
@@ -205,7 +231,7 @@ fn helper(s: &Shared) {
                     let job = unsafe { *s.job.get() };
                     // SAFETY: as above, `job.f` outlives this use.
                     let f = unsafe { &*job.f };
-                    if let Err(p) = catch_unwind(AssertUnwindSafe(|| take_tasks(s, f, job.tasks))) {
+                    if let Err(p) = catch_unwind(AssertUnwindSafe(|| take_tasks(s, f, job.tasks, job.threads))) {
                         let mut slot = s.panic.lock().unwrap_or_else(|p| p.into_inner());
                         slot.get_or_insert(p);
                     }
@@ -357,6 +383,35 @@ mod tests {
                 assert!(
                     hits.iter().all(|h| h.load(Ordering::Relaxed) == 1),
                     "threads {threads} tasks {tasks}"
+                );
+            }
+        }
+    }
+
+    #[test]
+    fn guided_claims_shrink_to_one_task_and_cost_few_claims() {
+        for threads in [1, 2, 3, 8] {
+            for tasks in [1, 2, 7, 36, 192, 10_000] {
+                let (mut next, mut runs) = (0, Vec::new());
+                while next < tasks {
+                    let end = guided_claim(next, tasks, threads);
+                    assert!(
+                        end > next && end <= tasks,
+                        "threads {threads} tasks {tasks}: {next}..{end}"
+                    );
+                    runs.push(end - next);
+                    next = end;
+                }
+                assert!(runs.windows(2).all(|w| w[1] <= w[0]), "runs grow: {runs:?}");
+                assert_eq!(*runs.last().unwrap(), 1, "the job does not end on one task: {runs:?}");
+                // Claims in all: at most 2·threads·(ln(tasks / (2·threads)) + 2), far fewer than tasks once
+                // there are many (2 threads, 10 000 tasks: 33).
+                let team = (2 * threads) as f64;
+                let bound = team * ((tasks as f64 / team).max(1.0).ln() + 2.0);
+                assert!(
+                    runs.len() as f64 <= bound.min(tasks as f64),
+                    "threads {threads} tasks {tasks}: {} claims",
+                    runs.len()
                 );
             }
         }
