@@ -9,13 +9,15 @@ from pathlib import Path
 # First match wins; patterns are searched in the symbol name.
 GROUPS = [
     ("matrix-vector kernels (decode products, LM head)",
-     r"rows_dot|rows_vnni|rows_avx2|rows16|rows_multi|rows_int|QMatrix::matvec|math::matvec|math::dot\b"),
-    ("attention (scores, softmax, values)", r"Compute>::attention|__expf|softmax"),
+     r"rows_dot|rows_vnni|rows_avx2|rows16|rows_multi|rows_int|QMatrix::matvec|math::matvec"),
+    ("f32 dot products (the exact path's products; attention scores)", r"math::dot\b"),
+    # The per-head attention closure runs inside par's chunk closure, where its value sums are inlined.
+    ("attention (softmax, value sums)", r"Compute>::attention|__expf|softmax|par::for_each_chunk::\{\{closure"),
     ("activation quantization (int8/int16 paths)", r"quantize|Q8Vec|Q16Vec"),
     ("RMSNorm", r"rms_norm"),
     ("RoPE and KV append", r"rope|kv_append"),
     ("SiLU-mul, residual add", r"silu|residual"),
-    ("compute threads: waiting for and handing out tasks (llm::par)", r"par::|Team|take_tasks|wait_for_job"),
+    ("compute threads: helpers polling, caller waiting (llm::par)", r"par::helper|wait_for_job|Team::run|take_tasks"),
     ("all-reduce and rank synchronisation", r"nccl::host|barrier|futex|sched_yield|__schedule|finish_task_switch"),
     ("sampling, logits gather", r"sample|argmax|logits"),
     ("load and prefill (dequantize, GEMM, page faults)",

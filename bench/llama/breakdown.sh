@@ -15,9 +15,12 @@ MODEL=${MODEL:-.deps/models/SmolLM2-135M-Instruct.Q4_1.gguf}
 TOKENS=${TOKENS:-256}
 [ -f "$MODEL" ] || { echo "model $MODEL is absent (scripts/setup.sh fetches it)" >&2; exit 1; }
 command -v perf >/dev/null || { echo "perf is not installed (apt-get install linux-perf)" >&2; exit 1; }
-export CARGO_TARGET_DIR=${CARGO_TARGET_DIR:-target}
-cargo build --release --example tp_llama >&2
-BIN="$CARGO_TARGET_DIR/release/examples/tp_llama"
+# BIN=path/to/tp_llama: profile that binary instead of building this tree's (before/after two commits).
+if [ -z "${BIN:-}" ]; then
+  export CARGO_TARGET_DIR=${CARGO_TARGET_DIR:-target}
+  cargo build --release --example tp_llama >&2
+  BIN="$CARGO_TARGET_DIR/release/examples/tp_llama"
+fi
 OUT=$(mktemp -d)
 trap 'rm -rf "$OUT"' EXIT
 # name:tp:threads per rank (the names are breakdown.py's columns)

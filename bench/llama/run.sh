@@ -25,9 +25,12 @@ OUT=${OUT:-/tmp/llama_bench_results}
 rm -rf "$OUT"
 mkdir -p "$OUT"
 [ -f "$MODEL" ] || { echo "model $MODEL is absent (scripts/setup.sh fetches it)" >&2; exit 1; }
-export CARGO_TARGET_DIR=${CARGO_TARGET_DIR:-target}
-cargo build --release --example tp_llama >&2
-BIN="$CARGO_TARGET_DIR/release/examples/tp_llama"
+# BIN=path/to/tp_llama: bench that binary instead of building this tree's (an A/B of two commits).
+if [ -z "${BIN:-}" ]; then
+  export CARGO_TARGET_DIR=${CARGO_TARGET_DIR:-target}
+  cargo build --release --example tp_llama >&2
+  BIN="$CARGO_TARGET_DIR/release/examples/tp_llama"
+fi
 IDS=$(python3 -c 'print(",".join(str(1000 + 37 * i % 40000) for i in range(64)))')
 uptime > "$OUT/uptime_start.txt"
 

@@ -59,18 +59,20 @@ pub fn linear(x: &[f32], n: usize, w: &Matrix, y: &mut [f32], threads: usize) {
 }
 
 /// Rows per parallel task in [`matvec`]: small, so that the last claims of a product balance its threads
-/// ([`par`] hands tasks out in shrinking runs, so small tasks do not cost one claim each). Every row is
-/// computed alone, so the value changes no result bit.
+/// ([`par`] hands tasks out in shrinking runs, each run one kernel call, so small tasks cost neither a
+/// claim nor a call each). Every row is computed alone, so the value changes no result bit.
 const MATVEC_CHUNK: usize = 16;
 
 /// Fewest rows of a product split over threads (fewer: the hand-off costs more than it saves).
 const PAR_MIN_ROWS: usize = 128;
 
-/// Runs `kernel((block, out))` for every block of [`MATVEC_CHUNK`] rows of `y` (`out` = the block's rows),
-/// over `threads` compute threads ([`par`]) when there are at least [`PAR_MIN_ROWS`] rows.
+/// Runs `kernel((block, out))` over runs of consecutive blocks of [`MATVEC_CHUNK`] rows of `y` that cover
+/// it once (`out` = the run's rows, starting at row `block · MATVEC_CHUNK`), over `threads` compute threads
+/// ([`par::for_each_span`]) when there are at least [`PAR_MIN_ROWS`] rows; one call for all rows on one
+/// thread.
 fn row_blocks(threads: usize, y: &mut [f32], kernel: impl Fn((usize, &mut [f32])) + Sync) {
     let threads = if y.len() >= PAR_MIN_ROWS { threads } else { 1 };
-    par::for_each_chunk(threads, y, MATVEC_CHUNK, |c, out| kernel((c, out)));
+    par::for_each_span(threads, y, MATVEC_CHUNK, |c, out| kernel((c, out)));
 }
 
 /// `y = W · x` for one vector.

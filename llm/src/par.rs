@@ -12,9 +12,10 @@
 //! Tasks are handed out from a shared counter in runs that shrink as the job drains (guided self-scheduling:
 //! a claim takes the remaining tasks over twice the team, at least one), so a helper that is descheduled
 //! or slow takes fewer, a job of many small tasks costs a few claims per thread instead of one per task,
-//! and its end is balanced to one task; the results are the same whatever thread runs a task. Each thread that calls [`for_each_chunk`]
-//! with `threads > 1` gets its own team, created at its first call and ended (helpers joined) when that
-//! thread exits; a call from inside a task runs on the calling thread.
+//! and its end is balanced to one task; each run is one call of the job's function ([`for_each_span`]
+//! gives it as one slice). The results are the same whatever thread runs a task. Each thread that calls
+//! [`for_each_run`] with `threads > 1` gets its own team, created at its first call and ended (helpers
+//! joined) when that thread exits; a call from inside a task runs on the calling thread.
 
 use std::any::Any;
 use std::cell::{Cell, RefCell, UnsafeCell};
@@ -37,11 +38,12 @@ fn epoch(state: u64) -> u64 {
     state >> 32
 }
 
-type Task = dyn Fn(usize) + Sync;
+/// A job's work: `f(start, end)` runs tasks `start..end` (one claimed run).
+type Task = dyn Fn(usize, usize) + Sync;
 
-fn noop(_: usize) {}
+fn noop(_: usize, _: usize) {}
 
-/// The job of one epoch: run `f(i)` for every `i < tasks` on a team of `threads`.
+/// The job of one epoch: run every task `i < tasks`, in claimed runs, on a team of `threads`.
 #[derive(Clone, Copy)]
 struct Job {
     f: *const Task,
@@ -124,14 +126,16 @@ impl Team {
         self.helpers.len() + 1
     }
 
-    /// Runs `f(i)` for every `i < tasks` on the leader (the calling thread) and whichever helpers join,
-    /// and returns when all are done. A panic in any task is resumed here, after every task ended.
-    fn run<'a>(&self, tasks: usize, f: &'a (dyn Fn(usize) + Sync + 'a)) {
+    /// Runs every task `i < tasks`, `f(start, end)` for each claimed run, on the leader (the calling
+    /// thread) and whichever helpers join, and returns when all are done. A panic in any task is resumed
+    /// here, after every task ended.
+    fn run<'a>(&self, tasks: usize, f: &'a (dyn Fn(usize, usize) + Sync + 'a)) {
         let s = &*self.shared;
         // SAFETY: the lifetime is erased only for the helpers' view of `f`: they dereference it only
         // between joining this epoch and counting themselves done, and this function does not return (nor
         // unwind: the leader's own tasks run under catch_unwind) before every helper that joined is done.
-        let f_static: *const Task = unsafe { std::mem::transmute::<&'a (dyn Fn(usize) + Sync + 'a), &'static Task>(f) };
+        let f_static: *const Task =
+            unsafe { std::mem::transmute::<&'a (dyn Fn(usize, usize) + Sync + 'a), &'static Task>(f) };
         let threads = self.threads();
         // SAFETY: no job is open (the last `run` closed its job and waited for its helpers), so no helper
         // reads `job` now: see `Shared::job`.
@@ -187,8 +191,8 @@ impl Drop for Team {
 }
 
 /// Claims and runs tasks of the open job until none is left: each claim takes the next
-/// `max(1, remaining / (2 · threads))` tasks ([`guided_claim`]).
-fn take_tasks(s: &Shared, f: &(dyn Fn(usize) + Sync + '_), tasks: usize, threads: usize) {
+/// `max(1, remaining / (2 · threads))` tasks ([`guided_claim`]), run by one call `f(start, end)`.
+fn take_tasks(s: &Shared, f: &(dyn Fn(usize, usize) + Sync + '_), tasks: usize, threads: usize) {
     let mut cur = s.next.0.load(Ordering::Relaxed);
     while cur < tasks {
         let end = guided_claim(cur, tasks, threads);
@@ -198,7 +202,7 @@ fn take_tasks(s: &Shared, f: &(dyn Fn(usize) + Sync + '_), tasks: usize, threads
             .compare_exchange_weak(cur, end, Ordering::Relaxed, Ordering::Relaxed)
         {
             Ok(_) => {
-                (cur..end).for_each(f);
+                f(cur, end);
                 cur = s.next.0.load(Ordering::Relaxed);
             }
             Err(now) => cur = now,
@@ -287,12 +291,17 @@ fn wait_for_job(s: &Shared, seen: u64) -> Option<u64> {
     }
 }
 
-/// Runs `f(i)` for every `i < tasks` on `threads` threads: this one and the helpers of its team (started at
-/// the first call, or again when `threads` changes). On the calling thread alone, in order, when
-/// `threads <= 1`, `tasks <= 1`, when called from inside a task, or when no helper thread can be started.
-/// A panic in a task is resumed on the calling thread once every task has ended.
-pub fn for_each_index(threads: usize, tasks: usize, f: impl Fn(usize) + Sync) {
-    let alone = |f: &dyn Fn(usize)| (0..tasks).for_each(f);
+/// Runs `f(start, end)` over runs of tasks that together cover `0..tasks` once, on `threads` threads:
+/// this one and the helpers of its team (started at the first call, or again when `threads` changes).
+/// As one call `f(0, tasks)` on the calling thread when `threads <= 1`, `tasks <= 1`, when called from
+/// inside a task, or when no helper thread can be started. A panic in a task is resumed on the calling
+/// thread once every task has ended.
+pub fn for_each_run(threads: usize, tasks: usize, f: impl Fn(usize, usize) + Sync) {
+    let alone = |f: &dyn Fn(usize, usize)| {
+        if tasks > 0 {
+            f(0, tasks)
+        }
+    };
     if threads <= 1 || tasks <= 1 || IS_HELPER.with(|h| h.get()) {
         return alone(&f);
     }
@@ -315,20 +324,40 @@ pub fn for_each_index(threads: usize, tasks: usize, f: impl Fn(usize) + Sync) {
     }
 }
 
+/// Runs `f(i)` for every `i < tasks` on `threads` threads as [`for_each_run`] (in order on the calling
+/// thread when it runs alone).
+pub fn for_each_index(threads: usize, tasks: usize, f: impl Fn(usize) + Sync) {
+    for_each_run(threads, tasks, |start, end| (start..end).for_each(&f));
+}
+
 /// Runs `f(i, chunk)` for each `chunk`-sized piece of `data` (the last may be shorter), piece `i` starting
 /// at `i * chunk`, on `threads` threads as [`for_each_index`].
 pub fn for_each_chunk<T: Send>(threads: usize, data: &mut [T], chunk: usize, f: impl Fn(usize, &mut [T]) + Sync) {
+    for_each_span(threads, data, chunk, |first, span| {
+        for (k, piece) in span.chunks_mut(chunk.max(1)).enumerate() {
+            f(first + k, piece)
+        }
+    });
+}
+
+/// Runs `f(i, span)` for runs of consecutive `chunk`-sized pieces of `data` that together cover it once,
+/// `span` being pieces `i..` (so it starts at `i * chunk` and is a whole number of pieces, but for the
+/// last), on `threads` threads as [`for_each_run`]: the whole of `data` in one call when alone. For work
+/// whose pieces are independent and cheap to start (a product's rows), where one call per piece would
+/// cost more than the balance it buys.
+pub fn for_each_span<T: Send>(threads: usize, data: &mut [T], chunk: usize, f: impl Fn(usize, &mut [T]) + Sync) {
     let chunk = chunk.max(1);
     let len = data.len();
     let tasks = len.div_ceil(chunk);
     let base = SendPtr(data.as_mut_ptr());
-    for_each_index(threads, tasks, |i| {
-        let start = i * chunk;
-        let end = (start + chunk).min(len);
-        // SAFETY: `data` is borrowed mutably for this whole call; task i gets elements start..end, and the
-        // tasks' ranges are disjoint (each index i < tasks is run once) and inside `data` (end ≤ len).
-        let piece = unsafe { std::slice::from_raw_parts_mut(base.at(start), end - start) };
-        f(i, piece)
+    for_each_run(threads, tasks, |first, last| {
+        let start = first * chunk;
+        let end = (last * chunk).min(len);
+        // SAFETY: `data` is borrowed mutably for this whole call; the run first..last gets elements
+        // start..end, and the runs' ranges are disjoint (they cover each index < tasks once) and inside
+        // `data` (end ≤ len).
+        let span = unsafe { std::slice::from_raw_parts_mut(base.at(start), end - start) };
+        f(first, span)
     });
 }
 
@@ -413,6 +442,34 @@ mod tests {
                     "threads {threads} tasks {tasks}: {} claims",
                     runs.len()
                 );
+            }
+        }
+    }
+
+    #[test]
+    fn spans_are_whole_pieces_that_cover_the_slice_once() {
+        for threads in [1, 2, 3] {
+            for len in [0, 1, 15, 16, 17, 576, 1000] {
+                let mut v = vec![0u32; len];
+                let calls = AtomicUsize::new(0);
+                for_each_span(threads, &mut v, 16, |first, span| {
+                    calls.fetch_add(1, Ordering::Relaxed);
+                    assert!(!span.is_empty(), "an empty span");
+                    for (k, x) in span.iter_mut().enumerate() {
+                        *x += (first * 16 + k) as u32 + 1; // its index in `v`, plus one
+                    }
+                });
+                assert!(
+                    v.iter().enumerate().all(|(k, &x)| x == k as u32 + 1),
+                    "threads {threads} len {len}"
+                );
+                if threads == 1 {
+                    assert_eq!(
+                        calls.into_inner(),
+                        usize::from(len > 0),
+                        "alone: one call for all of it"
+                    );
+                }
             }
         }
     }
