@@ -91,8 +91,8 @@ pub fn matvec(x: &[f32], w: &Matrix, y: &mut [f32], threads: usize) {
 }
 
 /// `y[t, :] = W · x[t, :]` for `n` independent vectors in one pass over the weights (a batched decode
-/// step): each block of `MATVEC_CHUNK` (16) rows is read once and applied to every vector while it is in cache.
-/// Every output is computed exactly as [`matvec`] computes it (same kernel, same order), so a sequence's
+/// step): each block of `MATVEC_CHUNK` (16) rows is read once and applied to every vector while it is in
+/// cache. Every output is computed exactly as [`matvec`] computes it (same kernel, same order), so a sequence's
 /// results do not depend on what else is in the batch.
 pub fn matvec_batch(x: &[f32], n: usize, w: &Matrix, y: &mut [f32], threads: usize) {
     assert_eq!(x.len(), n * w.cols, "matvec_batch: input length");
