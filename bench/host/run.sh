@@ -82,7 +82,7 @@ for b in sizes:
 print()
 try:
     bo = ours(f"{out}/busy_ours.txt")
-    bm = mpi(f"{out}/busy_mpi.txt")
+    bm = mpi(f"{out}/busy_mpi.txt") if glob.glob(f"{out}/busy_mpi.txt") else {}  # no OpenMPI: n/a column
     print(f"Oversubscribed ({busy} busy processes beside the 2 ranks), one run, as time ÷ the idle median:")
     print()
     print("| size | threads | processes | OpenMPI |")
