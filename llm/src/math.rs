@@ -63,6 +63,11 @@ pub fn linear(x: &[f32], n: usize, w: &Matrix, y: &mut [f32], threads: usize) {
 /// claim nor a call each). Every row is computed alone, so the value changes no result bit.
 const MATVEC_CHUNK: usize = 16;
 
+/// Rows per block of a batched product ([`batch_rows`]): each block is one kernel call that reads its
+/// weights once for every vector, so it keeps the 64 rows it had before [`MATVEC_CHUNK`] became 16 (the
+/// smaller tasks were measured for single-vector decode only).
+const BATCH_CHUNK: usize = 64;
+
 /// Fewest rows of a product split over threads (fewer: the hand-off costs more than it saves).
 const PAR_MIN_ROWS: usize = 128;
 
@@ -91,8 +96,8 @@ pub fn matvec(x: &[f32], w: &Matrix, y: &mut [f32], threads: usize) {
 }
 
 /// `y[t, :] = W · x[t, :]` for `n` independent vectors in one pass over the weights (a batched decode
-/// step): each block of `MATVEC_CHUNK` (16) rows is read once and applied to every vector while it is in
-/// cache. Every output is computed exactly as [`matvec`] computes it (same kernel, same order), so a sequence's
+/// step): each block of 64 rows is read once and applied to every vector while it is in cache.
+/// Every output is computed exactly as [`matvec`] computes it (same kernel, same order), so a sequence's
 /// results do not depend on what else is in the batch.
 pub fn matvec_batch(x: &[f32], n: usize, w: &Matrix, y: &mut [f32], threads: usize) {
     assert_eq!(x.len(), n * w.cols, "matvec_batch: input length");
@@ -112,18 +117,18 @@ pub fn matvec_batch(x: &[f32], n: usize, w: &Matrix, y: &mut [f32], threads: usi
     });
 }
 
-/// Runs `kernel(first_row, out)` for every block of [`MATVEC_CHUNK`] rows, `out` being `[n][rlen]` (the
+/// Runs `kernel(first_row, out)` for every block of [`BATCH_CHUNK`] rows, `out` being `[n][rlen]` (the
 /// block's rows for each of the `n` vectors; blocks in parallel when `threads > 1`, so a block's weights
 /// are read from memory once for all vectors), then scatters the block-major results into `y` (`[n, rows]`).
 fn batch_rows(n: usize, rows: usize, y: &mut [f32], threads: usize, kernel: impl Fn(usize, &mut [f32]) + Sync) {
     let mut tmp = vec![0.0f32; n * rows];
     let threads = if rows >= PAR_MIN_ROWS { threads } else { 1 };
-    par::for_each_chunk(threads, &mut tmp, MATVEC_CHUNK * n, |c, out| {
-        kernel(c * MATVEC_CHUNK, out)
+    par::for_each_chunk(threads, &mut tmp, BATCH_CHUNK * n, |c, out| {
+        kernel(c * BATCH_CHUNK, out)
     });
-    for (c, blk) in tmp.chunks(MATVEC_CHUNK * n).enumerate() {
+    for (c, blk) in tmp.chunks(BATCH_CHUNK * n).enumerate() {
         let rlen = blk.len() / n;
-        let base = c * MATVEC_CHUNK;
+        let base = c * BATCH_CHUNK;
         for (t, vals) in blk.chunks_exact(rlen).enumerate() {
             y[t * rows + base..t * rows + base + rlen].copy_from_slice(vals);
         }
