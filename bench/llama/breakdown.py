@@ -44,13 +44,14 @@ def shares(report: Path) -> dict:
 
 def main() -> None:
     d = Path(sys.argv[1])
-    layouts = [("tp1t1", "TP=1, 1 thread"), ("tp1t2", "TP=1, 2 threads"), ("tp2t1", "TP=2, 1 thread per rank")]
-    runs = []
-    for key, _ in layouts:
-        rate = json.loads((d / f"{key}.json").read_text()).get("decode_tokens_per_s", float("nan"))
-        runs.append((shares(d / f"{key}.txt"), rate))
-    print("| where the samples fall | " + " | ".join(title for _, title in layouts) + " |")
-    print("|---" * (len(layouts) + 1) + "|")
+    # One column per profiled run (breakdown.sh's layouts, in its order), titled from the run's own JSON.
+    titles, runs = [], []
+    for run in sorted(d.glob("*.json")):
+        j = json.loads(run.read_text())
+        titles.append(f"TP={j['tp']}, {j['threads_per_rank']} thread(s) per rank")
+        runs.append((shares(run.with_suffix(".txt")), j.get("decode_tokens_per_s", float("nan"))))
+    print("| where the samples fall | " + " | ".join(titles) + " |")
+    print("|---" * (len(runs) + 1) + "|")
     for name in runs[0][0]:
         print(f"| {name} | " + " | ".join(f"{r[0][name]:.1f} %" for r in runs) + " |")
     print("| decode tokens/s in the same run | " + " | ".join(f"{r[1]:.1f}" for r in runs) + " |")

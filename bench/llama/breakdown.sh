@@ -23,7 +23,7 @@ if [ -z "${BIN:-}" ]; then
 fi
 OUT=$(mktemp -d)
 trap 'rm -rf "$OUT"' EXIT
-# name:tp:threads per rank (the names are breakdown.py's columns)
+# name:tp:threads per rank (the names sort in column order for breakdown.py)
 for L in tp1t1:1:1 tp1t2:1:2 tp2t1:2:1; do
   IFS=: read -r NAME TP THR <<< "$L"
   perf record -q -F 1999 -o "$OUT/$NAME.data" "$BIN" --model "$MODEL" --tp "$TP" --threads "$THR" \
