@@ -946,6 +946,93 @@ impl Raw {
     }
 }
 
+/// `LocalLaunch::ranks` + `start`: this process is rank 0 of a world whose other ranks it started, and
+/// watches them without blocking.
+#[test]
+fn the_launching_process_can_be_rank_0_of_the_workers_it_starts() {
+    let workers = LocalLaunch::new(this_test_binary(), 3)
+        .args(helper_args("helper_rendezvous_worker"))
+        .env(ROLE, "local")
+        .ranks(1..3)
+        .capture_output(true)
+        .start()
+        .unwrap();
+    assert_eq!(workers.pids().iter().map(|p| p.0).collect::<Vec<_>>(), [1, 2]);
+    let info = RankInfo {
+        rank: 0,
+        world_size: 3,
+        local_rank: 0,
+        local_world_size: Some(3),
+        master_addr: "127.0.0.1".into(),
+        master_port: workers.master_port(),
+        launcher: Launcher::Local,
+    };
+    let rv = Rendezvous::new(&info, opts(20_000)).unwrap();
+    let id = rv.broadcast(&fresh_id()).unwrap();
+    let all = rv
+        .all_gather(format!("rank0-pid{}", std::process::id()).as_bytes())
+        .unwrap();
+    rv.barrier().unwrap();
+    assert_eq!(all.len(), 3);
+    for (r, b) in all.iter().enumerate() {
+        assert!(String::from_utf8_lossy(b).starts_with(&format!("rank{r}-pid")));
+    }
+    let exits = workers.finish(Duration::from_secs(20)).unwrap();
+    assert_eq!(exits.iter().map(|w| w.rank).collect::<Vec<_>>(), [1, 2]);
+    for w in &exits {
+        assert!(
+            w.status.success() && !w.killed,
+            "rank {}: {}\n{}",
+            w.rank,
+            w.status,
+            String::from_utf8_lossy(&w.stderr)
+        );
+        assert_eq!(tagged(&w.stdout, "ID"), [format!("{} {}", w.rank, hex(&id))]);
+    }
+    let bad = LocalLaunch::new(this_test_binary(), 3).ranks(2..4).start();
+    assert!(
+        matches!(bad, Err(BootstrapError::InvalidArgument { what: "ranks", .. })),
+        "{bad:?}"
+    );
+}
+
+/// Dropping the handle of started workers kills and reaps those still running; `poll` reports an exit once.
+#[test]
+fn dropping_started_workers_kills_them_and_poll_reports_each_exit_once() {
+    let mut workers = LocalLaunch::new(this_test_binary(), 3)
+        .args(helper_args("helper_nprocs_program"))
+        .env(ROLE, "orphan")
+        .ranks(1..3)
+        .parent_death_signal(libc::SIGKILL)
+        .start()
+        .unwrap();
+    let pids: Vec<u32> = workers.pids().iter().map(|p| p.1).collect();
+    assert_eq!(pids.len(), 2);
+    std::thread::sleep(Duration::from_millis(200));
+    assert!(workers.poll().unwrap().is_none(), "the sleepers are still running");
+    // SAFETY: kill(2) on a child of this process that has not been waited for.
+    assert_eq!(unsafe { libc::kill(pids[0] as libc::pid_t, libc::SIGKILL) }, 0);
+    let t0 = Instant::now();
+    let (rank, status) = loop {
+        if let Some(e) = workers.poll().unwrap() {
+            break e;
+        }
+        assert!(t0.elapsed() < Duration::from_secs(10), "the kill was never seen");
+        std::thread::sleep(Duration::from_millis(10));
+    };
+    assert_eq!(rank, 1);
+    assert_eq!(nccl::bootstrap::launch::exit_code_of(&status), 128 + libc::SIGKILL);
+    assert!(workers.poll().unwrap().is_none(), "one report per exit");
+    assert_eq!(workers.running(), 1);
+    drop(workers);
+    for pid in pids {
+        assert!(
+            !std::path::Path::new(&format!("/proc/{pid}")).exists(),
+            "worker {pid} outlived its handle"
+        );
+    }
+}
+
 #[test]
 fn worker_process_dying_mid_handshake_is_named() {
     let t = Instant::now();

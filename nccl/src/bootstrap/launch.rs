@@ -3,6 +3,7 @@
 
 use std::ffi::OsString;
 use std::net::{IpAddr, Ipv4Addr, TcpListener};
+use std::ops::Range;
 use std::path::PathBuf;
 use std::process::{Child, Command, ExitStatus, Stdio};
 use std::sync::atomic::{AtomicBool, Ordering};
@@ -98,6 +99,8 @@ pub struct LocalLaunch {
     capture: bool,
     kill_grace: Duration,
     forward_sigterm: bool,
+    ranks: Option<Range<usize>>,
+    death_signal: libc::c_int,
 }
 
 /// How one worker ended.
@@ -118,7 +121,7 @@ pub struct WorkerExit {
 /// The result of [`LocalLaunch::run`].
 #[derive(Debug)]
 pub struct LaunchOutcome {
-    /// Every worker, in rank order.
+    /// Every worker started, in rank order.
     pub workers: Vec<WorkerExit>,
     /// The rank of the first worker seen failing, if any.
     pub first_failure: Option<usize>,
@@ -143,9 +146,14 @@ impl LaunchOutcome {
     pub fn exit_code(&self) -> i32 {
         match self.first_failure {
             None => 0,
-            Some(r) => match exit_code_of(&self.workers[r].status) {
-                0 => 1,
-                c => c,
+            Some(r) => match self
+                .workers
+                .iter()
+                .find(|w| w.rank == r)
+                .map(|w| exit_code_of(&w.status))
+            {
+                Some(0) | None => 1,
+                Some(c) => c,
             },
         }
     }
@@ -163,6 +171,8 @@ impl LocalLaunch {
             capture: false,
             kill_grace: Duration::from_secs(5),
             forward_sigterm: false,
+            ranks: None,
+            death_signal: libc::SIGTERM,
         }
     }
 
@@ -206,22 +216,48 @@ impl LocalLaunch {
         self
     }
 
-    /// Starts the workers and waits for all of them.
-    pub fn run(self) -> Result<LaunchOutcome, BootstrapError> {
-        let _sigterm = self.forward_sigterm.then(SigtermForward::install);
+    /// The signal a worker gets when the thread that started it dies (Linux `PR_SET_PDEATHSIG`), so a killed
+    /// launcher leaves no orphaned workers. Default `SIGTERM`, which lets a worker shut down cleanly;
+    /// `SIGKILL` for workers that are of no use without their launcher (or ignore `SIGTERM`).
+    pub fn parent_death_signal(mut self, signal: libc::c_int) -> Self {
+        self.death_signal = signal;
+        self
+    }
+
+    /// Starts only these ranks of the `nprocs`-rank world (default: all of them), for a program that is one
+    /// of the ranks itself: e.g. `1..n` from rank 0, which then joins the rendezvous on
+    /// [`LocalWorkers::master_port`] (give it a [`master_port`](Self::master_port) or read the chosen one).
+    pub fn ranks(mut self, ranks: Range<usize>) -> Self {
+        self.ranks = Some(ranks);
+        self
+    }
+
+    /// Starts the workers and returns at once, with a handle that watches, signals and stops them (and
+    /// kills those still running when dropped). [`forward_sigterm`](Self::forward_sigterm) applies to
+    /// [`run`](Self::run) only.
+    pub fn start(self) -> Result<LocalWorkers, BootstrapError> {
+        let ranks = self.ranks.clone().unwrap_or(0..self.nprocs);
         if self.nprocs == 0 {
             return Err(BootstrapError::InvalidArgument {
                 what: "nprocs",
                 reason: "at least one process is needed".into(),
             });
         }
+        if ranks.end > self.nprocs {
+            return Err(BootstrapError::InvalidArgument {
+                what: "ranks",
+                reason: format!("ranks {ranks:?} are not all below nprocs {}", self.nprocs),
+            });
+        }
         let port = match self.master_port {
             Some(p) => p,
             None => free_port(IpAddr::V4(Ipv4Addr::LOCALHOST))?,
         };
-        let mut children: Vec<Child> = Vec::with_capacity(self.nprocs);
-        let mut readers: Vec<(Option<Drain>, Option<Drain>)> = Vec::new();
-        for rank in 0..self.nprocs {
+        let mut workers = LocalWorkers {
+            workers: Vec::with_capacity(ranks.len()),
+            master_port: port,
+        };
+        for rank in ranks {
             let mut cmd = Command::new(&self.program);
             cmd.args(&self.args);
             for v in CLEARED {
@@ -241,13 +277,14 @@ impl LocalLaunch {
             #[cfg(target_os = "linux")]
             {
                 use std::os::unix::process::CommandExt;
+                let sig = self.death_signal;
                 // SAFETY: the closure runs in the forked child before exec and only calls `prctl`, which is
-                // async-signal-safe, allocates nothing and touches no lock. It asks the kernel to send SIGTERM to
+                // async-signal-safe, allocates nothing and touches no lock. It asks the kernel to send `sig` to
                 // the worker when the launching thread (which waits for the workers) dies, so a killed launcher
                 // does not leave orphaned workers behind.
                 unsafe {
-                    cmd.pre_exec(|| {
-                        if libc::prctl(libc::PR_SET_PDEATHSIG, libc::SIGTERM) != 0 {
+                    cmd.pre_exec(move || {
+                        if libc::prctl(libc::PR_SET_PDEATHSIG, sig) != 0 {
                             return Err(std::io::Error::last_os_error());
                         }
                         Ok(())
@@ -257,99 +294,188 @@ impl LocalLaunch {
             if self.capture {
                 cmd.stdout(Stdio::piped()).stderr(Stdio::piped());
             }
-            match cmd.spawn() {
-                Ok(mut child) => {
-                    let out = child.stdout.take().map(drain);
-                    let err = child.stderr.take().map(drain);
-                    readers.push((out, err));
-                    children.push(child);
-                }
-                Err(source) => {
-                    for c in &mut children {
-                        let _ = c.kill();
-                        let _ = c.wait();
-                    }
-                    return Err(BootstrapError::Spawn {
-                        rank,
-                        what: "spawning the worker process",
-                        source,
-                    });
-                }
-            }
+            // On an error `workers` is dropped, which kills the ones already started.
+            let mut child = cmd.spawn().map_err(|source| BootstrapError::Spawn {
+                rank,
+                what: "spawning the worker process",
+                source,
+            })?;
+            let out = child.stdout.take().map(drain);
+            let err = child.stderr.take().map(drain);
+            workers.workers.push(Worker {
+                rank,
+                child,
+                status: None,
+                seen: false,
+                out,
+                err,
+            });
         }
-        let mut statuses: Vec<Option<(ExitStatus, bool)>> = vec![None; self.nprocs];
+        Ok(workers)
+    }
+
+    /// Starts the workers and waits for all of them.
+    pub fn run(self) -> Result<LaunchOutcome, BootstrapError> {
+        let _sigterm = self.forward_sigterm.then(SigtermForward::install);
+        let (grace, forward) = (self.kill_grace, self.forward_sigterm);
+        let mut workers = self.start()?;
         let mut first_failure = None;
         let mut kill_at: Option<Instant> = None;
-        while statuses.iter().any(Option::is_none) {
+        while workers.running() > 0 {
             let mut progressed = false;
-            for (rank, child) in children.iter_mut().enumerate() {
-                if statuses[rank].is_some() {
-                    continue;
-                }
-                let status = child.try_wait().map_err(|source| BootstrapError::Spawn {
-                    rank,
-                    what: "waiting for the worker process",
-                    source,
-                })?;
-                if let Some(status) = status {
-                    progressed = true;
-                    statuses[rank] = Some((status, false));
-                    if !status.success() && first_failure.is_none() {
-                        first_failure = Some(rank);
-                        kill_at = Some(Instant::now() + self.kill_grace);
-                        let left = statuses.iter().filter(|s| s.is_none()).count();
-                        eprintln!(
-                            "nccl-rs launch: rank {rank} exited with code {}; {left} other worker(s) get {:?} \
-                             to stop before being killed",
-                            exit_code_of(&status),
-                            self.kill_grace
-                        );
-                    }
+            while let Some((rank, status)) = workers.poll()? {
+                progressed = true;
+                if !status.success() && first_failure.is_none() {
+                    first_failure = Some(rank);
+                    kill_at = Some(Instant::now() + grace);
+                    eprintln!(
+                        "nccl-rs launch: rank {rank} exited with code {}; {} other worker(s) get {grace:?} to stop \
+                         before being killed",
+                        exit_code_of(&status),
+                        workers.running()
+                    );
                 }
             }
-            if self.forward_sigterm && SIGTERM_SEEN.swap(false, Ordering::SeqCst) {
-                for (rank, child) in children.iter().enumerate() {
-                    if statuses[rank].is_none() {
-                        // SAFETY: kill(2) with a pid of our own child, which has not been waited for (its
-                        // status is unknown), so the pid still names it.
-                        unsafe { libc::kill(child.id() as libc::pid_t, libc::SIGTERM) };
-                    }
-                }
+            if forward && SIGTERM_SEEN.swap(false, Ordering::SeqCst) {
+                workers.signal(libc::SIGTERM);
             }
             if kill_at.is_some_and(|t| Instant::now() >= t) {
-                for (rank, child) in children.iter_mut().enumerate() {
-                    if statuses[rank].is_none() {
-                        let _ = child.kill();
-                        if let Ok(status) = child.wait() {
-                            statuses[rank] = Some((status, true));
-                        }
-                    }
-                }
+                workers.kill_running();
             }
             if !progressed {
                 std::thread::sleep(Duration::from_millis(10));
             }
         }
-        let workers = statuses
+        let master_port = workers.master_port;
+        Ok(LaunchOutcome {
+            workers: workers.collect(),
+            first_failure,
+            master_port,
+        })
+    }
+}
+
+/// One started worker.
+struct Worker {
+    rank: usize,
+    child: Child,
+    /// Its status once it exited, and whether this launcher killed it.
+    status: Option<(ExitStatus, bool)>,
+    /// Whether [`LocalWorkers::poll`] has reported its exit.
+    seen: bool,
+    out: Option<Drain>,
+    err: Option<Drain>,
+}
+
+/// Workers started by [`LocalLaunch::start`], still owned by this process: it can watch them, signal them and
+/// stop them. Dropping it kills and reaps every worker still running, so none outlives its handle.
+pub struct LocalWorkers {
+    workers: Vec<Worker>,
+    master_port: u16,
+}
+
+impl std::fmt::Debug for LocalWorkers {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("LocalWorkers")
+            .field("pids", &self.pids())
+            .field("master_port", &self.master_port)
+            .finish_non_exhaustive()
+    }
+}
+
+impl LocalWorkers {
+    /// The port rank 0 listens on (the workers were told it in `MASTER_PORT`).
+    pub fn master_port(&self) -> u16 {
+        self.master_port
+    }
+
+    /// `(rank, pid)` of every worker still running.
+    pub fn pids(&self) -> Vec<(usize, u32)> {
+        self.workers
+            .iter()
+            .filter(|w| w.status.is_none())
+            .map(|w| (w.rank, w.child.id()))
+            .collect()
+    }
+
+    /// How many workers are still running.
+    pub fn running(&self) -> usize {
+        self.workers.iter().filter(|w| w.status.is_none()).count()
+    }
+
+    /// A worker that has exited since the last call (its rank and status), without blocking; `None` when
+    /// no new one has.
+    pub fn poll(&mut self) -> Result<Option<(usize, ExitStatus)>, BootstrapError> {
+        for w in &mut self.workers {
+            if w.status.is_none() {
+                let status = w.child.try_wait().map_err(|source| BootstrapError::Spawn {
+                    rank: w.rank,
+                    what: "waiting for the worker process",
+                    source,
+                })?;
+                w.status = status.map(|s| (s, false));
+            }
+            if let (Some((status, _)), false) = (w.status, w.seen) {
+                w.seen = true;
+                return Ok(Some((w.rank, status)));
+            }
+        }
+        Ok(None)
+    }
+
+    /// Sends `signal` to every worker still running.
+    pub fn signal(&self, signal: libc::c_int) {
+        for w in self.workers.iter().filter(|w| w.status.is_none()) {
+            // SAFETY: kill(2) with a pid of our own child, which has not been waited for (its status is
+            // unknown), so the pid still names it.
+            unsafe { libc::kill(w.child.id() as libc::pid_t, signal) };
+        }
+    }
+
+    /// Kills and reaps every worker still running.
+    pub fn kill_running(&mut self) {
+        for w in self.workers.iter_mut().filter(|w| w.status.is_none()) {
+            let _ = w.child.kill();
+            if let Ok(status) = w.child.wait() {
+                w.status = Some((status, true));
+            }
+        }
+    }
+
+    /// Waits up to `grace` for every worker to exit on its own, kills the rest, and returns how each ended,
+    /// in rank order.
+    pub fn finish(mut self, grace: Duration) -> Result<Vec<WorkerExit>, BootstrapError> {
+        let until = Instant::now() + grace;
+        while self.running() > 0 && Instant::now() < until {
+            if self.poll()?.is_none() {
+                std::thread::sleep(Duration::from_millis(10));
+            }
+        }
+        self.kill_running();
+        Ok(self.collect())
+    }
+
+    /// Every worker's exit (all of them have exited).
+    fn collect(mut self) -> Vec<WorkerExit> {
+        std::mem::take(&mut self.workers)
             .into_iter()
-            .zip(readers)
-            .enumerate()
-            .map(|(rank, (s, (out, err)))| {
-                let (status, killed) = s.expect("loop ends when every worker has a status");
-                WorkerExit {
-                    rank,
+            .filter_map(|mut w| {
+                let (status, killed) = w.status?;
+                Some(WorkerExit {
+                    rank: w.rank,
                     status,
                     killed,
-                    stdout: out.and_then(|h| h.join().ok()).unwrap_or_default(),
-                    stderr: err.and_then(|h| h.join().ok()).unwrap_or_default(),
-                }
+                    stdout: w.out.take().and_then(|h| h.join().ok()).unwrap_or_default(),
+                    stderr: w.err.take().and_then(|h| h.join().ok()).unwrap_or_default(),
+                })
             })
-            .collect();
-        Ok(LaunchOutcome {
-            workers,
-            first_failure,
-            master_port: port,
-        })
+            .collect()
+    }
+}
+
+impl Drop for LocalWorkers {
+    fn drop(&mut self) {
+        self.kill_running();
     }
 }
 

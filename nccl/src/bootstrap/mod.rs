@@ -10,6 +10,9 @@
 //!   barrier of small byte blobs; deadlines on everything, bounded frames, an optional shared token, typed
 //!   errors naming the failing rank ([`rendezvous`], [`wire`]).
 //! - [`launch::spawn_local_if_requested`]: `--nprocs N` without any launcher.
+//! - [`launch::LocalLaunch`]: local workers started by a program, waited for ([`launch::LocalLaunch::run`]) or
+//!   watched and restarted by it ([`launch::LocalLaunch::start`], e.g. for the ranks `1..N` of a rank 0 that
+//!   outlives them).
 //! - [`run_threads`]: N ranks as N threads of one process.
 //! - [`Communicator::from_env`](crate::Communicator::from_env) and [`share_unique_id`]: all of the above
 //!   plus `ncclCommInitRank` in one call.
