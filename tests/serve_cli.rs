@@ -394,9 +394,15 @@ fn a_bad_prompts_file_line_fails_before_the_model_loads() {
 
 /// [`spawn`] that also collects the server's standard error (echoed to ours), line by line.
 fn spawn_capturing(exe: &PathBuf, args: &[&str]) -> (Proc, mpsc::Receiver<String>) {
+    spawn_capturing_env(exe, args, &[])
+}
+
+/// [`spawn_capturing`] with extra environment variables.
+fn spawn_capturing_env(exe: &PathBuf, args: &[&str], env: &[(String, String)]) -> (Proc, mpsc::Receiver<String>) {
     let mut child = Command::new(exe)
         .args(["--port", "0"])
         .args(args)
+        .envs(env.iter().cloned())
         .stdout(Stdio::piped())
         .stderr(Stdio::piped())
         .spawn()
@@ -479,25 +485,24 @@ fn ranks_as_processes_generate_what_rank_threads_generate() {
     }
 }
 
-#[test]
-fn a_rank_process_killed_mid_generation_ends_its_requests_with_503_and_the_server_exits() {
-    let Some(exe) = example() else { return };
-    if !tool("curl") {
-        return;
-    }
-    // 300 steps of ≥ 20 ms each: both requests are still generating when the rank dies.
-    let (mut p, err) = spawn_capturing(&exe, &["--tp", "2", "--nprocs", "2", "--step-delay-ms", "20"]);
-    let pid = {
-        let t0 = Instant::now();
-        loop {
-            let line = err
-                .recv_timeout(Duration::from_secs(60).saturating_sub(t0.elapsed()))
-                .expect("rank 1 prints its pid");
-            if let Some(rest) = line.strip_prefix("rank 1 of 2: pid ") {
-                break rest.split(',').next().unwrap().parse::<i32>().unwrap();
-            }
+/// The pid rank `rank` printed on the server's stderr (the next such line).
+fn rank_pid(err: &mpsc::Receiver<String>, rank: usize) -> i32 {
+    let t0 = Instant::now();
+    let tag = format!("rank {rank} of ");
+    loop {
+        let line = err
+            .recv_timeout(Duration::from_secs(60).saturating_sub(t0.elapsed()))
+            .unwrap_or_else(|_| panic!("rank {rank} prints its pid"));
+        if let Some(rest) = line.strip_prefix(&tag) {
+            let pid = rest.split_once(": pid ").unwrap().1;
+            return pid.split(',').next().unwrap().parse().unwrap();
         }
-    };
+    }
+}
+
+/// Starts a plain and a streamed 300-token request on `p`, SIGKILLs process `pid` while both generate, and
+/// checks that both end with a 503 within 30 s of the kill (the stream with an error event after its 200).
+fn kill_mid_generation(p: &Proc, pid: i32) {
     let url = format!("{}/v1/completions", p.url);
     let spawn_req = |stream: bool| {
         let body = json!({"model": "tiny-random", "prompt": [1, 2, 3], "max_tokens": 300, "temperature": 0,
@@ -529,8 +534,8 @@ fn a_rank_process_killed_mid_generation_ends_its_requests_with_503_and_the_serve
         std::thread::sleep(Duration::from_millis(10));
     }
     std::thread::sleep(Duration::from_millis(200));
-    // SAFETY: kill(2) with a pid the server printed for its rank 1 process, a child of our child, alive
-    // (the server is still answering, and it waits for its ranks).
+    // SAFETY: kill(2) with a pid the server printed for its rank 1 process, alive (the server is still
+    // answering, and it waits for its ranks).
     assert_eq!(unsafe { libc::kill(pid, libc::SIGKILL) }, 0);
     let killed = Instant::now();
 
@@ -563,8 +568,119 @@ fn a_rank_process_killed_mid_generation_ends_its_requests_with_503_and_the_serve
         partial.split_whitespace().count() < 300,
         "the stream ended early, not complete"
     );
+}
+
+/// Waits (60 s at most) until `/health` shows the one replica healthy after `restarts` rebuilds.
+fn wait_rebuilt(p: &Proc, restarts: u64) {
+    let health = format!("{}/health", p.url);
+    wait_for(&format!("the replica back after {restarts} restart(s)"), || {
+        let (code, h) = curl(&[&health]);
+        let v: Value = serde_json::from_str(&h).unwrap_or(Value::Null);
+        let r = &v["replicas"][0];
+        code == 200 && r["healthy"] == true && r["restarts"] == restarts
+    });
+}
+
+fn wait_for(what: &str, mut f: impl FnMut() -> bool) {
+    let t0 = Instant::now();
+    while !f() {
+        assert!(t0.elapsed() < Duration::from_secs(60), "waited 60 s for {what}");
+        std::thread::sleep(Duration::from_millis(20));
+    }
+}
+
+/// `serve --nprocs` starts its rank processes itself, so it starts them again: a rank killed mid-generation
+/// ends the requests it held with a 503 (there is no other replica), then the replica is rebuilt on a new
+/// rank process and serves the same tokens as before; a rank killed while the replica is idle is found by
+/// the heartbeat and replaced too. The server never stops listening, and SIGTERM still ends it and every
+/// rank process.
+#[test]
+fn a_rank_process_killed_mid_generation_ends_its_requests_with_503_and_the_replica_is_rebuilt() {
+    let Some(exe) = example() else { return };
+    if !tool("curl") {
+        return;
+    }
+    // 300 steps of ≥ 20 ms each: both requests are still generating when the rank dies.
+    let (mut p, err) = spawn_capturing(&exe, &["--tp", "2", "--nprocs", "2", "--step-delay-ms", "20"]);
+    let first = rank_pid(&err, 1);
+    let greedy = json!({"model": "tiny-random", "prompt": [4, 8, 1], "max_tokens": 12, "temperature": 0,
+                        "ignore_eos": true});
+    let ids = |p: &Proc| {
+        let (code, out) = post(p, "/v1/completions", &greedy);
+        assert_eq!(code, 200, "{out}");
+        serde_json::from_str::<Value>(&out).unwrap()["choices"][0]["token_ids"].clone()
+    };
+    let before = ids(&p);
+
+    kill_mid_generation(&p, first);
+    wait_rebuilt(&p, 1);
+    let second = rank_pid(&err, 1);
+    assert_ne!(second, first, "a new rank 1 process");
+    assert_eq!(ids(&p), before, "the rebuilt replica generates what the first one did");
+
+    // Idle: the heartbeat's empty plan finds the dead rank.
+    // SAFETY: kill(2) with the pid the server printed for its new rank 1 process, alive (it just served).
+    assert_eq!(unsafe { libc::kill(second, libc::SIGKILL) }, 0);
+    wait_rebuilt(&p, 2);
+    let third = rank_pid(&err, 1);
+    assert_eq!(ids(&p), before);
+    wait_for("word of the rebuild on stderr", || {
+        err.try_iter().any(|l| l.contains("rebuilt and back in rotation"))
+    });
+
+    // SAFETY: kill(2) on our own child's pid, which is alive (it has not been waited for).
+    assert_eq!(unsafe { libc::kill(p.child.id() as i32, libc::SIGTERM) }, 0);
+    let status = wait_exit(&mut p, Duration::from_secs(30));
+    assert!(status.success(), "exit status {status:?}");
+    wait_for("the last rank process to exit", || {
+        !std::fs::read_to_string(format!("/proc/{third}/stat")).is_ok_and(|st| !st.contains(") Z "))
+    });
+}
+
+/// Ranks started by an outside launcher (here torchrun-style variables, as torchrun sets them) cannot be
+/// started again by the server: a rank killed mid-generation ends the requests with a 503, the server says
+/// its engine died and exits with an error, for the launcher or a supervisor to restart.
+#[test]
+fn a_launched_rank_process_killed_mid_generation_ends_its_requests_with_503_and_the_server_exits() {
+    let Some(exe) = example() else { return };
+    if !tool("curl") {
+        return;
+    }
+    let port = std::net::TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port()
+        .to_string();
+    let env = |rank: &'static str| {
+        [
+            ("RANK", rank),
+            ("WORLD_SIZE", "2"),
+            ("LOCAL_RANK", rank),
+            ("LOCAL_WORLD_SIZE", "2"),
+            ("MASTER_ADDR", "127.0.0.1"),
+            ("MASTER_PORT", port.as_str()),
+        ]
+        .map(|(k, v)| (k.to_string(), v.to_string()))
+    };
+    let args = ["--tp", "2", "--step-delay-ms", "20"];
+    let rank1 = Command::new(&exe)
+        .args(["--port", "0"])
+        .args(args)
+        .envs(env("1"))
+        .stdout(Stdio::null())
+        .stderr(Stdio::null())
+        .spawn()
+        .expect("start rank 1");
+    let rank1 = Proc {
+        child: rank1,
+        url: String::new(),
+    };
+    let (mut p, err) = spawn_capturing_env(&exe, &args, &env("0"));
+    kill_mid_generation(&p, rank1.child.id() as i32);
 
     // Dead, not serving: /health is 503 "dead" while the server still answers, then nothing listens.
+    let health = format!("{}/health", p.url);
     let (code, h) = curl(&[&health]);
     assert!(
         code == 0 || (code == 503 && h.contains("\"dead\"")),

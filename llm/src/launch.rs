@@ -24,6 +24,14 @@ pub struct RankComms {
     pub pp: Box<dyn Comm>,
 }
 
+impl std::fmt::Debug for RankComms {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("RankComms")
+            .field("world_rank", &self.world_rank)
+            .finish_non_exhaustive()
+    }
+}
+
 fn boxed(c: HostComm) -> Box<dyn Comm> {
     Box::new(HostCollComm(c))
 }
@@ -86,8 +94,13 @@ pub fn reports_notices() -> Result<bool> {
 /// This process's place among launched ranks, checked against the layout, and the world rendezvous (shared
 /// by the host and NCCL process modes).
 fn world_rendezvous(layout: Layout) -> Result<(RankInfo, Rendezvous)> {
+    let info = RankInfo::from_env().map_err(|e| EngineError::Comm(e.into()))?;
+    world_rendezvous_as(layout, info)
+}
+
+/// [`world_rendezvous`] for a given place instead of the environment's.
+fn world_rendezvous_as(layout: Layout, info: RankInfo) -> Result<(RankInfo, Rendezvous)> {
     let comm_err = |e: nccl::bootstrap::BootstrapError| EngineError::Comm(e.into());
-    let info = RankInfo::from_env().map_err(comm_err)?;
     if info.world_size != layout.world() {
         return Err(EngineError::Config(format!(
             "{} processes were started, but --tp {} × --pp {} needs {}",
@@ -97,15 +110,26 @@ fn world_rendezvous(layout: Layout) -> Result<(RankInfo, Rendezvous)> {
             layout.world()
         )));
     }
-    let rv = Rendezvous::from_env().map_err(comm_err)?;
+    let rv = Rendezvous::for_rank(&info).map_err(comm_err)?;
     Ok((info, rv))
 }
 
 /// This process's communicators, ranks as processes: a rendezvous over the world, then (for 2-D layouts) one
 /// sub-rendezvous per group on ports chosen by each group's first rank and shared through the world.
 pub fn host_process(layout: Layout) -> Result<RankComms> {
-    let comm_err = |e: nccl::bootstrap::BootstrapError| EngineError::Comm(e.into());
     let (info, rv) = world_rendezvous(layout)?;
+    host_comms(layout, info, rv)
+}
+
+/// [`host_process`] in the given place instead of the environment's (e.g. world rank 0 of ranks this process
+/// started itself: [`ChildRanks`]).
+pub fn host_process_as(layout: Layout, info: RankInfo) -> Result<RankComms> {
+    let (info, rv) = world_rendezvous_as(layout, info)?;
+    host_comms(layout, info, rv)
+}
+
+fn host_comms(layout: Layout, info: RankInfo, rv: Rendezvous) -> Result<RankComms> {
+    let comm_err = |e: nccl::bootstrap::BootstrapError| EngineError::Comm(e.into());
     let w = info.rank;
     if layout.pp == 1 {
         let c = HostComm::from_rendezvous(&rv, HostOptions::default())?;
@@ -161,6 +185,116 @@ pub fn host_process(layout: Layout) -> Result<RankComms> {
         tp: boxed(tp),
         pp: boxed(pp),
     })
+}
+
+/// World ranks `1..tp×pp` of one replica as child processes of this one, which is world rank 0, started
+/// again on demand: `serve --nprocs N`, whose rank 0 keeps serving while a replica whose rank process died
+/// is rebuilt. The children run the current program with its arguments and torchrun-style variables
+/// ([`launch::LocalLaunch`]); dropping this kills those still running, and so does the exit of the thread
+/// that called [`ChildRanks::start`] (`PR_SET_PDEATHSIG`): start them from a thread that outlives them.
+pub struct ChildRanks {
+    program: std::path::PathBuf,
+    args: Vec<std::ffi::OsString>,
+    layout: Layout,
+    workers: Option<launch::LocalWorkers>,
+}
+
+impl std::fmt::Debug for ChildRanks {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("ChildRanks")
+            .field("layout", &self.layout)
+            .field("workers", &self.workers)
+            .finish_non_exhaustive()
+    }
+}
+
+impl ChildRanks {
+    /// Children that run `program args` (started by [`ChildRanks::start`]).
+    pub fn new(program: std::path::PathBuf, args: Vec<std::ffi::OsString>, layout: Layout) -> ChildRanks {
+        ChildRanks {
+            program,
+            args,
+            layout,
+            workers: None,
+        }
+    }
+
+    /// The current program with its arguments.
+    pub fn of_this_program(layout: Layout) -> Result<ChildRanks> {
+        let exe =
+            std::env::current_exe().map_err(|e| EngineError::Config(format!("finding the current executable: {e}")))?;
+        Ok(ChildRanks::new(exe, std::env::args_os().skip(1).collect(), layout))
+    }
+
+    /// Stops the children started before (if any), starts ranks `1..world` afresh on a new port and
+    /// returns world rank 0's communicators once every rank has joined. A child that exits first fails
+    /// this at once, naming its rank; otherwise the wait is bounded by the rendezvous timeout
+    /// (`NCCL_RS_BOOTSTRAP_TIMEOUT`).
+    pub fn start(&mut self) -> Result<RankComms> {
+        let comm_err = |e: nccl::bootstrap::BootstrapError| EngineError::Comm(e.into());
+        if let Some(old) = self.workers.take() {
+            old.finish(std::time::Duration::ZERO).map_err(comm_err)?;
+        }
+        let world = self.layout.world();
+        let mut workers = launch::LocalLaunch::new(&self.program, world)
+            .args(self.args.iter().cloned())
+            .ranks(1..world)
+            // A rank process ignores SIGTERM (only rank 0 drains) and is of no use without rank 0.
+            .parent_death_signal(libc::SIGKILL)
+            .start()
+            .map_err(comm_err)?;
+        let info = RankInfo {
+            rank: 0,
+            world_size: world,
+            local_rank: 0,
+            local_world_size: Some(world),
+            master_addr: "127.0.0.1".to_string(),
+            master_port: workers.master_port(),
+            launcher: Launcher::Local,
+        };
+        let layout = self.layout;
+        let (tx, rx) = std::sync::mpsc::channel();
+        std::thread::Builder::new()
+            .name("rank0-rendezvous".into())
+            .spawn(move || {
+                let _ = tx.send(host_process_as(layout, info));
+            })
+            .map_err(|e| EngineError::Config(format!("spawning the rendezvous thread: {e}")))?;
+        loop {
+            match rx.recv_timeout(std::time::Duration::from_millis(20)) {
+                Ok(r) => {
+                    self.workers = Some(workers);
+                    return r;
+                }
+                Err(std::sync::mpsc::RecvTimeoutError::Timeout) => {}
+                Err(std::sync::mpsc::RecvTimeoutError::Disconnected) => {
+                    return Err(EngineError::Config(
+                        "the rendezvous thread ended without an answer".into(),
+                    ))
+                }
+            }
+            // A child that is gone will never join: fail now (dropping `workers` kills the others; the
+            // rendezvous thread gives up at its timeout).
+            if let Some((rank, status)) = workers.poll().map_err(comm_err)? {
+                return Err(EngineError::Config(format!(
+                    "rank {rank}'s process exited with code {} before joining its replica",
+                    launch::exit_code_of(&status)
+                )));
+            }
+        }
+    }
+
+    /// `(world rank, pid)` of every child still running.
+    pub fn pids(&self) -> Vec<(usize, u32)> {
+        self.workers.as_ref().map_or_else(Vec::new, launch::LocalWorkers::pids)
+    }
+
+    /// Waits up to `grace` for the children to exit on their own (after a stop plan), then kills the rest.
+    pub fn finish(&mut self, grace: std::time::Duration) {
+        if let Some(w) = self.workers.take() {
+            let _ = w.finish(grace);
+        }
+    }
 }
 
 /// Loads world rank `comms.world_rank`'s shard of `src` for `layout` (its place from the layout's coordinates,

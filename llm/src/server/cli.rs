@@ -8,9 +8,9 @@ use std::time::Duration;
 
 use clap::Parser;
 
-use super::pool::{generate_distributed, Fault, GenRequest, Pool, PoolConfig};
+use super::pool::{generate_distributed, Fault, GenRequest, Pool, PoolConfig, Ranks};
 use crate::error::{EngineError, Result};
-use crate::launch::{self, RankComms};
+use crate::launch::{self, ChildRanks, RankComms};
 use crate::model::{self, WeightSource};
 use crate::sample::SamplingParams;
 use crate::shard::Layout;
@@ -42,9 +42,10 @@ pub struct Args {
     /// Data-parallel replicas.
     #[arg(long, default_value_t = 1)]
     pub dp: usize,
-    /// Run the ranks as this many processes (--tp × --pp, with --dp 1) instead of threads: rank 0 serves
-    /// HTTP and leads, the others run the engine and get each step through the communicator. Processes
-    /// started by torchrun, mpirun or srun are used the same way without this flag.
+    /// Run the ranks as this many processes (--tp × --pp, with --dp 1) instead of threads: this process is
+    /// rank 0, serves HTTP and leads; it starts the others, which run the engine and get each step through
+    /// the communicator, and starts them again when one dies. Processes started by torchrun, mpirun or srun
+    /// are used the same way without this flag (but are not started again).
     #[arg(long)]
     pub nprocs: Option<usize>,
     /// Compute threads per rank (default: cores ÷ all ranks, at least 1).
@@ -101,15 +102,8 @@ pub struct Args {
 /// Runs the `serve` example with the process's command line; returns the exit code.
 pub fn main() -> i32 {
     let args = Args::parse();
-    let r = check_processes(&args).and_then(|()| launch::spawn_workers(args.nprocs));
-    let r = match r {
-        // The launcher of `--nprocs`: its workers' exit code.
-        Ok(Some(code)) => Ok(code),
-        Ok(None) => run(args).map(|()| 0),
-        Err(e) => Err(e),
-    };
-    match r {
-        Ok(code) => code,
+    match check_processes(&args).and_then(|()| run(args)) {
+        Ok(()) => 0,
         Err(e) => {
             eprintln!("error: {e}");
             let mut src = std::error::Error::source(&e);
@@ -244,11 +238,11 @@ fn ignore_sigterm() {
 
 /// Builds the pool from the arguments (ranks as threads).
 pub fn pool_from_args(args: &Args) -> Result<(Arc<Pool>, String)> {
-    pool_with(args, None)
+    pool_with(args, Ranks::Threads)
 }
 
-/// Builds the pool: ranks as threads, or from this process's rank 0 communicators (ranks as processes).
-fn pool_with(args: &Args, comms: Option<RankComms>) -> Result<(Arc<Pool>, String)> {
+/// Builds the pool: ranks as threads, or as processes with this one world rank 0.
+fn pool_with(args: &Args, ranks: Ranks) -> Result<(Arc<Pool>, String)> {
     let src = source_of(args)?;
     let name = args.model_name.clone().unwrap_or_else(|| match &args.model {
         Some(p) => p
@@ -277,10 +271,10 @@ fn pool_with(args: &Args, comms: Option<RankComms>) -> Result<(Arc<Pool>, String
         step_delay: Duration::from_millis(args.step_delay_ms),
     };
     let t0 = std::time::Instant::now();
-    let processes = comms.is_some();
-    let pool = match comms {
-        Some(c) => Pool::start_process(src, cfg, c)?,
-        None => Pool::start(src, cfg)?,
+    let processes = !matches!(ranks, Ranks::Threads);
+    let pool = match ranks {
+        Ranks::Threads => Pool::start(src, cfg)?,
+        r => Pool::start_process(src, cfg, r)?,
     };
     eprintln!(
         "{}: {} replica(s) of tp {} × pp {} ({}) loaded in {:.2} s",
@@ -304,14 +298,21 @@ fn pool_with(args: &Args, comms: Option<RankComms>) -> Result<(Arc<Pool>, String
 /// stops the replica.
 pub fn run(args: Args) -> Result<()> {
     let drain = secs(args.drain_timeout_secs, "--drain-timeout-secs")?;
-    let comms = match process_comms(&args)? {
+    let ranks = match process_comms(&args)? {
         Some(c) if c.world_rank != 0 => return rank_process(&args, c),
-        other => other,
+        Some(c) => Ranks::Launched(Some(c)),
+        // `--nprocs` without a launcher: this process is rank 0 and starts the others itself (and again
+        // when a replica is rebuilt).
+        None if args.nprocs.is_some() => Ranks::Children(ChildRanks::of_this_program(Layout {
+            tp: args.tp,
+            pp: args.pp,
+        })?),
+        None => Ranks::Threads,
     };
     if let (Some(inp), Some(out)) = (&args.prompts_file, &args.out) {
-        return batch(&args, inp, out, comms);
+        return batch(&args, inp, out, ranks);
     }
-    let (pool, name) = pool_with(&args, comms)?;
+    let (pool, name) = pool_with(&args, ranks)?;
     let rt = tokio::runtime::Builder::new_multi_thread()
         .worker_threads(2)
         .enable_all()
@@ -450,13 +451,13 @@ fn read_prompts(args: &Args, inp: &std::path::Path) -> Result<Vec<(usize, Prompt
     Ok(out)
 }
 
-fn batch(args: &Args, inp: &std::path::Path, out: &std::path::Path, comms: Option<RankComms>) -> Result<()> {
+fn batch(args: &Args, inp: &std::path::Path, out: &std::path::Path, ranks: Ranks) -> Result<()> {
     let io = |path: &std::path::Path| {
         let path = path.to_path_buf();
         move |source| EngineError::Io { path, source }
     };
     let lines = read_prompts(args, inp)?;
-    let (pool, _) = pool_with(args, comms)?;
+    let (pool, _) = pool_with(args, ranks)?;
     let tok = pool.tokenizer().cloned();
     let mut reqs = Vec::with_capacity(lines.len());
     for (no, prompt, mut req) in lines {

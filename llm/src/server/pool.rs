@@ -22,9 +22,12 @@
 //! reported; a rank that does not answer within `step_timeout` counts as failed). The replica then leaves
 //! the rotation, its requests are retried on a healthy replica when that is invisible to the client (greedy
 //! or seeded sampling is deterministic here, and the tokens already delivered are not sent again) or end
-//! with a 503, and the replica is rebuilt from the weights and rejoins. With ranks as processes the replica
-//! cannot be rebuilt from here: its requests end with a 503 and the pool is [`Pool::dead`], for the server to
-//! exit (as vLLM's does when its engine dies) and be restarted by whatever supervises it.
+//! with a 503, and the replica is rebuilt from the weights and rejoins. With ranks as processes this
+//! process started itself ([`Ranks::Children`], `serve --nprocs N`) the rebuild starts them again. Ranks
+//! that an outside launcher started (torchrun, mpirun, srun: [`Ranks::Launched`]) cannot be started again
+//! from here: the replica's requests end with a 503 and the pool is [`Pool::dead`], for the server to exit
+//! (as vLLM's does when its engine dies) and be restarted by whatever supervises it (e.g. torchrun's
+//! `--max-restarts`).
 
 use std::collections::VecDeque;
 use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
@@ -38,7 +41,7 @@ use super::metrics::{Metrics, ReplicaGauges};
 use super::ranks::{Plan, RankSet, HEARTBEAT};
 use super::text::TextState;
 use crate::error::{EngineError, Result};
-use crate::launch::RankComms;
+use crate::launch::{ChildRanks, RankComms};
 use crate::model::WeightSource;
 use crate::sample::{Sampler, SamplingParams};
 use crate::shard::Layout;
@@ -220,12 +223,23 @@ pub struct Pool {
     /// The metrics (shared with the HTTP layer).
     pub metrics: Metrics,
     leaders: Mutex<Vec<JoinHandle<()>>>,
-    /// Ranks are processes ([`Pool::start_process`]).
-    process_mode: bool,
-    /// Ranks as processes: this process's rank 0 communicators until the replica is built from them.
-    process: Mutex<Option<RankComms>>,
-    /// Ranks as processes: set when the replica failed (its ranks cannot be started again from here).
+    /// Where the ranks run.
+    ranks: Mutex<Ranks>,
+    /// Ranks started by an outside launcher: set when the replica failed (they cannot be started again).
     dead: Mutex<Option<String>>,
+}
+
+/// Where a pool's ranks run.
+#[derive(Debug)]
+pub enum Ranks {
+    /// Threads of this process (every replica).
+    Threads,
+    /// Processes started by an outside launcher (torchrun, mpirun, srun); this process is world rank 0 of
+    /// the one replica. Its communicators can build the replica once: `None` after that.
+    Launched(Option<RankComms>),
+    /// Processes this one (world rank 0 of the one replica) starts, and starts again when the replica is
+    /// rebuilt.
+    Children(ChildRanks),
 }
 
 impl std::fmt::Debug for Pool {
@@ -253,31 +267,39 @@ impl Pool {
     /// Loads every replica (blocking until all are ready) and starts their leaders. Ranks are threads of
     /// this process.
     pub fn start(src: Arc<dyn WeightSource>, cfg: PoolConfig) -> Result<Arc<Pool>> {
-        Self::start_with(src, cfg, None)
+        Self::start_with(src, cfg, Ranks::Threads)
     }
 
-    /// [`Pool::start`] with ranks as processes: `comms` are world rank 0's (this process); the other ranks
-    /// of the one replica (`cfg.dp` must be 1) are processes running [`super::ranks::serve_rank`]. Each
-    /// step reaches them through the communicator, as it reaches rank threads. A replica whose rank fails
-    /// cannot be rebuilt from here: its requests end with a 503, and the pool reports itself dead
-    /// ([`Pool::dead`]) for the server to exit.
-    pub fn start_process(src: Arc<dyn WeightSource>, cfg: PoolConfig, comms: RankComms) -> Result<Arc<Pool>> {
+    /// [`Pool::start`] with ranks as processes, this one world rank 0 of the one replica (`cfg.dp` must be
+    /// 1); the other ranks are processes running [`super::ranks::serve_rank`]. Each step reaches them
+    /// through the communicator, as it reaches rank threads. With [`Ranks::Children`] a replica whose rank
+    /// fails is rebuilt by starting its processes again; with [`Ranks::Launched`] it cannot be: its requests
+    /// end with a 503, and the pool reports itself dead ([`Pool::dead`]) for the server to exit.
+    pub fn start_process(src: Arc<dyn WeightSource>, cfg: PoolConfig, ranks: Ranks) -> Result<Arc<Pool>> {
         if cfg.dp != 1 {
             return Err(EngineError::Config(format!(
                 "--dp {}: ranks as processes serve one replica (--dp 1); start one server per replica",
                 cfg.dp
             )));
         }
-        if comms.world_rank != 0 {
-            return Err(EngineError::Config(format!(
-                "Pool::start_process runs on world rank 0, not {}",
-                comms.world_rank
-            )));
+        match &ranks {
+            Ranks::Threads => {
+                return Err(EngineError::Config(
+                    "Pool::start_process needs ranks as processes".into(),
+                ))
+            }
+            Ranks::Launched(Some(c)) if c.world_rank != 0 => {
+                return Err(EngineError::Config(format!(
+                    "Pool::start_process runs on world rank 0, not {}",
+                    c.world_rank
+                )))
+            }
+            _ => {}
         }
-        Self::start_with(src, cfg, Some(comms))
+        Self::start_with(src, cfg, ranks)
     }
 
-    fn start_with(src: Arc<dyn WeightSource>, cfg: PoolConfig, comms: Option<RankComms>) -> Result<Arc<Pool>> {
+    fn start_with(src: Arc<dyn WeightSource>, cfg: PoolConfig, ranks: Ranks) -> Result<Arc<Pool>> {
         crate::engine::check_layout(src.config(), cfg.layout.tp, cfg.layout.pp)?;
         if cfg.dp == 0 || cfg.max_batch == 0 || cfg.prefill_chunk == 0 || cfg.threads == 0 {
             return Err(EngineError::Config(
@@ -320,8 +342,7 @@ impl Pool {
             kv_positions,
             metrics: Metrics::default(),
             leaders: Mutex::new(Vec::new()),
-            process_mode: comms.is_some(),
-            process: Mutex::new(comms),
+            ranks: Mutex::new(ranks),
             dead: Mutex::new(None),
         });
         // Build every replica before serving: a broken model or layout fails here, not on the first request.
@@ -344,30 +365,39 @@ impl Pool {
         Ok(pool)
     }
 
-    /// Builds replica `index`'s ranks: threads, or (ranks as processes) from this process's rank 0
-    /// communicators, which can be used once.
+    /// Builds replica `index`'s ranks: threads; or (ranks as processes) from this process's rank 0
+    /// communicators, which an outside launch gives once and child ranks give every time they start.
     fn build_ranks(&self, index: usize) -> Result<RankSet> {
-        let layout = self.cfg.layout;
-        if self.is_process() {
-            let comms = self.process.lock().unwrap_or_else(|e| e.into_inner()).take();
-            let comms = comms.ok_or_else(|| {
-                EngineError::Config("the rank processes cannot be started again from this server".into())
-            })?;
-            return RankSet::build(
-                &self.src,
-                layout,
-                self.cfg.threads,
-                self.cfg.decode_path,
-                index,
-                Some(comms),
-            );
-        }
-        RankSet::build(&self.src, layout, self.cfg.threads, self.cfg.decode_path, index, None)
+        let comms = match &mut *self.ranks.lock().unwrap_or_else(|e| e.into_inner()) {
+            Ranks::Threads => None,
+            Ranks::Launched(c) => Some(c.take().ok_or_else(|| {
+                EngineError::Config("rank processes started by a launcher cannot be started again from here".into())
+            })?),
+            Ranks::Children(c) => Some(c.start()?),
+        };
+        let cfg = &self.cfg;
+        RankSet::build(&self.src, cfg.layout, cfg.threads, cfg.decode_path, index, comms)
     }
 
     /// True when the ranks are processes ([`Pool::start_process`]).
     pub fn is_process(&self) -> bool {
-        self.process_mode
+        !matches!(*self.ranks.lock().unwrap_or_else(|e| e.into_inner()), Ranks::Threads)
+    }
+
+    /// True when a failed replica can be built again (ranks as threads, or child processes).
+    fn can_rebuild(&self) -> bool {
+        !matches!(
+            *self.ranks.lock().unwrap_or_else(|e| e.into_inner()),
+            Ranks::Launched(_)
+        )
+    }
+
+    /// `(world rank, pid)` of the rank processes this server started and that are still running.
+    pub fn child_pids(&self) -> Vec<(usize, u32)> {
+        match &*self.ranks.lock().unwrap_or_else(|e| e.into_inner()) {
+            Ranks::Children(c) => c.pids(),
+            _ => Vec::new(),
+        }
     }
 
     /// Why the pool is dead (ranks as processes, one of which failed), if it is: it serves nothing more.
@@ -436,6 +466,10 @@ impl Pool {
         let leaders = std::mem::take(&mut *self.leaders.lock().unwrap_or_else(|e| e.into_inner()));
         for l in leaders {
             let _ = l.join();
+        }
+        // The leaders sent their ranks a stop plan; child rank processes exit on it.
+        if let Ranks::Children(c) = &mut *self.ranks.lock().unwrap_or_else(|e| e.into_inner()) {
+            c.finish(Duration::from_secs(10));
         }
     }
 
@@ -776,18 +810,19 @@ fn leader(pool: Arc<Pool>, me: Arc<Replica>, mut ranks: RankSet) {
     }
 }
 
-/// After a failed step: fails over the replica's requests, then rebuilds it (ranks as threads) or, with
-/// ranks as processes (which this process cannot start again), marks the pool dead. `None`: the leader
-/// stops.
+/// After a failed step: fails over the replica's requests, then rebuilds it (ranks as threads or child
+/// processes) or, with ranks an outside launcher started (which this process cannot start again), marks
+/// the pool dead. `None`: the leader stops.
 fn recover(pool: &Arc<Pool>, me: &Replica, running: &mut Vec<Seq>, why: &str) -> Option<RankSet> {
-    if pool.is_process() {
+    let rebuildable = pool.can_rebuild();
+    if !rebuildable {
         *pool.dead.lock().unwrap_or_else(|e| e.into_inner()) = Some(format!("replica {} failed: {why}", me.index));
     }
     fail_over(pool, me, running, why);
-    if pool.is_process() {
+    if !rebuildable {
         eprintln!(
-            "error: replica {} failed: {why}; its ranks are processes, which this server cannot start again: \
-             it stops serving (restart it)",
+            "error: replica {} failed: {why}; its ranks are processes started by a launcher, which this server \
+             cannot start again: it stops serving (restart it)",
             me.index
         );
         return None;
