@@ -380,47 +380,80 @@ mod x86 {
         (wd, wm): (*const f32, *const f32),
         (xd, xs): (*const f32, *const f32),
     ) -> __m256 {
-        let xdv = _mm256_loadu_ps(xd);
-        let wdv = _mm256_loadu_ps(wd);
+        let (xdv, wdv) = (_mm256_loadu_ps(xd), _mm256_loadu_ps(wd));
         match kind {
-            QKind::Q4 => {
-                let wmv = _mm256_loadu_ps(wm);
-                let xsv = _mm256_loadu_ps(xs);
-                _mm256_mul_ps(xdv, _mm256_add_ps(_mm256_mul_ps(wdv, fi), _mm256_mul_ps(wmv, xsv)))
-            }
-            QKind::Q8 => _mm256_mul_ps(_mm256_mul_ps(xdv, wdv), fi),
+            QKind::Q4 => group_term_v(kind, fi, (wdv, _mm256_loadu_ps(wm)), (xdv, _mm256_loadu_ps(xs))),
+            QKind::Q8 => group_term_v(kind, fi, (wdv, wdv), (xdv, xdv)),
+        }
+    }
+
+    /// [`group_term`] on loaded scales (`wm` and `xs` unused for `Q8`).
+    ///
+    /// # Safety
+    /// The CPU must support AVX2.
+    #[inline(always)]
+    unsafe fn group_term_v(kind: QKind, fi: __m256, (wd, wm): (__m256, __m256), (xd, xs): (__m256, __m256)) -> __m256 {
+        match kind {
+            QKind::Q4 => _mm256_mul_ps(xd, _mm256_add_ps(_mm256_mul_ps(wd, fi), _mm256_mul_ps(wm, xs))),
+            QKind::Q8 => _mm256_mul_ps(_mm256_mul_ps(xd, wd), fi),
         }
     }
 
     /// Row `r`'s result from its SIMD lanes `av` (the whole groups of eight blocks): the tail blocks (fewer
-    /// than eight; SmolLM2's 576 columns leave two of 18), each block's exact integer dot product by kernel
-    /// `K` and its float term by the portable [`block_term`], then the lanes' sum. The integer sums are
-    /// exact either way, so this is bit for bit the portable kernel; before, the tail's integer products
-    /// ran on the portable loop too, a scalar multiply per weight for a ninth of SmolLM2's blocks.
+    /// than eight; SmolLM2's 576 columns leave two of 18) as one more, partial group, then the lanes' fixed
+    /// sum ([`lanes_sum`]). The tail's exact integer sums by kernel `K` fill the first lanes of one
+    /// [`hsum8`]; its scales come in by masked loads (nothing past the row or the vector is read); its float
+    /// terms are [`group_term`]'s, so each lane gets the IEEE operations the portable [`block_term`] gives
+    /// it, and only the tail's lanes are updated (a blend, not an added zero, which could turn a `-0.0`
+    /// lane into `+0.0`). So this is bit for bit the portable kernel. Before, each tail block took its own
+    /// horizontal sum and scalar float term, and the lanes went through memory to be summed: per 576-column
+    /// row about as many instructions as the eight-block groups before them.
     ///
     /// # Safety
     /// `r < w.rows`, `x.len() == w.cols`; the CPU must run `K`.
     #[inline(always)]
     unsafe fn finish_row<K: Kernel>(w: &QMatrix, x: &QVec<K::X>, r: usize, av: __m256) -> f32 {
         let nb = w.cols / QBLOCK;
-        let ql = w.qlen();
-        let mut acc = [0.0f32; LANES];
-        _mm256_storeu_ps(acc.as_mut_ptr(), av);
-        for b in nb / LANES * LANES..nb {
-            let wb = r * nb + b;
-            // Block wb of the quants and block b of x exist (r < rows, b < nb).
-            let v = K::dot(
-                w.kind,
-                K::unpack(w.kind, w.qs.as_ptr().add(wb * ql)),
-                x.qs.as_ptr().add(b * QBLOCK),
+        let b0 = nb / LANES * LANES;
+        let tail = nb - b0;
+        let mut av = av;
+        if tail > 0 {
+            let kind = w.kind;
+            let ql = w.qlen();
+            let wb0 = r * nb + b0;
+            let mut v = [_mm256_setzero_si256(); 8];
+            for (k, vk) in v.iter_mut().enumerate().take(tail) {
+                // Block wb0 + k of the quants and block b0 + k of x exist (r < rows, b0 + k < nb).
+                *vk = K::dot(
+                    kind,
+                    K::unpack(kind, w.qs.as_ptr().add((wb0 + k) * ql)),
+                    x.qs.as_ptr().add((b0 + k) * QBLOCK),
+                );
+            }
+            let fi = _mm256_cvtepi32_ps(hsum8(v));
+            // Lanes 0..tail: blocks b0.. of row r and of x, which exist; the other lanes are not read.
+            let mask = _mm256_cmpgt_epi32(
+                _mm256_set1_epi32(tail as i32),
+                _mm256_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7),
             );
-            let h = _mm_add_epi32(_mm256_castsi256_si128(v), _mm256_extracti128_si256(v, 1));
-            let h = _mm_add_epi32(h, _mm_shuffle_epi32(h, 0b01_00_11_10));
-            let h = _mm_add_epi32(h, _mm_shuffle_epi32(h, 0b10_11_00_01));
-            let i = _mm_cvtsi128_si32(h);
-            acc[b % LANES] += block_term(w.kind, w, wb, x, b, i);
+            let ld = |p: *const f32| _mm256_maskload_ps(p, mask);
+            let wd = ld(w.d.as_ptr().add(wb0));
+            let xd = ld(x.d.as_ptr().add(b0));
+            let term = match kind {
+                QKind::Q4 => group_term_v(
+                    kind,
+                    fi,
+                    (wd, ld(w.m.as_ptr().add(wb0))),
+                    (xd, ld(x.s.as_ptr().add(b0))),
+                ),
+                QKind::Q8 => group_term_v(kind, fi, (wd, wd), (xd, xd)),
+            };
+            av = _mm256_blendv_ps(av, _mm256_add_ps(av, term), _mm256_castsi256_ps(mask));
         }
-        lanes_sum(&acc)
+        // `lanes_sum`'s order: ((a0 + a1) + (a2 + a3)) + ((a4 + a5) + (a6 + a7)).
+        let p = _mm256_hadd_ps(av, av);
+        let q = _mm256_hadd_ps(p, p);
+        _mm_cvtss_f32(_mm_add_ss(_mm256_castps256_ps128(q), _mm256_extractf128_ps(q, 1)))
     }
 
     /// `vpdpbusd` from zero: the eight sums of four `u8 · i8` products. Inline assembly, not the intrinsic
