@@ -392,14 +392,6 @@ impl Pool {
         )
     }
 
-    /// `(world rank, pid)` of the rank processes this server started and that are still running.
-    pub fn child_pids(&self) -> Vec<(usize, u32)> {
-        match &*self.ranks.lock().unwrap_or_else(|e| e.into_inner()) {
-            Ranks::Children(c) => c.pids(),
-            _ => Vec::new(),
-        }
-    }
-
     /// Why the pool is dead (ranks as processes, one of which failed), if it is: it serves nothing more.
     pub fn dead(&self) -> Option<String> {
         self.dead.lock().unwrap_or_else(|e| e.into_inner()).clone()
