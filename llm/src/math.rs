@@ -456,7 +456,7 @@ impl QMatrix {
             y.fill(0.0);
             return;
         }
-        let xq = Q8Vec::quantize(x).expect("a QMatrix has whole blocks of columns");
+        let xq = Q8Vec::quantize_for(self.kind, x).expect("a QMatrix has whole blocks of columns");
         let isa = Isa::detect();
         let kernel = |(chunk, out): (usize, &mut [f32])| int8::rows_int8(self, &xq, chunk * MATVEC_CHUNK, out, isa);
         row_blocks(threads, y, kernel);
@@ -476,7 +476,7 @@ impl QMatrix {
         }
         let xq: Vec<Q8Vec> = x
             .chunks_exact(self.cols.max(1))
-            .map(|v| Q8Vec::quantize(v).expect("a QMatrix has whole blocks of columns"))
+            .map(|v| Q8Vec::quantize_for(self.kind, v).expect("a QMatrix has whole blocks of columns"))
             .collect();
         let isa = Isa::detect();
         batch_rows(n, self.rows, y, threads, |base, out| {

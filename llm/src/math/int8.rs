@@ -8,6 +8,11 @@
 //! ([`Isa::Avx512Vnni`], [`Isa::Avx2`]) therefore give bit for bit what the portable [`Isa::Scalar`] gives;
 //! the unit tests check it.
 //!
+//! For `Q4` weights the int8 activations are stored paired ([`Q8Vec::quantize_paired`], chosen by
+//! [`Q8Vec::quantize_for`]): two weight blocks' 32 bytes of nibbles make one vector of low nibbles and one
+//! of high nibbles, each multiplied against one load of activations, and a pair's partial sums share one
+//! `vpmaddwd` and half the horizontal sums. The integer block sums are the same, so the bits are too.
+//!
 //! The result differs from the exact f32 path by the activation rounding (at most half a step, `amax / 254`
 //! for int8 and `amax / 65534` for int16, per value); `llm/tests/decode_int8.rs` bounds it on SmolLM2
 //! (logits rel-L2 vs the f64 reference: int16 ≤ 1e-2, measured 6.7e-4; int8 measured up to 0.108).
@@ -144,6 +149,12 @@ pub struct QVec<T> {
     d: Vec<f32>,
     /// Per-block sum of the quantized values (exact in f32), for the `Q4` minimum term.
     s: Vec<f32>,
+    /// The paired layout ([`Q8Vec::quantize_paired`]): within each pair of blocks `2p, 2p + 1` (all but a
+    /// last odd block) the values are `2p`'s first 16, `2p + 1`'s first 16, `2p`'s last 16, `2p + 1`'s last
+    /// 16 (natural: each block's 32 in order), so that the AVX2 `Q4` kernel takes two weight blocks'
+    /// low nibbles in one vector, their high nibbles in another, against one load of the matching values
+    /// each.
+    paired: bool,
 }
 
 /// Activations quantized to int8 (`d_b = max|x| / 127`), for the `--int8` path.
@@ -164,6 +175,7 @@ impl<T: QInt> QVec<T> {
             qs: vec![T::default(); x.len()],
             d: vec![0.0; nb],
             s: vec![0.0; nb],
+            paired: false,
         };
         #[cfg(target_arch = "x86_64")]
         if std::arch::is_x86_feature_detected!("avx2") {
@@ -198,18 +210,66 @@ impl<T: QInt> QVec<T> {
         self.qs.len()
     }
 
+    /// Whether the values are in the paired layout.
+    pub fn is_paired(&self) -> bool {
+        self.paired
+    }
+
+    /// Where block `b`'s first 16 values start, and its last 16.
+    #[inline(always)]
+    fn halves(&self, b: usize) -> (usize, usize) {
+        if self.paired && b < self.d.len() / 2 * 2 {
+            let lo = 64 * (b / 2) + 16 * (b % 2);
+            (lo, lo + 32)
+        } else {
+            (b * QBLOCK, b * QBLOCK + 16)
+        }
+    }
+
+    /// Swaps the middle quarters of every pair of blocks: natural ↔ paired.
+    fn swap_pairs(&mut self) {
+        for pair in self.qs.chunks_exact_mut(2 * QBLOCK) {
+            let (a, b) = pair[16..48].split_at_mut(16);
+            a.swap_with_slice(b);
+        }
+        self.paired = !self.paired;
+    }
+
     /// Whether there are no values.
     pub fn is_empty(&self) -> bool {
         self.qs.is_empty()
     }
 
-    /// The dequantized values (`d_b · q`).
+    /// The dequantized values (`d_b · q`), in natural order.
     pub fn to_f32(&self) -> Vec<f32> {
-        self.qs
+        let mut natural = self.clone();
+        if natural.paired {
+            natural.swap_pairs();
+        }
+        natural
+            .qs
             .chunks_exact(QBLOCK)
             .zip(&self.d)
             .flat_map(|(q, &d)| q.iter().map(move |&v| d * Into::<f32>::into(v)))
             .collect()
+    }
+}
+
+impl Q8Vec {
+    /// [`QVec::quantize`] in the paired layout, which the SIMD kernels expect for `Q4` weights (for other
+    /// weights they take the natural one; the portable kernel takes either).
+    pub fn quantize_paired(x: &[f32]) -> Option<Q8Vec> {
+        let mut v = Q8Vec::quantize(x)?;
+        v.swap_pairs();
+        Some(v)
+    }
+
+    /// [`Q8Vec::quantize_paired`] for `Q4` weights, [`QVec::quantize`] otherwise.
+    pub fn quantize_for(kind: QKind, x: &[f32]) -> Option<Q8Vec> {
+        match kind {
+            QKind::Q4 => Q8Vec::quantize_paired(x),
+            QKind::Q8 => Q8Vec::quantize(x),
+        }
     }
 }
 
@@ -265,22 +325,23 @@ fn lanes_sum(a: &[f32; LANES]) -> f32 {
 /// Exact integer dot product of weight block `wb` with activation block `b` (portable; int8 or int16).
 #[inline(always)]
 fn block_dot_scalar<T: QInt>(kind: QKind, w: &QMatrix, wb: usize, x: &QVec<T>, b: usize) -> i32 {
-    let xq = &x.qs[b * QBLOCK..(b + 1) * QBLOCK];
+    let (lo, hi) = x.halves(b);
+    let (xl, xh) = (&x.qs[lo..lo + 16], &x.qs[hi..hi + 16]);
     match kind {
         QKind::Q4 => {
             let q = &w.qs[wb * 16..wb * 16 + 16];
             let mut s = 0i32;
             for j in 0..16 {
-                s += i32::from(q[j] & 15) * Into::<i32>::into(xq[j])
-                    + i32::from(q[j] >> 4) * Into::<i32>::into(xq[j + 16]);
+                s += i32::from(q[j] & 15) * Into::<i32>::into(xl[j]) + i32::from(q[j] >> 4) * Into::<i32>::into(xh[j]);
             }
             s
         }
         QKind::Q8 => {
             let q = &w.qs[wb * 32..wb * 32 + 32];
             let mut s = 0i32;
-            for j in 0..32 {
-                s += i32::from(q[j] as i8) * Into::<i32>::into(xq[j]);
+            for j in 0..16 {
+                s += i32::from(q[j] as i8) * Into::<i32>::into(xl[j])
+                    + i32::from(q[j + 16] as i8) * Into::<i32>::into(xh[j]);
             }
             s
         }
@@ -317,6 +378,42 @@ mod x86 {
         let lo = _mm256_permute2x128_si256(b03, b47, 0x20);
         let hi = _mm256_permute2x128_si256(b03, b47, 0x31);
         _mm256_add_epi32(lo, hi)
+    }
+
+    /// Blocks `k, k + 1` of a paired dot product ([`Q8Vec::quantize_paired`]): out of the 8 lanes, 0..4
+    /// hold block `k`'s partial integer sums, 4..8 block `k + 1`'s. The 8 block sums of four such vectors
+    /// (blocks `b0..b0 + 8`), in block order.
+    #[inline]
+    #[target_feature(enable = "avx2")]
+    fn hsum_pairs(w: [__m256i; 4]) -> __m256i {
+        // Per 128-bit half: [k, k, k + 2, k + 2] partial sums, then [b0, b0 + 2, b0 + 4, b0 + 6] | [b0 + 1, ...].
+        let a = _mm256_hadd_epi32(w[0], w[1]);
+        let b = _mm256_hadd_epi32(w[2], w[3]);
+        let c = _mm256_hadd_epi32(a, b);
+        _mm256_permutevar8x32_epi32(c, _mm256_setr_epi32(0, 4, 1, 5, 2, 6, 3, 7))
+    }
+
+    /// The `Q4` blocks `k, k + 1` at `q` (32 bytes of nibbles): both blocks' low nibbles (weights `0..16`),
+    /// then both blocks' high ones (`16..32`), block `k` in the lower 128 bits of each.
+    ///
+    /// # Safety
+    /// `q` must point to 32 readable bytes; the CPU must support AVX2.
+    #[inline(always)]
+    unsafe fn q4_pair(q: *const u8) -> (__m256i, __m256i) {
+        let v = _mm256_loadu_si256(q as *const __m256i);
+        let m4 = _mm256_set1_epi8(0x0F);
+        (_mm256_and_si256(v, m4), _mm256_and_si256(_mm256_srli_epi16(v, 4), m4))
+    }
+
+    /// A lone block's 8 lanes of partial sums ([`Kernel::dot`]) as a pair vector whose second block is
+    /// empty (for [`hsum_pairs`]).
+    ///
+    /// # Safety
+    /// The CPU must support AVX2.
+    #[inline(always)]
+    unsafe fn lone_pair(t: __m256i) -> __m256i {
+        let h = _mm_add_epi32(_mm256_castsi256_si128(t), _mm256_extracti128_si256(t, 1));
+        _mm256_inserti128_si256(_mm256_setzero_si256(), h, 0)
     }
 
     /// The 32 weights of the `Q4` block at `q` (16 bytes of nibbles) as 32 bytes in natural order.
@@ -421,16 +518,29 @@ mod x86 {
             let kind = w.kind;
             let ql = w.qlen();
             let wb0 = r * nb + b0;
-            let mut v = [_mm256_setzero_si256(); 8];
-            for (k, vk) in v.iter_mut().enumerate().take(tail) {
-                // Block wb0 + k of the quants and block b0 + k of x exist (r < rows, b0 + k < nb).
-                *vk = K::dot(
-                    kind,
-                    K::unpack(kind, w.qs.as_ptr().add((wb0 + k) * ql)),
-                    x.qs.as_ptr().add((b0 + k) * QBLOCK),
-                );
-            }
-            let fi = _mm256_cvtepi32_ps(hsum8(v));
+            // Blocks wb0.. of the quants and b0.. of x exist (r < rows, b0 + tail = nb).
+            let (wq, xq) = (w.qs.as_ptr(), x.qs.as_ptr());
+            let sums = if K::PAIRS && kind == QKind::Q4 && x.paired {
+                // Whole pairs, then a last odd block (natural layout) alone.
+                let mut v = [_mm256_setzero_si256(); 4];
+                for (i, vi) in v.iter_mut().enumerate().take(tail / 2) {
+                    let k = 2 * i;
+                    *vi = K::dot_pair(q4_pair(wq.add((wb0 + k) * ql)), xq.add((b0 + k) * QBLOCK));
+                }
+                if tail % 2 == 1 {
+                    let k = tail - 1;
+                    let t = K::dot(kind, K::unpack(kind, wq.add((wb0 + k) * ql)), xq.add((b0 + k) * QBLOCK));
+                    v[tail / 2] = lone_pair(t);
+                }
+                hsum_pairs(v)
+            } else {
+                let mut v = [_mm256_setzero_si256(); 8];
+                for (k, vk) in v.iter_mut().enumerate().take(tail) {
+                    *vk = K::dot(kind, K::unpack(kind, wq.add((wb0 + k) * ql)), xq.add((b0 + k) * QBLOCK));
+                }
+                hsum8(v)
+            };
+            let fi = _mm256_cvtepi32_ps(sums);
             // Lanes 0..tail: blocks b0.. of row r and of x, which exist; the other lanes are not read.
             let mask = _mm256_cmpgt_epi32(
                 _mm256_set1_epi32(tail as i32),
@@ -475,6 +585,23 @@ mod x86 {
         acc
     }
 
+    /// `acc` plus `vpdpbusd`'s eight sums of four `u8 · i8` products.
+    ///
+    /// # Safety
+    /// The CPU must support AVX-512 VNNI and AVX-512 VL (and AVX2).
+    #[inline]
+    #[target_feature(enable = "avx2")]
+    unsafe fn vnni_acc(mut acc: __m256i, u: __m256i, s: __m256i) -> __m256i {
+        std::arch::asm!(
+            "vpdpbusd {acc}, {u}, {s}",
+            acc = inout(ymm_reg) acc,
+            u = in(ymm_reg) u,
+            s = in(ymm_reg) s,
+            options(pure, nomem, nostack, preserves_flags),
+        );
+        acc
+    }
+
     /// One kernel's block product in two halves: what a weight block unpacks to (done once per block for
     /// all the vectors of a batched step), and its eight lanes of exact integer partial sums with one
     /// activation block (their total is the block's dot product).
@@ -487,6 +614,14 @@ mod x86 {
         /// # Safety
         /// `xq` must point to one block of activations (32 values); the CPU must run the kernel.
         unsafe fn dot(kind: QKind, w: (__m256i, __m256i), xq: *const Self::X) -> __m256i;
+        /// Whether [`Kernel::dot_pair`] exists (paired activations: int8 only).
+        const PAIRS: bool;
+        /// The pair vector of `Q4` blocks `k, k + 1` ([`q4_pair`]) with their paired activations at `xq`
+        /// (64 values): lanes 0..4 block `k`'s partial sums, 4..8 block `k + 1`'s.
+        ///
+        /// # Safety
+        /// `xq` must point to 64 values; the CPU must run the kernel; only called when `PAIRS`.
+        unsafe fn dot_pair(w: (__m256i, __m256i), xq: *const Self::X) -> __m256i;
     }
 
     /// int8 activations: AVX2 `vpmaddubsw`, or AVX-512 VNNI `vpdpbusd` when `VNNI`.
@@ -501,6 +636,19 @@ mod x86 {
         #[inline(always)]
         unsafe fn dot(kind: QKind, w: (__m256i, __m256i), xq: *const i8) -> __m256i {
             dot_lanes::<VNNI>(kind, w, xq as *const u8)
+        }
+        const PAIRS: bool = true;
+        #[inline(always)]
+        unsafe fn dot_pair((lo, hi): (__m256i, __m256i), xq: *const i8) -> __m256i {
+            let xl = _mm256_loadu_si256(xq as *const __m256i);
+            let xh = _mm256_loadu_si256(xq.add(32) as *const __m256i);
+            if VNNI {
+                vnni_acc(vnni(lo, xl), hi, xh)
+            } else {
+                // A u4·i8 pair is at most 2·15·127 = 3810 in magnitude, two of them 7620 < 2¹⁵: exact in i16.
+                let p = _mm256_add_epi16(_mm256_maddubs_epi16(lo, xl), _mm256_maddubs_epi16(hi, xh));
+                _mm256_madd_epi16(p, _mm256_set1_epi16(1))
+            }
         }
     }
 
@@ -534,6 +682,10 @@ mod x86 {
             // exact.
             _mm256_add_epi32(_mm256_madd_epi16(w0, x0), _mm256_madd_epi16(w1, x1))
         }
+        const PAIRS: bool = false;
+        unsafe fn dot_pair(_w: (__m256i, __m256i), _xq: *const i16) -> __m256i {
+            unreachable!("int16 activations are never paired")
+        }
     }
 
     /// Row `r` of `w` times `x` with kernel `K`, bit for bit [`row_dot_scalar`].
@@ -556,14 +708,27 @@ mod x86 {
         };
         let xq = x.qs.as_ptr();
         let (xd, xs) = (x.d.as_ptr(), x.s.as_ptr());
+        let paired = K::PAIRS && kind == QKind::Q4 && x.paired;
         let mut av = _mm256_setzero_ps();
         for g in 0..nb / LANES {
             let b0 = g * LANES;
-            let mut v = [_mm256_setzero_si256(); 8];
-            for (k, vk) in v.iter_mut().enumerate() {
-                *vk = K::dot(kind, K::unpack(kind, wq.add((b0 + k) * ql)), xq.add((b0 + k) * QBLOCK));
-            }
-            let fi = _mm256_cvtepi32_ps(hsum8(v));
+            let sums = if paired {
+                // Blocks b0 + 2i, b0 + 2i + 1 are a whole pair (b0 is even, b0 + 8 ≤ nb): 32 bytes of quants
+                // and 64 activations.
+                let mut v = [_mm256_setzero_si256(); 4];
+                for (i, vi) in v.iter_mut().enumerate() {
+                    let k = b0 + 2 * i;
+                    *vi = K::dot_pair(q4_pair(wq.add(k * ql)), xq.add(k * QBLOCK));
+                }
+                hsum_pairs(v)
+            } else {
+                let mut v = [_mm256_setzero_si256(); 8];
+                for (k, vk) in v.iter_mut().enumerate() {
+                    *vk = K::dot(kind, K::unpack(kind, wq.add((b0 + k) * ql)), xq.add((b0 + k) * QBLOCK));
+                }
+                hsum8(v)
+            };
+            let fi = _mm256_cvtepi32_ps(sums);
             av = _mm256_add_ps(
                 av,
                 group_term(kind, fi, (wd.add(b0), wm.add(b0)), (xd.add(b0), xs.add(b0))),
@@ -588,6 +753,8 @@ mod x86 {
         let kind = w.kind;
         let nb = w.cols / QBLOCK;
         let ql = w.qlen();
+        // Every vector has the same layout (the dispatch checks it).
+        let paired = K::PAIRS && kind == QKind::Q4 && xs[0].paired;
         let mut av = vec![_mm256_setzero_ps(); n];
         for i in 0..rlen {
             let r = r0 + i;
@@ -602,17 +769,33 @@ mod x86 {
             av.fill(_mm256_setzero_ps());
             for g in 0..nb / LANES {
                 let b0 = g * LANES;
+                // Paired: wu[i] holds blocks b0 + 2i, b0 + 2i + 1 (`q4_pair`); else wu[k] block b0 + k.
                 let mut wu = [(_mm256_setzero_si256(), _mm256_setzero_si256()); 8];
-                for (k, u) in wu.iter_mut().enumerate() {
-                    *u = K::unpack(kind, wq.add((b0 + k) * ql));
+                if paired {
+                    for (i, u) in wu.iter_mut().enumerate().take(4) {
+                        *u = q4_pair(wq.add((b0 + 2 * i) * ql));
+                    }
+                } else {
+                    for (k, u) in wu.iter_mut().enumerate() {
+                        *u = K::unpack(kind, wq.add((b0 + k) * ql));
+                    }
                 }
                 for (x, a) in xs.iter().zip(av.iter_mut()) {
                     let xq = x.qs.as_ptr();
-                    let mut v = [_mm256_setzero_si256(); 8];
-                    for (k, vk) in v.iter_mut().enumerate() {
-                        *vk = K::dot(kind, wu[k], xq.add((b0 + k) * QBLOCK));
-                    }
-                    let fi = _mm256_cvtepi32_ps(hsum8(v));
+                    let sums = if paired {
+                        let mut v = [_mm256_setzero_si256(); 4];
+                        for (i, vi) in v.iter_mut().enumerate() {
+                            *vi = K::dot_pair(wu[i], xq.add((b0 + 2 * i) * QBLOCK));
+                        }
+                        hsum_pairs(v)
+                    } else {
+                        let mut v = [_mm256_setzero_si256(); 8];
+                        for (k, vk) in v.iter_mut().enumerate() {
+                            *vk = K::dot(kind, wu[k], xq.add((b0 + k) * QBLOCK));
+                        }
+                        hsum8(v)
+                    };
+                    let fi = _mm256_cvtepi32_ps(sums);
                     let (xd, xsum) = (x.d.as_ptr().add(b0), x.s.as_ptr().add(b0));
                     *a = _mm256_add_ps(*a, group_term(kind, fi, (wd.add(b0), wm.add(b0)), (xd, xsum)));
                 }
@@ -702,8 +885,10 @@ mod x86 {
 pub fn rows_int8(w: &QMatrix, x: &Q8Vec, r0: usize, y: &mut [f32], isa: Isa) {
     assert_eq!(x.len(), w.cols, "rows_int8: input length");
     assert!(r0 + y.len() <= w.rows, "rows_int8: rows past the matrix");
+    // The SIMD kernels take paired activations for `Q4` weights only (and either layout for `Q4`).
     #[cfg(target_arch = "x86_64")]
     match isa {
+        _ if x.paired && w.kind != QKind::Q4 => {}
         // SAFETY: `supported()` checked the features each kernel requires.
         Isa::Avx512Vnni if isa.supported() => return unsafe { x86::rows_vnni(w, x, r0, y) },
         // SAFETY: as above.
@@ -735,8 +920,10 @@ fn check_multi<T: QInt>(w: &QMatrix, xs: &[QVec<T>], r0: usize, out: &[f32]) {
 /// once for all the vectors.
 pub fn rows_int8_multi(w: &QMatrix, xs: &[Q8Vec], r0: usize, out: &mut [f32], isa: Isa) {
     check_multi(w, xs, r0, out);
+    // The SIMD kernels take the vectors in one layout, paired for `Q4` weights only.
     #[cfg(target_arch = "x86_64")]
     match isa {
+        _ if xs.iter().any(|x| x.paired != xs[0].paired) || (xs[0].paired && w.kind != QKind::Q4) => {}
         // SAFETY: `supported()` checked the features each kernel requires.
         Isa::Avx512Vnni if isa.supported() => return unsafe { x86::rows_multi_vnni(w, xs, r0, out) },
         // SAFETY: as above.
@@ -832,6 +1019,39 @@ mod tests {
             .collect()
     }
 
+    /// `x` in the paired layout (checked against `quantize_paired` and the natural values).
+    fn pair(x: Q8Vec) -> Q8Vec {
+        let mut p = x.clone();
+        p.swap_pairs();
+        assert!(p.is_paired() && !x.is_paired());
+        assert_eq!(p.to_f32(), x.to_f32());
+        let nb = x.d.len();
+        for b in 0..nb {
+            let ((nl, nh), (pl, ph)) = (x.halves(b), p.halves(b));
+            assert_eq!(x.qs[nl..nl + 16], p.qs[pl..pl + 16], "block {b} of {nb}");
+            assert_eq!(x.qs[nh..nh + 16], p.qs[ph..ph + 16], "block {b} of {nb}");
+        }
+        p
+    }
+
+    /// `quantize_paired` is `quantize` with the pairs' middle quarters swapped; `quantize_for` picks it for
+    /// `Q4` weights.
+    #[test]
+    fn paired_quantization_is_the_natural_one_rearranged() {
+        for nb in [1, 2, 3, 18, 19] {
+            let xf = random_x(nb * QBLOCK, nb as u64 + 5);
+            let (n, p) = (Q8Vec::quantize(&xf).unwrap(), Q8Vec::quantize_paired(&xf).unwrap());
+            assert_eq!(pair(n.clone()).qs, p.qs);
+            assert!(Q8Vec::quantize_for(QKind::Q4, &xf).unwrap().is_paired());
+            assert!(!Q8Vec::quantize_for(QKind::Q8, &xf).unwrap().is_paired());
+            if nb % 2 == 1 {
+                // The last odd block keeps its natural place.
+                assert_eq!(n.qs[(nb - 1) * QBLOCK..], p.qs[(nb - 1) * QBLOCK..]);
+            }
+        }
+        assert!(Q8Vec::quantize_paired(&[0.0; 31]).is_none());
+    }
+
     fn run(isa: Isa, w: &QMatrix, x: &Q8Vec) -> Vec<u32> {
         let mut y = vec![f32::NAN; w.rows];
         rows_int8(w, x, 0, &mut y, isa);
@@ -866,11 +1086,21 @@ mod tests {
                         .iter()
                         .flat_map(|x| run(Isa::Scalar, &w, x)[r0..r0 + rlen].to_vec())
                         .collect();
+                    // The same vectors in the paired layout, and the two layouts mixed (the portable kernel).
+                    let paired: Vec<Q8Vec> = xs.iter().cloned().map(pair).collect();
+                    let mixed: Vec<Q8Vec> = xs
+                        .iter()
+                        .zip(&paired)
+                        .enumerate()
+                        .map(|(t, (a, b))| if t % 2 == 0 { a.clone() } else { b.clone() })
+                        .collect();
                     for &isa in &isas {
-                        let mut out = vec![f32::NAN; n * rlen];
-                        rows_int8_multi(&w, &xs, r0, &mut out, isa);
-                        let got: Vec<u32> = out.iter().map(|v| v.to_bits()).collect();
-                        assert_eq!(got, want, "{ty} nb {nb} n {n} {isa:?}");
+                        for (layout, xs) in [("natural", &xs), ("paired", &paired), ("mixed", &mixed)] {
+                            let mut out = vec![f32::NAN; n * rlen];
+                            rows_int8_multi(&w, xs, r0, &mut out, isa);
+                            let got: Vec<u32> = out.iter().map(|v| v.to_bits()).collect();
+                            assert_eq!(got, want, "{ty} nb {nb} n {n} {isa:?} {layout}");
+                        }
                     }
                     // The int16 path: its multi-vector kernel against the portable single-vector one.
                     let xs16: Vec<Q16Vec> = (0..n)
@@ -909,8 +1139,11 @@ mod tests {
                 let w = random_matrix(ty, 37, nb, nb as u64 * 31 + k as u64);
                 let x = Q8Vec::quantize(&random_x(nb * QBLOCK, nb as u64)).unwrap();
                 let want = run(Isa::Scalar, &w, &x);
+                let xp = pair(x.clone());
+                assert_eq!(run(Isa::Scalar, &w, &xp), want, "{ty} nb {nb} scalar, paired");
                 for &isa in &isas {
                     assert_eq!(run(isa, &w, &x), want, "{ty} nb {nb} {isa:?}");
+                    assert_eq!(run(isa, &w, &xp), want, "{ty} nb {nb} {isa:?}, paired");
                 }
             }
         }
