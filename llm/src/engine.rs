@@ -142,7 +142,8 @@ fn load_rows(
     Ok(Weight::F32(Matrix::new(rows.len(), cols, t.data)))
 }
 
-/// Columns `cols` of a `[rows, full_cols]` tensor (kept quantized when the columns are whole blocks).
+/// Columns `cols` of a `[rows, full_cols]` tensor (kept quantized when the columns are whole blocks). Only the
+/// columns are read ([`WeightSource::tensor_cols`]): a row-parallel shard never holds the whole matrix.
 fn load_cols(
     src: &dyn WeightSource,
     name: &str,
@@ -151,18 +152,76 @@ fn load_cols(
     cols: Range<usize>,
     f32_weights: bool,
 ) -> Result<Weight> {
-    if let Some(q) = load_quant(src, name, 0..rows, full_cols, f32_weights)? {
-        if let Some(part) = q.columns(cols.clone()) {
-            return Ok(Weight::Quant(part));
+    if cols.start > cols.end || cols.end > full_cols {
+        return Err(EngineError::Config(format!(
+            "{name}: columns {cols:?} exceed {full_cols}"
+        )));
+    }
+    if !f32_weights {
+        if let Some(q) = src.tensor_cols_quantized(name, cols.clone())? {
+            if q.rows != rows || q.cols != cols.len() || q.data.len() != q.rows * q.row_bytes {
+                return Err(EngineError::Shape {
+                    name: name.to_string(),
+                    expected: vec![rows, cols.len()],
+                    actual: vec![q.rows, q.cols],
+                });
+            }
+            if let Some(m) = QMatrix::from_ggml(q.ty, q.rows, q.cols, &q.data) {
+                return Ok(Weight::Quant(m));
+            }
         }
     }
-    let t = src.tensor(name)?;
-    expect_shape(name, &t, &[rows, full_cols])?;
-    let mut data = Vec::with_capacity(rows * cols.len());
-    for r in 0..rows {
-        data.extend_from_slice(&t.data[r * full_cols + cols.start..r * full_cols + cols.end]);
+    let t = src.tensor_cols(name, cols.clone())?;
+    expect_shape(name, &t, &[rows, cols.len()])?;
+    Ok(Weight::F32(Matrix::new(rows, cols.len(), t.data)))
+}
+
+/// One part of a stacked (fused) matrix: rows `rows` of the `[full_rows, cols]` tensor `name`.
+struct Part {
+    name: String,
+    rows: Range<usize>,
+    full_rows: usize,
+}
+
+/// The parts' rows one after the other (fused QKV, gate-up): quantized when all parts are quantized of one
+/// kind, f32 otherwise. On the f32 path each part is converted straight into the fused matrix and dropped,
+/// so loading holds the fused matrix plus one part, never every part twice.
+fn load_stacked(src: &dyn WeightSource, parts: &[Part], cols: usize, f32_weights: bool) -> Result<Weight> {
+    let total_rows: usize = parts.iter().map(|p| p.rows.len()).sum();
+    let mut quant: Vec<Weight> = Vec::new();
+    let mut fused: Option<Vec<f32>> = None;
+    for p in parts {
+        if p.rows.end > p.full_rows {
+            return Err(EngineError::Config(format!(
+                "{}: rows {:?} exceed {}",
+                p.name, p.rows, p.full_rows
+            )));
+        }
+        let q = load_quant(src, &p.name, p.rows.clone(), cols, f32_weights)?;
+        match (fused.as_mut(), q) {
+            (None, Some(q)) => quant.push(Weight::Quant(q)),
+            (None, None) if !quant.is_empty() => {
+                quant.push(load_rows(src, &p.name, p.rows.clone(), p.full_rows, cols, f32_weights)?)
+            }
+            (None, None) => {
+                let t = src.tensor_rows(&p.name, p.rows.clone())?;
+                expect_shape(&p.name, &t, &[p.rows.len(), cols])?;
+                let mut data = Vec::with_capacity(total_rows * cols);
+                data.extend_from_slice(&t.data);
+                fused = Some(data);
+            }
+            (Some(data), Some(q)) => data.extend_from_slice(&Weight::Quant(q).into_f32().data),
+            (Some(data), None) => {
+                let t = src.tensor_rows(&p.name, p.rows.clone())?;
+                expect_shape(&p.name, &t, &[p.rows.len(), cols])?;
+                data.extend_from_slice(&t.data);
+            }
+        }
     }
-    Ok(Weight::F32(Matrix::new(rows, cols.len(), data)))
+    Ok(match fused {
+        Some(data) => Weight::F32(Matrix::new(total_rows, cols, data)),
+        None => stack(quant),
+    })
 }
 
 fn load_vector(src: &dyn WeightSource, name: &str, len: usize) -> Result<Vec<f32>> {
@@ -295,50 +354,27 @@ impl RankModel {
         let mut layers = Vec::with_capacity(layers_range.len());
         for i in layers_range.clone() {
             let p = format!("model.layers.{i}");
-            let qkv = stack(vec![
-                load_rows(
-                    src,
-                    &format!("{p}.self_attn.q_proj.weight"),
-                    q_rows.clone(),
-                    q_all,
-                    h,
-                    f32_weights,
-                )?,
-                load_rows(
-                    src,
-                    &format!("{p}.self_attn.k_proj.weight"),
-                    kv_rows.clone(),
-                    kv_all,
-                    h,
-                    f32_weights,
-                )?,
-                load_rows(
-                    src,
-                    &format!("{p}.self_attn.v_proj.weight"),
-                    kv_rows.clone(),
-                    kv_all,
-                    h,
-                    f32_weights,
-                )?,
-            ]);
-            let gate_up = stack(vec![
-                load_rows(
-                    src,
-                    &format!("{p}.mlp.gate_proj.weight"),
-                    ffn.clone(),
-                    inter,
-                    h,
-                    f32_weights,
-                )?,
-                load_rows(
-                    src,
-                    &format!("{p}.mlp.up_proj.weight"),
-                    ffn.clone(),
-                    inter,
-                    h,
-                    f32_weights,
-                )?,
-            ]);
+            let part = |suffix: &str, rows: &Range<usize>, full_rows: usize| Part {
+                name: format!("{p}.{suffix}.weight"),
+                rows: rows.clone(),
+                full_rows,
+            };
+            let qkv = load_stacked(
+                src,
+                &[
+                    part("self_attn.q_proj", &q_rows, q_all),
+                    part("self_attn.k_proj", &kv_rows, kv_all),
+                    part("self_attn.v_proj", &kv_rows, kv_all),
+                ],
+                h,
+                f32_weights,
+            )?;
+            let gate_up = load_stacked(
+                src,
+                &[part("mlp.gate_proj", &ffn, inter), part("mlp.up_proj", &ffn, inter)],
+                h,
+                f32_weights,
+            )?;
             layers.push(Layer {
                 attn_norm: load_vector(src, &format!("{p}.input_layernorm.weight"), h)?,
                 mlp_norm: load_vector(src, &format!("{p}.post_attention_layernorm.weight"), h)?,

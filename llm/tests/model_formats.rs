@@ -305,6 +305,26 @@ fn assert_same_weights(a: &dyn WeightSource, b: &dyn WeightSource) {
         let rl: usize = x.shape[1..].iter().product();
         assert_eq!(part.shape[0], r.len(), "{n}");
         assert_eq!(part.data, x.data[r.start * rl..r.end * rl], "{n} rows {r:?}");
+        if let [rows, cols] = x.shape[..] {
+            // A row-parallel shard: only some columns of every row (both the source's own reader and the
+            // trait's default, which slices the whole tensor).
+            let c = cols / 4..cols - cols / 3;
+            let want: Vec<f32> = (0..rows)
+                .flat_map(|i| x.data[i * cols + c.start..i * cols + c.end].to_vec())
+                .collect();
+            let got = b.tensor_cols(&n, c.clone()).unwrap();
+            assert_eq!(
+                (got.shape.clone(), &got.data),
+                (vec![rows, c.len()], &want),
+                "{n} cols {c:?}"
+            );
+            assert_eq!(
+                a.tensor_cols(&n, c.clone()).unwrap().data,
+                want,
+                "{n} default cols {c:?}"
+            );
+            assert!(b.tensor_cols(&n, 0..cols + 1).is_err(), "{n}: columns past the row");
+        }
     }
 }
 

@@ -177,3 +177,95 @@ fn hf_directory_written_by_transformers_matches_the_gguf() {
     eprintln!("max |GGUF - HF dir| reference logits: {d:.2e}");
     assert!(d < 1e-9);
 }
+
+/// Rows-parallel (column) shards of the real Q4_1 file come straight from the stored blocks: the same bytes as
+/// slicing every row's blocks out of the whole matrix, and the same values as the f32 column read. A range that
+/// does not fall on block boundaries is not handed out quantized, but still reads as f32.
+#[test]
+fn column_shards_of_the_quantized_file_are_its_blocks() {
+    let Some(path) = model_path() else { return };
+    let src = model::open(&path).unwrap();
+    let c = src.config().clone();
+    for (name, full) in [
+        ("model.layers.3.self_attn.o_proj.weight", c.q_dim()),
+        ("model.layers.7.mlp.down_proj.weight", c.intermediate_size),
+    ] {
+        let rows = c.hidden_size;
+        let whole = src.tensor_rows_quantized(name, 0..rows).unwrap().unwrap();
+        let all = src.tensor(name).unwrap();
+        for tp in [2, 3] {
+            let per = full / tp;
+            let cols = per..2 * per;
+            let q = src.tensor_cols_quantized(name, cols.clone()).unwrap().unwrap();
+            assert_eq!(Some(&q), whole.columns(cols.clone()).as_ref(), "{name} tp {tp}");
+            let mut deq = vec![0f32; rows * cols.len()];
+            model::dequant::dequantize(q.ty, &q.data, &mut deq).unwrap();
+            let f = src.tensor_cols(name, cols.clone()).unwrap();
+            assert_eq!(f.data, deq, "{name} tp {tp}");
+            let want: Vec<f32> = (0..rows)
+                .flat_map(|r| all.data[r * full + cols.start..r * full + cols.end].to_vec())
+                .collect();
+            assert_eq!(f.data, want, "{name} tp {tp}");
+        }
+        assert_eq!(src.tensor_cols_quantized(name, 10..50).unwrap(), None);
+        assert_eq!(src.tensor_cols(name, 10..50).unwrap().shape, vec![rows, 40]);
+        assert!(src.tensor_cols_quantized(name, 0..full + 32).is_err());
+    }
+}
+
+/// Resident bytes of the mapping of this process that holds address `at` (from /proc/self/smaps).
+#[cfg(target_os = "linux")]
+fn mapping_rss(at: usize) -> usize {
+    let smaps = std::fs::read_to_string("/proc/self/smaps").unwrap();
+    let mut inside = false;
+    for line in smaps.lines() {
+        let first = line.split_whitespace().next().unwrap_or("");
+        if let Some((a, b)) = first.split_once('-') {
+            if let (Ok(a), Ok(b)) = (usize::from_str_radix(a, 16), usize::from_str_radix(b, 16)) {
+                inside = (a..b).contains(&at);
+                continue;
+            }
+        }
+        if inside {
+            if let Some(kb) = line.strip_prefix("Rss:") {
+                return kb.trim().trim_end_matches("kB").trim().parse::<usize>().unwrap() * 1024;
+            }
+        }
+    }
+    panic!("no mapping holds {at:#x}");
+}
+
+/// Reading a tensor out of the memory-mapped file leaves its pages out of this process's resident set: a rank
+/// that loads its shard holds its shard, not the file's pages besides. Without `release_pages` the map's
+/// resident size after reading every matrix is about the file's size.
+#[cfg(target_os = "linux")]
+#[test]
+fn reading_tensors_leaves_the_file_pages_out_of_the_resident_set() {
+    let Some(path) = model_path() else { return };
+    let file_len = std::fs::metadata(&path).unwrap().len() as usize;
+    let src = model::gguf::GgufSource::open(&path).unwrap();
+    let at = src.file().tensor_bytes("blk.0.attn_q.weight").unwrap().as_ptr() as usize;
+    let c = model::WeightSource::config(&src).clone();
+    for l in 0..c.num_hidden_layers {
+        for s in ["self_attn.q_proj", "self_attn.v_proj", "mlp.gate_proj", "mlp.up_proj"] {
+            let name = format!("model.layers.{l}.{s}.weight");
+            let rows = model::expected_shape(&c, &name).unwrap()[0];
+            model::WeightSource::tensor_rows_quantized(&src, &name, 0..rows)
+                .unwrap()
+                .unwrap();
+        }
+        for s in ["self_attn.o_proj", "mlp.down_proj"] {
+            let name = format!("model.layers.{l}.{s}.weight");
+            let cols = model::expected_shape(&c, &name).unwrap()[1];
+            model::WeightSource::tensor_cols(&src, &name, 0..cols / 2).unwrap();
+        }
+    }
+    model::WeightSource::tensor_rows(&src, "model.embed_tokens.weight", 0..c.vocab_size).unwrap();
+    let rss = mapping_rss(at);
+    // What stays mapped: the header (metadata and the tokenizer's vocabulary, parsed at open) and tensors
+    // not read here (norms, k_proj).
+    assert!(
+        rss < file_len / 4,
+        "{rss} bytes of the {file_len}-byte file still resident after reading its matrices"
+    );
+}

@@ -499,6 +499,24 @@ impl GgufFile {
             .ok_or_else(|| ModelError::tensor(name, format!("data {start}..{} lies outside the file", start + nb)))
     }
 
+    /// Unmaps the pages of tensor `name` from this process (they stay in the kernel's page cache, and a later
+    /// read maps them again), so that a tensor copied out of the map stops counting towards the process's
+    /// resident memory: a rank that reads its shard of a large checkpoint holds its shard, not the file's
+    /// pages too. Does nothing for an in-memory image or an unknown tensor.
+    pub fn release_pages(&self, name: &str) {
+        let Backing::Map(map) = &self.backing else {
+            return;
+        };
+        let Some(nb) = self.tensor_info(name).and_then(|i| i.n_bytes) else {
+            return;
+        };
+        let start = self.data_start + self.tensor_info(name).map_or(0, |i| i.offset);
+        if start.checked_add(nb).is_none_or(|end| end > map.len()) {
+            return;
+        }
+        release_map_range(map, start, nb);
+    }
+
     /// A whole tensor dequantized to f32, shape outermost first.
     pub fn dequantize(&self, name: &str) -> Result<Tensor, ModelError> {
         let info = self.tensor_info(name).ok_or_else(|| ModelError::MissingTensor {
@@ -558,6 +576,22 @@ impl GgufFile {
         }
         Ok(Tensor { shape: out_shape, data })
     }
+}
+
+/// `madvise(MADV_DONTNEED)` on `len` bytes of `map` from `offset` (in bounds): the process drops its page table
+/// entries for them. Failure only means the pages stay resident, so it is ignored.
+pub(crate) fn release_map_range(map: &memmap2::Mmap, offset: usize, len: usize) {
+    #[cfg(unix)]
+    {
+        // SAFETY: `map` is a read-only private file mapping (`Mmap::map`) that nothing ever writes, so it holds
+        // no private copy-on-write pages that MADV_DONTNEED could discard: the next access to a released page
+        // faults it in again from the file, with the same bytes (under the requirement, stated where the file is
+        // mapped, that nobody rewrites an open checkpoint). No reference into the range is invalidated: the
+        // memory stays mapped and readable at the same address throughout.
+        let _ = unsafe { map.unchecked_advise_range(memmap2::UncheckedAdvice::DontNeed, offset, len) };
+    }
+    #[cfg(not(unix))]
+    let _ = (map, offset, len);
 }
 
 /// Builds GGUF images (version 3): used by tests and to write small fixtures.
@@ -811,25 +845,10 @@ impl GgufSource {
     }
 }
 
-impl WeightSource for GgufSource {
-    fn config(&self) -> &LlamaConfig {
-        &self.config
-    }
-
-    fn tensor(&self, name: &str) -> Result<Tensor, ModelError> {
-        let (g, order, shape) = self.resolve(name)?;
-        match order {
-            RowOrder::Same => self.file.dequantize(&g),
-            _ => self.file.dequantize_rows(&g, 0..shape[0], |r| order.map(r)),
-        }
-    }
-
-    fn tensor_rows(&self, name: &str, rows: Range<usize>) -> Result<Tensor, ModelError> {
-        let (g, order, _) = self.resolve(name)?;
-        self.file.dequantize_rows(&g, rows, |r| order.map(r))
-    }
-
-    fn tensor_rows_quantized(&self, name: &str, rows: Range<usize>) -> Result<Option<QuantRows>, ModelError> {
+impl GgufSource {
+    /// How matrix `name` is stored when it is `Q4_0`, `Q4_1` or `Q8_0` blocks with whole blocks per row,
+    /// `None` otherwise.
+    fn quantized_layout(&self, name: &str) -> Result<Option<QuantLayout>, ModelError> {
         let (g, order, shape) = self.resolve(name)?;
         let info = self.file.tensor_info(&g).ok_or_else(|| ModelError::MissingTensor {
             name: name.into(),
@@ -838,26 +857,157 @@ impl WeightSource for GgufSource {
         if !matches!(info.ty, GgmlType::Q4_0 | GgmlType::Q4_1 | GgmlType::Q8_0) || shape.len() != 2 {
             return Ok(None);
         }
-        let (n_rows, cols) = (shape[0], shape[1]);
+        let (rows, cols) = (shape[0], shape[1]);
+        let ty = info.ty;
+        Ok(ty.bytes_for(cols).filter(|_| cols > 0).map(|row_bytes| QuantLayout {
+            g,
+            order,
+            ty,
+            rows,
+            cols,
+            row_bytes,
+        }))
+    }
+}
+
+/// A block-quantized matrix in the file (see [`GgufSource::quantized_layout`]).
+struct QuantLayout {
+    g: String,
+    order: RowOrder,
+    ty: GgmlType,
+    rows: usize,
+    cols: usize,
+    row_bytes: usize,
+}
+
+impl WeightSource for GgufSource {
+    fn config(&self) -> &LlamaConfig {
+        &self.config
+    }
+
+    fn tensor(&self, name: &str) -> Result<Tensor, ModelError> {
+        let (g, order, shape) = self.resolve(name)?;
+        let t = match order {
+            RowOrder::Same => self.file.dequantize(&g),
+            _ => self.file.dequantize_rows(&g, 0..shape[0], |r| order.map(r)),
+        };
+        self.file.release_pages(&g);
+        t
+    }
+
+    fn tensor_rows(&self, name: &str, rows: Range<usize>) -> Result<Tensor, ModelError> {
+        let (g, order, _) = self.resolve(name)?;
+        let t = self.file.dequantize_rows(&g, rows, |r| order.map(r));
+        self.file.release_pages(&g);
+        t
+    }
+
+    fn tensor_cols(&self, name: &str, cols: Range<usize>) -> Result<Tensor, ModelError> {
+        let (g, order, shape) = self.resolve(name)?;
+        let info = self.file.tensor_info(&g).ok_or_else(|| ModelError::MissingTensor {
+            name: name.into(),
+            source_desc: self.description.clone(),
+        })?;
+        let [rows, full] = shape[..] else {
+            return Err(ModelError::InvalidInput(format!(
+                "tensor `{name}`: columns of a {}-D tensor",
+                shape.len()
+            )));
+        };
+        super::check_cols(name, &cols, full)?;
+        let Some(row_bytes) = info.ty.bytes_for(full).filter(|_| full > 0) else {
+            // Rows are not whole blocks: only the whole tensor can be dequantized.
+            let t = self.tensor(name)?;
+            let mut data = Vec::with_capacity(rows * cols.len());
+            for r in 0..rows {
+                data.extend_from_slice(&t.data[r * full + cols.start..r * full + cols.end]);
+            }
+            return Ok(Tensor {
+                shape: vec![rows, cols.len()],
+                data,
+            });
+        };
+        let bytes = self.file.tensor_bytes(&g)?;
+        let mut row = vec![0f32; full];
+        let mut data = Vec::with_capacity(rows * cols.len());
+        for r in 0..rows {
+            let src = order.map(r);
+            dequantize(info.ty, &bytes[src * row_bytes..(src + 1) * row_bytes], &mut row)
+                .map_err(|e| ModelError::tensor(&g, e.to_string()))?;
+            data.extend_from_slice(&row[cols.clone()]);
+        }
+        self.file.release_pages(&g);
+        Ok(Tensor {
+            shape: vec![rows, cols.len()],
+            data,
+        })
+    }
+
+    fn tensor_rows_quantized(&self, name: &str, rows: Range<usize>) -> Result<Option<QuantRows>, ModelError> {
+        let Some(QuantLayout {
+            g,
+            order,
+            ty,
+            rows: n_rows,
+            cols,
+            row_bytes,
+        }) = self.quantized_layout(name)?
+        else {
+            return Ok(None);
+        };
         if rows.start > rows.end || rows.end > n_rows {
             return Err(ModelError::InvalidInput(format!(
                 "tensor `{name}`: rows {rows:?} out of 0..{n_rows}"
             )));
         }
-        let Some(row_bytes) = info.ty.bytes_for(cols).filter(|_| cols > 0) else {
-            return Ok(None);
-        };
         let bytes = self.file.tensor_bytes(&g)?;
         let mut data = Vec::with_capacity(rows.len() * row_bytes);
         for r in rows.clone() {
             let src = order.map(r);
             data.extend_from_slice(&bytes[src * row_bytes..(src + 1) * row_bytes]);
         }
+        self.file.release_pages(&g);
         Ok(Some(QuantRows {
-            ty: info.ty,
+            ty,
             rows: rows.len(),
             cols,
             row_bytes,
+            data,
+        }))
+    }
+
+    fn tensor_cols_quantized(&self, name: &str, cols: Range<usize>) -> Result<Option<QuantRows>, ModelError> {
+        let Some(QuantLayout {
+            g,
+            order,
+            ty,
+            rows: n_rows,
+            cols: full,
+            row_bytes,
+        }) = self.quantized_layout(name)?
+        else {
+            return Ok(None);
+        };
+        super::check_cols(name, &cols, full)?;
+        let Some((block_len, block_bytes)) = ty.block() else {
+            return Ok(None);
+        };
+        if cols.start % block_len != 0 || cols.end % block_len != 0 {
+            return Ok(None);
+        }
+        let (b0, b1) = (cols.start / block_len * block_bytes, cols.end / block_len * block_bytes);
+        let bytes = self.file.tensor_bytes(&g)?;
+        let mut data = Vec::with_capacity(n_rows * (b1 - b0));
+        for r in 0..n_rows {
+            let src = order.map(r) * row_bytes;
+            data.extend_from_slice(&bytes[src + b0..src + b1]);
+        }
+        self.file.release_pages(&g);
+        Ok(Some(QuantRows {
+            ty,
+            rows: n_rows,
+            cols: cols.len(),
+            row_bytes: b1 - b0,
             data,
         }))
     }

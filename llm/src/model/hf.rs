@@ -147,6 +147,18 @@ impl HfSource {
         })
     }
 
+    /// Unmaps the pages of `bytes` (a slice [`HfSource::raw`] returned) from this process once they are
+    /// copied out: see [`super::gguf::GgufFile::release_pages`].
+    fn release(&self, bytes: &[u8]) {
+        let at = bytes.as_ptr() as usize;
+        if let Some(f) = self.files.iter().find(|f| {
+            let base = f.map.as_ptr() as usize;
+            at >= base && at + bytes.len() <= base + f.map.len()
+        }) {
+            super::gguf::release_map_range(&f.map, at - f.map.as_ptr() as usize, bytes.len());
+        }
+    }
+
     /// The bytes, dtype and shape of a stored tensor.
     fn raw(&self, name: &str) -> Result<(&[u8], Dtype, Vec<usize>), ModelError> {
         let missing = || ModelError::MissingTensor {
@@ -222,6 +234,7 @@ impl WeightSource for HfSource {
         let (bytes, dtype, shape) = self.raw(name)?;
         let mut data = vec![0f32; shape.iter().product()];
         convert(name, dtype, bytes, &mut data)?;
+        self.release(bytes);
         Ok(Tensor { shape, data })
     }
 
@@ -241,7 +254,33 @@ impl WeightSource for HfSource {
             .get(rows.start * row_len * width..rows.end * row_len * width)
             .ok_or_else(|| ModelError::tensor(name, "data shorter than its shape"))?;
         convert(name, dtype, sub, &mut data)?;
+        self.release(bytes);
         Ok(Tensor { shape, data })
+    }
+
+    fn tensor_cols(&self, name: &str, cols: Range<usize>) -> Result<Tensor, ModelError> {
+        let (bytes, dtype, shape) = self.raw(name)?;
+        let [rows, full] = shape[..] else {
+            return Err(ModelError::InvalidInput(format!(
+                "tensor `{name}`: columns of a {}-D tensor",
+                shape.len()
+            )));
+        };
+        super::check_cols(name, &cols, full)?;
+        let width = dtype_width(name, dtype)?;
+        if bytes.len() != rows * full * width {
+            return Err(ModelError::tensor(name, "data shorter than its shape"));
+        }
+        let mut data = vec![0f32; rows * cols.len()];
+        for (r, out) in data.chunks_exact_mut(cols.len().max(1)).take(rows).enumerate() {
+            let row = &bytes[r * full * width..(r + 1) * full * width];
+            convert(name, dtype, &row[cols.start * width..cols.end * width], out)?;
+        }
+        self.release(bytes);
+        Ok(Tensor {
+            shape: vec![rows, cols.len()],
+            data,
+        })
     }
 
     fn tokenizer(&self) -> Result<Option<tokenizers::Tokenizer>, ModelError> {

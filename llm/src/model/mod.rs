@@ -55,6 +55,39 @@ pub struct QuantRows {
     pub data: Vec<u8>,
 }
 
+impl QuantRows {
+    /// Columns `cols` of every row, or `None` when `cols` does not start and end on block boundaries (or lies
+    /// outside the row).
+    pub fn columns(&self, cols: Range<usize>) -> Option<QuantRows> {
+        let (block_len, block_bytes) = self.ty.block()?;
+        if cols.start > cols.end || cols.end > self.cols || cols.start % block_len != 0 || cols.end % block_len != 0 {
+            return None;
+        }
+        let (b0, b1) = (cols.start / block_len * block_bytes, cols.end / block_len * block_bytes);
+        let mut data = Vec::with_capacity(self.rows * (b1 - b0));
+        for row in self.data.chunks_exact(self.row_bytes).take(self.rows) {
+            data.extend_from_slice(row.get(b0..b1)?);
+        }
+        Some(QuantRows {
+            ty: self.ty,
+            rows: self.rows,
+            cols: cols.len(),
+            row_bytes: b1 - b0,
+            data,
+        })
+    }
+}
+
+/// Checks a column range against a row of `full` values.
+pub(crate) fn check_cols(name: &str, cols: &Range<usize>, full: usize) -> Result<(), ModelError> {
+    if cols.start > cols.end || cols.end > full {
+        return Err(ModelError::InvalidInput(format!(
+            "tensor `{name}`: columns {cols:?} out of 0..{full}"
+        )));
+    }
+    Ok(())
+}
+
 /// A checkpoint: configuration, tensors by canonical Hugging Face name, tokenizer and chat template.
 pub trait WeightSource: Send + Sync {
     /// The architecture hyper-parameters (already validated).
@@ -70,6 +103,43 @@ pub trait WeightSource: Send + Sync {
     fn tensor_rows_quantized(&self, name: &str, rows: Range<usize>) -> Result<Option<QuantRows>, ModelError> {
         let _ = (name, rows);
         Ok(None)
+    }
+    /// Columns `cols` (innermost index) of every row of matrix `name`: one row-parallel shard (`o_proj`,
+    /// `down_proj`). The default reads the whole tensor through [`WeightSource::tensor`] and keeps the columns;
+    /// the file sources read only those columns' bytes, so a rank never holds the whole matrix.
+    fn tensor_cols(&self, name: &str, cols: Range<usize>) -> Result<Tensor, ModelError> {
+        let t = self.tensor(name)?;
+        let [rows, full] = t.shape[..] else {
+            return Err(ModelError::InvalidInput(format!(
+                "tensor `{name}`: columns of a {}-D tensor",
+                t.shape.len()
+            )));
+        };
+        check_cols(name, &cols, full)?;
+        let mut data = Vec::with_capacity(rows * cols.len());
+        for r in 0..rows {
+            data.extend_from_slice(&t.data[r * full + cols.start..r * full + cols.end]);
+        }
+        Ok(Tensor {
+            shape: vec![rows, cols.len()],
+            data,
+        })
+    }
+    /// Columns `cols` of every row of matrix `name` as raw quantized blocks, or `None` when the source does not
+    /// keep the matrix block-quantized or `cols` does not start and end on block boundaries. The default takes
+    /// all rows from [`WeightSource::tensor_rows_quantized`] and keeps the columns' blocks.
+    fn tensor_cols_quantized(&self, name: &str, cols: Range<usize>) -> Result<Option<QuantRows>, ModelError> {
+        let rows = match expected_shape(self.config(), name).as_deref() {
+            Some(&[rows, _]) => rows,
+            _ => return Ok(None),
+        };
+        match self.tensor_rows_quantized(name, 0..rows)? {
+            Some(q) => {
+                check_cols(name, &cols, q.cols)?;
+                Ok(q.columns(cols))
+            }
+            None => Ok(None),
+        }
     }
     /// The model's tokenizer (`tokenizer.json`, or built from a GGUF vocabulary), `None` if it carries none.
     fn tokenizer(&self) -> Result<Option<tokenizers::Tokenizer>, ModelError>;
