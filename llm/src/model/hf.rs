@@ -159,6 +159,23 @@ impl HfSource {
         }
     }
 
+    /// [`convert`]s `bytes` into `out` a chunk at a time, releasing each chunk's pages once it is converted.
+    fn convert_released(&self, name: &str, dtype: Dtype, bytes: &[u8], out: &mut [f32]) -> Result<(), ModelError> {
+        let width = dtype_width(name, dtype)?;
+        if bytes.len() != out.len() * width {
+            return Err(ModelError::tensor(
+                name,
+                format!("{} bytes for {} {dtype:?} values", bytes.len(), out.len()),
+            ));
+        }
+        let per = (RELEASE_CHUNK / width).max(1);
+        for (o, b) in out.chunks_mut(per).zip(bytes.chunks(per * width)) {
+            convert(name, dtype, b, o)?;
+            self.release(b);
+        }
+        Ok(())
+    }
+
     /// The bytes, dtype and shape of a stored tensor.
     fn raw(&self, name: &str) -> Result<(&[u8], Dtype, Vec<usize>), ModelError> {
         let missing = || ModelError::MissingTensor {
@@ -193,6 +210,11 @@ impl HfSource {
         Ok((bytes, info.dtype, info.shape.clone()))
     }
 }
+
+/// Bytes of the file converted between two releases of its pages: small enough that the mapped pages of the
+/// tensor being read add little to the shard (a Llama-3 `lm_head` is 1 GB of bf16), large enough that the
+/// `madvise` calls cost nothing next to the conversion.
+const RELEASE_CHUNK: usize = 16 << 20;
 
 fn dtype_width(name: &str, dtype: Dtype) -> Result<usize, ModelError> {
     match dtype {
@@ -233,8 +255,7 @@ impl WeightSource for HfSource {
     fn tensor(&self, name: &str) -> Result<Tensor, ModelError> {
         let (bytes, dtype, shape) = self.raw(name)?;
         let mut data = vec![0f32; shape.iter().product()];
-        convert(name, dtype, bytes, &mut data)?;
-        self.release(bytes);
+        self.convert_released(name, dtype, bytes, &mut data)?;
         Ok(Tensor { shape, data })
     }
 
@@ -253,8 +274,7 @@ impl WeightSource for HfSource {
         let sub = bytes
             .get(rows.start * row_len * width..rows.end * row_len * width)
             .ok_or_else(|| ModelError::tensor(name, "data shorter than its shape"))?;
-        convert(name, dtype, sub, &mut data)?;
-        self.release(bytes);
+        self.convert_released(name, dtype, sub, &mut data)?;
         Ok(Tensor { shape, data })
     }
 
@@ -272,11 +292,16 @@ impl WeightSource for HfSource {
             return Err(ModelError::tensor(name, "data shorter than its shape"));
         }
         let mut data = vec![0f32; rows * cols.len()];
+        let row_bytes = full * width;
+        let rows_per_release = (RELEASE_CHUNK / row_bytes.max(1)).max(1);
         for (r, out) in data.chunks_exact_mut(cols.len().max(1)).take(rows).enumerate() {
-            let row = &bytes[r * full * width..(r + 1) * full * width];
+            let row = &bytes[r * row_bytes..(r + 1) * row_bytes];
             convert(name, dtype, &row[cols.start * width..cols.end * width], out)?;
+            if (r + 1) % rows_per_release == 0 || r + 1 == rows {
+                let first = (r / rows_per_release) * rows_per_release;
+                self.release(&bytes[first * row_bytes..(r + 1) * row_bytes]);
+            }
         }
-        self.release(bytes);
         Ok(Tensor {
             shape: vec![rows, cols.len()],
             data,
