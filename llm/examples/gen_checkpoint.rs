@@ -17,7 +17,7 @@ use std::borrow::Cow;
 use std::path::PathBuf;
 
 use clap::{Parser, ValueEnum};
-use nccl_llm::model::{expected_shape, LlamaConfig};
+use nccl_llm::model::{expected_shape, tensor_names, LlamaConfig};
 use safetensors::tensor::View;
 use safetensors::Dtype;
 
@@ -128,23 +128,7 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
     let cfg = config(args.shape, args.layers);
     cfg.validate()?;
     std::fs::create_dir_all(&args.out)?;
-    let mut names = vec!["model.embed_tokens.weight".to_string()];
-    for l in 0..cfg.num_hidden_layers {
-        for s in [
-            "input_layernorm",
-            "self_attn.q_proj",
-            "self_attn.k_proj",
-            "self_attn.v_proj",
-            "self_attn.o_proj",
-            "post_attention_layernorm",
-            "mlp.gate_proj",
-            "mlp.up_proj",
-            "mlp.down_proj",
-        ] {
-            names.push(format!("model.layers.{l}.{s}.weight"));
-        }
-    }
-    names.extend(["model.norm.weight".to_string(), "lm_head.weight".to_string()]);
+    let names = tensor_names(&cfg);
     let tensors: Vec<Generated> = names
         .into_iter()
         .map(|name| {

@@ -222,26 +222,7 @@ fn lying_safetensors_and_config_cost_at_most_the_file_size() {
 /// Writes `src` as a one-file f32 safetensors checkpoint with its `config.json`.
 fn write_f32_checkpoint(dir: &Path, src: &dyn model::WeightSource) {
     let c = src.config();
-    let mut names = vec![
-        "model.embed_tokens.weight".to_string(),
-        "model.norm.weight".into(),
-        "lm_head.weight".into(),
-    ];
-    for l in 0..c.num_hidden_layers {
-        for s in [
-            "input_layernorm",
-            "post_attention_layernorm",
-            "self_attn.q_proj",
-            "self_attn.k_proj",
-            "self_attn.v_proj",
-            "self_attn.o_proj",
-            "mlp.gate_proj",
-            "mlp.up_proj",
-            "mlp.down_proj",
-        ] {
-            names.push(format!("model.layers.{l}.{s}.weight"));
-        }
-    }
+    let names = model::tensor_names(c);
     let tensors: Vec<(String, model::Tensor)> = names
         .into_iter()
         .map(|n| (n.clone(), src.tensor(&n).unwrap()))

@@ -181,6 +181,22 @@ pub fn expected_shape(cfg: &LlamaConfig, name: &str) -> Option<Vec<usize>> {
     })
 }
 
+/// The canonical names of every tensor a checkpoint of `cfg` stores, in file order: the embedding, each layer's
+/// norms and matrices, the final norm, and `lm_head.weight` unless the embeddings are tied.
+pub fn tensor_names(cfg: &LlamaConfig) -> Vec<String> {
+    let mut names = vec!["model.embed_tokens.weight".to_string()];
+    for l in 0..cfg.num_hidden_layers {
+        for s in tiny::LAYER_TENSORS {
+            names.push(format!("model.layers.{l}.{s}"));
+        }
+    }
+    names.push("model.norm.weight".into());
+    if !cfg.tie_word_embeddings {
+        names.push("lm_head.weight".into());
+    }
+    names
+}
+
 /// Opens a model: a `.gguf` file, or a Hugging Face directory (`config.json` + `*.safetensors`, or
 /// `model.safetensors.index.json`); a path to a file inside such a directory opens the directory.
 pub fn open(path: &Path) -> Result<Box<dyn WeightSource>, ModelError> {

@@ -22,15 +22,7 @@ impl MemorySource {
         description: impl Into<String>,
     ) -> Result<Self, ModelError> {
         config.validate()?;
-        let mut names = vec!["model.embed_tokens.weight".to_string(), "model.norm.weight".to_string()];
-        if !config.tie_word_embeddings {
-            names.push("lm_head.weight".into());
-        }
-        for l in 0..config.num_hidden_layers {
-            for s in LAYER_TENSORS {
-                names.push(format!("model.layers.{l}.{s}"));
-            }
-        }
+        let names = super::tensor_names(&config);
         let src = MemorySource {
             config,
             tensors,
@@ -58,7 +50,7 @@ impl MemorySource {
     }
 }
 
-const LAYER_TENSORS: [&str; 9] = [
+pub(super) const LAYER_TENSORS: [&str; 9] = [
     "input_layernorm.weight",
     "post_attention_layernorm.weight",
     "self_attn.q_proj.weight",
