@@ -191,31 +191,16 @@ fn load_stacked(src: &dyn WeightSource, parts: &[Part], cols: usize, f32_weights
     let mut quant: Vec<Weight> = Vec::new();
     let mut fused: Option<Vec<f32>> = None;
     for p in parts {
-        if p.rows.end > p.full_rows {
-            return Err(EngineError::Config(format!(
-                "{}: rows {:?} exceed {}",
-                p.name, p.rows, p.full_rows
-            )));
-        }
-        let q = load_quant(src, &p.name, p.rows.clone(), cols, f32_weights)?;
-        match (fused.as_mut(), q) {
-            (None, Some(q)) => quant.push(Weight::Quant(q)),
-            (None, None) if !quant.is_empty() => {
-                quant.push(load_rows(src, &p.name, p.rows.clone(), p.full_rows, cols, f32_weights)?)
-            }
-            (None, None) => {
-                let t = src.tensor_rows(&p.name, p.rows.clone())?;
-                expect_shape(&p.name, &t, &[p.rows.len(), cols])?;
+        let w = load_rows(src, &p.name, p.rows.clone(), p.full_rows, cols, f32_weights)?;
+        match (fused.as_mut(), w) {
+            (Some(data), w) => data.extend_from_slice(&w.into_f32().data),
+            (None, Weight::F32(m)) if quant.is_empty() => {
                 let mut data = Vec::with_capacity(total_rows * cols);
-                data.extend_from_slice(&t.data);
+                data.extend_from_slice(&m.data);
                 fused = Some(data);
             }
-            (Some(data), Some(q)) => data.extend_from_slice(&Weight::Quant(q).into_f32().data),
-            (Some(data), None) => {
-                let t = src.tensor_rows(&p.name, p.rows.clone())?;
-                expect_shape(&p.name, &t, &[p.rows.len(), cols])?;
-                data.extend_from_slice(&t.data);
-            }
+            // Quantized parts, or an f32 part after quantized ones: `stack` decides the kind.
+            (None, w) => quant.push(w),
         }
     }
     Ok(match fused {

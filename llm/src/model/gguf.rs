@@ -507,10 +507,10 @@ impl GgufFile {
         let Backing::Map(map) = &self.backing else {
             return;
         };
-        let Some(nb) = self.tensor_info(name).and_then(|i| i.n_bytes) else {
+        let Some((offset, nb)) = self.tensor_info(name).and_then(|i| Some((i.offset, i.n_bytes?))) else {
             return;
         };
-        let start = self.data_start + self.tensor_info(name).map_or(0, |i| i.offset);
+        let start = self.data_start + offset;
         if start.checked_add(nb).is_none_or(|end| end > map.len()) {
             return;
         }
@@ -917,24 +917,29 @@ impl WeightSource for GgufSource {
         super::check_cols(name, &cols, full)?;
         let Some(row_bytes) = info.ty.bytes_for(full).filter(|_| full > 0) else {
             // Rows are not whole blocks: only the whole tensor can be dequantized.
-            let t = self.tensor(name)?;
-            let mut data = Vec::with_capacity(rows * cols.len());
-            for r in 0..rows {
-                data.extend_from_slice(&t.data[r * full + cols.start..r * full + cols.end]);
-            }
-            return Ok(Tensor {
-                shape: vec![rows, cols.len()],
-                data,
-            });
+            return super::columns_of(name, &self.tensor(name)?, cols);
         };
         let bytes = self.file.tensor_bytes(&g)?;
-        let mut row = vec![0f32; full];
-        let mut data = Vec::with_capacity(rows * cols.len());
-        for r in 0..rows {
-            let src = order.map(r);
-            dequantize(info.ty, &bytes[src * row_bytes..(src + 1) * row_bytes], &mut row)
-                .map_err(|e| ModelError::tensor(&g, e.to_string()))?;
-            data.extend_from_slice(&row[cols.clone()]);
+        let mut data = vec![0f32; rows * cols.len()];
+        let deq = |src: &[u8], out: &mut [f32]| {
+            dequantize(info.ty, src, out).map_err(|e| ModelError::tensor(&g, e.to_string()))
+        };
+        match super::block_bytes_of(info.ty, &cols) {
+            // Columns on block boundaries: dequantize only their blocks.
+            Some(b) => {
+                for (r, out) in data.chunks_exact_mut(cols.len().max(1)).take(rows).enumerate() {
+                    let src = order.map(r) * row_bytes;
+                    deq(&bytes[src + b.start..src + b.end], out)?;
+                }
+            }
+            None => {
+                let mut row = vec![0f32; full];
+                for (r, out) in data.chunks_exact_mut(cols.len().max(1)).take(rows).enumerate() {
+                    let src = order.map(r) * row_bytes;
+                    deq(&bytes[src..src + row_bytes], &mut row)?;
+                    out.copy_from_slice(&row[cols.clone()]);
+                }
+            }
         }
         self.file.release_pages(&g);
         Ok(Tensor {
@@ -989,13 +994,9 @@ impl WeightSource for GgufSource {
             return Ok(None);
         };
         super::check_cols(name, &cols, full)?;
-        let Some((block_len, block_bytes)) = ty.block() else {
+        let Some(Range { start: b0, end: b1 }) = super::block_bytes_of(ty, &cols) else {
             return Ok(None);
         };
-        if cols.start % block_len != 0 || cols.end % block_len != 0 {
-            return Ok(None);
-        }
-        let (b0, b1) = (cols.start / block_len * block_bytes, cols.end / block_len * block_bytes);
         let bytes = self.file.tensor_bytes(&g)?;
         let mut data = Vec::with_capacity(n_rows * (b1 - b0));
         for r in 0..n_rows {

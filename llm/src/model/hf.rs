@@ -291,16 +291,21 @@ impl WeightSource for HfSource {
         if bytes.len() != rows * full * width {
             return Err(ModelError::tensor(name, "data shorter than its shape"));
         }
-        let mut data = vec![0f32; rows * cols.len()];
-        let row_bytes = full * width;
+        let (n, row_bytes) = (cols.len(), full * width);
+        let mut data = vec![0f32; rows * n];
         let rows_per_release = (RELEASE_CHUNK / row_bytes.max(1)).max(1);
-        for (r, out) in data.chunks_exact_mut(cols.len().max(1)).take(rows).enumerate() {
-            let row = &bytes[r * row_bytes..(r + 1) * row_bytes];
-            convert(name, dtype, &row[cols.start * width..cols.end * width], out)?;
-            if (r + 1) % rows_per_release == 0 || r + 1 == rows {
-                let first = (r / rows_per_release) * rows_per_release;
-                self.release(&bytes[first * row_bytes..(r + 1) * row_bytes]);
+        for first in (0..rows).step_by(rows_per_release) {
+            let end = (first + rows_per_release).min(rows);
+            for r in first..end {
+                let row = &bytes[r * row_bytes..(r + 1) * row_bytes];
+                convert(
+                    name,
+                    dtype,
+                    &row[cols.start * width..cols.end * width],
+                    &mut data[r * n..(r + 1) * n],
+                )?;
             }
+            self.release(&bytes[first * row_bytes..end * row_bytes]);
         }
         Ok(Tensor {
             shape: vec![rows, cols.len()],

@@ -59,11 +59,10 @@ impl QuantRows {
     /// Columns `cols` of every row, or `None` when `cols` does not start and end on block boundaries (or lies
     /// outside the row).
     pub fn columns(&self, cols: Range<usize>) -> Option<QuantRows> {
-        let (block_len, block_bytes) = self.ty.block()?;
-        if cols.start > cols.end || cols.end > self.cols || cols.start % block_len != 0 || cols.end % block_len != 0 {
+        if cols.start > cols.end || cols.end > self.cols {
             return None;
         }
-        let (b0, b1) = (cols.start / block_len * block_bytes, cols.end / block_len * block_bytes);
+        let Range { start: b0, end: b1 } = block_bytes_of(self.ty, &cols)?;
         let mut data = Vec::with_capacity(self.rows * (b1 - b0));
         for row in self.data.chunks_exact(self.row_bytes).take(self.rows) {
             data.extend_from_slice(row.get(b0..b1)?);
@@ -76,6 +75,35 @@ impl QuantRows {
             data,
         })
     }
+}
+
+/// The bytes within a row of `ty` values that hold columns `cols`, or `None` when `cols` does not start and end
+/// on `ty`'s block boundaries (or its layout is unknown).
+pub(crate) fn block_bytes_of(ty: dequant::GgmlType, cols: &Range<usize>) -> Option<Range<usize>> {
+    let (block_len, block_bytes) = ty.block()?;
+    if cols.start % block_len != 0 || cols.end % block_len != 0 {
+        return None;
+    }
+    Some(cols.start / block_len * block_bytes..cols.end / block_len * block_bytes)
+}
+
+/// Columns `cols` of every row of the matrix `t` (the whole tensor `name`).
+pub(crate) fn columns_of(name: &str, t: &Tensor, cols: Range<usize>) -> Result<Tensor, ModelError> {
+    let [rows, full] = t.shape[..] else {
+        return Err(ModelError::InvalidInput(format!(
+            "tensor `{name}`: columns of a {}-D tensor",
+            t.shape.len()
+        )));
+    };
+    check_cols(name, &cols, full)?;
+    let mut data = Vec::with_capacity(rows * cols.len());
+    for r in 0..rows {
+        data.extend_from_slice(&t.data[r * full + cols.start..r * full + cols.end]);
+    }
+    Ok(Tensor {
+        shape: vec![rows, cols.len()],
+        data,
+    })
 }
 
 /// Checks a column range against a row of `full` values.
@@ -108,22 +136,7 @@ pub trait WeightSource: Send + Sync {
     /// `down_proj`). The default reads the whole tensor through [`WeightSource::tensor`] and keeps the columns;
     /// the file sources read only those columns' bytes, so a rank never holds the whole matrix.
     fn tensor_cols(&self, name: &str, cols: Range<usize>) -> Result<Tensor, ModelError> {
-        let t = self.tensor(name)?;
-        let [rows, full] = t.shape[..] else {
-            return Err(ModelError::InvalidInput(format!(
-                "tensor `{name}`: columns of a {}-D tensor",
-                t.shape.len()
-            )));
-        };
-        check_cols(name, &cols, full)?;
-        let mut data = Vec::with_capacity(rows * cols.len());
-        for r in 0..rows {
-            data.extend_from_slice(&t.data[r * full + cols.start..r * full + cols.end]);
-        }
-        Ok(Tensor {
-            shape: vec![rows, cols.len()],
-            data,
-        })
+        columns_of(name, &self.tensor(name)?, cols)
     }
     /// Columns `cols` of every row of matrix `name` as raw quantized blocks, or `None` when the source does not
     /// keep the matrix block-quantized or `cols` does not start and end on block boundaries. The default takes
