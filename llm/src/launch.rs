@@ -7,7 +7,7 @@
 
 use std::net::{IpAddr, Ipv4Addr};
 
-use nccl::bootstrap::{launch, Launcher, RankInfo, Rendezvous, RendezvousOptions};
+use nccl::bootstrap::{launch, CancelToken, Launcher, RankInfo, Rendezvous, RendezvousOptions};
 use nccl::host::{HostComm, HostOptions};
 
 use crate::comm::{Comm, HostCollComm, SingleComm};
@@ -95,11 +95,21 @@ pub fn reports_notices() -> Result<bool> {
 /// by the host and NCCL process modes).
 fn world_rendezvous(layout: Layout) -> Result<(RankInfo, Rendezvous)> {
     let info = RankInfo::from_env().map_err(|e| EngineError::Comm(e.into()))?;
-    world_rendezvous_as(layout, info)
+    world_rendezvous_as(layout, info, None)
 }
 
-/// [`world_rendezvous`] for a given place instead of the environment's.
-fn world_rendezvous_as(layout: Layout, info: RankInfo) -> Result<(RankInfo, Rendezvous)> {
+/// The rendezvous options from the environment (as [`Rendezvous::for_rank`] takes them), with `cancel`.
+fn rendezvous_options(info: &RankInfo, cancel: Option<&CancelToken>) -> Result<RendezvousOptions> {
+    let mut opts = RendezvousOptions::from_env().map_err(|e| EngineError::Comm(e.into()))?;
+    if info.launcher != Launcher::Torchrun {
+        opts.torch_store = None;
+    }
+    opts.cancel = cancel.cloned();
+    Ok(opts)
+}
+
+/// [`world_rendezvous`] for a given place instead of the environment's, breakable through `cancel`.
+fn world_rendezvous_as(layout: Layout, info: RankInfo, cancel: Option<&CancelToken>) -> Result<(RankInfo, Rendezvous)> {
     let comm_err = |e: nccl::bootstrap::BootstrapError| EngineError::Comm(e.into());
     if info.world_size != layout.world() {
         return Err(EngineError::Config(format!(
@@ -110,7 +120,7 @@ fn world_rendezvous_as(layout: Layout, info: RankInfo) -> Result<(RankInfo, Rend
             layout.world()
         )));
     }
-    let rv = Rendezvous::for_rank(&info).map_err(comm_err)?;
+    let rv = Rendezvous::new(&info, rendezvous_options(&info, cancel)?).map_err(comm_err)?;
     Ok((info, rv))
 }
 
@@ -118,17 +128,18 @@ fn world_rendezvous_as(layout: Layout, info: RankInfo) -> Result<(RankInfo, Rend
 /// sub-rendezvous per group on ports chosen by each group's first rank and shared through the world.
 pub fn host_process(layout: Layout) -> Result<RankComms> {
     let (info, rv) = world_rendezvous(layout)?;
-    host_comms(layout, info, rv)
+    host_comms(layout, info, rv, None)
 }
 
 /// [`host_process`] in the given place instead of the environment's (e.g. world rank 0 of ranks this process
-/// started itself: [`ChildRanks`]).
-pub fn host_process_as(layout: Layout, info: RankInfo) -> Result<RankComms> {
-    let (info, rv) = world_rendezvous_as(layout, info)?;
-    host_comms(layout, info, rv)
+/// started itself: [`ChildRanks`]). Cancelling `cancel` breaks the rendezvous (and a 2-D layout's group
+/// rendezvous) while it waits.
+pub fn host_process_as(layout: Layout, info: RankInfo, cancel: Option<&CancelToken>) -> Result<RankComms> {
+    let (info, rv) = world_rendezvous_as(layout, info, cancel)?;
+    host_comms(layout, info, rv, cancel)
 }
 
-fn host_comms(layout: Layout, info: RankInfo, rv: Rendezvous) -> Result<RankComms> {
+fn host_comms(layout: Layout, info: RankInfo, rv: Rendezvous, cancel: Option<&CancelToken>) -> Result<RankComms> {
     let comm_err = |e: nccl::bootstrap::BootstrapError| EngineError::Comm(e.into());
     let w = info.rank;
     if layout.pp == 1 {
@@ -174,7 +185,7 @@ fn host_comms(layout: Layout, info: RankInfo, rv: Rendezvous) -> Result<RankComm
             master_port: port_of(leader, which)?,
             launcher: info.launcher,
         };
-        let srv = Rendezvous::new(&sub_info, RendezvousOptions::from_env().map_err(comm_err)?).map_err(comm_err)?;
+        let srv = Rendezvous::new(&sub_info, rendezvous_options(&sub_info, cancel)?).map_err(comm_err)?;
         Ok(HostComm::from_rendezvous(&srv, HostOptions::default())?)
     };
     let tp = sub(t, layout.tp, layout.tp_group(stage)[0], 0)?;
@@ -253,13 +264,17 @@ impl ChildRanks {
             launcher: Launcher::Local,
         };
         let layout = self.layout;
+        let cancel = CancelToken::new();
         let (tx, rx) = std::sync::mpsc::channel();
-        std::thread::Builder::new()
-            .name("rank0-rendezvous".into())
-            .spawn(move || {
-                let _ = tx.send(host_process_as(layout, info));
-            })
-            .map_err(|e| EngineError::Config(format!("spawning the rendezvous thread: {e}")))?;
+        let rendezvous = {
+            let cancel = cancel.clone();
+            std::thread::Builder::new()
+                .name("rank0-rendezvous".into())
+                .spawn(move || {
+                    let _ = tx.send(host_process_as(layout, info, Some(&cancel)));
+                })
+                .map_err(|e| EngineError::Config(format!("spawning the rendezvous thread: {e}")))?
+        };
         loop {
             match rx.recv_timeout(std::time::Duration::from_millis(20)) {
                 Ok(r) => {
@@ -273,9 +288,15 @@ impl ChildRanks {
                     ))
                 }
             }
-            // A child that is gone will never join: fail now (dropping `workers` kills the others; the
-            // rendezvous thread gives up at its timeout).
+            // A child that is gone will never join: fail now. Dropping `workers` kills the others, and the
+            // cancelled rendezvous thread returns within milliseconds, freeing its port (without the
+            // cancel it waited out the rendezvous timeout, 300 s by default).
             if let Some((rank, status)) = workers.poll().map_err(comm_err)? {
+                cancel.cancel();
+                // Bounded all the same: a thread that does not answer is left to its own timeout.
+                if rx.recv_timeout(std::time::Duration::from_secs(10)).is_ok() {
+                    let _ = rendezvous.join();
+                }
                 return Err(EngineError::Config(format!(
                     "rank {rank}'s process exited with code {} before joining its replica",
                     launch::exit_code_of(&status)

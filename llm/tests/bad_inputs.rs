@@ -113,3 +113,45 @@ fn gguf_whose_data_section_starts_past_the_end_is_refused() {
     assert_eq!(f.tensor_bytes("t").unwrap(), &[] as &[u8]);
     assert!(matches!(GgufSource::from_file(f), Err(ModelError::Config { .. })));
 }
+
+/// Names of this process's threads (Linux truncates them to 15 bytes).
+fn thread_names() -> Vec<String> {
+    std::fs::read_dir("/proc/self/task")
+        .map(|d| {
+            d.flatten()
+                .filter_map(|t| std::fs::read_to_string(t.path().join("comm")).ok())
+                .map(|n| n.trim().to_string())
+                .collect()
+        })
+        .unwrap_or_default()
+}
+
+#[test]
+fn a_rank_process_that_exits_before_joining_fails_the_start_at_once_and_frees_the_rendezvous() {
+    use nccl_llm::launch::ChildRanks;
+    use nccl_llm::shard::Layout;
+    // Rank 1 of a TP=2 replica "starts" and exits with code 7 before it joins; for every layout rank 0's
+    // rendezvous would otherwise wait NCCL_RS_BOOTSTRAP_TIMEOUT (300 s by default), its thread and port held.
+    for layout in [Layout { tp: 2, pp: 1 }, Layout { tp: 2, pp: 2 }] {
+        let mut ranks = ChildRanks::new("/bin/sh".into(), vec!["-c".into(), "exit 7".into()], layout);
+        let t = std::time::Instant::now();
+        let e = match ranks.start() {
+            Ok(_) => panic!("{layout:?}: a replica whose rank processes exit was built"),
+            Err(e) => e.to_string(),
+        };
+        assert!(t.elapsed() < std::time::Duration::from_secs(30), "{:?}", t.elapsed());
+        assert!(
+            e.contains("process exited with code 7 before joining its replica"),
+            "{layout:?}: {e}"
+        );
+        assert!(ranks.pids().is_empty(), "{:?}", ranks.pids());
+        let left: Vec<String> = thread_names()
+            .into_iter()
+            .filter(|n| n.starts_with("rank0-rendez"))
+            .collect();
+        assert!(
+            left.is_empty(),
+            "{layout:?}: the rendezvous thread still runs: {left:?}"
+        );
+    }
+}

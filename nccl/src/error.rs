@@ -188,7 +188,7 @@ impl Error {
             Error::Bootstrap(b) => match b {
                 B::Timeout { .. } | B::RanksMissing { .. } | B::RootUnreachable { .. } => ErrorKind::Timeout,
                 B::PeerFailed { .. } | B::RankPanicked { .. } => ErrorKind::PeerFailed,
-                B::Aborted { .. } | B::Poisoned(_) => ErrorKind::Aborted,
+                B::Aborted { .. } | B::Poisoned(_) | B::Cancelled { .. } => ErrorKind::Aborted,
                 B::MissingVar { .. } | B::InvalidVar { .. } | B::InvalidArgument { .. } | B::MessageTooLarge { .. } => {
                     ErrorKind::InvalidArgument
                 }

@@ -13,7 +13,7 @@ use std::time::{Duration, Instant};
 use nccl::bootstrap::launch::{free_port, LocalLaunch};
 use nccl::bootstrap::wire::{header, Kind, HEADER_LEN, VERSION};
 use nccl::bootstrap::{
-    BootstrapError, Launcher, RankInfo, RejectReason, Rendezvous, RendezvousListener, RendezvousOptions,
+    BootstrapError, CancelToken, Launcher, RankInfo, RejectReason, Rendezvous, RendezvousListener, RendezvousOptions,
 };
 
 /// The variable telling a re-executed test binary which helper role to play.
@@ -557,6 +557,62 @@ fn rank_dying_between_operations_fails_the_others_fast() {
     }
     // The rendezvous is poisoned afterwards.
     assert!(matches!(rvs[0].barrier(), Err(BootstrapError::Poisoned(_))));
+}
+
+#[test]
+fn a_cancelled_rendezvous_returns_at_once_and_aborts_the_ranks_that_joined() {
+    // Rank 2 of 3 never comes (a launcher saw its process exit). Without the token rank 0 and rank 1 would
+    // wait the whole 60 s timeout.
+    let cancel = CancelToken::new();
+    let (l, port) = listen(3, opts(60_000).with_cancel(cancel.clone()));
+    let t = Instant::now();
+    let (root, joined) = std::thread::scope(|s| {
+        let root = s.spawn(|| l.accept_ranks());
+        let one = s.spawn(|| Rendezvous::new(&info(1, 3, "127.0.0.1", port), opts(60_000)));
+        std::thread::sleep(Duration::from_millis(300));
+        cancel.cancel();
+        (root.join().unwrap(), one.join().unwrap())
+    });
+    assert!(t.elapsed() < Duration::from_secs(10), "{:?}", t.elapsed());
+    match root {
+        Err(BootstrapError::Cancelled { rank: 0, .. }) => {}
+        other => panic!("rank 0: {other:?}"),
+    }
+    match joined {
+        Err(BootstrapError::Aborted { reason, .. }) => assert!(reason.contains("cancelled"), "{reason}"),
+        other => panic!("rank 1: {other:?}"),
+    }
+
+    // A rank connecting to a rank 0 that is not there stops retrying once cancelled.
+    let nobody = free_port("127.0.0.1".parse().unwrap()).unwrap();
+    let cancel = CancelToken::new();
+    let t = Instant::now();
+    let e = std::thread::scope(|s| {
+        let h = s.spawn(|| {
+            Rendezvous::new(
+                &info(1, 2, "127.0.0.1", nobody),
+                opts(60_000).with_cancel(cancel.clone()),
+            )
+        });
+        std::thread::sleep(Duration::from_millis(200));
+        cancel.cancel();
+        h.join().unwrap().unwrap_err()
+    });
+    assert!(t.elapsed() < Duration::from_secs(10), "{:?}", t.elapsed());
+    assert!(matches!(e, BootstrapError::Cancelled { rank: 1, .. }), "{e:?}");
+    assert_eq!(nccl::Error::from(e).kind(), nccl::error::ErrorKind::Aborted);
+
+    // Once the rendezvous has returned, cancelling changes nothing.
+    let cancel = CancelToken::new();
+    let (l, port) = listen(2, opts(10_000).with_cancel(cancel.clone()));
+    let rvs = run_world(l, vec![(info(1, 2, "127.0.0.1", port), opts(10_000))]);
+    cancel.cancel();
+    let rvs: Vec<Rendezvous> = rvs.into_iter().map(Result::unwrap).collect();
+    std::thread::scope(|s| {
+        for rv in &rvs {
+            s.spawn(move || rv.barrier().unwrap());
+        }
+    });
 }
 
 #[test]

@@ -14,7 +14,7 @@ use std::process::{Child, ChildStdin, Command, Stdio};
 use std::time::{Duration, Instant};
 
 use nccl::bootstrap::store::torchrun_prefix;
-use nccl::bootstrap::{BootstrapError, Launcher, RankInfo, Rendezvous, RendezvousOptions};
+use nccl::bootstrap::{BootstrapError, CancelToken, Launcher, RankInfo, Rendezvous, RendezvousOptions};
 
 /// `.deps/torch` (a `pip install --target` of torch), or `None` after reporting it missing.
 fn torch_dir() -> Option<PathBuf> {
@@ -187,6 +187,32 @@ fn mismatched_operations_missing_ranks_and_world_sizes_are_named() {
         } => assert_eq!((missing.clone(), *world_size), (vec![1], 2)),
         other => panic!("{other:?}"),
     }
+
+    // Rank 0 is cancelled while it waits for rank 1: it returns at once and tells the store, so rank 1,
+    // arriving later, fails at once too instead of waiting out its 20 s: in the join (rank 0's join key is
+    // already there, so the join itself may complete) or at the first operation.
+    let cancel = CancelToken::new();
+    let t0 = Instant::now();
+    let e = std::thread::scope(|s| {
+        let h = s.spawn(|| {
+            Rendezvous::new(
+                &info(0, 2, py.port),
+                opts("//worker/attempt_10/nccl_rs", 20_000).with_cancel(cancel.clone()),
+            )
+        });
+        std::thread::sleep(Duration::from_millis(300));
+        cancel.cancel();
+        h.join().unwrap().unwrap_err()
+    });
+    assert!(matches!(e, BootstrapError::Cancelled { rank: 0, .. }), "{e:?}");
+    let late = Rendezvous::new(&info(1, 2, py.port), opts("//worker/attempt_10/nccl_rs", 20_000))
+        .and_then(|rv| rv.barrier())
+        .unwrap_err();
+    assert!(t0.elapsed() < Duration::from_secs(10), "{:?}", t0.elapsed());
+    assert!(
+        matches!(&late, BootstrapError::Aborted { reason, .. } if reason.contains("cancelled")),
+        "{late:?}"
+    );
 
     // Two ranks disagree on the world size.
     let errs: Vec<_> = std::thread::scope(|s| {

@@ -383,6 +383,15 @@ pub enum BootstrapError {
         #[source]
         source: std::io::Error,
     },
+    /// The rendezvous was broken through its [`CancelToken`](super::rendezvous::CancelToken) before every
+    /// rank had joined.
+    #[error("rank {rank}: the rendezvous was cancelled after {elapsed:?}, before every rank had joined")]
+    Cancelled {
+        /// The rank whose rendezvous was cancelled.
+        rank: usize,
+        /// How long it had waited.
+        elapsed: Duration,
+    },
     /// An argument passed to a bootstrap function is unusable.
     #[error("{what}: {reason}")]
     InvalidArgument {

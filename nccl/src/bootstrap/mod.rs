@@ -40,5 +40,5 @@ pub mod wire;
 pub use comm::share_unique_id;
 pub use env::{Launcher, RankInfo};
 pub use error::{BootstrapError, Peer, RejectReason};
-pub use rendezvous::{Rendezvous, RendezvousListener, RendezvousOptions};
+pub use rendezvous::{CancelToken, Rendezvous, RendezvousListener, RendezvousOptions};
 pub use threads::run_threads;

@@ -10,7 +10,7 @@
 //! when anything fails, rank 0 tells every other rank which rank failed before closing.
 
 use std::net::{IpAddr, Ipv4Addr, Ipv6Addr, Shutdown, SocketAddr, TcpListener, TcpStream, ToSocketAddrs};
-use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
 use std::sync::{mpsc, Arc, Mutex};
 use std::time::{Duration, Instant};
 
@@ -29,6 +29,38 @@ pub const OP_TIMEOUT_VAR: &str = "NCCL_RS_BOOTSTRAP_OP_TIMEOUT";
 pub const AGENT_STORE_VAR: &str = "TORCHELASTIC_USE_AGENT_STORE";
 /// torchrun's restart counter, part of the store keys of one attempt.
 pub const RESTART_COUNT_VAR: &str = "TORCHELASTIC_RESTART_COUNT";
+
+/// Breaks a [`Rendezvous::new`] that is still waiting, from another thread: for a program that started
+/// the other ranks itself and sees one of them exit before joining (it will never arrive), or that is
+/// shutting down. Clones share one flag.
+///
+/// Rank 0 checks it between accepts (every few milliseconds), aborts the ranks that had joined (they fail
+/// at once with [`BootstrapError::Aborted`]) and returns [`BootstrapError::Cancelled`]; another rank checks
+/// it between connection attempts, and a rank waiting on a torchrun agent store between polls. Once the
+/// rendezvous has returned, cancelling does nothing.
+#[derive(Clone, Debug, Default)]
+pub struct CancelToken(Arc<AtomicBool>);
+
+impl CancelToken {
+    /// A token not yet cancelled.
+    pub fn new() -> CancelToken {
+        CancelToken::default()
+    }
+
+    /// Cancels every rendezvous that holds a clone of this token.
+    pub fn cancel(&self) {
+        self.0.store(true, Ordering::SeqCst);
+    }
+
+    /// Whether [`cancel`](Self::cancel) was called.
+    pub fn is_cancelled(&self) -> bool {
+        self.0.load(Ordering::SeqCst)
+    }
+}
+
+fn cancelled(opts: &RendezvousOptions) -> bool {
+    opts.cancel.as_ref().is_some_and(CancelToken::is_cancelled)
+}
 
 /// Knobs of the rendezvous.
 ///
@@ -63,6 +95,8 @@ pub struct RendezvousOptions {
     /// under this key prefix, instead of rank 0 listening itself. Set by [`from_env`](Self::from_env) when
     /// `TORCHELASTIC_USE_AGENT_STORE=True` (see [`store`]).
     pub torch_store: Option<String>,
+    /// Breaks the rendezvous while it waits (see [`CancelToken`]). Default none.
+    pub cancel: Option<CancelToken>,
 }
 
 impl std::fmt::Debug for RendezvousOptions {
@@ -75,6 +109,7 @@ impl std::fmt::Debug for RendezvousOptions {
             .field("max_frame", &self.max_frame)
             .field("token", &self.token.as_ref().map(|_| "<redacted>"))
             .field("torch_store", &self.torch_store)
+            .field("cancel", &self.cancel)
             .finish()
     }
 }
@@ -89,6 +124,7 @@ impl Default for RendezvousOptions {
             max_frame: 64 << 20,
             token: None,
             torch_store: None,
+            cancel: None,
         }
     }
 }
@@ -160,6 +196,12 @@ impl RendezvousOptions {
     /// Sets [`op_timeout`](Self::op_timeout).
     pub fn with_op_timeout(mut self, timeout: Duration) -> Self {
         self.op_timeout = timeout;
+        self
+    }
+
+    /// Sets [`cancel`](Self::cancel).
+    pub fn with_cancel(mut self, cancel: CancelToken) -> Self {
+        self.cancel = Some(cancel);
         self
     }
 
@@ -940,6 +982,15 @@ impl RendezvousListener {
             if arrived == world_size {
                 break;
             }
+            if cancelled(&opts) {
+                let e = BootstrapError::Cancelled {
+                    rank: 0,
+                    elapsed: start.elapsed(),
+                };
+                let conns: Vec<Conn> = joined.into_iter().flatten().map(|j| j.into_conn()).collect();
+                abort_peers(&conns, &e);
+                return Err(e);
+            }
             if Instant::now() >= deadline {
                 let missing: Vec<usize> = (1..world_size).filter(|r| joined[*r].is_none()).collect();
                 if busy_drops > 0 {
@@ -1326,6 +1377,12 @@ fn connect(info: &RankInfo, opts: RendezvousOptions) -> Result<Rendezvous, Boots
     let mut last_error: Option<std::io::Error>;
     let mut next_note = start + NOTE_EVERY;
     loop {
+        if cancelled(&opts) {
+            return Err(BootstrapError::Cancelled {
+                rank: info.rank,
+                elapsed: start.elapsed(),
+            });
+        }
         attempts += 1;
         match try_join(info, &opts, start, deadline, grace) {
             Ok(rv) => return Ok(rv),
@@ -1558,10 +1615,24 @@ fn store_join(info: &RankInfo, opts: RendezvousOptions, prefix: String) -> Resul
     }
     let keys: Vec<String> = (0..info.world_size).map(|r| format!("{prefix}/join/{r}")).collect();
     client.set(&keys[info.rank], &(info.world_size as u64).to_le_bytes(), deadline)?;
-    let waited = client.wait(&keys, &abort_key(&prefix), deadline, "the rendezvous", |c| {
-        format!("ranks {:?}", missing_ranks(c, &keys))
-    });
+    let waited = client.wait_or_cancel(
+        &keys,
+        &abort_key(&prefix),
+        deadline,
+        "the rendezvous",
+        opts.cancel.as_ref(),
+        |c| format!("ranks {:?}", missing_ranks(c, &keys)),
+    );
     if let Err(e) = waited {
+        if let BootstrapError::Cancelled { .. } = &e {
+            // The others would wait out their timeout for this rank: tell them (best effort).
+            let why = format!("rank {} failed: {e}", info.rank);
+            let _ = client.set(
+                &abort_key(&prefix),
+                why.as_bytes(),
+                Instant::now() + Duration::from_secs(2),
+            );
+        }
         return Err(match e {
             BootstrapError::Timeout { .. } => BootstrapError::RanksMissing {
                 missing: missing_ranks(&mut client, &keys),

@@ -308,6 +308,20 @@ impl StoreClient {
         abort_key: &str,
         deadline: Instant,
         during: &str,
+        missing: impl FnMut(&mut StoreClient) -> String,
+    ) -> Result<(), BootstrapError> {
+        self.wait_or_cancel(keys, abort_key, deadline, during, None, missing)
+    }
+
+    /// [`wait`](Self::wait) that also ends, with [`BootstrapError::Cancelled`], once `cancel` is cancelled
+    /// (checked between polls).
+    pub fn wait_or_cancel(
+        &mut self,
+        keys: &[String],
+        abort_key: &str,
+        deadline: Instant,
+        during: &str,
+        cancel: Option<&super::rendezvous::CancelToken>,
         mut missing: impl FnMut(&mut StoreClient) -> String,
     ) -> Result<(), BootstrapError> {
         let start = Instant::now();
@@ -329,6 +343,12 @@ impl StoreClient {
                 return Err(BootstrapError::Aborted {
                     during: during.to_string(),
                     reason: String::from_utf8_lossy(&why).into_owned(),
+                });
+            }
+            if cancel.is_some_and(|c| c.is_cancelled()) {
+                return Err(BootstrapError::Cancelled {
+                    rank: self.rank,
+                    elapsed: start.elapsed(),
                 });
             }
             let now = Instant::now();
