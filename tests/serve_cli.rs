@@ -696,3 +696,126 @@ fn a_launched_rank_process_killed_mid_generation_ends_its_requests_with_503_and_
     let (code, _) = curl(&[&health]);
     assert_eq!(code, 0, "nothing listens after the exit");
 }
+
+/// The back-off of a failed replica whose ranks cannot start, on a pipeline layout (`--pp 2`, rank 1 the
+/// last stage): the model file is moved away, so every new rank process fails while loading. `/health`
+/// shows the replica down with its failed attempts and their error, requests get 503, and the attempts
+/// are spaced by the doubling, capped back-off. Once the file is back the replica is rebuilt and serves
+/// the same tokens as before.
+#[test]
+fn a_pipeline_replica_whose_rank_cannot_start_backs_off_then_rejoins_when_it_can() {
+    let Some(exe) = example() else { return };
+    let Some(model) = smollm2() else { return };
+    if !tool("curl") {
+        return;
+    }
+    let dir = std::env::temp_dir().join(format!("serve-backoff-{}", std::process::id()));
+    let _ = std::fs::remove_dir_all(&dir);
+    std::fs::create_dir_all(&dir).unwrap();
+    let link = dir.join("smol.gguf");
+    std::os::unix::fs::symlink(&model, &link).unwrap();
+    let link_s = link.to_str().unwrap();
+    let (mut p, err) = spawn_capturing(
+        &exe,
+        &[
+            "--model",
+            link_s,
+            "--pp",
+            "2",
+            "--nprocs",
+            "2",
+            "--rebuild-backoff-secs",
+            "0.2",
+            "--rebuild-backoff-max-secs",
+            "0.8",
+        ],
+    );
+    let first = rank_pid(&err, 1);
+    let greedy = json!({"model": "smol", "prompt": "The capital of France is", "max_tokens": 8,
+                        "temperature": 0});
+    let ids = |p: &Proc| {
+        let (code, out) = post(p, "/v1/completions", &greedy);
+        assert_eq!(code, 200, "{out}");
+        serde_json::from_str::<Value>(&out).unwrap()["choices"][0]["token_ids"].clone()
+    };
+    let before = ids(&p);
+
+    std::fs::remove_file(&link).unwrap();
+    // SAFETY: kill(2) with the pid the server printed for its rank 1 process, alive (it just served).
+    assert_eq!(unsafe { libc::kill(first, libc::SIGKILL) }, 0);
+    let health = format!("{}/health", p.url);
+    let mut down = Value::Null;
+    wait_for("four failed rebuild attempts in /health", || {
+        let (code, h) = curl(&[&health]);
+        down = serde_json::from_str(&h).unwrap_or(Value::Null);
+        code == 503 && down["replicas"][0]["rebuild_failures"].as_u64().unwrap_or(0) >= 4
+    });
+    assert_eq!(down["status"], "unavailable", "{down}");
+    assert_eq!(down["replicas"][0]["healthy"], false, "{down}");
+    let why = down["replicas"][0]["last_rebuild_error"].as_str().unwrap_or_default();
+    assert!(why.contains("rank 1's process exited with code 1"), "{down}");
+    assert!(
+        down["replicas"][0]["next_rebuild_in_secs"]
+            .as_f64()
+            .is_some_and(|s| s <= 0.8),
+        "{down}"
+    );
+    let (code, out) = post(&p, "/v1/completions", &greedy);
+    assert_eq!(code, 503, "a request while no replica is up: {out}");
+
+    // The attempts' waits, as the server reports them: doubling from 0.2 s, capped at 0.8 s.
+    let mut waits = Vec::new();
+    wait_for("four rebuild attempts on stderr", || {
+        for l in err.try_iter() {
+            if let Some(w) = l.split("retrying in ").nth(1) {
+                waits.push(w.trim_end_matches(" s").to_string());
+            }
+        }
+        waits.len() >= 4
+    });
+    assert_eq!(waits[..4], ["0.200", "0.400", "0.800", "0.800"], "{waits:?}");
+
+    std::os::unix::fs::symlink(&model, &link).unwrap();
+    wait_rebuilt(&p, 1);
+    assert_eq!(ids(&p), before, "the rebuilt pipeline generates what the first one did");
+    let (_, h) = curl(&[&health]);
+    let v: Value = serde_json::from_str(&h).unwrap();
+    assert_eq!(v["replicas"][0]["rebuild_failures"], 0, "{h}");
+    assert!(v["replicas"][0].get("last_rebuild_error").is_none(), "{h}");
+
+    // SAFETY: kill(2) on our own child's pid, which is alive (it has not been waited for).
+    assert_eq!(unsafe { libc::kill(p.child.id() as i32, libc::SIGTERM) }, 0);
+    let status = wait_exit(&mut p, Duration::from_secs(30));
+    assert!(status.success(), "exit status {status:?}");
+    let _ = std::fs::remove_dir_all(&dir);
+}
+
+/// A 2-D replica (`--tp 2 --pp 2`, four rank processes): a rank of the second stage's TP group killed
+/// while idle is found by the heartbeat; the replica is rebuilt on four fresh processes and generates
+/// what it did before.
+#[test]
+fn a_two_dimensional_replica_is_rebuilt_after_a_rank_process_dies() {
+    let Some(exe) = example() else { return };
+    if !tool("curl") {
+        return;
+    }
+    let (mut p, err) = spawn_capturing(&exe, &["--tp", "2", "--pp", "2", "--nprocs", "4"]);
+    let rank3 = rank_pid(&err, 3);
+    let greedy = json!({"model": "tiny-random", "prompt": [4, 8, 1], "max_tokens": 12, "temperature": 0,
+                        "ignore_eos": true});
+    let ids = |p: &Proc| {
+        let (code, out) = post(p, "/v1/completions", &greedy);
+        assert_eq!(code, 200, "{out}");
+        serde_json::from_str::<Value>(&out).unwrap()["choices"][0]["token_ids"].clone()
+    };
+    let before = ids(&p);
+    // SAFETY: kill(2) with the pid the server printed for its rank 3 process, alive (it just served).
+    assert_eq!(unsafe { libc::kill(rank3, libc::SIGKILL) }, 0);
+    wait_rebuilt(&p, 1);
+    assert_ne!(rank_pid(&err, 3), rank3, "a new rank 3 process");
+    assert_eq!(ids(&p), before);
+    // SAFETY: kill(2) on our own child's pid, which is alive (it has not been waited for).
+    assert_eq!(unsafe { libc::kill(p.child.id() as i32, libc::SIGTERM) }, 0);
+    let status = wait_exit(&mut p, Duration::from_secs(30));
+    assert!(status.success(), "exit status {status:?}");
+}

@@ -150,7 +150,7 @@ pub fn main(example: Example) -> i32 {
     match run(example, args) {
         Ok(code) => code,
         Err(e) => {
-            eprintln!("error: {}", nccl::report::chain(&e));
+            say!("error: {}", nccl::report::chain(&e));
             1
         }
     }
@@ -232,7 +232,7 @@ pub fn run(example: Example, args: Args) -> Result<i32> {
         (None, false) if default_model().is_some() => {
             let p = default_model().unwrap_or_default();
             if launch::reports_notices()? {
-                eprintln!("no --model given: using {} (fetched by scripts/setup.sh)", p.display());
+                say!("no --model given: using {} (fetched by scripts/setup.sh)", p.display());
             }
             // The main job's default: a question in the model's own chat template, so it shows fluent text.
             if args.prompt.is_none() && args.prompt_ids.is_none() {
@@ -243,7 +243,7 @@ pub fn run(example: Example, args: Args) -> Result<i32> {
         }
         _ => {
             if launch::reports_notices()? {
-                eprintln!(
+                say!(
                     "{}: using the built-in tiny model with random weights (output is token ids; run \
                      scripts/setup.sh for the real SmolLM2, or pass --model)",
                     if args.tiny {
@@ -284,7 +284,7 @@ pub fn run(example: Example, args: Args) -> Result<i32> {
         };
         let w = comms.world_rank;
         if nccl && w == reporter {
-            eprintln!(
+            say!(
                 "{}",
                 nccl_log_line(layout, "processes, device LOCAL_RANK each", job.args.device)
             );
@@ -436,7 +436,7 @@ fn nccl_threads(layout: Layout, device: Device) -> Result<(CommsOf, &'static str
         .filter_map(|w| nt.device(w))
         .map(|d| d.to_string())
         .collect();
-    eprintln!(
+    say!(
         "{}",
         nccl_log_line(
             layout,
@@ -557,14 +557,14 @@ fn run_rank(job: &Job, comms: RankComms, reporter: bool) -> Result<GenerateOutpu
     let path = model.set_decode_path(requested);
     let cuda = job.args.device == Device::Cuda;
     if path != requested && reporter {
-        eprintln!(
+        say!(
             "note: --{} needs block-quantized weights (Q4_0/Q4_1/Q8_0 GGUF) and this model has none: decoding exact",
             if requested == DecodePath::Int8 { "int8" } else { "int16" }
         );
     }
     if let Some(pb) = pb {
         pb.finish_and_clear();
-        eprintln!(
+        say!(
             "{}: loaded in {:.2} s; tp {} × pp {}, {} thread(s) per rank, decode path {}",
             job.src.describe(),
             t0.elapsed().as_secs_f64(),
@@ -670,7 +670,7 @@ fn report(job: &Job, out: &GenerateOutput, backend: &str) -> Result<()> {
         });
         println!("{v}");
     } else {
-        eprintln!(
+        say!(
             "[{} prompt tokens, {} generated; prefill {:.1} tok/s, decode {:.1} tok/s ({}); tp {} × pp {}, backend {backend}]",
             job.prompt.len(),
             out.generated.len(),

@@ -659,7 +659,7 @@ mod tests {
     fn no_device_is_a_typed_error() {
         let rope = Rope::new(vec![1.0, 0.5]);
         match Cuda::new(0, &rope, 16) {
-            Ok(c) => eprintln!("a CUDA device is present: {c:?}"),
+            Ok(c) => say!("a CUDA device is present: {c:?}"),
             Err(EngineError::Cuda(CudaError::Library { .. } | CudaError::NoDevice { .. })) => {}
             Err(e) => panic!("unexpected error without a GPU: {e}"),
         }

@@ -242,6 +242,12 @@ impl ChildRanks {
     /// this at once, naming its rank; otherwise the wait is bounded by the rendezvous timeout
     /// (`NCCL_RS_BOOTSTRAP_TIMEOUT`).
     pub fn start(&mut self) -> Result<RankComms> {
+        self.start_unless(&|| false)
+    }
+
+    /// [`start`](Self::start) that also gives up, within milliseconds, once `stop` returns true (a server
+    /// shutting down while a rebuild waits for its ranks).
+    pub fn start_unless(&mut self, stop: &dyn Fn() -> bool) -> Result<RankComms> {
         let comm_err = |e: nccl::bootstrap::BootstrapError| EngineError::Comm(e.into());
         if let Some(old) = self.workers.take() {
             old.finish(std::time::Duration::ZERO).map_err(comm_err)?;
@@ -291,17 +297,41 @@ impl ChildRanks {
             // A child that is gone will never join: fail now. Dropping `workers` kills the others, and the
             // cancelled rendezvous thread returns within milliseconds, freeing its port (without the
             // cancel it waited out the rendezvous timeout, 300 s by default).
-            if let Some((rank, status)) = workers.poll().map_err(comm_err)? {
-                cancel.cancel();
-                // Bounded all the same: a thread that does not answer is left to its own timeout.
-                if rx.recv_timeout(std::time::Duration::from_secs(10)).is_ok() {
-                    let _ = rendezvous.join();
-                }
-                return Err(EngineError::Config(format!(
+            let why = if let Some((rank, status)) = workers.poll().map_err(comm_err)? {
+                format!(
                     "rank {rank}'s process exited with code {} before joining its replica",
                     launch::exit_code_of(&status)
-                )));
+                )
+            } else if stop() {
+                "stopped while the rank processes were starting".to_string()
+            } else {
+                continue;
+            };
+            cancel.cancel();
+            // Bounded all the same: a thread that does not answer is left to its own timeout.
+            if rx.recv_timeout(std::time::Duration::from_secs(10)).is_ok() {
+                let _ = rendezvous.join();
             }
+            return Err(EngineError::Config(why));
+        }
+    }
+
+    /// The first child that exited since the last start, waiting up to `within` for one (a rank that
+    /// failed while the replica was being built may still be exiting): "rank R's process exited with code C".
+    pub fn exited_within(&mut self, within: std::time::Duration) -> Option<String> {
+        let workers = self.workers.as_mut()?;
+        let until = std::time::Instant::now() + within;
+        loop {
+            if let Ok(Some((rank, status))) = workers.poll() {
+                return Some(format!(
+                    "rank {rank}'s process exited with code {}",
+                    launch::exit_code_of(&status)
+                ));
+            }
+            if std::time::Instant::now() >= until {
+                return None;
+            }
+            std::thread::sleep(std::time::Duration::from_millis(10));
         }
     }
 

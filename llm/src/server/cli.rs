@@ -78,6 +78,13 @@ pub struct Args {
     /// A replica whose step takes longer than this is taken out of rotation and rebuilt.
     #[arg(long, default_value_t = 30.0)]
     pub step_timeout_secs: f64,
+    /// A failed replica whose rebuild fails waits this long before the next attempt, doubling after each
+    /// further failure (up to --rebuild-backoff-max-secs); `/health` shows the attempts and the last error.
+    #[arg(long, default_value_t = 1.0)]
+    pub rebuild_backoff_secs: f64,
+    /// The longest wait between two rebuild attempts of a failed replica.
+    #[arg(long, default_value_t = 60.0)]
+    pub rebuild_backoff_max_secs: f64,
     /// On SIGTERM, in-flight requests get this long to finish.
     #[arg(long, default_value_t = 60.0)]
     pub drain_timeout_secs: f64,
@@ -105,10 +112,10 @@ pub fn main() -> i32 {
     match check_processes(&args).and_then(|()| run(args)) {
         Ok(()) => 0,
         Err(e) => {
-            eprintln!("error: {e}");
+            say!("error: {e}");
             let mut src = std::error::Error::source(&e);
             while let Some(s) = src {
-                eprintln!("  caused by: {s}");
+                say!("  caused by: {s}");
                 src = s.source();
             }
             1
@@ -169,7 +176,7 @@ fn source_of(args: &Args) -> Result<Arc<dyn WeightSource>> {
     Ok(match &args.model {
         Some(p) => Arc::from(model::open(p)?),
         None => {
-            eprintln!("no --model given: serving the built-in tiny random model (prompts as token ids)");
+            say!("no --model given: serving the built-in tiny random model (prompts as token ids)");
             Arc::from(model::tiny_random(0))
         }
     })
@@ -217,7 +224,7 @@ fn rank_process(args: &Args, comms: RankComms) -> Result<()> {
     ignore_sigterm();
     let w = comms.world_rank;
     let src = source_of(args)?;
-    eprintln!(
+    say!(
         "rank {w} of {}: pid {}, running the engine for rank 0",
         layout.world(),
         std::process::id()
@@ -269,6 +276,8 @@ fn pool_with(args: &Args, ranks: Ranks) -> Result<(Arc<Pool>, String)> {
         step_timeout: secs(args.step_timeout_secs, "--step-timeout-secs")?,
         fault: args.inject_fault.as_deref().map(parse_fault).transpose()?,
         step_delay: Duration::from_millis(args.step_delay_ms),
+        rebuild_backoff: secs(args.rebuild_backoff_secs, "--rebuild-backoff-secs")?,
+        rebuild_backoff_max: secs(args.rebuild_backoff_max_secs, "--rebuild-backoff-max-secs")?,
     };
     let t0 = std::time::Instant::now();
     let processes = !matches!(ranks, Ranks::Threads);
@@ -276,7 +285,7 @@ fn pool_with(args: &Args, ranks: Ranks) -> Result<(Arc<Pool>, String)> {
         Ranks::Threads => Pool::start(src, cfg)?,
         r => Pool::start_process(src, cfg, r)?,
     };
-    eprintln!(
+    say!(
         "{}: {} replica(s) of tp {} × pp {} ({}) loaded in {:.2} s",
         pool.source().describe(),
         args.dp,
@@ -344,7 +353,7 @@ pub fn run(args: Args) -> Result<()> {
              processes cannot be restarted from here: restart the server)"
         )));
     }
-    eprintln!("stopped");
+    say!("stopped");
     r.map_err(|e| EngineError::Io {
         path: PathBuf::from(addr.to_string()),
         source: e,
@@ -494,7 +503,7 @@ fn batch(args: &Args, inp: &std::path::Path, out: &std::path::Path, ranks: Ranks
         writeln!(w, "{v}").map_err(io(out))?;
     }
     w.flush().map_err(io(out))?;
-    eprintln!(
+    say!(
         "{n} prompt(s) over {} replica(s) in {:.2} s; results in {}",
         args.dp,
         t0.elapsed().as_secs_f64(),

@@ -84,7 +84,7 @@ pub async fn serve(
     let signal = async move {
         shutdown.await;
         pool.drain();
-        eprintln!("shutting down: draining {} in-flight request(s)", pool.in_flight());
+        say!("shutting down: draining {} in-flight request(s)", pool.in_flight());
         let _ = tx.send(());
     };
     // Streams are many small writes: without TCP_NODELAY, Nagle's algorithm and the client's delayed ACK
@@ -103,7 +103,7 @@ pub async fn serve(
     tokio::select! {
         r = std::future::IntoFuture::into_future(server) => r,
         _ = deadline => {
-            eprintln!("drain timeout ({:.0} s) reached: exiting with requests still open", drain_timeout.as_secs_f64());
+            say!("drain timeout ({:.0} s) reached: exiting with requests still open", drain_timeout.as_secs_f64());
             Ok(())
         }
     }
@@ -511,8 +511,15 @@ async fn health(State(app): State<Arc<App>>) -> Response {
     let replicas: Vec<Value> = g
         .iter()
         .map(|r| {
-            json!({"replica": r.index, "healthy": r.healthy, "queued": r.queued, "running": r.running,
-                   "kv_positions_used": r.kv_used, "restarts": r.restarts})
+            let mut v = json!({"replica": r.index, "healthy": r.healthy, "queued": r.queued, "running": r.running,
+                   "kv_positions_used": r.kv_used, "restarts": r.restarts, "rebuild_failures": r.rebuild_failures});
+            if let Some(e) = &r.last_rebuild_error {
+                v["last_rebuild_error"] = json!(e);
+            }
+            if let Some(d) = r.next_rebuild_in {
+                v["next_rebuild_in_secs"] = json!(d.as_secs_f64());
+            }
+            v
         })
         .collect();
     let code = if healthy > 0 && !app.pool.is_draining() && dead.is_none() {

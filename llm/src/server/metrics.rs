@@ -72,6 +72,8 @@ pub struct Metrics {
     pub generated_tokens: AtomicU64,
     /// Replica failures seen.
     pub replica_failures: AtomicU64,
+    /// Rebuild attempts of failed replicas that failed in turn.
+    pub rebuild_failures: AtomicU64,
     /// Seconds from arrival to the first token.
     pub ttft: Histogram,
     /// Seconds between consecutive tokens of a sequence.
@@ -92,6 +94,7 @@ impl Default for Metrics {
             prompt_tokens: AtomicU64::new(0),
             generated_tokens: AtomicU64::new(0),
             replica_failures: AtomicU64::new(0),
+            rebuild_failures: AtomicU64::new(0),
             ttft: Histogram::new(LATENCY),
             itl: Histogram::new(LATENCY),
             batch_size: Histogram::new(BATCH),
@@ -113,6 +116,12 @@ pub struct ReplicaGauges {
     pub kv_used: usize,
     /// Times it was rebuilt.
     pub restarts: u64,
+    /// Rebuild attempts that failed since it last worked (0 while healthy).
+    pub rebuild_failures: u64,
+    /// The last failed rebuild attempt's error, while the replica is still down.
+    pub last_rebuild_error: Option<String>,
+    /// How long until the next rebuild attempt, while one is waiting.
+    pub next_rebuild_in: Option<std::time::Duration>,
 }
 
 fn counter(out: &mut String, name: &str, help: &str, label: &str, v: &AtomicU64) {
@@ -174,6 +183,13 @@ impl Metrics {
             "",
             &self.replica_failures,
         );
+        counter(
+            &mut o,
+            "nccl_llm_rebuild_failures_total",
+            "Rebuild attempts of failed replicas that failed in turn.",
+            "",
+            &self.rebuild_failures,
+        );
         let gauge = |o: &mut String, name: &str, help: &str, f: &dyn Fn(&ReplicaGauges) -> f64| {
             let _ = writeln!(o, "# HELP {name} {help}\n# TYPE {name} gauge");
             for r in replicas {
@@ -209,6 +225,12 @@ impl Metrics {
             "nccl_llm_replica_restarts",
             "Times the replica was rebuilt.",
             &|r| r.restarts as f64,
+        );
+        gauge(
+            &mut o,
+            "nccl_llm_replica_rebuild_failures",
+            "Rebuild attempts that failed since the replica last worked.",
+            &|r| r.rebuild_failures as f64,
         );
         self.ttft.render(
             &mut o,

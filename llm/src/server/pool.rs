@@ -71,6 +71,12 @@ pub struct PoolConfig {
     pub fault: Option<Fault>,
     /// Throttle for tests: each replica sleeps this long after every step (zero: never).
     pub step_delay: Duration,
+    /// How long a failed replica waits before its first rebuild attempt after a failed one; each further
+    /// failure doubles the wait, up to [`rebuild_backoff_max`](Self::rebuild_backoff_max) (see
+    /// [`rebuild_wait`]). A successful rebuild starts over.
+    pub rebuild_backoff: Duration,
+    /// The longest wait between two rebuild attempts.
+    pub rebuild_backoff_max: Duration,
 }
 
 impl Default for PoolConfig {
@@ -87,8 +93,18 @@ impl Default for PoolConfig {
             step_timeout: Duration::from_secs(30),
             fault: None,
             step_delay: Duration::ZERO,
+            rebuild_backoff: Duration::from_secs(1),
+            rebuild_backoff_max: Duration::from_secs(60),
         }
     }
+}
+
+/// The wait before the next rebuild attempt after `failures` consecutive failed ones (≥ 1): `first`, doubled
+/// for each failure after the first, at most `max` (as a crash-looping container's back-off: a rank that
+/// fails at every start, e.g. out of memory while loading, is not restarted in a tight loop).
+pub fn rebuild_wait(failures: u64, first: Duration, max: Duration) -> Duration {
+    let doublings = u32::try_from(failures.saturating_sub(1)).unwrap_or(u32::MAX).min(32);
+    first.saturating_mul(1u32 << doublings.min(31)).min(max)
 }
 
 /// An injected rank failure (for tests of the failover path).
@@ -201,6 +217,10 @@ pub struct Replica {
     running: AtomicUsize,
     kv_used: AtomicUsize,
     restarts: AtomicU64,
+    /// Rebuild attempts that failed since the replica last worked.
+    rebuild_failures: AtomicU64,
+    /// The last failed rebuild attempt's error and when the next attempt starts.
+    rebuild_state: Mutex<Option<(String, Instant)>>,
 }
 
 impl Replica {
@@ -306,6 +326,12 @@ impl Pool {
                 "--dp, --max-batch, --prefill-chunk and --threads must be at least 1".into(),
             ));
         }
+        if cfg.rebuild_backoff.is_zero() || cfg.rebuild_backoff_max < cfg.rebuild_backoff {
+            return Err(EngineError::Config(format!(
+                "--rebuild-backoff-secs ({:?}) must be positive and at most --rebuild-backoff-max-secs ({:?})",
+                cfg.rebuild_backoff, cfg.rebuild_backoff_max
+            )));
+        }
         let per_pos = kv_bytes_per_position(&*src, cfg.layout).max(1);
         let kv_positions = cfg.kv_budget_bytes / per_pos;
         if kv_positions < 2 {
@@ -328,6 +354,8 @@ impl Pool {
                     running: AtomicUsize::new(0),
                     kv_used: AtomicUsize::new(0),
                     restarts: AtomicU64::new(0),
+                    rebuild_failures: AtomicU64::new(0),
+                    rebuild_state: Mutex::new(None),
                 })
             })
             .collect();
@@ -373,10 +401,22 @@ impl Pool {
             Ranks::Launched(c) => Some(c.take().ok_or_else(|| {
                 EngineError::Config("rank processes started by a launcher cannot be started again from here".into())
             })?),
-            Ranks::Children(c) => Some(c.start()?),
+            Ranks::Children(c) => Some(c.start_unless(&|| self.stop.load(Ordering::SeqCst))?),
         };
         let cfg = &self.cfg;
-        RankSet::build(&self.src, cfg.layout, cfg.threads, cfg.decode_path, index, comms)
+        let built = RankSet::build(&self.src, cfg.layout, cfg.threads, cfg.decode_path, index, comms);
+        built.map_err(|e| {
+            // A child rank that failed while loading (e.g. its model file is gone) shows up here only as a
+            // peer that left: name the process and its exit code, which its own stderr explains.
+            let exited = match &mut *self.ranks.lock().unwrap_or_else(|e| e.into_inner()) {
+                Ranks::Children(c) => c.exited_within(Duration::from_secs(2)),
+                _ => None,
+            };
+            match exited {
+                Some(x) => EngineError::Config(format!("{x} while the replica was being built ({e})")),
+                None => e,
+            }
+        })
     }
 
     /// True when the ranks are processes ([`Pool::start_process`]).
@@ -417,17 +457,23 @@ impl Pool {
         self.kv_positions
     }
 
-    /// Per replica: healthy, queued, running, KV used, restarts.
+    /// Per replica: healthy, queued, running, KV used, restarts, failed rebuild attempts.
     pub fn gauges(&self) -> Vec<ReplicaGauges> {
         self.replicas
             .iter()
-            .map(|r| ReplicaGauges {
-                index: r.index,
-                healthy: r.healthy.load(Ordering::SeqCst),
-                queued: r.queue.lock().unwrap_or_else(|e| e.into_inner()).waiting.len(),
-                running: r.running.load(Ordering::Relaxed),
-                kv_used: r.kv_used.load(Ordering::Relaxed),
-                restarts: r.restarts.load(Ordering::Relaxed),
+            .map(|r| {
+                let rebuild = r.rebuild_state.lock().unwrap_or_else(|e| e.into_inner()).clone();
+                ReplicaGauges {
+                    index: r.index,
+                    healthy: r.healthy.load(Ordering::SeqCst),
+                    queued: r.queue.lock().unwrap_or_else(|e| e.into_inner()).waiting.len(),
+                    running: r.running.load(Ordering::Relaxed),
+                    kv_used: r.kv_used.load(Ordering::Relaxed),
+                    restarts: r.restarts.load(Ordering::Relaxed),
+                    rebuild_failures: r.rebuild_failures.load(Ordering::Relaxed),
+                    last_rebuild_error: rebuild.as_ref().map(|(e, _)| e.clone()),
+                    next_rebuild_in: rebuild.map(|(_, at)| at.saturating_duration_since(Instant::now())),
+                }
             })
             .collect()
     }
@@ -812,14 +858,14 @@ fn recover(pool: &Arc<Pool>, me: &Replica, running: &mut Vec<Seq>, why: &str) ->
     }
     fail_over(pool, me, running, why);
     if !rebuildable {
-        eprintln!(
+        say!(
             "error: replica {} failed: {why}; its ranks are processes started by a launcher, which this server \
              cannot start again: it stops serving (restart it)",
             me.index
         );
         return None;
     }
-    eprintln!("replica {} failed: {why}; rebuilding it", me.index);
+    say!("replica {} failed: {why}; rebuilding it", me.index);
     let r = rebuild(pool, me);
     if r.is_none() {
         return None;
@@ -864,7 +910,7 @@ fn fail_over(pool: &Pool, me: &Replica, running: &mut Vec<Seq>, why: &str) {
     me.kv_used.store(0, Ordering::Relaxed);
 }
 
-/// Rebuilds the replica's ranks (retrying every second until it works or the pool stops).
+/// Rebuilds the replica's ranks, retrying with back-off ([`rebuild_wait`]) until it works or the pool stops.
 fn rebuild(pool: &Arc<Pool>, me: &Replica) -> RankSet {
     loop {
         if pool.stop.load(Ordering::SeqCst) {
@@ -873,13 +919,31 @@ fn rebuild(pool: &Arc<Pool>, me: &Replica) -> RankSet {
         match pool.build_ranks(me.index) {
             Ok(r) => {
                 me.restarts.fetch_add(1, Ordering::Relaxed);
+                me.rebuild_failures.store(0, Ordering::Relaxed);
+                *me.rebuild_state.lock().unwrap_or_else(|e| e.into_inner()) = None;
                 me.healthy.store(true, Ordering::SeqCst);
-                eprintln!("replica {} rebuilt and back in rotation", me.index);
+                say!("replica {} rebuilt and back in rotation", me.index);
                 return r;
             }
             Err(e) => {
-                eprintln!("replica {}: rebuilding failed: {e}; retrying", me.index);
-                std::thread::sleep(Duration::from_secs(1));
+                let failures = me.rebuild_failures.fetch_add(1, Ordering::Relaxed) + 1;
+                Metrics::add(&pool.metrics.rebuild_failures, 1);
+                let wait = rebuild_wait(failures, pool.cfg.rebuild_backoff, pool.cfg.rebuild_backoff_max);
+                let until = Instant::now() + wait;
+                *me.rebuild_state.lock().unwrap_or_else(|e| e.into_inner()) = Some((e.to_string(), until));
+                say!(
+                    "replica {}: rebuilding failed (attempt {failures}): {e}; retrying in {:.3} s",
+                    me.index,
+                    wait.as_secs_f64()
+                );
+                // Short naps, so that a shutdown is not held up by a long back-off.
+                while !pool.stop.load(Ordering::SeqCst) {
+                    let left = until.saturating_duration_since(Instant::now());
+                    if left.is_zero() {
+                        break;
+                    }
+                    std::thread::sleep(left.min(Duration::from_millis(50)));
+                }
             }
         }
     }
@@ -948,4 +1012,27 @@ pub fn generate_distributed(
             }
         })
         .collect()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::rebuild_wait;
+    use std::time::Duration;
+
+    #[test]
+    fn rebuild_waits_double_from_the_first_up_to_the_cap() {
+        let (first, max) = (Duration::from_millis(250), Duration::from_secs(2));
+        let waits: Vec<u128> = (1..=7).map(|n| rebuild_wait(n, first, max).as_millis()).collect();
+        assert_eq!(waits, [250, 500, 1000, 2000, 2000, 2000, 2000]);
+        // No overflow however long a replica keeps failing.
+        assert_eq!(rebuild_wait(u64::MAX, first, max), max);
+        assert_eq!(
+            rebuild_wait(40, Duration::from_secs(1), Duration::from_secs(60)),
+            Duration::from_secs(60)
+        );
+        assert_eq!(
+            rebuild_wait(1, Duration::from_secs(1), Duration::from_secs(1)),
+            Duration::from_secs(1)
+        );
+    }
 }
