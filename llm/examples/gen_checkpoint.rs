@@ -6,7 +6,8 @@
 //! cargo run --release -p nccl-llm --example gen_checkpoint -- --shape llama3-8b --layers 4 --out /tmp/l8b
 //! ```
 //!
-//! Shapes: `llama3-8b` (hidden 4096, MLP 14336, 32 query / 8 KV heads of 128, vocabulary 128256, untied) and
+//! Shapes: `smollm2` (SmolLM2-135M: hidden 576, MLP 1536, 9 query / 3 KV heads of 64, 30 layers, vocabulary
+//! 49152, tied embeddings), `llama3-8b` (hidden 4096, MLP 14336, 32 query / 8 KV heads of 128, vocabulary 128256, untied) and
 //! `llama3-70b` (8192, 28672, 64 / 8 heads); `--layers` overrides the layer count (the full models have 32 and
 //! 80). Each weight is a function of the seed, its tensor's name and its index (a SplitMix64 hash), uniform in
 //! ±√(3/fan_in) for matrices (unit-variance outputs), ±1 for the embedding and 1 ± 0.1 for norms, so a forward
@@ -23,6 +24,9 @@ use safetensors::Dtype;
 
 #[derive(Clone, Copy, Debug, ValueEnum)]
 enum Shape {
+    /// SmolLM2-135M's architecture (the real model ships as a GGUF too large to carry to a GPU machine).
+    #[value(name = "smollm2")]
+    Smollm2,
     #[value(name = "llama3-8b")]
     Llama3_8b,
     #[value(name = "llama3-70b")]
@@ -50,9 +54,28 @@ struct Args {
 }
 
 fn config(shape: Shape, layers: Option<usize>) -> LlamaConfig {
-    let (hidden, inter, heads, full_layers) = match shape {
-        Shape::Llama3_8b => (4096, 14336, 32, 32),
-        Shape::Llama3_70b => (8192, 28672, 64, 80),
+    if let Shape::Smollm2 = shape {
+        return LlamaConfig {
+            vocab_size: 49152,
+            hidden_size: 576,
+            intermediate_size: 1536,
+            num_hidden_layers: layers.unwrap_or(30),
+            num_attention_heads: 9,
+            num_key_value_heads: 3,
+            head_dim: 64,
+            rms_norm_eps: 1e-5,
+            rope_theta: 100000.0,
+            rope_scaling: None,
+            max_position_embeddings: 8192,
+            tie_word_embeddings: true,
+            bos_token_id: Some(1),
+            eos_token_ids: vec![2],
+        };
+    }
+    let (hidden, inter, heads, full_layers) = if let Shape::Llama3_70b = shape {
+        (8192, 28672, 64, 80)
+    } else {
+        (4096, 14336, 32, 32)
     };
     LlamaConfig {
         vocab_size: 128256,
@@ -172,7 +195,7 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
         "num_hidden_layers": c.num_hidden_layers, "num_attention_heads": c.num_attention_heads,
         "num_key_value_heads": c.num_key_value_heads, "head_dim": c.head_dim, "rms_norm_eps": c.rms_norm_eps,
         "rope_theta": c.rope_theta, "max_position_embeddings": c.max_position_embeddings,
-        "tie_word_embeddings": false, "bos_token_id": c.bos_token_id, "eos_token_id": c.eos_token_ids,
+        "tie_word_embeddings": c.tie_word_embeddings, "bos_token_id": c.bos_token_id, "eos_token_id": c.eos_token_ids,
         "torch_dtype": "bfloat16"
     });
     std::fs::write(args.out.join("config.json"), config.to_string())?;

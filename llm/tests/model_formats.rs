@@ -800,3 +800,91 @@ fn gguf_tokenizer_follows_the_pre_tokenizer_and_specials() {
         .to_string();
     assert!(e.contains("tokenizer.ggml.model"), "{e}");
 }
+
+#[path = "../../tests/support/prereq.rs"]
+mod prereq;
+
+/// `examples/gen_checkpoint` (built by `cargo test -p nccl-llm`), if it is there.
+fn gen_checkpoint() -> Option<std::path::PathBuf> {
+    let exe = std::env::current_exe().unwrap();
+    let p = exe.parent()?.parent()?.join("examples/gen_checkpoint");
+    if !p.exists() {
+        prereq::missing(
+            &format!("{} is not built", p.display()),
+            "run `cargo test -p nccl-llm` (it builds the examples) or `cargo build -p nccl-llm --examples`",
+        );
+        return None;
+    }
+    Some(p)
+}
+
+#[test]
+fn generated_checkpoints_have_the_shape_asked_for_and_the_same_bytes_every_time() {
+    let Some(exe) = gen_checkpoint() else { return };
+    let d = tmpdir("gen");
+    let run = |out: &Path, extra: &[&str]| {
+        let st = std::process::Command::new(&exe)
+            .args(["--shape", "smollm2", "--layers", "2", "--out"])
+            .arg(out)
+            .args(extra)
+            .output()
+            .unwrap();
+        assert!(st.status.success(), "{}", String::from_utf8_lossy(&st.stderr));
+    };
+    let (a, b) = (d.join("a"), d.join("b"));
+    // Two shards (the ~27 MB checkpoint cut at 16 MB) against one: the same tensors either way.
+    run(&a, &["--shard-bytes", "16000000"]);
+    run(&b, &[]);
+    let sa = model::open(&a).unwrap();
+    let sb = model::open(&b).unwrap();
+    let c = sa.config();
+    assert_eq!(
+        (c.vocab_size, c.hidden_size, c.intermediate_size, c.num_hidden_layers),
+        (49152, 576, 1536, 2)
+    );
+    assert_eq!((c.num_attention_heads, c.num_key_value_heads, c.head_dim), (9, 3, 64));
+    assert!(c.tie_word_embeddings, "SmolLM2 ties its head to the embedding");
+    assert_eq!(sb.config(), c);
+    let shards = std::fs::read_dir(&a)
+        .unwrap()
+        .filter(|e| {
+            e.as_ref()
+                .unwrap()
+                .file_name()
+                .to_string_lossy()
+                .ends_with(".safetensors")
+        })
+        .count();
+    assert_eq!(shards, 2);
+    for name in model::tensor_names(c) {
+        let (ta, tb) = (sa.tensor(&name).unwrap(), sb.tensor(&name).unwrap());
+        assert_eq!(ta.shape, model::expected_shape(c, &name).unwrap(), "{name}");
+        assert_eq!(ta.data, tb.data, "{name}: the same seed gives the same weights");
+        let bound = if name.ends_with("norm.weight") {
+            (1.1f32, 0.9f32)
+        } else if name.contains("embed_tokens") {
+            (1.0, -1.0)
+        } else {
+            let fan_in = ta.shape[1] as f32;
+            ((3.0 / fan_in).sqrt(), -(3.0 / fan_in).sqrt())
+        };
+        let (hi, lo) = ta
+            .data
+            .iter()
+            .fold((f32::MIN, f32::MAX), |(h, l), &v| (h.max(v), l.min(v)));
+        // bf16 rounding moves a bound by at most 2^-8 of it.
+        let slack = |x: f32| x.abs() * 0.004 + 1e-6;
+        assert!(
+            hi <= bound.0 + slack(bound.0) && lo >= bound.1 - slack(bound.1),
+            "{name}: [{lo}, {hi}] vs {bound:?}"
+        );
+        assert!(hi > lo, "{name} is constant");
+    }
+    // Another seed, other weights.
+    let c2 = d.join("c");
+    run(&c2, &["--seed", "1"]);
+    let sc = model::open(&c2).unwrap();
+    let n = "model.layers.1.mlp.down_proj.weight";
+    assert_ne!(sc.tensor(n).unwrap().data, sa.tensor(n).unwrap().data);
+    let _ = std::fs::remove_dir_all(&d);
+}
