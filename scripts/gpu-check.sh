@@ -3,14 +3,18 @@
 #
 #   bash scripts/gpu-check.sh build      (here, with cargo; the default)
 #       Builds, for CUDA 13.0, in release mode and stripped, everything the GPU run needs into gpu-bundle/
-#       (git-ignored; refused over 60 MiB): the kernel-vs-twin test (llm/tests/kernels_gpu.rs), the NCCL GPU
-#       tests (nccl/tests/nccl_gpu.rs) with the list of those that need one GPU, nccl-perf, this script and a
-#       MANIFEST (commit, build commands, sizes).
+#       (git-ignored; refused over 60 MiB): the kernel-vs-twin test (llm/tests/kernels_gpu.rs), the CUDA
+#       engine's test (llm/tests/engine_gpu.rs), the NCCL GPU tests (nccl/tests/nccl_gpu.rs), each test list
+#       with the GPUs each test needs, nccl-perf, tp_llama, gen_checkpoint, this script and a MANIFEST (commit,
+#       build commands, sizes).
 #
 #   bash gpu-bundle/gpu-check.sh run     (on the GPU machine: no cargo, no network)
 #       Finds the CUDA 13 user-space libraries (cuBLAS 13, NVRTC 13, NCCL) in the Python environment, checks
 #       that a GPU is there (and says so clearly, exit 3, when it is not), runs every kernel against its CPU
-#       twin, the NCCL tests that need one GPU and `nccl-perf -g 1`, writes one report file
+#       twin, every engine and NCCL test that the visible GPUs allow, `nccl-perf -g 1` (eager and -G), then
+#       generates a SmolLM2-shaped and a Llama-3-8B-shaped checkpoint on the machine and reports tp_llama's
+#       prefill and decode tokens/s on them (TP=1; PP=2, TP=2/4/8 and 2-D where there are enough GPUs) with
+#       the decode ceiling on paper, writes one report file
 #       (GPU_CHECK_REPORT, default gpu-check-report.txt beside the bundle, or $OUT/ when OUT is set) and exits
 #       non-zero on any failure.
 #
@@ -85,10 +89,17 @@ print(exes[-1] if exes else "")')"
     # --- end engine_gpu ---
     run_cargo nccl_gpu test -p nccl-rs --features cuda --test nccl_gpu --no-run
     run_cargo nccl-perf build -p nccl-stack --features cuda --bin nccl-perf
-    # The NCCL tests that need exactly one GPU, by their #[ignore] reason.
-    awk '/#\[ignore = "needs 1 GPU"\]/ { getline; sub(/^fn /, ""); sub(/\(.*/, ""); print }' \
-        "$src/nccl/tests/nccl_gpu.rs" >"$bundle/nccl_gpu.1gpu"
-    [ -s "$bundle/nccl_gpu.1gpu" ] || { log "error: found no 1-GPU test in nccl/tests/nccl_gpu.rs"; exit 1; }
+    # The engine on generated models (tokens/s, layouts over several GPUs) and their generator.
+    run_cargo tp_llama build -p nccl-stack --features cuda --example tp_llama
+    run_cargo gen_checkpoint build -p nccl-llm --example gen_checkpoint
+    # Every GPU test with the GPUs it needs, from its #[ignore = "needs N GPU(s)..."] reason: "N name".
+    local t
+    for t in nccl_gpu:nccl/tests/nccl_gpu.rs engine_gpu:llm/tests/engine_gpu.rs; do
+        awk '/#\[ignore = "needs [0-9]+\+? GPU/ { n = $0; sub(/.*needs /, "", n); sub(/[^0-9].*/, "", n);
+                getline; sub(/^fn /, ""); sub(/\(.*/, ""); print n, $0 }' \
+            "$src/${t#*:}" >"$bundle/${t%%:*}.tests"
+        [ -s "$bundle/${t%%:*}.tests" ] || { log "error: found no GPU test in ${t#*:}"; exit 1; }
+    done
     cp "$here/gpu-check.sh" "$bundle/gpu-check.sh"
     local bytes
     bytes="$(du -sb "$bundle" | cut -f1)"
@@ -128,6 +139,92 @@ for r in roots:
                 dirs.append(d)
 print(":".join(dirs))
 EOF
+}
+
+# Decode and prefill tokens/s of the CUDA engine on generated models (made here: nothing large travels),
+# against the CPU engine's greedy tokens on the tiny model, and every layout the visible GPUs allow.
+# GPU_CHECK_WORK: where the models go (default /tmp/gpu-check-models); GPU_CHECK_LLAMA_LAYERS: layers of the
+# Llama-3-8B-shaped model (default 8; the full model has 32).
+models() {
+    local work="${GPU_CHECK_WORK:-/tmp/gpu-check-models}" layers="${GPU_CHECK_LLAMA_LAYERS:-8}"
+    local tp="$bundle/bin/tp_llama" gen="$bundle/bin/gen_checkpoint"
+    if [ ! -x "$tp" ] || [ ! -x "$gen" ]; then
+        say "FAIL models: tp_llama or gen_checkpoint is not in the bundle (rebuild it)"
+        status=1
+        return
+    fi
+    mkdir -p "$work"
+    local ids
+    ids="$(seq -s, 11 74)" # 64 prompt tokens
+    # <label> <timeout> <tp_llama args...>: one --json run; its line goes to the report, tokens/s to the summary.
+    gen_run() {
+        local label="$1" limit="$2"; shift 2
+        say ""
+        say "## tp_llama $label: $*"
+        local t0=$SECONDS rc=0 out
+        out="$(timeout "$limit" "$tp" "$@" --json 2>>"$report")" || rc=$?
+        printf '%s\n' "$out" >>"$report"
+        if [ "$rc" != 0 ] || [ -z "$out" ]; then
+            say "FAIL tp_llama $label (exit $rc after $((SECONDS - t0)) s)"
+            status=1
+            return
+        fi
+        printf '%s\n' "$out" | python3 -c '
+import json, sys
+v = json.loads(sys.stdin.read().strip().splitlines()[-1])
+print("PASS tp_llama %s: prefill %.1f tok/s, decode %.1f tok/s (%d prompt, %d generated; tp %s x pp %s)" % (
+    sys.argv[1], v["prefill_tokens_per_s"], v["decode_tokens_per_s"], len(v["prompt_ids"]),
+    len(v["generated_ids"]), v["tp"], v["pp"]))' "$label" | tee -a "$report"
+    }
+    local gpu=(--backend nccl --device cuda --ignore-eos)
+
+    # The tiny model: the GPU engine's greedy ids next to the CPU engine's (bf16 may flip a near tie, so
+    # this is shown, not judged; engine_gpu above judges logits with margins).
+    gen_run "tiny, CPU engine" 120 --tiny --prompt-ids 1,17,42,99,5,230 --max-new-tokens 16 --ignore-eos --tp 1
+    gen_run "tiny, CUDA TP=1" 120 --tiny --prompt-ids 1,17,42,99,5,230 --max-new-tokens 16 "${gpu[@]}" --tp 1
+
+    local smol="$work/smollm2" llama="$work/llama3-8b-$layers"
+    step "generate a SmolLM2-shaped checkpoint" 300 "$gen" --shape smollm2 --out "$smol"
+    step "generate a Llama-3-8B-shaped checkpoint, $layers layers" 600 "$gen" --shape llama3-8b --layers "$layers" --out "$llama"
+    python3 - "$smol" "$llama" <<'PY' | tee -a "$report"
+import json, subprocess, sys
+# The decode ceiling on paper: every weight matrix read once per token (bf16), at the GPU's HBM bandwidth.
+bw = {"H200": 4.8e12, "H100": 3.35e12, "A100": 2.0e12}
+try:
+    name = subprocess.run(["nvidia-smi", "--query-gpu=name", "--format=csv,noheader"], capture_output=True,
+                          text=True).stdout.splitlines()[0]
+except Exception:
+    name = "unknown"
+hbm = next((b for k, b in bw.items() if k in name), None)
+for d in sys.argv[1:]:
+    c = json.load(open(d + "/config.json"))
+    h, i, v, L = c["hidden_size"], c["intermediate_size"], c["vocab_size"], c["num_hidden_layers"]
+    hd = c.get("head_dim") or h // c["num_attention_heads"]
+    q, kv = c["num_attention_heads"] * hd, c["num_key_value_heads"] * hd
+    per_token = 2 * (L * (h * q + 2 * h * kv + q * h + 3 * h * i) + v * h)
+    line = "ceiling on paper, %s: %.2f GB of bf16 matrices read per decoded token" % (d.rsplit("/", 1)[-1], per_token / 1e9)
+    if hbm:
+        line += "; at %s's %.2f TB/s: %.0f tok/s on one GPU (N GPUs of TP: about N times, less the all-reduces)" % (
+            name, hbm / 1e12, hbm / per_token)
+    print(line)
+PY
+    gen_run "SmolLM2 shape, CUDA TP=1" 300 --model "$smol" --prompt-ids "$ids" --max-new-tokens 64 "${gpu[@]}" --tp 1
+    gen_run "Llama-3-8B shape ($layers layers), CUDA TP=1" 600 --model "$llama" --prompt-ids "$ids" --max-new-tokens 64 "${gpu[@]}" --tp 1
+    # Layouts over several GPUs (SmolLM2's 9 heads allow no TP of 2, 4 or 8; the 8B shape's 32/8 do).
+    if [ "$gpus" -ge 2 ]; then
+        gen_run "SmolLM2 shape, CUDA PP=2" 300 --model "$smol" --prompt-ids "$ids" --max-new-tokens 64 "${gpu[@]}" --tp 1 --pp 2
+        gen_run "Llama-3-8B shape, CUDA TP=2" 600 --model "$llama" --prompt-ids "$ids" --max-new-tokens 64 "${gpu[@]}" --tp 2
+        gen_run "Llama-3-8B shape, CUDA TP=2 as processes" 600 --model "$llama" --prompt-ids "$ids" --max-new-tokens 64 "${gpu[@]}" --tp 2 --nprocs 2
+    else
+        say "not run: PP=2, TP=2 and the process layouts need 2 GPUs, $gpus visible"
+    fi
+    if [ "$gpus" -ge 4 ]; then
+        gen_run "Llama-3-8B shape, CUDA TP=4" 600 --model "$llama" --prompt-ids "$ids" --max-new-tokens 64 "${gpu[@]}" --tp 4
+        gen_run "Llama-3-8B shape, CUDA TP=2 x PP=2" 600 --model "$llama" --prompt-ids "$ids" --max-new-tokens 64 "${gpu[@]}" --tp 2 --pp 2
+    fi
+    if [ "$gpus" -ge 8 ]; then
+        gen_run "Llama-3-8B shape, CUDA TP=8" 600 --model "$llama" --prompt-ids "$ids" --max-new-tokens 64 "${gpu[@]}" --tp 8
+    fi
 }
 
 run() {
@@ -204,24 +301,25 @@ run() {
         fi
     }
     step "kernels vs CPU twins" 300 "$bundle/bin/kernels_gpu" --ignored --test-threads=1
-    # --- engine_gpu (issue 13), run half: the 1-GPU test only (TP=2 needs 2 GPUs) ---
-    if [ -x "$bundle/bin/engine_gpu" ]; then
-        step "CUDA engine vs CPU engine, TP=1" 300 "$bundle/bin/engine_gpu" --ignored --exact \
-            tp1_cuda_engine_matches_the_cpu_engine --test-threads=1 --nocapture
-    else
-        say "FAIL engine_gpu: not in the bundle (rebuild it)"
-        status=1
-    fi
-    # --- end engine_gpu ---
-    while read -r t; do
-        [ -n "$t" ] && step "nccl_gpu $t" 120 "$bundle/bin/nccl_gpu" --ignored --exact "$t" --test-threads=1
-    done <"$bundle/nccl_gpu.1gpu"
+    # The CUDA engine against the CPU engine, then the NCCL tests: each test that fits the visible GPUs.
+    local bin n t
+    for bin in engine_gpu nccl_gpu; do
+        while read -r n t; do
+            [ -n "$t" ] || continue
+            if [ "$n" -le "$gpus" ]; then
+                step "$bin $t (needs $n GPU(s))" 300 "$bundle/bin/$bin" --ignored --exact "$t" --test-threads=1 --nocapture
+            else
+                say "not run: $bin $t needs $n GPUs, $gpus visible"
+            fi
+        done <"$bundle/$bin.tests"
+    done
     step "nccl-perf all_reduce -g 1" 120 "$bundle/bin/nccl-perf" all_reduce -b 8 -e 256M -f 4 -g 1 --backend nccl
     step "nccl-perf sendrecv -g 1" 120 "$bundle/bin/nccl-perf" sendrecv -b 8 -e 64M -f 4 -g 1 --backend nccl
     # --- begin: nccl-perf -G (CUDA graph launches), branch graph ---
     step "nccl-perf all_reduce -g 1 -G 2" 120 "$bundle/bin/nccl-perf" all_reduce -b 8 -e 64M -f 4 -g 1 -G 2 --backend nccl
     step "nccl-perf all_reduce -g 1 -G 2 -C 1" 120 "$bundle/bin/nccl-perf" all_reduce -b 8 -e 1M -f 8 -g 1 -G 2 -C 1 --backend nccl
     # --- end: nccl-perf -G ---
+    models
     say ""
     if [ "$status" = 0 ]; then say "RESULT: PASS"; else say "RESULT: FAIL"; fi
     log "report: $report"

@@ -517,7 +517,23 @@ impl GgufFile {
         release_map_range(map, start, nb);
     }
 
-    /// A whole tensor dequantized to f32, shape outermost first.
+    /// A releaser for tensor `name`'s mapped pages (see [`Releaser`]).
+    fn releaser(&self, name: &str) -> Releaser<'_> {
+        let base = self.tensor_info(name).map(|i| self.data_start + i.offset);
+        Releaser {
+            map: match (&self.backing, base) {
+                (Backing::Map(m), Some(_)) => Some(m),
+                _ => None,
+            },
+            base: base.unwrap_or(0),
+            lo: usize::MAX,
+            hi: 0,
+        }
+    }
+
+    /// A whole tensor dequantized to f32, shape outermost first. The mapped pages already converted are
+    /// released every [`RELEASE_CHUNK`](super::RELEASE_CHUNK) bytes, so a large f16 or f32 tensor does not stay
+    /// resident next to its copy.
     pub fn dequantize(&self, name: &str) -> Result<Tensor, ModelError> {
         let info = self.tensor_info(name).ok_or_else(|| ModelError::MissingTensor {
             name: name.into(),
@@ -525,11 +541,27 @@ impl GgufFile {
         })?;
         let bytes = self.tensor_bytes(name)?;
         let mut data = vec![0f32; info.n_elements];
-        dequantize(info.ty, bytes, &mut data).map_err(|e| ModelError::tensor(name, e.to_string()))?;
-        Ok(Tensor {
-            shape: info.shape(),
-            data,
-        })
+        let shape = info.shape();
+        let row_len: usize = shape.get(1..).map_or(1, |d| d.iter().product());
+        let err = |e: ModelError| ModelError::tensor(name, e.to_string());
+        match info.ty.bytes_for(row_len).filter(|_| row_len > 0 && shape.len() > 1) {
+            // Whole rows are whole blocks: convert and release a group of rows at a time.
+            Some(row_bytes) if row_bytes * shape[0] == bytes.len() => {
+                let rows_per = (super::RELEASE_CHUNK / row_bytes.max(1)).max(1);
+                let mut release = self.releaser(name);
+                for (i, (src, dst)) in bytes
+                    .chunks(rows_per * row_bytes)
+                    .zip(data.chunks_mut(rows_per * row_len))
+                    .enumerate()
+                {
+                    dequantize(info.ty, src, dst).map_err(err)?;
+                    let at = i * rows_per * row_bytes;
+                    release.touched(at..at + src.len());
+                }
+            }
+            _ => dequantize(info.ty, bytes, &mut data).map_err(err)?,
+        }
+        Ok(Tensor { shape, data })
     }
 
     /// Rows `rows` (in the outermost dimension) of a tensor, after mapping each wanted row `r` to the stored row
@@ -558,11 +590,12 @@ impl GgufFile {
         match info.ty.bytes_for(row_len) {
             Some(row_bytes) if row_len > 0 => {
                 let bytes = self.tensor_bytes(name)?;
+                let mut release = self.releaser(name);
                 for (i, r) in rows.enumerate() {
-                    let src = map(r);
-                    let src_bytes = &bytes[src * row_bytes..(src + 1) * row_bytes];
-                    dequantize(info.ty, src_bytes, &mut data[i * row_len..(i + 1) * row_len])
+                    let src = map(r) * row_bytes..(map(r) + 1) * row_bytes;
+                    dequantize(info.ty, &bytes[src.clone()], &mut data[i * row_len..(i + 1) * row_len])
                         .map_err(|e| ModelError::tensor(name, e.to_string()))?;
+                    release.touched(src);
                 }
             }
             _ => {
@@ -575,6 +608,36 @@ impl GgufFile {
             }
         }
         Ok(Tensor { shape: out_shape, data })
+    }
+}
+
+/// Releases the mapped pages of one tensor while a loop copies or converts it: the loop reports each byte
+/// range of the tensor it is done with, and once the ranges reported since the last release span
+/// [`RELEASE_CHUNK`](super::RELEASE_CHUNK) bytes, their span is released. Rows read in a permuted order (the
+/// Q/K heads' row interleave) may make the span cover a few rows not read yet; those are faulted in again
+/// from the page cache when read, with the same bytes. Does nothing for an in-memory image.
+struct Releaser<'a> {
+    map: Option<&'a memmap2::Mmap>,
+    /// Where the tensor's bytes start in the map.
+    base: usize,
+    lo: usize,
+    hi: usize,
+}
+
+impl Releaser<'_> {
+    /// Bytes `r` of the tensor are copied out.
+    fn touched(&mut self, r: Range<usize>) {
+        let Some(map) = self.map else { return };
+        self.lo = self.lo.min(r.start);
+        self.hi = self.hi.max(r.end);
+        if self.hi - self.lo >= super::RELEASE_CHUNK {
+            if let Some(start) = self.base.checked_add(self.lo) {
+                if start.checked_add(self.hi - self.lo).is_some_and(|end| end <= map.len()) {
+                    release_map_range(map, start, self.hi - self.lo);
+                }
+            }
+            (self.lo, self.hi) = (usize::MAX, 0);
+        }
     }
 }
 
@@ -924,12 +987,14 @@ impl WeightSource for GgufSource {
         let deq = |src: &[u8], out: &mut [f32]| {
             dequantize(info.ty, src, out).map_err(|e| ModelError::tensor(&g, e.to_string()))
         };
+        let mut release = self.file.releaser(&g);
         match super::block_bytes_of(info.ty, &cols) {
             // Columns on block boundaries: dequantize only their blocks.
             Some(b) => {
                 for (r, out) in data.chunks_exact_mut(cols.len().max(1)).take(rows).enumerate() {
                     let src = order.map(r) * row_bytes;
                     deq(&bytes[src + b.start..src + b.end], out)?;
+                    release.touched(src..src + row_bytes);
                 }
             }
             None => {
@@ -938,6 +1003,7 @@ impl WeightSource for GgufSource {
                     let src = order.map(r) * row_bytes;
                     deq(&bytes[src..src + row_bytes], &mut row)?;
                     out.copy_from_slice(&row[cols.clone()]);
+                    release.touched(src..src + row_bytes);
                 }
             }
         }
@@ -967,9 +1033,11 @@ impl WeightSource for GgufSource {
         }
         let bytes = self.file.tensor_bytes(&g)?;
         let mut data = Vec::with_capacity(rows.len() * row_bytes);
+        let mut release = self.file.releaser(&g);
         for r in rows.clone() {
-            let src = order.map(r);
-            data.extend_from_slice(&bytes[src * row_bytes..(src + 1) * row_bytes]);
+            let src = order.map(r) * row_bytes..(order.map(r) + 1) * row_bytes;
+            data.extend_from_slice(&bytes[src.clone()]);
+            release.touched(src);
         }
         self.file.release_pages(&g);
         Ok(Some(QuantRows {
@@ -999,9 +1067,11 @@ impl WeightSource for GgufSource {
         };
         let bytes = self.file.tensor_bytes(&g)?;
         let mut data = Vec::with_capacity(n_rows * (b1 - b0));
+        let mut release = self.file.releaser(&g);
         for r in 0..n_rows {
             let src = order.map(r) * row_bytes;
             data.extend_from_slice(&bytes[src + b0..src + b1]);
+            release.touched(src..src + row_bytes);
         }
         self.file.release_pages(&g);
         Ok(Some(QuantRows {

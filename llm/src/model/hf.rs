@@ -168,7 +168,7 @@ impl HfSource {
                 format!("{} bytes for {} {dtype:?} values", bytes.len(), out.len()),
             ));
         }
-        let per = (RELEASE_CHUNK / width).max(1);
+        let per = (super::RELEASE_CHUNK / width).max(1);
         for (o, b) in out.chunks_mut(per).zip(bytes.chunks(per * width)) {
             convert(name, dtype, b, o)?;
             self.release(b);
@@ -210,11 +210,6 @@ impl HfSource {
         Ok((bytes, info.dtype, info.shape.clone()))
     }
 }
-
-/// Bytes of the file converted between two releases of its pages: small enough that the mapped pages of the
-/// tensor being read add little to the shard (a Llama-3 `lm_head` is 1 GB of bf16), large enough that the
-/// `madvise` calls cost nothing next to the conversion.
-const RELEASE_CHUNK: usize = 16 << 20;
 
 fn dtype_width(name: &str, dtype: Dtype) -> Result<usize, ModelError> {
     match dtype {
@@ -293,7 +288,7 @@ impl WeightSource for HfSource {
         }
         let (n, row_bytes) = (cols.len(), full * width);
         let mut data = vec![0f32; rows * n];
-        let rows_per_release = (RELEASE_CHUNK / row_bytes.max(1)).max(1);
+        let rows_per_release = (super::RELEASE_CHUNK / row_bytes.max(1)).max(1);
         for first in (0..rows).step_by(rows_per_release) {
             let end = (first + rows_per_release).min(rows);
             for r in first..end {

@@ -194,6 +194,11 @@ pub fn expected_shape(cfg: &LlamaConfig, name: &str) -> Option<Vec<usize>> {
     })
 }
 
+/// Bytes of a mapped file read between two releases of its pages (safetensors and GGUF): small enough that the
+/// mapped pages of the tensor being read add little to the shard (a Llama-3 `lm_head` is 1 GB of bf16), large
+/// enough that the `madvise` calls cost nothing next to the conversion.
+pub(crate) const RELEASE_CHUNK: usize = 16 << 20;
+
 /// The canonical names of every tensor a checkpoint of `cfg` stores, in file order: the embedding, each layer's
 /// norms and matrices, the final norm, and `lm_head.weight` unless the embeddings are tied.
 pub fn tensor_names(cfg: &LlamaConfig) -> Vec<String> {
