@@ -17,6 +17,8 @@ step "cargo doc (warnings denied)"
 RUSTDOCFLAGS="-D warnings" cargo doc --workspace --no-deps --all-features
 step "cargo test (CPU)"
 cargo test --workspace
+step "cargo test --features cuda --lib (the GPU code's host-side unit tests; no device needed)"
+cargo test -p nccl-rs -p nccl-llm --features nccl-rs/cuda,nccl-llm/cuda --lib
 step "valgrind memcheck (host backend, multi-threaded tests)"
 bash scripts/valgrind-host.sh host_sound host_faults host_collectives
 step "fuzzing (libFuzzer on stable rustc, every target for a bounded time)"

@@ -16,8 +16,8 @@ use cudarc::cublas::result::CublasError;
 use cudarc::cublas::sys::{cublasComputeType_t, cublasGemmAlgo_t, cublasOperation_t, cudaDataType_t};
 use cudarc::cublas::{CudaBlas, Gemm, GemmConfig};
 use cudarc::driver::{
-    CudaContext, CudaFunction, CudaModule, CudaSlice, CudaStream, DevicePtr, DevicePtrMut, DeviceRepr, DriverError,
-    LaunchConfig, PushKernelArg, ValidAsZeroBits,
+    CudaContext, CudaFunction, CudaModule, CudaSlice, CudaStream, CudaView, CudaViewMut, DevicePtr, DevicePtrMut,
+    DeviceRepr, DriverError, LaunchConfig, PushKernelArg, ValidAsZeroBits,
 };
 use cudarc::nvrtc::{CompileError, CompileOptions};
 use half::bf16;
@@ -348,7 +348,7 @@ impl CudaKernels {
     pub fn kv_append<T: DeviceElem>(
         &self,
         s: &AttentionShape,
-        qkv: &CudaSlice<f32>,
+        qkv: &CudaView<'_, f32>,
         k_cache: &mut CudaSlice<T>,
         v_cache: &mut CudaSlice<T>,
         positions: &[u32],
@@ -373,11 +373,11 @@ impl CudaKernels {
     pub fn attention<T: DeviceElem>(
         &self,
         s: &AttentionShape,
-        qkv: &CudaSlice<f32>,
+        qkv: &CudaView<'_, f32>,
         k_cache: &CudaSlice<T>,
         v_cache: &CudaSlice<T>,
         positions: &[u32],
-        out: &mut CudaSlice<f32>,
+        out: &mut CudaViewMut<'_, f32>,
     ) -> Result<()> {
         s.check_buffers(qkv.len(), k_cache.len(), v_cache.len(), positions)?;
         let want = s.rows * s.q_heads * s.head_dim;

@@ -8,9 +8,11 @@
 //! layers cast their f32 input to bf16 and run `cublasGemmEx` with bf16 operands, f32 accumulation and an
 //! f32 output ([`CudaKernels::linear_bf16_f32`]).
 //!
-//! Limits of this first version: one sequence per step (a step of several segments, the server's
-//! continuous batching, is refused with a clear error); pipeline stages hand their activations on through
-//! the host pipeline communicator (a copy to and from the host per stage and step).
+//! A step may hold several sequences (the server's continuous batching): the linear layers, norms and
+//! collectives run once over all rows, and the KV append and attention once per run of consecutive rows of
+//! one sequence, on views of the step's buffers, each over its own cache. Limits of this first version:
+//! pipeline stages hand their activations on through the host pipeline communicator (a copy to and from
+//! the host per stage and step).
 //!
 //! Nothing here has run on a GPU yet: it is compiled (CI: `clippy --all-features`), its host-side logic is
 //! unit-tested, and `llm/tests/engine_gpu.rs` holds the GPU checks (ignored without a device).
@@ -221,9 +223,10 @@ impl std::fmt::Debug for Cuda {
     }
 }
 
-/// What a CUDA step keeps: the positions of its rows (one sequence).
+/// What a CUDA step keeps: the positions of its rows, and its runs of consecutive rows of one sequence.
 pub struct CudaStep {
     positions: Vec<u32>,
+    runs: Vec<(usize, Range<usize>)>,
 }
 
 impl Cuda {
@@ -329,16 +332,30 @@ impl Cuda {
     }
 }
 
-/// The steps the CUDA backend runs: one sequence per step.
-fn check_one_sequence(rows: &StepRows) -> Result<()> {
-    if rows.seg_of.iter().any(|&s| s != 0) {
-        return Err(EngineError::Config(
-            "the CUDA engine runs one sequence per step (continuous batching of several sequences is not \
-             implemented on the device yet)"
-                .into(),
-        ));
+/// A step's rows as runs of consecutive rows of one segment, `(segment, rows)`, in row order: the KV append and
+/// attention kernels work on one sequence's cache at a time. Fails on a row whose segment is not one of
+/// `segments` or rows and positions of different lengths.
+pub fn segment_runs(rows: &StepRows, segments: usize) -> Result<Vec<(usize, Range<usize>)>> {
+    if rows.seg_of.len() != rows.pos_of.len() {
+        return Err(EngineError::Config(format!(
+            "a step has {} rows but {} positions",
+            rows.seg_of.len(),
+            rows.pos_of.len()
+        )));
     }
-    Ok(())
+    let mut runs: Vec<(usize, Range<usize>)> = Vec::new();
+    for (t, &seg) in rows.seg_of.iter().enumerate() {
+        if seg >= segments {
+            return Err(EngineError::Config(format!(
+                "row {t} belongs to segment {seg}, but the step has {segments} sequence(s)"
+            )));
+        }
+        match runs.last_mut() {
+            Some((s, r)) if *s == seg => r.end = t + 1,
+            _ => runs.push((seg, t..t + 1)),
+        }
+    }
+    Ok(runs)
 }
 
 impl Compute for Cuda {
@@ -448,13 +465,14 @@ impl Compute for Cuda {
     }
 
     fn begin_step(&self, _rope: &Rope, rows: &StepRows) -> Result<CudaStep> {
-        check_one_sequence(rows)?;
+        // Segments are checked against the caches in rope_kv_append and attention.
+        let runs = segment_runs(rows, usize::MAX)?;
         let positions = rows
             .pos_of
             .iter()
             .map(|&p| u32::try_from(p).map_err(|_| EngineError::Config(format!("position {p} exceeds u32"))))
             .collect::<Result<Vec<u32>>>()?;
-        Ok(CudaStep { positions })
+        Ok(CudaStep { positions, runs })
     }
 
     fn rope_kv_append(
@@ -476,13 +494,22 @@ impl Compute for Cuda {
             max_pos: self.max_pos,
         };
         cuda(self.k.rope(&rope, qkv, &self.cos, &self.sin, &step.positions))?;
-        let cache = &mut *segs
-            .first_mut()
-            .ok_or_else(|| EngineError::Config("a step without a sequence".into()))?
-            .1;
-        let shape = self.attention_shape(d, n, cache.max_seq);
-        let (k, v) = (&mut cache.k[li], &mut cache.v[li]);
-        cuda(self.k.kv_append::<f32>(&shape, qkv, k, v, &step.positions))
+        let w = d.qkv_width();
+        for (seg, r) in &step.runs {
+            let n_segs = segs.len();
+            let cache = &mut *segs
+                .get_mut(*seg)
+                .ok_or_else(|| EngineError::Config(format!("segment {seg} of a step with {n_segs} cache(s)")))?
+                .1;
+            let shape = self.attention_shape(d, r.len(), cache.max_seq);
+            let (k, v) = (&mut cache.k[li], &mut cache.v[li]);
+            let rows_qkv = qkv.slice(r.start * w..r.end * w);
+            cuda(
+                self.k
+                    .kv_append::<f32>(&shape, &rows_qkv, k, v, &step.positions[r.clone()]),
+            )?;
+        }
+        Ok(())
     }
 
     fn attention(
@@ -495,15 +522,32 @@ impl Compute for Cuda {
         segs: &[(usize, &mut DeviceCache)],
         out: &mut CudaSlice<f32>,
     ) -> Result<()> {
-        let cache = &*segs
-            .first()
-            .ok_or_else(|| EngineError::Config("a step without a sequence".into()))?
-            .1;
-        let shape = self.attention_shape(d, rows.pos_of.len(), cache.max_seq);
-        cuda(
-            self.k
-                .attention::<f32>(&shape, qkv, &cache.k[li], &cache.v[li], &step.positions, out),
-        )
+        let (w, ow) = (d.qkv_width(), d.q_heads * d.head_dim);
+        if out.len() != rows.pos_of.len() * ow {
+            return Err(EngineError::Config(format!(
+                "attention output of {} values for {} rows of {ow}",
+                out.len(),
+                rows.pos_of.len()
+            )));
+        }
+        for (seg, r) in &step.runs {
+            let cache = &*segs
+                .get(*seg)
+                .ok_or_else(|| EngineError::Config(format!("segment {seg} of a step with {} cache(s)", segs.len())))?
+                .1;
+            let shape = self.attention_shape(d, r.len(), cache.max_seq);
+            let rows_qkv = qkv.slice(r.start * w..r.end * w);
+            let mut rows_out = out.slice_mut(r.start * ow..r.end * ow);
+            cuda(self.k.attention::<f32>(
+                &shape,
+                &rows_qkv,
+                &cache.k[li],
+                &cache.v[li],
+                &step.positions[r.clone()],
+                &mut rows_out,
+            ))?;
+        }
+        Ok(())
     }
 
     fn silu_mul(&self, gu: &CudaSlice<f32>, rows: usize, ffn: usize, out: &mut CudaSlice<f32>) -> Result<()> {
@@ -618,18 +662,104 @@ mod tests {
     }
 
     #[test]
-    fn steps_of_several_sequences_are_refused() {
-        let one = StepRows {
-            seg_of: vec![0, 0, 0],
-            pos_of: vec![4, 5, 6],
+    fn a_step_splits_into_runs_of_one_sequence() {
+        let rows = |seg_of: Vec<usize>| StepRows {
+            pos_of: (0..seg_of.len()).collect(),
+            seg_of,
         };
-        check_one_sequence(&one).unwrap();
-        let two = StepRows {
-            seg_of: vec![0, 1],
-            pos_of: vec![4, 9],
+        assert_eq!(segment_runs(&rows(vec![0, 0, 0]), 1).unwrap(), [(0, 0..3)]);
+        // The server's step: one decode row per running sequence, then prefill chunks.
+        assert_eq!(
+            segment_runs(&rows(vec![0, 1, 2, 2, 2, 3]), 4).unwrap(),
+            [(0, 0..1), (1, 1..2), (2, 2..5), (3, 5..6)]
+        );
+        assert_eq!(
+            segment_runs(&rows(vec![1, 0, 1]), 2).unwrap(),
+            [(1, 0..1), (0, 1..2), (1, 2..3)]
+        );
+        assert!(segment_runs(&rows(vec![]), 0).unwrap().is_empty());
+        let e = segment_runs(&rows(vec![0, 2]), 2).unwrap_err().to_string();
+        assert!(e.contains("row 1 belongs to segment 2"), "{e}");
+        let bad = StepRows {
+            seg_of: vec![0, 0],
+            pos_of: vec![3],
         };
-        let e = check_one_sequence(&two).unwrap_err().to_string();
-        assert!(e.contains("one sequence per step"), "{e}");
+        assert!(segment_runs(&bad, 1)
+            .unwrap_err()
+            .to_string()
+            .contains("2 rows but 1 positions"));
+    }
+
+    /// The batched step as the CUDA backend runs it (KV append, then attention, once per run, on the rows of
+    /// that run and the cache of its sequence), here through the kernels' CPU twins: each sequence's
+    /// outputs equal those of the same sequence run alone, bit for bit.
+    #[test]
+    fn a_batched_step_by_runs_equals_each_sequence_alone() {
+        use crate::kernels::{attention, kv_append};
+        let (nq, nkv, hd, max_seq) = (4, 2, 8, 16);
+        let w = (nq + 2 * nkv) * hd;
+        let ow = nq * hd;
+        let shape = |rows| AttentionShape {
+            rows,
+            row_stride: w,
+            q_heads: nq,
+            kv_heads: nkv,
+            head_dim: hd,
+            max_seq,
+            group: nq / nkv,
+            q_start: 0,
+            kv_start: 0,
+        };
+        // Sequence 0 decodes at position 5 (5 positions cached), sequence 1 prefills positions 0..4,
+        // sequence 2 decodes at position 2.
+        let seg_of = vec![0, 1, 1, 1, 1, 2];
+        let pos_of = vec![5, 0, 1, 2, 3, 2];
+        let value = |i: usize| ((i * 7919 % 211) as f32 - 105.0) / 64.0;
+        let qkv: Vec<f32> = (0..seg_of.len() * w).map(value).collect();
+        let cached = |seg: usize| -> Vec<f32> { (0..nkv * max_seq * hd).map(|i| value(i * 3 + seg * 101)).collect() };
+        let step = StepRows { seg_of, pos_of };
+        let runs = segment_runs(&step, 3).unwrap();
+        let positions: Vec<u32> = step.pos_of.iter().map(|&p| p as u32).collect();
+
+        let mut caches: Vec<(Vec<f32>, Vec<f32>)> = (0..3).map(|s| (cached(s), cached(s + 7))).collect();
+        let mut out = vec![0f32; step.pos_of.len() * ow];
+        for (seg, r) in &runs {
+            let (k, v) = &mut caches[*seg];
+            kv_append(
+                &shape(r.len()),
+                &qkv[r.start * w..r.end * w],
+                k,
+                v,
+                &positions[r.clone()],
+            )
+            .unwrap();
+        }
+        for (seg, r) in &runs {
+            let (k, v) = &caches[*seg];
+            let o = &mut out[r.start * ow..r.end * ow];
+            attention(
+                &shape(r.len()),
+                &qkv[r.start * w..r.end * w],
+                k,
+                v,
+                &positions[r.clone()],
+                o,
+            )
+            .unwrap();
+        }
+
+        for (seg, done) in caches.iter().enumerate() {
+            let mine: Vec<usize> = (0..step.seg_of.len()).filter(|&t| step.seg_of[t] == seg).collect();
+            let rows_qkv: Vec<f32> = mine.iter().flat_map(|&t| qkv[t * w..(t + 1) * w].to_vec()).collect();
+            let pos: Vec<u32> = mine.iter().map(|&t| positions[t]).collect();
+            let (mut k, mut v) = (cached(seg), cached(seg + 7));
+            let mut alone = vec![0f32; mine.len() * ow];
+            kv_append(&shape(mine.len()), &rows_qkv, &mut k, &mut v, &pos).unwrap();
+            attention(&shape(mine.len()), &rows_qkv, &k, &v, &pos, &mut alone).unwrap();
+            let batched: Vec<f32> = mine.iter().flat_map(|&t| out[t * ow..(t + 1) * ow].to_vec()).collect();
+            assert_eq!(batched, alone, "sequence {seg}");
+            assert_eq!((&done.0, &done.1), (&k, &v), "sequence {seg}'s cache");
+        }
     }
 
     #[test]

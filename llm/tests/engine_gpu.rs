@@ -134,6 +134,39 @@ fn tp1_cuda_engine_matches_the_cpu_engine() {
     eprintln!("TP=1 greedy tokens: GPU {:?}, CPU {tokens:?}", out.generated);
 }
 
+/// Two sequences in one step, as the server batches them: the first decodes after its prompt while the
+/// second is prefilled, then both decode together. Logits per sequence and step, from `rank`.
+fn batched<B: Compute>(rank: &Rank<B>) -> Vec<Vec<f32>> {
+    let other: [u32; 4] = [3, 77, 12, 140];
+    let mut a = rank.model().try_new_cache(PROMPT.len() + 4).expect("a KV cache");
+    let mut b = rank.model().try_new_cache(other.len() + 4).expect("a KV cache");
+    let mut out = rank
+        .step(&mut [(&PROMPT[..], &mut a)])
+        .expect("prefill")
+        .expect("last stage");
+    out.extend(
+        rank.step(&mut [(&[9][..], &mut a), (&other[..], &mut b)])
+            .expect("a decode row and a prefill")
+            .expect("last stage"),
+    );
+    out.extend(
+        rank.step(&mut [(&[4][..], &mut a), (&[8][..], &mut b)])
+            .expect("two decode rows")
+            .expect("last stage"),
+    );
+    out
+}
+
+#[test]
+#[ignore = "needs 1 GPU"]
+fn tp1_cuda_engine_batched_steps_match_the_cpu_engine() {
+    let src = model::tiny_random(0);
+    let cpu = Rank::new(load(&*src, 1, 0), Box::new(SingleComm), Box::new(SingleComm)).unwrap();
+    let gpu_model = cuda_engine::upload(load(&*src, 1, 0), 0).unwrap_or_else(|e| panic!("CUDA device 0: {e}"));
+    let gpu = Rank::new(gpu_model, Box::new(DeviceTp::Single), Box::new(SingleComm)).unwrap();
+    compare("TP=1 batched steps", &batched(&gpu), &batched(&cpu));
+}
+
 #[test]
 #[ignore = "needs 2 GPUs"]
 fn tp2_cuda_engine_with_nccl_matches_the_cpu_engine() {

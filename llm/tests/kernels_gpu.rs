@@ -234,7 +234,8 @@ fn rope_kv_append_and_attention_match_their_twins_for_decode_and_prefill() {
                 let what = format!("hd {hd} bf16 cache {bf} step {step} ({n} rows)");
                 if bf {
                     kernels::kv_append(&s, &qkv, &mut cpu_kb, &mut cpu_vb, &positions).unwrap();
-                    k.kv_append(&s, &d_qkv, &mut d_kb, &mut d_vb, &positions).unwrap();
+                    k.kv_append(&s, &d_qkv.as_view(), &mut d_kb, &mut d_vb, &positions)
+                        .unwrap();
                     close(
                         &format!("kv_append k {what}"),
                         Tolerance::EXACT,
@@ -248,10 +249,12 @@ fn rope_kv_append_and_attention_match_their_twins_for_decode_and_prefill() {
                         &wide(&cpu_vb),
                     );
                     kernels::attention(&s, &qkv, &cpu_kb, &cpu_vb, &positions, &mut cpu_out).unwrap();
-                    k.attention(&s, &d_qkv, &d_kb, &d_vb, &positions, &mut d_out).unwrap();
+                    k.attention(&s, &d_qkv.as_view(), &d_kb, &d_vb, &positions, &mut d_out.as_view_mut())
+                        .unwrap();
                 } else {
                     kernels::kv_append(&s, &qkv, &mut cpu_k, &mut cpu_v, &positions).unwrap();
-                    k.kv_append(&s, &d_qkv, &mut d_k, &mut d_v, &positions).unwrap();
+                    k.kv_append(&s, &d_qkv.as_view(), &mut d_k, &mut d_v, &positions)
+                        .unwrap();
                     close(
                         &format!("kv_append k {what}"),
                         Tolerance::EXACT,
@@ -265,7 +268,8 @@ fn rope_kv_append_and_attention_match_their_twins_for_decode_and_prefill() {
                         &cpu_v,
                     );
                     kernels::attention(&s, &qkv, &cpu_k, &cpu_v, &positions, &mut cpu_out).unwrap();
-                    k.attention(&s, &d_qkv, &d_k, &d_v, &positions, &mut d_out).unwrap();
+                    k.attention(&s, &d_qkv.as_view(), &d_k, &d_v, &positions, &mut d_out.as_view_mut())
+                        .unwrap();
                 }
                 close(
                     &format!("attention {what}"),
@@ -300,9 +304,10 @@ fn rope_kv_append_and_attention_match_their_twins_for_decode_and_prefill() {
         st.alloc_zeros::<f32>(s.cache_len()).unwrap(),
         st.alloc_zeros::<f32>(s.cache_len()).unwrap(),
     );
-    k.kv_append(&s, &d_qkv, &mut dk, &mut dv, &positions).unwrap();
+    k.kv_append(&s, &d_qkv.as_view(), &mut dk, &mut dv, &positions).unwrap();
     let mut d_out = st.alloc_zeros::<f32>(cpu.len()).unwrap();
-    k.attention(&s, &d_qkv, &dk, &dv, &positions, &mut d_out).unwrap();
+    k.attention(&s, &d_qkv.as_view(), &dk, &dv, &positions, &mut d_out.as_view_mut())
+        .unwrap();
     close(
         "attention TP rank 1 of 3",
         Tolerance::ATTENTION_F32,
@@ -311,7 +316,7 @@ fn rope_kv_append_and_attention_match_their_twins_for_decode_and_prefill() {
     );
     // A position past the cache is refused before any launch.
     assert!(matches!(
-        k.attention(&s, &d_qkv, &dk, &dv, &[0, 1, 2, 8], &mut d_out),
+        k.attention(&s, &d_qkv.as_view(), &dk, &dv, &[0, 1, 2, 8], &mut d_out.as_view_mut()),
         Err(CudaError::Shape(ShapeError::Position { row: 3, pos: 8, .. }))
     ));
 }
