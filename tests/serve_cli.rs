@@ -399,10 +399,15 @@ fn spawn_capturing(exe: &PathBuf, args: &[&str]) -> (Proc, mpsc::Receiver<String
 
 /// [`spawn_capturing`] with extra environment variables.
 fn spawn_capturing_env(exe: &PathBuf, args: &[&str], env: &[(String, String)]) -> (Proc, mpsc::Receiver<String>) {
-    let mut child = Command::new(exe)
-        .args(["--port", "0"])
-        .args(args)
-        .envs(env.iter().cloned())
+    let mut cmd = Command::new(exe);
+    cmd.args(["--port", "0"]).args(args).envs(env.iter().cloned());
+    spawn_command(cmd)
+}
+
+/// Starts `cmd` (a server, or a launcher of one), its stdout and stderr piped, and waits for the server's
+/// address; stderr lines come on the receiver.
+fn spawn_command(mut cmd: Command) -> (Proc, mpsc::Receiver<String>) {
+    let mut child = cmd
         .stdout(Stdio::piped())
         .stderr(Stdio::piped())
         .spawn()
@@ -818,4 +823,62 @@ fn a_two_dimensional_replica_is_rebuilt_after_a_rank_process_dies() {
     assert_eq!(unsafe { libc::kill(p.child.id() as i32, libc::SIGTERM) }, 0);
     let status = wait_exit(&mut p, Duration::from_secs(30));
     assert!(status.success(), "exit status {status:?}");
+}
+
+/// The server under the real OpenMPI `mpirun` (two ranks, `--tp 2`): rank 0 serves HTTP, rank discovery
+/// comes from `OMPI_COMM_WORLD_*` alone, the tokens equal those of rank threads, and SIGTERM to `mpirun`
+/// (which forwards it to every rank) drains the server and ends every rank process.
+#[test]
+fn the_server_runs_under_mpirun_and_stops_on_sigterm() {
+    let Some(exe) = example() else { return };
+    if !tool("curl") {
+        return;
+    }
+    let Some(mpirun) = prereq::program("mpirun", "install Debian's openmpi-bin (scripts/setup.sh does)") else {
+        return;
+    };
+    let greedy = json!({"model": "tiny-random", "prompt": [4, 8, 1], "max_tokens": 12, "temperature": 0,
+                        "ignore_eos": true});
+    let ids = |p: &Proc| {
+        let (code, out) = post(p, "/v1/completions", &greedy);
+        assert_eq!(code, 200, "{out}");
+        serde_json::from_str::<Value>(&out).unwrap()["choices"][0]["token_ids"].clone()
+    };
+    let threads = {
+        let (p, _err) = spawn_capturing(&exe, &["--tp", "2"]);
+        ids(&p)
+    };
+    let mut cmd = Command::new(mpirun);
+    cmd.args(["--allow-run-as-root", "--oversubscribe", "-np", "2"])
+        .arg(&exe)
+        .args(["--tp", "2", "--port", "0"])
+        .stdin(Stdio::null());
+    for v in [
+        "RANK",
+        "WORLD_SIZE",
+        "LOCAL_RANK",
+        "LOCAL_WORLD_SIZE",
+        "MASTER_ADDR",
+        "MASTER_PORT",
+    ] {
+        cmd.env_remove(v);
+    }
+    let (mut p, err) = spawn_command(cmd);
+    let rank1 = rank_pid(&err, 1);
+    assert_eq!(ids(&p), threads, "mpirun ranks generate what rank threads generate");
+    let (code, h) = curl(&[&format!("{}/health", p.url)]);
+    assert_eq!(code, 200, "{h}");
+    // SAFETY: kill(2) on our own child's pid (mpirun), which is alive (it has not been waited for).
+    assert_eq!(unsafe { libc::kill(p.child.id() as i32, libc::SIGTERM) }, 0);
+    // mpirun's own status after a forwarded signal is its business (OpenMPI 4 exits 1); the server's drain
+    // and the end of every rank are ours.
+    wait_exit(&mut p, Duration::from_secs(30));
+    let mut said = Vec::new();
+    wait_for("the server's word that it stopped", || {
+        said.extend(err.try_iter());
+        said.iter().any(|l| l == "stopped")
+    });
+    wait_for("rank 1's process to exit", || {
+        !std::fs::read_to_string(format!("/proc/{rank1}/stat")).is_ok_and(|st| !st.contains(") Z "))
+    });
 }
