@@ -281,31 +281,15 @@ fn sigterm_drain(extra: &[&str]) {
     let (text, done) = sse_text(&out, &|v| v["choices"][0]["text"].as_str().map(String::from));
     assert!(done, "the stream was cut: {out}");
     assert_eq!(text.split_whitespace().count(), 80, "every token arrived: {text}");
-    let t0 = Instant::now();
-    let status = loop {
-        if let Some(s) = p.child.try_wait().unwrap() {
-            break s;
-        }
-        assert!(
-            t0.elapsed() < Duration::from_secs(30),
-            "the server did not exit after draining"
-        );
-        std::thread::sleep(Duration::from_millis(20));
-    };
+    let status = wait_exit(&mut p, Duration::from_secs(30));
     assert!(status.success(), "exit status {status:?}");
     let (code, _) = curl(&[&health]);
     assert_eq!(code, 0, "nothing listens after the exit");
-    let t0 = Instant::now();
-    while let Some(r) = ranks
-        .iter()
-        .find(|r| std::fs::read_to_string(format!("/proc/{r}/stat")).is_ok_and(|st| !st.contains(") Z ")))
-    {
-        assert!(
-            t0.elapsed() < Duration::from_secs(10),
-            "rank process {r} outlived the server"
-        );
-        std::thread::sleep(Duration::from_millis(20));
-    }
+    wait_for_within(
+        "every rank process to exit with the server",
+        Duration::from_secs(10),
+        || !ranks.iter().any(|&r| running(r as i32)),
+    );
 }
 
 #[test]
@@ -445,14 +429,17 @@ fn spawn_command(mut cmd: Command) -> (Proc, mpsc::Receiver<String>) {
 }
 
 fn wait_exit(p: &mut Proc, limit: Duration) -> std::process::ExitStatus {
-    let t0 = Instant::now();
-    loop {
-        if let Some(s) = p.child.try_wait().unwrap() {
-            return s;
-        }
-        assert!(t0.elapsed() < limit, "the server did not exit within {limit:?}");
-        std::thread::sleep(Duration::from_millis(20));
-    }
+    let mut status = None;
+    wait_for_within("the server to exit", limit, || {
+        status = p.child.try_wait().unwrap();
+        status.is_some()
+    });
+    status.expect("it exited")
+}
+
+/// Whether process `pid` still runs (exists and is not a zombie).
+fn running(pid: i32) -> bool {
+    std::fs::read_to_string(format!("/proc/{pid}/stat")).is_ok_and(|st| !st.contains(") Z "))
 }
 
 #[test]
@@ -586,10 +573,14 @@ fn wait_rebuilt(p: &Proc, restarts: u64) {
     });
 }
 
-fn wait_for(what: &str, mut f: impl FnMut() -> bool) {
+fn wait_for(what: &str, f: impl FnMut() -> bool) {
+    wait_for_within(what, Duration::from_secs(60), f)
+}
+
+fn wait_for_within(what: &str, limit: Duration, mut f: impl FnMut() -> bool) {
     let t0 = Instant::now();
     while !f() {
-        assert!(t0.elapsed() < Duration::from_secs(60), "waited 60 s for {what}");
+        assert!(t0.elapsed() < limit, "waited {limit:?} for {what}");
         std::thread::sleep(Duration::from_millis(20));
     }
 }
@@ -637,9 +628,7 @@ fn a_rank_process_killed_mid_generation_ends_its_requests_with_503_and_the_repli
     assert_eq!(unsafe { libc::kill(p.child.id() as i32, libc::SIGTERM) }, 0);
     let status = wait_exit(&mut p, Duration::from_secs(30));
     assert!(status.success(), "exit status {status:?}");
-    wait_for("the last rank process to exit", || {
-        !std::fs::read_to_string(format!("/proc/{third}/stat")).is_ok_and(|st| !st.contains(") Z "))
-    });
+    wait_for("the last rank process to exit", || !running(third));
 }
 
 /// Ranks started by an outside launcher (here torchrun-style variables, as torchrun sets them) cannot be
@@ -878,7 +867,5 @@ fn the_server_runs_under_mpirun_and_stops_on_sigterm() {
         said.extend(err.try_iter());
         said.iter().any(|l| l == "stopped")
     });
-    wait_for("rank 1's process to exit", || {
-        !std::fs::read_to_string(format!("/proc/{rank1}/stat")).is_ok_and(|st| !st.contains(") Z "))
-    });
+    wait_for("rank 1's process to exit", || !running(rank1));
 }
