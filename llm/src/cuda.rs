@@ -181,6 +181,48 @@ fn int(v: usize) -> i32 {
     i32::try_from(v).expect("sizes are checked to fit i32 before any launch")
 }
 
+/// A step's positions on the device ([`CudaKernels::upload_positions`]) with their host copy, which the
+/// kernels' shape checks read (every position below the cache or table it indexes) before a launch.
+pub struct PositionsBuf {
+    host: Vec<u32>,
+    device: CudaSlice<u32>,
+}
+
+impl PositionsBuf {
+    /// Every position.
+    pub fn all(&self) -> Positions<'_> {
+        Positions {
+            host: &self.host,
+            device: self.device.as_view(),
+        }
+    }
+
+    /// Positions `rows` (the rows of one sequence in a step of several); `None` when out of range.
+    pub fn rows(&self, rows: std::ops::Range<usize>) -> Option<Positions<'_>> {
+        let host = self.host.get(rows.clone())?;
+        Some(Positions {
+            host,
+            device: self.device.slice(rows),
+        })
+    }
+
+    /// How many positions.
+    pub fn len(&self) -> usize {
+        self.host.len()
+    }
+
+    /// True without positions.
+    pub fn is_empty(&self) -> bool {
+        self.host.is_empty()
+    }
+}
+
+/// Positions of some rows, on the device and on the host (see [`PositionsBuf`]).
+pub struct Positions<'a> {
+    host: &'a [u32],
+    device: CudaView<'a, u32>,
+}
+
 /// The engine's kernels loaded on one device, with a stream and a cuBLAS handle on it.
 pub struct CudaKernels {
     ctx: Arc<CudaContext>,
@@ -270,9 +312,13 @@ impl CudaKernels {
     }
 
     /// Positions go to the device in a small buffer (checked against `limit` first).
-    fn positions(&self, kernel: &'static str, positions: &[u32], limit: usize) -> Result<CudaSlice<u32>> {
-        kernels::check_positions(kernel, positions, limit)?;
-        Ok(self.stream.clone_htod(positions)?)
+    /// Copies a step's positions to the device once, for every kernel of the step to read (a copy per
+    /// kernel launch would be three small host-to-device copies per layer and token).
+    pub fn upload_positions(&self, positions: &[u32]) -> Result<PositionsBuf> {
+        Ok(PositionsBuf {
+            device: self.stream.clone_htod(positions)?,
+            host: positions.to_vec(),
+        })
     }
 
     /// `embed_f32` / `embed_bf16` (twin: [`kernels::embed`]). Token ids are read on the device; an id
@@ -329,13 +375,13 @@ impl CudaKernels {
         x: &mut CudaSlice<f32>,
         cos: &CudaSlice<f32>,
         sin: &CudaSlice<f32>,
-        positions: &[u32],
+        positions: &Positions<'_>,
     ) -> Result<()> {
-        let l = s.check(x.len(), cos.len(), sin.len(), positions)?;
-        let pos = self.positions("rope", positions, s.max_pos)?;
+        let l = s.check(x.len(), cos.len(), sin.len(), positions.host)?;
+        let pos = &positions.device;
         let (stride, heads, half) = (int(s.row_stride), int(s.heads), int(s.half));
         let mut b = self.stream.launch_builder(self.func(Kernel::RopeF32));
-        b.arg(x).arg(cos).arg(sin).arg(&pos).arg(&stride).arg(&heads).arg(&half);
+        b.arg(x).arg(cos).arg(sin).arg(pos).arg(&stride).arg(&heads).arg(&half);
         // SAFETY: parameters (float*, const float*, const float*, const unsigned*, int, int, int) in order;
         // `check` verified the row buffer, both tables of max_pos * half and that every position is below
         // max_pos.
@@ -351,16 +397,16 @@ impl CudaKernels {
         qkv: &CudaView<'_, f32>,
         k_cache: &mut CudaSlice<T>,
         v_cache: &mut CudaSlice<T>,
-        positions: &[u32],
+        positions: &Positions<'_>,
     ) -> Result<()> {
-        s.check_buffers(qkv.len(), k_cache.len(), v_cache.len(), positions)?;
+        s.check_buffers(qkv.len(), k_cache.len(), v_cache.len(), positions.host)?;
         let l = s.kv_append_launch()?;
-        let pos = self.positions("kv_append", positions, s.max_seq)?;
+        let pos = &positions.device;
         let (stride, ko, vo) = (int(s.row_stride), int(s.k_offset()), int(s.v_offset()));
         let (kv, hd, max_seq) = (int(s.kv_heads), int(s.head_dim), int(s.max_seq));
         let k = pick::<T>(Kernel::KvAppendF32, Kernel::KvAppendBf16);
         let mut b = self.stream.launch_builder(self.func(k));
-        b.arg(qkv).arg(k_cache).arg(v_cache).arg(&pos);
+        b.arg(qkv).arg(k_cache).arg(v_cache).arg(pos);
         b.arg(&stride).arg(&ko).arg(&vo).arg(&kv).arg(&hd).arg(&max_seq);
         // SAFETY: parameters (const float*, T*, T*, const unsigned*, int × 6) in order; `check_buffers`
         // verified the qkv rows, both caches of kv_heads * max_seq * head_dim and every position < max_seq.
@@ -376,10 +422,10 @@ impl CudaKernels {
         qkv: &CudaView<'_, f32>,
         k_cache: &CudaSlice<T>,
         v_cache: &CudaSlice<T>,
-        positions: &[u32],
+        positions: &Positions<'_>,
         out: &mut CudaViewMut<'_, f32>,
     ) -> Result<()> {
-        s.check_buffers(qkv.len(), k_cache.len(), v_cache.len(), positions)?;
+        s.check_buffers(qkv.len(), k_cache.len(), v_cache.len(), positions.host)?;
         let want = s.rows * s.q_heads * s.head_dim;
         if out.len() != want {
             return Err(ShapeError::Len {
@@ -391,12 +437,12 @@ impl CudaKernels {
             .into());
         }
         let l = s.attention_launch()?;
-        let pos = self.positions("attention", positions, s.max_seq)?;
+        let pos = &positions.device;
         let (stride, nq, hd, max_seq) = (int(s.row_stride), int(s.q_heads), int(s.head_dim), int(s.max_seq));
         let (group, q_start, kv_start, scale) = (int(s.group), int(s.q_start), int(s.kv_start), s.scale());
         let k = pick::<T>(Kernel::AttentionF32, Kernel::AttentionBf16);
         let mut b = self.stream.launch_builder(self.func(k));
-        b.arg(qkv).arg(k_cache).arg(v_cache).arg(out).arg(&pos);
+        b.arg(qkv).arg(k_cache).arg(v_cache).arg(out).arg(pos);
         b.arg(&stride)
             .arg(&nq)
             .arg(&hd)

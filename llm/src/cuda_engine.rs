@@ -225,7 +225,8 @@ impl std::fmt::Debug for Cuda {
 
 /// What a CUDA step keeps: the positions of its rows, and its runs of consecutive rows of one sequence.
 pub struct CudaStep {
-    positions: Vec<u32>,
+    /// Uploaded once, read by every RoPE, KV-append and attention launch of the step.
+    positions: crate::cuda::PositionsBuf,
     runs: Vec<(usize, Range<usize>)>,
 }
 
@@ -330,6 +331,10 @@ impl Cuda {
             kv_start: d.kv_start,
         }
     }
+}
+
+fn run_error(r: &Range<usize>) -> EngineError {
+    EngineError::Config(format!("rows {r:?} lie outside the step"))
 }
 
 /// A step's rows as runs of consecutive rows of one segment, `(segment, rows)`, in row order: the KV append and
@@ -472,7 +477,10 @@ impl Compute for Cuda {
             .iter()
             .map(|&p| u32::try_from(p).map_err(|_| EngineError::Config(format!("position {p} exceeds u32"))))
             .collect::<Result<Vec<u32>>>()?;
-        Ok(CudaStep { positions, runs })
+        Ok(CudaStep {
+            positions: cuda(self.k.upload_positions(&positions))?,
+            runs,
+        })
     }
 
     fn rope_kv_append(
@@ -493,7 +501,7 @@ impl Compute for Cuda {
             half: d.head_dim / 2,
             max_pos: self.max_pos,
         };
-        cuda(self.k.rope(&rope, qkv, &self.cos, &self.sin, &step.positions))?;
+        cuda(self.k.rope(&rope, qkv, &self.cos, &self.sin, &step.positions.all()))?;
         let w = d.qkv_width();
         for (seg, r) in &step.runs {
             let n_segs = segs.len();
@@ -504,10 +512,8 @@ impl Compute for Cuda {
             let shape = self.attention_shape(d, r.len(), cache.max_seq);
             let (k, v) = (&mut cache.k[li], &mut cache.v[li]);
             let rows_qkv = qkv.slice(r.start * w..r.end * w);
-            cuda(
-                self.k
-                    .kv_append::<f32>(&shape, &rows_qkv, k, v, &step.positions[r.clone()]),
-            )?;
+            let pos = step.positions.rows(r.clone()).ok_or_else(|| run_error(r))?;
+            cuda(self.k.kv_append::<f32>(&shape, &rows_qkv, k, v, &pos))?;
         }
         Ok(())
     }
@@ -538,14 +544,11 @@ impl Compute for Cuda {
             let shape = self.attention_shape(d, r.len(), cache.max_seq);
             let rows_qkv = qkv.slice(r.start * w..r.end * w);
             let mut rows_out = out.slice_mut(r.start * ow..r.end * ow);
-            cuda(self.k.attention::<f32>(
-                &shape,
-                &rows_qkv,
-                &cache.k[li],
-                &cache.v[li],
-                &step.positions[r.clone()],
-                &mut rows_out,
-            ))?;
+            let pos = step.positions.rows(r.clone()).ok_or_else(|| run_error(r))?;
+            cuda(
+                self.k
+                    .attention::<f32>(&shape, &rows_qkv, &cache.k[li], &cache.v[li], &pos, &mut rows_out),
+            )?;
         }
         Ok(())
     }

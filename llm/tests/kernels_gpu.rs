@@ -214,6 +214,7 @@ fn rope_kv_append_and_attention_match_their_twins_for_decode_and_prefill() {
             for (step, n) in [257usize, 1, 1, 1].into_iter().enumerate() {
                 let s = AttentionShape { rows: n, ..base };
                 let positions: Vec<u32> = (pos0..pos0 + n).map(|p| p as u32).collect();
+                let d_pos = k.upload_positions(&positions).unwrap();
                 let mut qkv = random(n * s.row_stride, (hd * 10 + step) as u64);
                 let rs = RopeShape {
                     rows: n,
@@ -224,7 +225,7 @@ fn rope_kv_append_and_attention_match_their_twins_for_decode_and_prefill() {
                 };
                 let mut d_qkv = st.clone_htod(&qkv).unwrap();
                 kernels::rope(&rs, &rope, &mut qkv, &positions).unwrap();
-                k.rope(&rs, &mut d_qkv, &d_cos, &d_sin, &positions).unwrap();
+                k.rope(&rs, &mut d_qkv, &d_cos, &d_sin, &d_pos.all()).unwrap();
                 let gpu_qkv = st.clone_dtoh(&d_qkv).unwrap();
                 close(&format!("rope hd {hd} step {step}"), Tolerance::F32, &gpu_qkv, &qkv);
                 // From here both sides continue from the same (CPU) rotated rows.
@@ -234,7 +235,7 @@ fn rope_kv_append_and_attention_match_their_twins_for_decode_and_prefill() {
                 let what = format!("hd {hd} bf16 cache {bf} step {step} ({n} rows)");
                 if bf {
                     kernels::kv_append(&s, &qkv, &mut cpu_kb, &mut cpu_vb, &positions).unwrap();
-                    k.kv_append(&s, &d_qkv.as_view(), &mut d_kb, &mut d_vb, &positions)
+                    k.kv_append(&s, &d_qkv.as_view(), &mut d_kb, &mut d_vb, &d_pos.all())
                         .unwrap();
                     close(
                         &format!("kv_append k {what}"),
@@ -249,11 +250,18 @@ fn rope_kv_append_and_attention_match_their_twins_for_decode_and_prefill() {
                         &wide(&cpu_vb),
                     );
                     kernels::attention(&s, &qkv, &cpu_kb, &cpu_vb, &positions, &mut cpu_out).unwrap();
-                    k.attention(&s, &d_qkv.as_view(), &d_kb, &d_vb, &positions, &mut d_out.as_view_mut())
-                        .unwrap();
+                    k.attention(
+                        &s,
+                        &d_qkv.as_view(),
+                        &d_kb,
+                        &d_vb,
+                        &d_pos.all(),
+                        &mut d_out.as_view_mut(),
+                    )
+                    .unwrap();
                 } else {
                     kernels::kv_append(&s, &qkv, &mut cpu_k, &mut cpu_v, &positions).unwrap();
-                    k.kv_append(&s, &d_qkv.as_view(), &mut d_k, &mut d_v, &positions)
+                    k.kv_append(&s, &d_qkv.as_view(), &mut d_k, &mut d_v, &d_pos.all())
                         .unwrap();
                     close(
                         &format!("kv_append k {what}"),
@@ -268,7 +276,7 @@ fn rope_kv_append_and_attention_match_their_twins_for_decode_and_prefill() {
                         &cpu_v,
                     );
                     kernels::attention(&s, &qkv, &cpu_k, &cpu_v, &positions, &mut cpu_out).unwrap();
-                    k.attention(&s, &d_qkv.as_view(), &d_k, &d_v, &positions, &mut d_out.as_view_mut())
+                    k.attention(&s, &d_qkv.as_view(), &d_k, &d_v, &d_pos.all(), &mut d_out.as_view_mut())
                         .unwrap();
                 }
                 close(
@@ -295,6 +303,7 @@ fn rope_kv_append_and_attention_match_their_twins_for_decode_and_prefill() {
     };
     let qkv = random(4 * s.row_stride, 99);
     let positions = [0u32, 1, 2, 3];
+    let d_pos = k.upload_positions(&positions).unwrap();
     let (mut ck, mut cv) = (vec![0.0f32; s.cache_len()], vec![0.0f32; s.cache_len()]);
     kernels::kv_append(&s, &qkv, &mut ck, &mut cv, &positions).unwrap();
     let mut cpu = vec![0.0f32; 4 * 3 * 64];
@@ -304,9 +313,10 @@ fn rope_kv_append_and_attention_match_their_twins_for_decode_and_prefill() {
         st.alloc_zeros::<f32>(s.cache_len()).unwrap(),
         st.alloc_zeros::<f32>(s.cache_len()).unwrap(),
     );
-    k.kv_append(&s, &d_qkv.as_view(), &mut dk, &mut dv, &positions).unwrap();
+    k.kv_append(&s, &d_qkv.as_view(), &mut dk, &mut dv, &d_pos.all())
+        .unwrap();
     let mut d_out = st.alloc_zeros::<f32>(cpu.len()).unwrap();
-    k.attention(&s, &d_qkv.as_view(), &dk, &dv, &positions, &mut d_out.as_view_mut())
+    k.attention(&s, &d_qkv.as_view(), &dk, &dv, &d_pos.all(), &mut d_out.as_view_mut())
         .unwrap();
     close(
         "attention TP rank 1 of 3",
@@ -316,7 +326,14 @@ fn rope_kv_append_and_attention_match_their_twins_for_decode_and_prefill() {
     );
     // A position past the cache is refused before any launch.
     assert!(matches!(
-        k.attention(&s, &d_qkv.as_view(), &dk, &dv, &[0, 1, 2, 8], &mut d_out.as_view_mut()),
+        k.attention(
+            &s,
+            &d_qkv.as_view(),
+            &dk,
+            &dv,
+            &k.upload_positions(&[0, 1, 2, 8]).unwrap().all(),
+            &mut d_out.as_view_mut()
+        ),
         Err(CudaError::Shape(ShapeError::Position { row: 3, pos: 8, .. }))
     ));
 }

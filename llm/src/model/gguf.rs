@@ -532,7 +532,7 @@ impl GgufFile {
     }
 
     /// A whole tensor dequantized to f32, shape outermost first. The mapped pages already converted are
-    /// released every [`RELEASE_CHUNK`](super::RELEASE_CHUNK) bytes, so a large f16 or f32 tensor does not stay
+    /// released every 16 MiB, so a large f16 or f32 tensor does not stay
     /// resident next to its copy.
     pub fn dequantize(&self, name: &str) -> Result<Tensor, ModelError> {
         let info = self.tensor_info(name).ok_or_else(|| ModelError::MissingTensor {
