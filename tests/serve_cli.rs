@@ -376,6 +376,49 @@ fn a_bad_prompts_file_line_fails_before_the_model_loads() {
     let _ = std::fs::remove_dir_all(&dir);
 }
 
+#[test]
+fn unusable_durations_are_refused_naming_the_flag() {
+    let Some(exe) = example() else { return };
+    for (flag, v) in [
+        ("--rebuild-backoff-secs", "0"),
+        ("--rebuild-backoff-max-secs", "nan"),
+        ("--step-timeout-secs", "-1"),
+        ("--drain-timeout-secs", "inf"),
+    ] {
+        let o = Command::new(&exe)
+            .args(["--port", "0", &format!("{flag}={v}")])
+            .output()
+            .unwrap();
+        let err = String::from_utf8_lossy(&o.stderr);
+        assert!(!o.status.success(), "{flag} {v}: {err}");
+        assert!(
+            err.contains(&format!("{flag} must be a positive number of seconds")),
+            "{flag} {v}: {err}"
+        );
+        assert!(
+            !String::from_utf8_lossy(&o.stdout).contains("listening on"),
+            "{flag} {v}"
+        );
+    }
+    // Both positive, but the first wait longer than the longest.
+    let o = Command::new(&exe)
+        .args([
+            "--port",
+            "0",
+            "--rebuild-backoff-secs",
+            "5",
+            "--rebuild-backoff-max-secs",
+            "1",
+        ])
+        .output()
+        .unwrap();
+    let err = String::from_utf8_lossy(&o.stderr);
+    assert!(
+        !o.status.success() && err.contains("at most --rebuild-backoff-max-secs"),
+        "{err}"
+    );
+}
+
 /// [`spawn`] that also collects the server's standard error (echoed to ours), line by line.
 fn spawn_capturing(exe: &PathBuf, args: &[&str]) -> (Proc, mpsc::Receiver<String>) {
     spawn_capturing_env(exe, args, &[])

@@ -485,3 +485,26 @@ fn int16_decode_path_through_the_pool_equals_its_solo_run_smollm2() {
     }
     pool.shutdown();
 }
+
+#[test]
+fn unusable_rebuild_back_off_settings_are_refused_before_anything_loads() {
+    let start = |first: Duration, max: Duration| {
+        let cfg = PoolConfig {
+            rebuild_backoff: first,
+            rebuild_backoff_max: max,
+            ..PoolConfig::default()
+        };
+        Pool::start(Arc::from(model::tiny_random(0)), cfg).map(|_| ())
+    };
+    for (first, max) in [
+        (Duration::ZERO, Duration::from_secs(1)),
+        (Duration::from_secs(2), Duration::from_secs(1)),
+    ] {
+        let e = start(first, max).unwrap_err().to_string();
+        assert!(
+            e.contains("--rebuild-backoff-secs") && e.contains("--rebuild-backoff-max-secs"),
+            "{first:?}/{max:?}: {e}"
+        );
+    }
+    start(Duration::from_millis(1), Duration::from_millis(1)).unwrap();
+}
