@@ -912,3 +912,80 @@ fn the_server_runs_under_mpirun_and_stops_on_sigterm() {
     });
     wait_for("rank 1's process to exit", || !running(rank1));
 }
+
+/// The server's two ranks as `srun --ntasks 2` starts them (only Slurm's variables, rank 0's port from
+/// `MASTER_PORT` as a batch script would export it): the same tokens as rank threads, and SIGTERM to rank 0
+/// (srun forwards it to every task; rank 1 ignores it) drains and ends both.
+#[test]
+fn slurm_style_ranks_serve_what_threads_serve() {
+    let Some(exe) = example() else { return };
+    if !tool("curl") {
+        return;
+    }
+    let greedy = json!({"model": "tiny-random", "prompt": [4, 8, 1], "max_tokens": 12, "temperature": 0,
+                        "ignore_eos": true});
+    let ids = |p: &Proc| {
+        let (code, out) = post(p, "/v1/completions", &greedy);
+        assert_eq!(code, 200, "{out}");
+        serde_json::from_str::<Value>(&out).unwrap()["choices"][0]["token_ids"].clone()
+    };
+    let threads = {
+        let (p, _err) = spawn_capturing(&exe, &["--tp", "2"]);
+        ids(&p)
+    };
+    let port = std::net::TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port()
+        .to_string();
+    let slurm = |rank: &str| {
+        let mut cmd = Command::new(&exe);
+        cmd.args(["--tp", "2", "--port", "0"])
+            .env("SLURM_PROCID", rank)
+            .env("SLURM_LOCALID", rank)
+            .env("SLURM_NODEID", "0")
+            .env("SLURM_NTASKS", "2")
+            .env("SLURM_STEP_TASKS_PER_NODE", "2")
+            .env("SLURM_JOB_NODELIST", "localhost")
+            .env("SLURM_JOB_ID", "4242")
+            .env("SLURM_STEP_ID", "0")
+            .env("MASTER_PORT", &port);
+        for v in [
+            "RANK",
+            "WORLD_SIZE",
+            "LOCAL_RANK",
+            "LOCAL_WORLD_SIZE",
+            "MASTER_ADDR",
+            "OMPI_COMM_WORLD_RANK",
+        ] {
+            cmd.env_remove(v);
+        }
+        cmd
+    };
+    // A Proc, so that a failing test kills it too.
+    let mut rank1 = Proc {
+        child: slurm("1").stdout(Stdio::null()).stderr(Stdio::null()).spawn().unwrap(),
+        url: String::new(),
+    };
+    let (mut p, _err) = spawn_command(slurm("0"));
+    assert_eq!(
+        ids(&p),
+        threads,
+        "Slurm-style ranks generate what rank threads generate"
+    );
+    // SAFETY: kill(2) on our own child's pid (rank 0), which is alive (it has not been waited for).
+    assert_eq!(unsafe { libc::kill(p.child.id() as i32, libc::SIGTERM) }, 0);
+    let status = wait_exit(&mut p, Duration::from_secs(30));
+    assert!(status.success(), "rank 0: {status:?}");
+    let mut done = None;
+    wait_for_within(
+        "rank 1 to exit after rank 0's stop plan",
+        Duration::from_secs(30),
+        || {
+            done = rank1.child.try_wait().unwrap();
+            done.is_some()
+        },
+    );
+    assert!(done.unwrap().success(), "rank 1: {done:?}");
+}
