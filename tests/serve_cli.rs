@@ -605,6 +605,18 @@ fn kill_mid_generation(p: &Proc, pid: i32) {
     );
 }
 
+/// 12 greedy tokens of the tiny model after a 3-token prompt, `ignore_eos`.
+fn tiny_greedy() -> Value {
+    json!({"model": "tiny-random", "prompt": [4, 8, 1], "max_tokens": 12, "temperature": 0, "ignore_eos": true})
+}
+
+/// The token ids of the one choice of a completion request that must succeed.
+fn greedy_ids(p: &Proc, body: &Value) -> Value {
+    let (code, out) = post(p, "/v1/completions", body);
+    assert_eq!(code, 200, "{out}");
+    serde_json::from_str::<Value>(&out).unwrap()["choices"][0]["token_ids"].clone()
+}
+
 /// Waits (60 s at most) until `/health` shows the one replica healthy after `restarts` rebuilds.
 fn wait_rebuilt(p: &Proc, restarts: u64) {
     let health = format!("{}/health", p.url);
@@ -642,13 +654,7 @@ fn a_rank_process_killed_mid_generation_ends_its_requests_with_503_and_the_repli
     // 300 steps of ≥ 20 ms each: both requests are still generating when the rank dies.
     let (mut p, err) = spawn_capturing(&exe, &["--tp", "2", "--nprocs", "2", "--step-delay-ms", "20"]);
     let first = rank_pid(&err, 1);
-    let greedy = json!({"model": "tiny-random", "prompt": [4, 8, 1], "max_tokens": 12, "temperature": 0,
-                        "ignore_eos": true});
-    let ids = |p: &Proc| {
-        let (code, out) = post(p, "/v1/completions", &greedy);
-        assert_eq!(code, 200, "{out}");
-        serde_json::from_str::<Value>(&out).unwrap()["choices"][0]["token_ids"].clone()
-    };
+    let ids = |p: &Proc| greedy_ids(p, &tiny_greedy());
     let before = ids(&p);
 
     kill_mid_generation(&p, first);
@@ -770,11 +776,7 @@ fn a_pipeline_replica_whose_rank_cannot_start_backs_off_then_rejoins_when_it_can
     let first = rank_pid(&err, 1);
     let greedy = json!({"model": "smol", "prompt": "The capital of France is", "max_tokens": 8,
                         "temperature": 0});
-    let ids = |p: &Proc| {
-        let (code, out) = post(p, "/v1/completions", &greedy);
-        assert_eq!(code, 200, "{out}");
-        serde_json::from_str::<Value>(&out).unwrap()["choices"][0]["token_ids"].clone()
-    };
+    let ids = |p: &Proc| greedy_ids(p, &greedy);
     let before = ids(&p);
 
     std::fs::remove_file(&link).unwrap();
@@ -838,13 +840,7 @@ fn a_two_dimensional_replica_is_rebuilt_after_a_rank_process_dies() {
     }
     let (mut p, err) = spawn_capturing(&exe, &["--tp", "2", "--pp", "2", "--nprocs", "4"]);
     let rank3 = rank_pid(&err, 3);
-    let greedy = json!({"model": "tiny-random", "prompt": [4, 8, 1], "max_tokens": 12, "temperature": 0,
-                        "ignore_eos": true});
-    let ids = |p: &Proc| {
-        let (code, out) = post(p, "/v1/completions", &greedy);
-        assert_eq!(code, 200, "{out}");
-        serde_json::from_str::<Value>(&out).unwrap()["choices"][0]["token_ids"].clone()
-    };
+    let ids = |p: &Proc| greedy_ids(p, &tiny_greedy());
     let before = ids(&p);
     // SAFETY: kill(2) with the pid the server printed for its rank 3 process, alive (it just served).
     assert_eq!(unsafe { libc::kill(rank3, libc::SIGKILL) }, 0);
@@ -869,13 +865,7 @@ fn the_server_runs_under_mpirun_and_stops_on_sigterm() {
     let Some(mpirun) = prereq::program("mpirun", "install Debian's openmpi-bin (scripts/setup.sh does)") else {
         return;
     };
-    let greedy = json!({"model": "tiny-random", "prompt": [4, 8, 1], "max_tokens": 12, "temperature": 0,
-                        "ignore_eos": true});
-    let ids = |p: &Proc| {
-        let (code, out) = post(p, "/v1/completions", &greedy);
-        assert_eq!(code, 200, "{out}");
-        serde_json::from_str::<Value>(&out).unwrap()["choices"][0]["token_ids"].clone()
-    };
+    let ids = |p: &Proc| greedy_ids(p, &tiny_greedy());
     let threads = {
         let (p, _err) = spawn_capturing(&exe, &["--tp", "2"]);
         ids(&p)
@@ -922,13 +912,7 @@ fn slurm_style_ranks_serve_what_threads_serve() {
     if !tool("curl") {
         return;
     }
-    let greedy = json!({"model": "tiny-random", "prompt": [4, 8, 1], "max_tokens": 12, "temperature": 0,
-                        "ignore_eos": true});
-    let ids = |p: &Proc| {
-        let (code, out) = post(p, "/v1/completions", &greedy);
-        assert_eq!(code, 200, "{out}");
-        serde_json::from_str::<Value>(&out).unwrap()["choices"][0]["token_ids"].clone()
-    };
+    let ids = |p: &Proc| greedy_ids(p, &tiny_greedy());
     let threads = {
         let (p, _err) = spawn_capturing(&exe, &["--tp", "2"]);
         ids(&p)

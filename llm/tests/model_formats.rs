@@ -889,27 +889,9 @@ fn generated_checkpoints_have_the_shape_asked_for_and_the_same_bytes_every_time(
     let _ = std::fs::remove_dir_all(&d);
 }
 
-/// Resident bytes of the mapping that holds address `at` (from /proc/self/smaps).
 #[cfg(target_os = "linux")]
-fn mapping_rss(at: usize) -> usize {
-    let smaps = std::fs::read_to_string("/proc/self/smaps").unwrap();
-    let mut inside = false;
-    for line in smaps.lines() {
-        let first = line.split_whitespace().next().unwrap_or("");
-        if let Some((a, b)) = first.split_once('-') {
-            if let (Ok(a), Ok(b)) = (usize::from_str_radix(a, 16), usize::from_str_radix(b, 16)) {
-                inside = (a..b).contains(&at);
-                continue;
-            }
-        }
-        if inside {
-            if let Some(kb) = line.strip_prefix("Rss:") {
-                return kb.trim().trim_end_matches("kB").trim().parse::<usize>().unwrap() * 1024;
-            }
-        }
-    }
-    panic!("no mapping holds {at:#x}");
-}
+#[path = "../../tests/support/smaps.rs"]
+mod smaps;
 
 /// A large f16 tensor of a GGUF file is released from the map in chunks while it is converted, not only at
 /// the end: the map's resident size, sampled all along the conversion, stays near the 16 MiB release chunk
@@ -938,7 +920,7 @@ fn a_large_gguf_tensor_is_released_from_the_map_while_it_is_converted() {
     let t = std::thread::scope(|s| {
         s.spawn(|| {
             while !done.load(Ordering::SeqCst) {
-                peak.fetch_max(mapping_rss(at), Ordering::SeqCst);
+                peak.fetch_max(smaps::mapping_rss(at), Ordering::SeqCst);
             }
         });
         let t = f.dequantize("big").unwrap();

@@ -213,27 +213,9 @@ fn column_shards_of_the_quantized_file_are_its_blocks() {
     }
 }
 
-/// Resident bytes of the mapping of this process that holds address `at` (from /proc/self/smaps).
 #[cfg(target_os = "linux")]
-fn mapping_rss(at: usize) -> usize {
-    let smaps = std::fs::read_to_string("/proc/self/smaps").unwrap();
-    let mut inside = false;
-    for line in smaps.lines() {
-        let first = line.split_whitespace().next().unwrap_or("");
-        if let Some((a, b)) = first.split_once('-') {
-            if let (Ok(a), Ok(b)) = (usize::from_str_radix(a, 16), usize::from_str_radix(b, 16)) {
-                inside = (a..b).contains(&at);
-                continue;
-            }
-        }
-        if inside {
-            if let Some(kb) = line.strip_prefix("Rss:") {
-                return kb.trim().trim_end_matches("kB").trim().parse::<usize>().unwrap() * 1024;
-            }
-        }
-    }
-    panic!("no mapping holds {at:#x}");
-}
+#[path = "../../tests/support/smaps.rs"]
+mod smaps;
 
 /// Reading a tensor out of the memory-mapped file leaves its pages out of this process's resident set: a rank
 /// that loads its shard holds its shard, not the file's pages besides. Without `release_pages` the map's
@@ -261,11 +243,15 @@ fn reading_tensors_leaves_the_file_pages_out_of_the_resident_set() {
         }
     }
     model::WeightSource::tensor_rows(&src, "model.embed_tokens.weight", 0..c.vocab_size).unwrap();
-    let rss = mapping_rss(at);
-    // What stays mapped: the header (metadata and the tokenizer's vocabulary, parsed at open) and tensors
-    // not read here (norms, k_proj).
+    let rss = smaps::mapping_rss(at);
+    eprintln!("resident after reading: {rss} of {file_len} bytes");
+    // What stays mapped: the header (metadata and the tokenizer's vocabulary, parsed at open), tensors not
+    // read here (norms, k_proj), and pages next to them: a fault maps the pages around it that the page
+    // cache holds (fault-around, or a whole large folio), so released neighbours come back. That part
+    // depends on the page cache's state: 7.5 MB here with a long-cached file, 25.9 MB in a fresh CI clone
+    // whose set-up had just written the file. Without the releases 98.2 of the 98.4 MB stay resident.
     assert!(
-        rss < file_len / 4,
+        rss < file_len / 2,
         "{rss} bytes of the {file_len}-byte file still resident after reading its matrices"
     );
 }
