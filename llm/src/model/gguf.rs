@@ -514,20 +514,14 @@ impl GgufFile {
         if start.checked_add(nb).is_none_or(|end| end > map.len()) {
             return;
         }
-        release_map_range(map, start, nb);
+        super::release_map_range(map, start, nb);
     }
 
-    /// A releaser for tensor `name`'s mapped pages (see [`Releaser`]).
-    fn releaser(&self, name: &str) -> Releaser<'_> {
-        let base = self.tensor_info(name).map(|i| self.data_start + i.offset);
-        Releaser {
-            map: match (&self.backing, base) {
-                (Backing::Map(m), Some(_)) => Some(m),
-                _ => None,
-            },
-            base: base.unwrap_or(0),
-            lo: usize::MAX,
-            hi: 0,
+    /// A releaser for tensor `name`'s mapped pages (see [`super::Releaser`]).
+    fn releaser(&self, name: &str) -> super::Releaser<'_> {
+        match (&self.backing, self.tensor_info(name)) {
+            (Backing::Map(m), Some(i)) => super::Releaser::new(Some(m), self.data_start + i.offset),
+            _ => super::Releaser::new(None, 0),
         }
     }
 
@@ -609,52 +603,6 @@ impl GgufFile {
         }
         Ok(Tensor { shape: out_shape, data })
     }
-}
-
-/// Releases the mapped pages of one tensor while a loop copies or converts it: the loop reports each byte
-/// range of the tensor it is done with, and once the ranges reported since the last release span
-/// [`RELEASE_CHUNK`](super::RELEASE_CHUNK) bytes, their span is released. Rows read in a permuted order (the
-/// Q/K heads' row interleave) may make the span cover a few rows not read yet; those are faulted in again
-/// from the page cache when read, with the same bytes. Does nothing for an in-memory image.
-struct Releaser<'a> {
-    map: Option<&'a memmap2::Mmap>,
-    /// Where the tensor's bytes start in the map.
-    base: usize,
-    lo: usize,
-    hi: usize,
-}
-
-impl Releaser<'_> {
-    /// Bytes `r` of the tensor are copied out.
-    fn touched(&mut self, r: Range<usize>) {
-        let Some(map) = self.map else { return };
-        self.lo = self.lo.min(r.start);
-        self.hi = self.hi.max(r.end);
-        if self.hi - self.lo >= super::RELEASE_CHUNK {
-            if let Some(start) = self.base.checked_add(self.lo) {
-                if start.checked_add(self.hi - self.lo).is_some_and(|end| end <= map.len()) {
-                    release_map_range(map, start, self.hi - self.lo);
-                }
-            }
-            (self.lo, self.hi) = (usize::MAX, 0);
-        }
-    }
-}
-
-/// `madvise(MADV_DONTNEED)` on `len` bytes of `map` from `offset` (in bounds): the process drops its page table
-/// entries for them. Failure only means the pages stay resident, so it is ignored.
-pub(crate) fn release_map_range(map: &memmap2::Mmap, offset: usize, len: usize) {
-    #[cfg(unix)]
-    {
-        // SAFETY: `map` is a read-only private file mapping (`Mmap::map`) that nothing ever writes, so it holds
-        // no private copy-on-write pages that MADV_DONTNEED could discard: the next access to a released page
-        // faults it in again from the file, with the same bytes (under the requirement, stated where the file is
-        // mapped, that nobody rewrites an open checkpoint). No reference into the range is invalidated: the
-        // memory stays mapped and readable at the same address throughout.
-        let _ = unsafe { map.unchecked_advise_range(memmap2::UncheckedAdvice::DontNeed, offset, len) };
-    }
-    #[cfg(not(unix))]
-    let _ = (map, offset, len);
 }
 
 /// Builds GGUF images (version 3): used by tests and to write small fixtures.

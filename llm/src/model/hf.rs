@@ -147,15 +147,16 @@ impl HfSource {
         })
     }
 
-    /// Unmaps the pages of `bytes` (a slice [`HfSource::raw`] returned) from this process once they are
-    /// copied out: see [`super::gguf::GgufFile::release_pages`].
-    fn release(&self, bytes: &[u8]) {
+    /// A releaser for `bytes` (a slice [`HfSource::raw`] returned): their pages are unmapped from this process
+    /// once copied out, see [`super::gguf::GgufFile::release_pages`].
+    fn releaser(&self, bytes: &[u8]) -> super::Releaser<'_> {
         let at = bytes.as_ptr() as usize;
-        if let Some(f) = self.files.iter().find(|f| {
+        match self.files.iter().find(|f| {
             let base = f.map.as_ptr() as usize;
             at >= base && at + bytes.len() <= base + f.map.len()
         }) {
-            super::gguf::release_map_range(&f.map, at - f.map.as_ptr() as usize, bytes.len());
+            Some(f) => super::Releaser::new(Some(&f.map), at - f.map.as_ptr() as usize),
+            None => super::Releaser::new(None, 0),
         }
     }
 
@@ -169,10 +170,12 @@ impl HfSource {
             ));
         }
         let per = (super::RELEASE_CHUNK / width).max(1);
-        for (o, b) in out.chunks_mut(per).zip(bytes.chunks(per * width)) {
+        let mut release = self.releaser(bytes);
+        for (i, (o, b)) in out.chunks_mut(per).zip(bytes.chunks(per * width)).enumerate() {
             convert(name, dtype, b, o)?;
-            self.release(b);
+            release.touched(i * per * width..i * per * width + b.len());
         }
+        release.finish();
         Ok(())
     }
 
@@ -288,20 +291,18 @@ impl WeightSource for HfSource {
         }
         let (n, row_bytes) = (cols.len(), full * width);
         let mut data = vec![0f32; rows * n];
-        let rows_per_release = (super::RELEASE_CHUNK / row_bytes.max(1)).max(1);
-        for first in (0..rows).step_by(rows_per_release) {
-            let end = (first + rows_per_release).min(rows);
-            for r in first..end {
-                let row = &bytes[r * row_bytes..(r + 1) * row_bytes];
-                convert(
-                    name,
-                    dtype,
-                    &row[cols.start * width..cols.end * width],
-                    &mut data[r * n..(r + 1) * n],
-                )?;
-            }
-            self.release(&bytes[first * row_bytes..end * row_bytes]);
+        let mut release = self.releaser(bytes);
+        for r in 0..rows {
+            let row = r * row_bytes..(r + 1) * row_bytes;
+            convert(
+                name,
+                dtype,
+                &bytes[row.clone()][cols.start * width..cols.end * width],
+                &mut data[r * n..(r + 1) * n],
+            )?;
+            release.touched(row);
         }
+        release.finish();
         Ok(Tensor {
             shape: vec![rows, cols.len()],
             data,

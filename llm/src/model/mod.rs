@@ -199,6 +199,75 @@ pub fn expected_shape(cfg: &LlamaConfig, name: &str) -> Option<Vec<usize>> {
 /// enough that the `madvise` calls cost nothing next to the conversion.
 pub(crate) const RELEASE_CHUNK: usize = 16 << 20;
 
+/// Releases the mapped pages of one tensor while a loop copies or converts it: the loop reports each byte
+/// range of the tensor it is done with, and once the ranges reported since the last release span
+/// [`RELEASE_CHUNK`] bytes, their span is released. Rows read in a permuted order (the
+/// Q/K heads' row interleave) may make the span cover a few rows not read yet; those are faulted in again
+/// from the page cache when read, with the same bytes. Does nothing for an in-memory image (no map). Used by
+/// the GGUF and safetensors sources.
+pub(crate) struct Releaser<'a> {
+    map: Option<&'a memmap2::Mmap>,
+    /// Where the tensor's bytes start in the map.
+    base: usize,
+    lo: usize,
+    hi: usize,
+}
+
+impl<'a> Releaser<'a> {
+    /// A releaser for the tensor whose bytes start at `base` in `map`.
+    pub(crate) fn new(map: Option<&'a memmap2::Mmap>, base: usize) -> Self {
+        Releaser {
+            map,
+            base,
+            lo: usize::MAX,
+            hi: 0,
+        }
+    }
+
+    /// Bytes `r` of the tensor are copied out.
+    pub(crate) fn touched(&mut self, r: Range<usize>) {
+        self.lo = self.lo.min(r.start);
+        self.hi = self.hi.max(r.end);
+        if self.hi - self.lo >= RELEASE_CHUNK {
+            self.release();
+        }
+    }
+
+    /// Releases what was reported since the last release (the end of a tensor).
+    pub(crate) fn finish(mut self) {
+        if self.hi > self.lo {
+            self.release();
+        }
+    }
+
+    fn release(&mut self) {
+        if let Some(map) = self.map {
+            if let Some(start) = self.base.checked_add(self.lo) {
+                if start.checked_add(self.hi - self.lo).is_some_and(|end| end <= map.len()) {
+                    release_map_range(map, start, self.hi - self.lo);
+                }
+            }
+        }
+        (self.lo, self.hi) = (usize::MAX, 0);
+    }
+}
+
+/// `madvise(MADV_DONTNEED)` on `len` bytes of `map` from `offset` (in bounds): the process drops its page table
+/// entries for them. Failure only means the pages stay resident, so it is ignored.
+pub(crate) fn release_map_range(map: &memmap2::Mmap, offset: usize, len: usize) {
+    #[cfg(unix)]
+    {
+        // SAFETY: `map` is a read-only private file mapping (`Mmap::map`) that nothing ever writes, so it holds
+        // no private copy-on-write pages that MADV_DONTNEED could discard: the next access to a released page
+        // faults it in again from the file, with the same bytes (under the requirement, stated where the file is
+        // mapped, that nobody rewrites an open checkpoint). No reference into the range is invalidated: the
+        // memory stays mapped and readable at the same address throughout.
+        let _ = unsafe { map.unchecked_advise_range(memmap2::UncheckedAdvice::DontNeed, offset, len) };
+    }
+    #[cfg(not(unix))]
+    let _ = (map, offset, len);
+}
+
 /// The canonical names of every tensor a checkpoint of `cfg` stores, in file order: the embedding, each layer's
 /// norms and matrices, the final norm, and `lm_head.weight` unless the embeddings are tied.
 pub fn tensor_names(cfg: &LlamaConfig) -> Vec<String> {
