@@ -205,16 +205,6 @@ impl PositionsBuf {
             device: self.device.slice(rows),
         })
     }
-
-    /// How many positions.
-    pub fn len(&self) -> usize {
-        self.host.len()
-    }
-
-    /// True without positions.
-    pub fn is_empty(&self) -> bool {
-        self.host.is_empty()
-    }
 }
 
 /// Positions of some rows, on the device and on the host (see [`PositionsBuf`]).

@@ -152,11 +152,7 @@ fn load_cols(
     cols: Range<usize>,
     f32_weights: bool,
 ) -> Result<Weight> {
-    if cols.start > cols.end || cols.end > full_cols {
-        return Err(EngineError::Config(format!(
-            "{name}: columns {cols:?} exceed {full_cols}"
-        )));
-    }
+    crate::model::check_cols(name, &cols, full_cols)?;
     if !f32_weights {
         if let Some(q) = src.tensor_cols_quantized(name, cols.clone())? {
             if q.rows != rows || q.cols != cols.len() || q.data.len() != q.rows * q.row_bytes {

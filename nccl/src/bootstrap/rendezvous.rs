@@ -982,16 +982,13 @@ impl RendezvousListener {
             if arrived == world_size {
                 break;
             }
-            if cancelled(&opts) {
-                let e = BootstrapError::Cancelled {
+            // Giving up, cancelled or at the deadline: the ranks that joined are told why.
+            let gave_up = if cancelled(&opts) {
+                Some(BootstrapError::Cancelled {
                     rank: 0,
                     elapsed: start.elapsed(),
-                };
-                let conns: Vec<Conn> = joined.into_iter().flatten().map(|j| j.into_conn()).collect();
-                abort_peers(&conns, &e);
-                return Err(e);
-            }
-            if Instant::now() >= deadline {
+                })
+            } else if Instant::now() >= deadline {
                 let missing: Vec<usize> = (1..world_size).filter(|r| joined[*r].is_none()).collect();
                 if busy_drops > 0 {
                     tracing::warn!(
@@ -999,12 +996,16 @@ impl RendezvousListener {
                         "bootstrap: connections closed because too many handshakes were pending"
                     );
                 }
-                let e = BootstrapError::RanksMissing {
+                Some(BootstrapError::RanksMissing {
                     missing,
                     world_size,
                     elapsed: start.elapsed(),
-                    rejected,
-                };
+                    rejected: std::mem::take(&mut rejected),
+                })
+            } else {
+                None
+            };
+            if let Some(e) = gave_up {
                 let conns: Vec<Conn> = joined.into_iter().flatten().map(|j| j.into_conn()).collect();
                 abort_peers(&conns, &e);
                 return Err(e);
