@@ -103,8 +103,8 @@ impl Default for PoolConfig {
 /// for each failure after the first, at most `max` (as a crash-looping container's back-off: a rank that
 /// fails at every start, e.g. out of memory while loading, is not restarted in a tight loop).
 pub fn rebuild_wait(failures: u64, first: Duration, max: Duration) -> Duration {
-    let doublings = u32::try_from(failures.saturating_sub(1)).unwrap_or(u32::MAX).min(32);
-    first.saturating_mul(1u32 << doublings.min(31)).min(max)
+    let doublings = u32::try_from(failures.saturating_sub(1)).unwrap_or(u32::MAX).min(31);
+    first.saturating_mul(1u32 << doublings).min(max)
 }
 
 /// An injected rank failure (for tests of the failover path).
