@@ -136,12 +136,21 @@ fn bad_arguments_are_clear_errors() {
 }
 
 /// `--device cuda` (the GPU engine) is refused before anything starts without `--backend nccl` and with
-/// the CPU-only integer decode paths, in every build.
+/// the CPU-only integer decode paths, in every build; `--cuda-graph` without `--device cuda` and with an
+/// explicit `--pp` other than 1.
 #[test]
 fn cuda_device_needs_nccl_and_the_exact_path() {
-    let cases: [(&[&str], &str); 2] = [
+    let cases: [(&[&str], &str); 4] = [
         (&["--device", "cuda"], "--device cuda needs --backend nccl"),
         (&["--device", "cuda", "--backend", "nccl", "--int8"], "CPU decode paths"),
+        (
+            &["--cuda-graph"],
+            "--cuda-graph records the GPU engine's decode step: it needs --device cuda",
+        ),
+        (
+            &["--device", "cuda", "--backend", "nccl", "--cuda-graph", "--pp", "2"],
+            "--cuda-graph needs --pp 1, not 2",
+        ),
     ];
     for (args, needle) in cases {
         for name in ["tp_llama", "pp_llama"] {

@@ -113,6 +113,11 @@ pub struct Args {
     /// per rank and a `--features cuda` build; never run on a GPU yet).
     #[arg(long, value_enum, default_value = "cpu")]
     pub device: Device,
+    /// Decode through a CUDA graph (`--device cuda`, one pipeline stage): the third and later decode steps
+    /// launch one recording of a whole step, its NCCL collectives included, instead of each kernel. Never
+    /// run on a GPU yet.
+    #[arg(long)]
+    pub cuda_graph: bool,
     /// Prompt micro-batches in pipeline-parallel prefill (0 = one per stage).
     #[arg(long, default_value_t = 0)]
     pub micro_batches: usize,
@@ -365,7 +370,20 @@ type CommsOf = Box<dyn Fn(usize) -> Result<RankComms> + Send + Sync>;
 /// decode path (the integer paths are CPU kernels); checked before anything starts.
 fn check_device(args: &Args) -> Result<()> {
     if args.device != Device::Cuda {
+        if args.cuda_graph {
+            return Err(EngineError::Config(
+                "--cuda-graph records the GPU engine's decode step: it needs --device cuda".into(),
+            ));
+        }
         return Ok(());
+    }
+    // A pipeline layout (pp_llama's default, or --pp N) is refused by `Rank::set_graph_decode`; an explicit
+    // --pp is refused here, before anything loads.
+    if let Some(pp) = args.cuda_graph.then_some(args.pp).flatten().filter(|&pp| pp != 1) {
+        return Err(EngineError::Config(format!(
+            "--cuda-graph needs --pp 1, not {pp}: pipeline stages hand their activations on through the host, \
+             which a CUDA graph cannot record"
+        )));
     }
     if args.backend != Backend::Nccl {
         return Err(EngineError::Config(
@@ -588,7 +606,8 @@ fn run_rank(job: &Job, comms: RankComms, reporter: bool) -> Result<GenerateOutpu
 }
 
 /// Generates on a ready rank, streaming the reporter's tokens.
-fn generate_on<B: crate::compute::Compute>(job: &Job, rank: Rank<B>, reporter: bool) -> Result<GenerateOutput> {
+fn generate_on<B: crate::compute::Compute>(job: &Job, mut rank: Rank<B>, reporter: bool) -> Result<GenerateOutput> {
+    rank.set_graph_decode(job.args.cuda_graph)?;
     // All ranks start generating together so the timings measure generation, not loading skew.
     rank.barrier()?;
     let stream = reporter && !job.args.json;

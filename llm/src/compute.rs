@@ -71,6 +71,9 @@ pub trait Compute {
     type Step;
     /// The tensor-parallel communicator whose collectives run on this backend's buffers.
     type Tp: Comm + ?Sized;
+    /// A recorded decode step that can be launched again on new inputs ([`Compute::graph_record`]); backends
+    /// without one use [`NoGraph`].
+    type Graph;
 
     /// How decode products compute on block-quantized weights ([`DecodePath::Exact`] unless the backend has
     /// integer paths).
@@ -165,7 +168,65 @@ pub trait Compute {
     fn send(&self, pp: &dyn Comm, x: &Self::Act, peer: usize) -> Result<()>;
     /// Receives `len` activations from stage `peer` of the pipeline communicator.
     fn recv(&self, pp: &dyn Comm, len: usize, peer: usize) -> Result<Self::ActBuf>;
+
+    /// Whether [`Compute::graph_record`] can record (false unless the backend overrides it).
+    fn records_graphs(&self) -> bool {
+        false
+    }
+
+    /// Records, without running it, the work `f` enqueues for one step whose rows are `inputs` (the tokens
+    /// [`Compute::embed`] is called with and the positions of [`Compute::begin_step`]), over `cache` and
+    /// writing `out` (both made before the recording). The recording can then be launched with
+    /// [`Compute::graph_replay`] on new inputs of the same shape. Backends without graphs refuse
+    /// ([`EngineError::Config`]), which is the default.
+    fn graph_record(
+        &self,
+        inputs: &GraphInputs,
+        cache: &mut Self::Cache,
+        out: &mut Self::ActBuf,
+        f: impl FnOnce(&mut Self::Cache, &mut Self::ActBuf) -> Result<()>,
+    ) -> Result<Self::Graph> {
+        let _ = (inputs, cache, out, f);
+        Err(EngineError::Config(
+            "graph-captured decode (--cuda-graph) needs the CUDA backend (--device cuda)".into(),
+        ))
+    }
+
+    /// Launches a recorded step on `inputs` (same numbers of tokens and positions as recorded), over the
+    /// cache and into the output it was recorded with (checked). Returns once the work is enqueued. The
+    /// cache's filled length is not changed: the caller advances it.
+    ///
+    /// # Safety
+    ///
+    /// Every buffer the recorded work reads or writes and that `graph_record` was not given (the weights,
+    /// norms and tables of the model that recorded it) must still be alive and unchanged in size.
+    unsafe fn graph_replay(
+        &self,
+        g: &mut Self::Graph,
+        inputs: &GraphInputs,
+        cache: &mut Self::Cache,
+        out: &mut Self::ActBuf,
+    ) -> Result<()> {
+        let _ = (g, inputs, cache, out);
+        Err(EngineError::Config(
+            "graph-captured decode (--cuda-graph) needs the CUDA backend (--device cuda)".into(),
+        ))
+    }
 }
+
+/// The inputs of a recorded step: the token of each row (empty on a stage that receives its activations)
+/// and the position of each row.
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub struct GraphInputs {
+    /// Token ids, one per row, as [`Compute::embed`] gets them.
+    pub tokens: Vec<u32>,
+    /// Positions, one per row, as [`Compute::begin_step`] gets them.
+    pub positions: Vec<usize>,
+}
+
+/// The graph of a backend that records none (it cannot be made).
+#[derive(Debug)]
+pub enum NoGraph {}
 
 /// `buf` as borrowed activations.
 pub fn view<B: Compute>(buf: &B::ActBuf) -> &B::Act {
@@ -238,6 +299,7 @@ impl Compute for Cpu {
     type Cache = KvCache;
     type Step = CpuStep;
     type Tp = dyn Comm;
+    type Graph = NoGraph;
 
     fn decode_path(&self) -> DecodePath {
         self.decode_path
@@ -530,6 +592,11 @@ pub struct VocabParallelHead {
 }
 
 impl VocabParallelHead {
+    /// Elements of the gathered (padded) logits of `m` rows over a TP group of `tp_size`.
+    pub fn gathered_len(&self, m: usize, tp_size: usize) -> usize {
+        m * self.per * tp_size
+    }
+
     /// Logits of `m` normed rows through `w` (this rank's head rows): one vector of `vocab` per row.
     pub fn forward<B: Compute>(
         &self,
@@ -539,12 +606,38 @@ impl VocabParallelHead {
         m: usize,
         tp: &B::Tp,
     ) -> Result<Vec<Vec<f32>>> {
-        let (vp, tpn) = (self.per, tp.size());
+        let mut all = b.alloc(self.gathered_len(m, tp.size()))?;
+        self.gather(b, w, normed, m, tp, view_mut::<B>(&mut all))?;
+        self.unpad(b, view::<B>(&all), m, tp.size())
+    }
+
+    /// The backend half of [`VocabParallelHead::forward`]: every rank's padded logits of the `m` rows,
+    /// gathered into `all` ([`VocabParallelHead::gathered_len`] elements), rank by rank.
+    pub fn gather<B: Compute>(
+        &self,
+        b: &B,
+        w: &B::Weight,
+        normed: &B::Act,
+        m: usize,
+        tp: &B::Tp,
+        all: &mut B::Act,
+    ) -> Result<()> {
+        let vp = self.per;
         let mut local = b.alloc(m * vp)?;
         b.head(w, normed, m, self.mine, vp, view_mut::<B>(&mut local))?;
-        let mut all = b.alloc(m * vp * tpn)?;
-        b.all_gather(tp, view::<B>(&local), view_mut::<B>(&mut all))?;
-        b.with_host(view::<B>(&all), |all| {
+        b.all_gather(tp, view::<B>(&local), all)
+    }
+
+    /// The host half: the gathered logits `all` of `m` rows read back, one vector of `vocab` per row.
+    pub fn unpad<B: Compute>(&self, b: &B, all: &B::Act, m: usize, tp_size: usize) -> Result<Vec<Vec<f32>>> {
+        let (vp, tpn) = (self.per, tp_size);
+        if B::act_len(all) != self.gathered_len(m, tpn) {
+            return Err(EngineError::Config(format!(
+                "gathered logits: {} values for {m} row(s) of {vp} on {tpn} rank(s)",
+                B::act_len(all)
+            )));
+        }
+        b.with_host(all, |all| {
             (0..m)
                 .map(|i| {
                     let mut v = Vec::with_capacity(vp * tpn);

@@ -207,6 +207,30 @@ impl PositionsBuf {
     }
 }
 
+impl PositionsBuf {
+    /// Overwrites the positions with `positions` (as many as it holds): the host copy at once, the device
+    /// copy in stream order (a recorded step's input, rewritten before each launch).
+    pub fn rewrite(&mut self, stream: &Arc<CudaStream>, positions: &[u32]) -> Result<()> {
+        if positions.len() != self.host.len() {
+            return Err(ShapeError::Len {
+                kernel: "positions",
+                what: "positions",
+                expected: self.host.len(),
+                actual: positions.len(),
+            }
+            .into());
+        }
+        stream.memcpy_htod(positions, &mut self.device)?;
+        self.host.copy_from_slice(positions);
+        Ok(())
+    }
+
+    /// The host copy.
+    pub fn host(&self) -> &[u32] {
+        &self.host
+    }
+}
+
 /// Positions of some rows, on the device and on the host (see [`PositionsBuf`]).
 pub struct Positions<'a> {
     host: &'a [u32],
@@ -220,8 +244,16 @@ pub struct CudaKernels {
     _module: Arc<CudaModule>,
     funcs: Vec<CudaFunction>,
     blas: CudaBlas,
+    /// cuBLAS's workspace, set once ([`BLAS_WORKSPACE_BYTES`]); declared after `blas` so that the handle is
+    /// destroyed before the memory it uses is freed.
+    _blas_workspace: CudaSlice<u8>,
     arch: &'static str,
 }
+
+/// Bytes of the workspace every cuBLAS handle here gets (`cublasSetWorkspace`): 32 MiB, what NVIDIA advises
+/// for Hopper. With a workspace of its own, a GEMM recorded into a CUDA graph uses this buffer, which lives as
+/// long as the handle, rather than memory cuBLAS manages itself.
+pub const BLAS_WORKSPACE_BYTES: usize = 32 << 20;
 
 impl std::fmt::Debug for CudaKernels {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
@@ -273,12 +305,27 @@ impl CudaKernels {
             .map(|k| module.load_function(k.name()))
             .collect::<Result<Vec<_>, _>>()?;
         let blas = CudaBlas::new(stream.clone())?;
+        let workspace = stream.alloc_zeros::<u8>(BLAS_WORKSPACE_BYTES)?;
+        {
+            let (ptr, _sync) = workspace.device_ptr(&stream);
+            // SAFETY: `blas` is a live handle on `stream`; `workspace` is a device buffer of exactly that many
+            // bytes, kept in the returned value for as long as the handle (and freed after it is destroyed).
+            unsafe {
+                cudarc::cublas::sys::cublasSetWorkspace_v2(
+                    *blas.handle(),
+                    ptr as *mut std::ffi::c_void,
+                    BLAS_WORKSPACE_BYTES,
+                )
+            }
+            .result()?;
+        }
         Ok(CudaKernels {
             ctx,
             stream,
             _module: module,
             funcs,
             blas,
+            _blas_workspace: workspace,
             arch,
         })
     }

@@ -21,13 +21,13 @@ use std::collections::HashMap;
 use std::ops::Range;
 use std::sync::{Arc, Mutex};
 
-use cudarc::driver::{CudaSlice, CudaStream, DriverError};
+use cudarc::driver::{CudaSlice, CudaStream, DevicePtr, DriverError};
 use half::bf16;
 use nccl::{Collectives, ReduceOp};
 
 use crate::comm::{Comm, SingleComm};
-use crate::compute::{AttnDims, Compute, Cpu, StepRows};
-use crate::cuda::{CudaError, CudaKernels};
+use crate::compute::{AttnDims, Compute, Cpu, GraphInputs, StepRows};
+use crate::cuda::{CudaError, CudaKernels, Positions, PositionsBuf};
 use crate::engine::RankModel;
 use crate::error::{EngineError, Result};
 use crate::kernels::{AttentionShape, EmbedShape, RmsNormShape, RopeShape, SiluMulShape};
@@ -212,6 +212,92 @@ pub struct Cuda {
     max_pos: usize,
     /// bf16 copies of linear inputs, by length (stream order makes reusing one buffer safe).
     scratch: Mutex<HashMap<usize, CudaSlice<bf16>>>,
+    /// The step being recorded into a CUDA graph, while [`Compute::graph_record`] runs.
+    recording: Mutex<Option<Recording>>,
+}
+
+/// The inputs of the step being recorded, on the device: made before the capture opens (a copy from the host
+/// cannot be recorded), read by the recorded embedding and position-dependent kernels, and handed to the
+/// [`CudaGraph`], which rewrites them before each launch.
+struct Recording {
+    inputs: GraphInputs,
+    ids: Option<CudaSlice<u32>>,
+    positions: PositionsBuf,
+}
+
+/// A decode step recorded into a CUDA graph ([`Compute::graph_record`] of [`Cuda`]): the graph, its input
+/// buffers, and what it was recorded over.
+pub struct CudaGraph {
+    graph: nccl::graph::Graph,
+    ids: Option<CudaSlice<u32>>,
+    positions: PositionsBuf,
+    shape: RecordedShape,
+}
+
+impl std::fmt::Debug for CudaGraph {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("CudaGraph")
+            .field("graph", &self.graph)
+            .field("shape", &self.shape)
+            .finish_non_exhaustive()
+    }
+}
+
+/// What a CUDA graph was recorded over, checked on the host before each launch: a launch runs the recorded
+/// kernels on the recorded addresses, so it must get the same cache and output buffer, as many inputs, and
+/// positions the cache and the rotary tables hold.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct RecordedShape {
+    /// Token ids of the step (0 on a stage that receives its activations).
+    pub tokens: usize,
+    /// Rows of the step (one position each).
+    pub rows: usize,
+    /// The cache: device address of its first layer's keys (0 without layers) and its positions.
+    pub cache: (u64, usize),
+    /// The output buffer: device address and elements.
+    pub out: (u64, usize),
+    /// Positions of the rotary tables.
+    pub max_pos: usize,
+}
+
+impl RecordedShape {
+    /// Checks a launch on `inputs` over `cache` into `out` (`(address, length)` pairs as in the fields) and
+    /// returns its positions as the kernels read them.
+    pub fn check_launch(&self, inputs: &GraphInputs, cache: (u64, usize), out: (u64, usize)) -> Result<Vec<u32>> {
+        if inputs.tokens.len() != self.tokens || inputs.positions.len() != self.rows {
+            return Err(EngineError::Config(format!(
+                "a CUDA graph recorded for {} token(s) and {} position(s) launched with {} and {}",
+                self.tokens,
+                self.rows,
+                inputs.tokens.len(),
+                inputs.positions.len()
+            )));
+        }
+        if cache != self.cache {
+            return Err(EngineError::Config(
+                "a CUDA graph launched over another KV cache than the one it was recorded over".into(),
+            ));
+        }
+        if out != self.out {
+            return Err(EngineError::Config(
+                "a CUDA graph launched into another output buffer than the one it was recorded with".into(),
+            ));
+        }
+        let limit = self.cache.1.min(self.max_pos);
+        inputs
+            .positions
+            .iter()
+            .map(|&p| {
+                if p >= limit {
+                    return Err(EngineError::Config(format!(
+                        "position {p} is past the KV cache ({} positions) or the rotary tables ({})",
+                        self.cache.1, self.max_pos
+                    )));
+                }
+                u32::try_from(p).map_err(|_| EngineError::Config(format!("position {p} exceeds u32")))
+            })
+            .collect()
+    }
 }
 
 impl std::fmt::Debug for Cuda {
@@ -225,8 +311,9 @@ impl std::fmt::Debug for Cuda {
 
 /// What a CUDA step keeps: the positions of its rows, and its runs of consecutive rows of one sequence.
 pub struct CudaStep {
-    /// Uploaded once, read by every RoPE, KV-append and attention launch of the step.
-    positions: crate::cuda::PositionsBuf,
+    /// Uploaded once, read by every RoPE, KV-append and attention launch of the step; `None` while the step
+    /// is recorded: the recording's input buffer is read instead.
+    positions: Option<PositionsBuf>,
     runs: Vec<(usize, Range<usize>)>,
 }
 
@@ -253,6 +340,7 @@ impl Cuda {
             k,
             max_pos,
             scratch: Mutex::new(HashMap::new()),
+            recording: Mutex::new(None),
         })
     }
 
@@ -310,12 +398,59 @@ impl Cuda {
         let taken = self.scratch.lock().expect("scratch lock").remove(&len);
         let mut xb = match taken {
             Some(b) => b,
+            // Made inside a recording, the buffer would be the graph's memory, yet kept here after it.
+            None if self.is_recording() => {
+                return Err(EngineError::Config(format!(
+                    "a linear input of {len} values while recording a CUDA graph: no eager step of this shape \
+                     ran before the recording"
+                )))
+            }
             None => drv(self.stream().alloc_zeros::<bf16>(len))?,
         };
         let r = cuda(self.k.cast_bf16(x, &mut xb))
             .and_then(|()| cuda(self.k.linear_bf16_f32(&xb, n, &w.data, w.rows, w.cols, out, stride)));
         self.scratch.lock().expect("scratch lock").insert(len, xb);
         r
+    }
+
+    fn is_recording(&self) -> bool {
+        self.recording.lock().expect("recording lock").is_some()
+    }
+
+    /// Calls `f` with the positions of rows `rows` of `step` (all rows for `None`): the step's own, or those
+    /// of the recording's input buffer while it is recorded.
+    fn with_positions<R>(
+        &self,
+        step: &CudaStep,
+        rows: Option<&Range<usize>>,
+        f: impl FnOnce(Positions<'_>) -> Result<R>,
+    ) -> Result<R> {
+        fn pick<'p>(p: &'p PositionsBuf, rows: Option<&Range<usize>>) -> Result<Positions<'p>> {
+            match rows {
+                None => Ok(p.all()),
+                Some(r) => p.rows(r.clone()).ok_or_else(|| run_error(r)),
+            }
+        }
+        match &step.positions {
+            Some(p) => f(pick(p, rows)?),
+            None => {
+                let rec = self.recording.lock().expect("recording lock");
+                let rec = rec
+                    .as_ref()
+                    .ok_or_else(|| EngineError::Config("a recorded step used after its recording ended".into()))?;
+                f(pick(&rec.positions, rows)?)
+            }
+        }
+    }
+
+    /// The `(device address, length)` of `x`, as [`RecordedShape`] compares them.
+    fn address<T>(&self, x: &CudaSlice<T>) -> (u64, usize) {
+        let (ptr, _sync) = x.device_ptr(self.stream());
+        (ptr, x.len())
+    }
+
+    fn cache_address(&self, c: &DeviceCache) -> (u64, usize) {
+        (c.k.first().map_or(0, |k| self.address(k).0), c.max_seq)
     }
 
     fn attention_shape(&self, d: &AttnDims, rows: usize, max_seq: usize) -> AttentionShape {
@@ -371,6 +506,7 @@ impl Compute for Cuda {
     type Cache = DeviceCache;
     type Step = CudaStep;
     type Tp = DeviceTp;
+    type Graph = CudaGraph;
 
     fn act_len(x: &CudaSlice<f32>) -> usize {
         x.len()
@@ -422,9 +558,25 @@ impl Compute for Cuda {
             row_start: rows.start,
             rows: rows.len(),
         };
-        let ids = drv(self.stream().clone_htod(tokens))?;
         let mut out = self.alloc(tokens.len() * hidden)?;
-        cuda(self.k.embed::<bf16>(&shape, &table.data, &ids, &mut out))?;
+        let rec = self.recording.lock().expect("recording lock");
+        match rec.as_ref() {
+            // Recorded: the ids are the recording's input buffer, rewritten before each launch.
+            Some(r) => {
+                let ids = r.ids.as_ref().filter(|_| r.inputs.tokens == tokens).ok_or_else(|| {
+                    EngineError::Config(format!(
+                        "a recorded step embeds tokens {tokens:?}, but the recording was given {:?}",
+                        r.inputs.tokens
+                    ))
+                })?;
+                cuda(self.k.embed::<bf16>(&shape, &table.data, ids, &mut out))?;
+            }
+            None => {
+                drop(rec);
+                let ids = drv(self.stream().clone_htod(tokens))?;
+                cuda(self.k.embed::<bf16>(&shape, &table.data, &ids, &mut out))?;
+            }
+        }
         Ok(out)
     }
 
@@ -472,13 +624,18 @@ impl Compute for Cuda {
     fn begin_step(&self, _rope: &Rope, rows: &StepRows) -> Result<CudaStep> {
         // Segments are checked against the caches in rope_kv_append and attention.
         let runs = segment_runs(rows, usize::MAX)?;
-        let positions = rows
-            .pos_of
-            .iter()
-            .map(|&p| u32::try_from(p).map_err(|_| EngineError::Config(format!("position {p} exceeds u32"))))
-            .collect::<Result<Vec<u32>>>()?;
+        if let Some(r) = self.recording.lock().expect("recording lock").as_ref() {
+            if r.inputs.positions != rows.pos_of {
+                return Err(EngineError::Config(format!(
+                    "a recorded step at positions {:?}, but the recording was given {:?}",
+                    rows.pos_of, r.inputs.positions
+                )));
+            }
+            return Ok(CudaStep { positions: None, runs });
+        }
+        let positions = positions_u32(&rows.pos_of)?;
         Ok(CudaStep {
-            positions: cuda(self.k.upload_positions(&positions))?,
+            positions: Some(cuda(self.k.upload_positions(&positions))?),
             runs,
         })
     }
@@ -501,7 +658,9 @@ impl Compute for Cuda {
             half: d.head_dim / 2,
             max_pos: self.max_pos,
         };
-        cuda(self.k.rope(&rope, qkv, &self.cos, &self.sin, &step.positions.all()))?;
+        self.with_positions(step, None, |pos| {
+            cuda(self.k.rope(&rope, qkv, &self.cos, &self.sin, &pos))
+        })?;
         let w = d.qkv_width();
         for (seg, r) in &step.runs {
             let n_segs = segs.len();
@@ -512,8 +671,9 @@ impl Compute for Cuda {
             let shape = self.attention_shape(d, r.len(), cache.max_seq);
             let (k, v) = (&mut cache.k[li], &mut cache.v[li]);
             let rows_qkv = qkv.slice(r.start * w..r.end * w);
-            let pos = step.positions.rows(r.clone()).ok_or_else(|| run_error(r))?;
-            cuda(self.k.kv_append::<f32>(&shape, &rows_qkv, k, v, &pos))?;
+            self.with_positions(step, Some(r), |pos| {
+                cuda(self.k.kv_append::<f32>(&shape, &rows_qkv, k, v, &pos))
+            })?;
         }
         Ok(())
     }
@@ -544,11 +704,12 @@ impl Compute for Cuda {
             let shape = self.attention_shape(d, r.len(), cache.max_seq);
             let rows_qkv = qkv.slice(r.start * w..r.end * w);
             let mut rows_out = out.slice_mut(r.start * ow..r.end * ow);
-            let pos = step.positions.rows(r.clone()).ok_or_else(|| run_error(r))?;
-            cuda(
-                self.k
-                    .attention::<f32>(&shape, &rows_qkv, &cache.k[li], &cache.v[li], &pos, &mut rows_out),
-            )?;
+            self.with_positions(step, Some(r), |pos| {
+                cuda(
+                    self.k
+                        .attention::<f32>(&shape, &rows_qkv, &cache.k[li], &cache.v[li], &pos, &mut rows_out),
+                )
+            })?;
         }
         Ok(())
     }
@@ -619,6 +780,114 @@ impl Compute for Cuda {
         pp.recv(&mut host, peer)?;
         drv(self.stream().clone_htod(&host))
     }
+
+    fn records_graphs(&self) -> bool {
+        true
+    }
+
+    /// Records `f` into a CUDA graph (stream capture in thread-local mode, NCCL collectives included). The
+    /// inputs are copied to buffers of the graph first. Buffers `f` allocates and drops become the graph's
+    /// own memory (stream-ordered allocation nodes, at fixed addresses for every launch), so the device must
+    /// support `cuMemAllocAsync`; `cache` and `out`, made before, are used in place. A linear input of a
+    /// shape no eager step has seen is refused (its bf16 scratch would outlive the graph's memory).
+    fn graph_record(
+        &self,
+        inputs: &GraphInputs,
+        cache: &mut DeviceCache,
+        out: &mut CudaSlice<f32>,
+        f: impl FnOnce(&mut DeviceCache, &mut CudaSlice<f32>) -> Result<()>,
+    ) -> Result<CudaGraph> {
+        if !self.stream().context().has_async_alloc() {
+            return Err(EngineError::Config(
+                "--cuda-graph: this device has no stream-ordered allocator (cuMemAllocAsync), which recording \
+                 the decode step needs"
+                    .into(),
+            ));
+        }
+        if inputs.tokens.is_empty() && inputs.positions.is_empty() {
+            return Err(EngineError::Config("a CUDA graph of a step without rows".into()));
+        }
+        let positions = positions_u32(&inputs.positions)?;
+        let shape = RecordedShape {
+            tokens: inputs.tokens.len(),
+            rows: inputs.positions.len(),
+            cache: self.cache_address(cache),
+            out: self.address(out),
+            max_pos: self.max_pos,
+        };
+        shape.check_launch(inputs, shape.cache, shape.out)?;
+        let ids = match inputs.tokens.is_empty() {
+            true => None,
+            false => Some(drv(self.stream().clone_htod(&inputs.tokens))?),
+        };
+        let rec = Recording {
+            inputs: inputs.clone(),
+            ids,
+            positions: cuda(self.k.upload_positions(&positions))?,
+        };
+        // The copies above must not be in flight when the capture opens: it records only what follows.
+        drv(self.stream().synchronize())?;
+        *self.recording.lock().expect("recording lock") = Some(rec);
+        // SAFETY: one thread drives this device (a rank per GPU, `device_for_rank`) and every buffer of the
+        // engine is used on this one stream, so nothing relies on cudarc's event tracking while it is off.
+        let captured =
+            match unsafe { nccl::graph::Capture::begin(self.stream(), nccl::graph::CaptureMode::ThreadLocal) } {
+                Ok(capture) => {
+                    let r = f(cache, out);
+                    // Ended (or, on an error, abandoned) before the recording's buffers are taken back.
+                    match r {
+                        Ok(()) => capture.end().map_err(EngineError::from),
+                        Err(e) => {
+                            drop(capture);
+                            Err(e)
+                        }
+                    }
+                }
+                Err(e) => Err(EngineError::from(e)),
+            };
+        let rec = self
+            .recording
+            .lock()
+            .expect("recording lock")
+            .take()
+            .expect("set above");
+        Ok(CudaGraph {
+            graph: captured?,
+            ids: rec.ids,
+            positions: rec.positions,
+            shape,
+        })
+    }
+
+    /// Rewrites the graph's inputs (stream order: after the previous launch has read them) and launches it.
+    unsafe fn graph_replay(
+        &self,
+        g: &mut CudaGraph,
+        inputs: &GraphInputs,
+        cache: &mut DeviceCache,
+        out: &mut CudaSlice<f32>,
+    ) -> Result<()> {
+        let positions = g
+            .shape
+            .check_launch(inputs, self.cache_address(cache), self.address(out))?;
+        if let Some(ids) = g.ids.as_mut() {
+            drv(self.stream().memcpy_htod(&inputs.tokens, ids))?;
+        }
+        cuda(g.positions.rewrite(self.stream(), &positions))?;
+        // SAFETY: the graph reads and writes `cache` and `out` (checked to be the recorded ones, borrowed
+        // mutably for the launch, and the stream orders later uses after it), its own input buffers and
+        // memory, this backend's scratch and tables (alive with `self`), and the weights and norms the
+        // caller keeps alive (this function's contract). Every one of them is used on this stream only.
+        unsafe { g.graph.launch() }?;
+        Ok(())
+    }
+}
+
+/// Positions as the kernels read them.
+fn positions_u32(pos: &[usize]) -> Result<Vec<u32>> {
+    pos.iter()
+        .map(|&p| u32::try_from(p).map_err(|_| EngineError::Config(format!("position {p} exceeds u32"))))
+        .collect()
 }
 
 /// Moves a rank's host shard to device `ordinal`: the [`Cuda`] backend (kernels, rotary tables for the
@@ -785,6 +1054,38 @@ mod tests {
             }
             assert_eq!(y[t * 5 + 3..t * 5 + 5], [-1.0, -1.0]);
         }
+    }
+
+    /// The host-side checks before each launch of a recorded decode step: the recorded cache and output
+    /// buffer only, as many inputs as recorded, and positions inside the cache and the rotary tables.
+    #[test]
+    fn a_recorded_step_launches_only_over_what_it_was_recorded_with() {
+        let shape = RecordedShape {
+            tokens: 1,
+            rows: 1,
+            cache: (0x1000, 8),
+            out: (0x2000, 64),
+            max_pos: 6,
+        };
+        let inputs = |tokens: Vec<u32>, positions: Vec<usize>| GraphInputs { tokens, positions };
+        let (cache, out) = (shape.cache, shape.out);
+        assert_eq!(shape.check_launch(&inputs(vec![7], vec![3]), cache, out).unwrap(), [3]);
+        assert_eq!(shape.check_launch(&inputs(vec![7], vec![5]), cache, out).unwrap(), [5]);
+        let err = |i: GraphInputs, c, o| shape.check_launch(&i, c, o).unwrap_err().to_string();
+        // The rotary tables (6) end before the cache (8).
+        let e = err(inputs(vec![7], vec![6]), cache, out);
+        assert!(e.contains("position 6 is past"), "{e}");
+        let e = err(inputs(vec![7, 8], vec![3, 4]), cache, out);
+        assert!(
+            e.contains("recorded for 1 token(s) and 1 position(s) launched with 2 and 2"),
+            "{e}"
+        );
+        let e = err(inputs(vec![7], vec![3]), (0x1000, 9), out);
+        assert!(e.contains("another KV cache"), "{e}");
+        let e = err(inputs(vec![7], vec![3]), (0x3000, 8), out);
+        assert!(e.contains("another KV cache"), "{e}");
+        let e = err(inputs(vec![7], vec![3]), cache, (0x2000, 32));
+        assert!(e.contains("another output buffer"), "{e}");
     }
 
     /// Without a GPU (this host, CI) the backend fails with a typed error, never a panic.

@@ -18,7 +18,8 @@ use std::time::Instant;
 
 use crate::comm::Comm;
 use crate::compute::{
-    self, AttnDims, ColumnParallel, Compute, Cpu, RowParallel, StepRows, VocabParallelEmbedding, VocabParallelHead,
+    self, AttnDims, ColumnParallel, Compute, Cpu, GraphInputs, RowParallel, StepRows, VocabParallelEmbedding,
+    VocabParallelHead,
 };
 use crate::error::{EngineError, Result};
 use crate::math::{DecodePath, Matrix, QMatrix, Rope, Weight};
@@ -718,6 +719,24 @@ impl<B: Compute> RankModel<B> {
     /// over the LM head and one all-gather for all of them. Each row's logits are bit for bit those that
     /// [`RankModel::logits`] gives for that row alone.
     pub fn logits_rows(&self, x: &B::Act, rows: &[usize], tp: &B::Tp) -> Result<Vec<Vec<f32>>> {
+        let shard = self.head_shard();
+        let mut all = self.backend.alloc(shard.gathered_len(rows.len(), tp.size()))?;
+        self.gathered_logits(x, rows, tp, compute::view_mut::<B>(&mut all))?;
+        shard.unpad(&self.backend, compute::view::<B>(&all), rows.len(), tp.size())
+    }
+
+    /// How the LM head is split over the TP group.
+    fn head_shard(&self) -> VocabParallelHead {
+        VocabParallelHead {
+            per: self.vocab_per,
+            mine: self.vocab_rows.len(),
+            vocab: self.cfg.vocab_size,
+        }
+    }
+
+    /// The backend half of [`RankModel::logits_rows`]: every TP rank's padded logits of rows `rows`,
+    /// gathered into `all`, nothing read back.
+    fn gathered_logits(&self, x: &B::Act, rows: &[usize], tp: &B::Tp, all: &mut B::Act) -> Result<()> {
         let b = &self.backend;
         let h = self.cfg.hidden_size;
         let norm = self
@@ -736,12 +755,7 @@ impl<B: Compute> RankModel<B> {
         let mut normed = b.alloc(m * h)?;
         let normed = compute::view_mut::<B>(&mut normed);
         b.rms_norm_rows(x, rows, norm, self.cfg.rms_norm_eps as f32, h, normed)?;
-        let shard = VocabParallelHead {
-            per: self.vocab_per,
-            mine: self.vocab_rows.len(),
-            vocab: self.cfg.vocab_size,
-        };
-        shard.forward(b, head, normed, m, tp)
+        self.head_shard().gather(b, head, normed, m, tp, all)
     }
 }
 
@@ -778,6 +792,32 @@ pub struct Rank<B: Compute = Cpu> {
     model: RankModel<B>,
     tp: Box<B::Tp>,
     pp: Box<dyn Comm>,
+    /// Decode through a recorded graph ([`Rank::set_graph_decode`]).
+    graph_decode: bool,
+}
+
+/// How the decode step with index `i` (0 = the token after the first) runs when graph-captured decode is on
+/// ([`Rank::set_graph_decode`]).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum GraphStep {
+    /// Step 0 runs as without graphs: it makes, outside any recording, what a recording must not allocate
+    /// (the linear layers' bf16 scratch of the decode shapes, cuBLAS's choices for them, NCCL's connections).
+    Eager,
+    /// Step 1 is recorded, then launched once.
+    Record,
+    /// Every later step launches the recording on its token and position.
+    Replay,
+}
+
+impl GraphStep {
+    /// The way decode step `i` runs.
+    pub fn of(i: usize) -> GraphStep {
+        match i {
+            0 => GraphStep::Eager,
+            1 => GraphStep::Record,
+            _ => GraphStep::Replay,
+        }
+    }
 }
 
 impl Rank {
@@ -801,7 +841,41 @@ impl<B: Compute> Rank<B> {
                 pp.size()
             )));
         }
-        Ok(Rank { model, tp, pp })
+        Ok(Rank {
+            model,
+            tp,
+            pp,
+            graph_decode: false,
+        })
+    }
+
+    /// Turns graph-captured decode on or off (off by default; `--cuda-graph`). With it on, the decode steps of
+    /// [`Rank::generate`] after the second one launch a recording of one decode step (a CUDA graph: every
+    /// kernel, GEMM and TP collective of the step) instead of enqueueing each operation: the same work, the
+    /// same results, much less host time per token. Every rank of the layout must choose the same.
+    ///
+    /// Refused ([`EngineError::Config`]) on a backend that records no graphs (the CPU) and on a pipeline
+    /// layout: stages hand their activations on through the host, which a recording cannot hold.
+    pub fn set_graph_decode(&mut self, on: bool) -> Result<()> {
+        if on && !self.model.backend.records_graphs() {
+            return Err(EngineError::Config(
+                "graph-captured decode (--cuda-graph) needs the CUDA backend (--device cuda)".into(),
+            ));
+        }
+        if on && self.model.place.pp != 1 {
+            return Err(EngineError::Config(format!(
+                "graph-captured decode (--cuda-graph) needs one pipeline stage, not {}: stages hand their \
+                 activations on through the host, which a CUDA graph cannot record",
+                self.model.place.pp
+            )));
+        }
+        self.graph_decode = on;
+        Ok(())
+    }
+
+    /// Whether graph-captured decode is on.
+    pub fn graph_decode(&self) -> bool {
+        self.graph_decode
     }
 
     /// Waits until every rank of this rank's TP group and pipeline has called it.
@@ -878,6 +952,78 @@ impl<B: Compute> Rank<B> {
             last.push(end - 1);
         }
         Ok(Some(self.model.logits_rows(compute::view::<B>(&x), &last, &self.tp)?))
+    }
+
+    /// One decode step of a single-stage layout on device buffers: embed `t`, run the layers, gather the
+    /// padded logits into `all`. Nothing is read back, so it can be recorded.
+    fn decode_into(&self, t: u32, cache: &mut B::Cache, all: &mut B::Act) -> Result<()> {
+        let mut x = self.model.embed(&[t], &self.tp)?;
+        self.model
+            .forward_layers(compute::view_mut::<B>(&mut x), 1, cache, &self.tp)?;
+        self.model.gathered_logits(compute::view::<B>(&x), &[0], &self.tp, all)
+    }
+
+    /// Decode step `step` of a graph-captured decode ([`GraphStep`]) of token `t`: the logits of its row.
+    /// `recorded` holds the recording and its output buffer from the `Record` step on.
+    fn decode_graphed(
+        &self,
+        t: u32,
+        cache: &mut B::Cache,
+        recorded: &mut Option<(B::Graph, B::ActBuf)>,
+        step: GraphStep,
+    ) -> Result<Vec<f32>> {
+        let b = &self.model.backend;
+        let shard = self.model.head_shard();
+        let tpn = self.tp.size();
+        match step {
+            GraphStep::Eager => {
+                let x = self.run_chunk(&[t], cache)?;
+                return self.model.logits(compute::view::<B>(&x), &self.tp);
+            }
+            GraphStep::Record => {
+                let inputs = GraphInputs {
+                    tokens: vec![t],
+                    positions: vec![B::cache_len(cache)],
+                };
+                let mut all = b.alloc(shard.gathered_len(1, tpn))?;
+                // Recording runs nothing but advances the cache's length, as the step will once launched.
+                let mut graph = b.graph_record(&inputs, cache, &mut all, |cache, all| {
+                    self.decode_into(t, cache, compute::view_mut::<B>(all))
+                })?;
+                // SAFETY: the recording reads this rank's weights, norms and tables, which `self` holds for
+                // longer than `recorded` (a local of `generate`) lives.
+                unsafe { b.graph_replay(&mut graph, &inputs, cache, &mut all)? };
+                *recorded = Some((graph, all));
+            }
+            GraphStep::Replay => {
+                let (graph, all) = recorded
+                    .as_mut()
+                    .ok_or_else(|| EngineError::Config("a graph replay before the step was recorded".into()))?;
+                let filled = B::cache_len(cache);
+                if filled + 1 > B::cache_capacity(cache) {
+                    return Err(EngineError::Config(format!(
+                        "sequence of {} tokens exceeds the KV cache ({} positions)",
+                        filled + 1,
+                        B::cache_capacity(cache)
+                    )));
+                }
+                if t as usize >= self.model.cfg.vocab_size {
+                    return Err(EngineError::Config(format!(
+                        "token id {t} is out of range for a vocabulary of {}",
+                        self.model.cfg.vocab_size
+                    )));
+                }
+                let inputs = GraphInputs {
+                    tokens: vec![t],
+                    positions: vec![filled],
+                };
+                // SAFETY: as for the first launch above: `self` outlives the recording.
+                unsafe { b.graph_replay(graph, &inputs, cache, all)? };
+                B::cache_advance(cache, 1);
+            }
+        }
+        let (_, all) = recorded.as_ref().expect("recorded above or before");
+        Ok(shard.unpad(b, compute::view::<B>(all), 1, tpn)?.pop().expect("one row"))
     }
 
     /// The last stage tells every other stage which token was chosen.
@@ -960,12 +1106,19 @@ impl<B: Compute> Rank<B> {
         on_token(t);
 
         let decode_start = Instant::now();
+        let mut recorded = None;
         while out.generated.len() < params.max_new_tokens && (params.ignore_eos || !cfg.eos_token_ids.contains(&t)) {
-            let x = self.run_chunk(&[t], &mut cache)?;
             let mut token = None;
-            if self.model.is_last() {
-                let logits = self.model.logits(compute::view::<B>(&x), &self.tp)?;
+            if self.graph_decode {
+                let step = GraphStep::of(out.generated.len() - 1);
+                let logits = self.decode_graphed(t, &mut cache, &mut recorded, step)?;
                 token = Some(sampler.sample(&logits));
+            } else {
+                let x = self.run_chunk(&[t], &mut cache)?;
+                if self.model.is_last() {
+                    let logits = self.model.logits(compute::view::<B>(&x), &self.tp)?;
+                    token = Some(sampler.sample(&logits));
+                }
             }
             t = self.share_token(token)?;
             out.generated.push(t);

@@ -191,3 +191,29 @@ fn smollm2_compute_threads_change_no_bit() {
         }
     }
 }
+
+/// Graph-captured decode is a CUDA-backend setting: the CPU engine refuses it before anything is computed,
+/// and so does a pipeline layout (on every backend: stages hand activations on through the host).
+#[test]
+fn graph_decode_is_refused_where_it_cannot_record() {
+    use nccl_llm::comm::SingleComm;
+    use nccl_llm::engine::{GraphStep, Rank, RankModel, RankPlace};
+    let src = model::tiny_random(1);
+    let m = RankModel::load_with(&*src, RankPlace::single(1), false, &mut |_, _| {}).unwrap();
+    let mut rank = Rank::new(m, Box::new(SingleComm), Box::new(SingleComm)).unwrap();
+    let e = rank.set_graph_decode(true).unwrap_err().to_string();
+    assert!(e.contains("needs the CUDA backend (--device cuda)"), "{e}");
+    assert!(!rank.graph_decode());
+    rank.set_graph_decode(false).unwrap();
+    // The eager warm-up, the recording, then replays.
+    let steps: Vec<GraphStep> = (0..4).map(GraphStep::of).collect();
+    assert_eq!(
+        steps,
+        [
+            GraphStep::Eager,
+            GraphStep::Record,
+            GraphStep::Replay,
+            GraphStep::Replay
+        ]
+    );
+}

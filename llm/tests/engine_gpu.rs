@@ -134,6 +134,30 @@ fn tp1_cuda_engine_matches_the_cpu_engine() {
     eprintln!("TP=1 greedy tokens: GPU {:?}, CPU {tokens:?}", out.generated);
 }
 
+/// `--cuda-graph`: decode through a recorded CUDA graph gives the tokens eager decode gives, step for step
+/// (the same kernels on the same inputs), over enough steps that the recording is replayed many times.
+#[test]
+#[ignore = "needs 1 GPU"]
+fn tp1_graph_decode_equals_eager_decode() {
+    let src = model::tiny_random(0);
+    let params = GenerateParams {
+        max_new_tokens: 24,
+        sampling: SamplingParams::default(),
+        ignore_eos: true,
+        micro_batches: 0,
+    };
+    let run = |graph: bool| {
+        let m = cuda_engine::upload(load(&*src, 1, 0), 0).unwrap_or_else(|e| panic!("CUDA device 0: {e}"));
+        let mut rank = Rank::new(m, Box::new(DeviceTp::Single), Box::new(SingleComm)).unwrap();
+        rank.set_graph_decode(graph).unwrap();
+        rank.generate(&PROMPT, &params, &mut |_| {}).unwrap().generated
+    };
+    let (eager, graphed) = (run(false), run(true));
+    eprintln!("eager {eager:?}\ngraph {graphed:?}");
+    assert_eq!(graphed.len(), 24);
+    assert_eq!(graphed, eager);
+}
+
 /// Two sequences in one step, as the server batches them: the first decodes after its prompt while the
 /// second is prefilled, then both decode together. Logits per sequence and step, from `rank`.
 fn batched<B: Compute>(rank: &Rank<B>) -> Vec<Vec<f32>> {
