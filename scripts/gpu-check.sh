@@ -210,10 +210,15 @@ for d in sys.argv[1:]:
 PY
     gen_run "SmolLM2 shape, CUDA TP=1" 300 --model "$smol" --prompt-ids "$ids" --max-new-tokens 64 "${gpu[@]}" --tp 1
     gen_run "Llama-3-8B shape ($layers layers), CUDA TP=1" 600 --model "$llama" --prompt-ids "$ids" --max-new-tokens 64 "${gpu[@]}" --tp 1
+    # The same decodes through a recorded CUDA graph (--cuda-graph): decode tokens/s next to the eager runs
+    # above (engine_gpu's tp1_graph_decode_equals_eager_decode judges the tokens).
+    gen_run "SmolLM2 shape, CUDA TP=1, --cuda-graph" 300 --model "$smol" --prompt-ids "$ids" --max-new-tokens 64 "${gpu[@]}" --tp 1 --cuda-graph
+    gen_run "Llama-3-8B shape ($layers layers), CUDA TP=1, --cuda-graph" 600 --model "$llama" --prompt-ids "$ids" --max-new-tokens 64 "${gpu[@]}" --tp 1 --cuda-graph
     # Layouts over several GPUs (SmolLM2's 9 heads allow no TP of 2, 4 or 8; the 8B shape's 32/8 do).
     if [ "$gpus" -ge 2 ]; then
         gen_run "SmolLM2 shape, CUDA PP=2" 300 --model "$smol" --prompt-ids "$ids" --max-new-tokens 64 "${gpu[@]}" --tp 1 --pp 2
         gen_run "Llama-3-8B shape, CUDA TP=2" 600 --model "$llama" --prompt-ids "$ids" --max-new-tokens 64 "${gpu[@]}" --tp 2
+        gen_run "Llama-3-8B shape, CUDA TP=2, --cuda-graph" 600 --model "$llama" --prompt-ids "$ids" --max-new-tokens 64 "${gpu[@]}" --tp 2 --cuda-graph
         gen_run "Llama-3-8B shape, CUDA TP=2 as processes" 600 --model "$llama" --prompt-ids "$ids" --max-new-tokens 64 "${gpu[@]}" --tp 2 --nprocs 2
     else
         say "not run: PP=2, TP=2 and the process layouts need 2 GPUs, $gpus visible"
