@@ -219,6 +219,13 @@ PY
         gen_run "SmolLM2 shape, CUDA PP=2" 300 --model "$smol" --prompt-ids "$ids" --max-new-tokens 64 "${gpu[@]}" --tp 1 --pp 2
         gen_run "Llama-3-8B shape, CUDA TP=2" 600 --model "$llama" --prompt-ids "$ids" --max-new-tokens 64 "${gpu[@]}" --tp 2
         gen_run "Llama-3-8B shape, CUDA TP=2, --cuda-graph" 600 --model "$llama" --prompt-ids "$ids" --max-new-tokens 64 "${gpu[@]}" --tp 2 --cuda-graph
+        # Micro-batched prefill, one stream and then the collectives on their own (--overlap-comm): the
+        # prefill tokens/s of the two is the overlap's gain (engine_gpu's tp2_overlapped_prefill_* judges values).
+        # A 1024-token prompt, so that each all-reduce (1024 x 4096 f32 = 16 MiB) is worth hiding.
+        local long
+        long="$(seq -s, 11 1034)"
+        gen_run "Llama-3-8B shape, CUDA TP=2, 1024-token prompt in 2 micro-batches" 600 --model "$llama" --prompt-ids "$long" --max-new-tokens 8 "${gpu[@]}" --tp 2 --micro-batches 2
+        gen_run "Llama-3-8B shape, CUDA TP=2, 1024-token prompt, --overlap-comm" 600 --model "$llama" --prompt-ids "$long" --max-new-tokens 8 "${gpu[@]}" --tp 2 --overlap-comm
         gen_run "Llama-3-8B shape, CUDA TP=2 as processes" 600 --model "$llama" --prompt-ids "$ids" --max-new-tokens 64 "${gpu[@]}" --tp 2 --nprocs 2
     else
         say "not run: PP=2, TP=2 and the process layouts need 2 GPUs, $gpus visible"

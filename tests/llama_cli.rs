@@ -136,11 +136,11 @@ fn bad_arguments_are_clear_errors() {
 }
 
 /// `--device cuda` (the GPU engine) is refused before anything starts without `--backend nccl` and with
-/// the CPU-only integer decode paths, in every build; `--cuda-graph` without `--device cuda` and with an
-/// explicit `--pp` other than 1.
+/// the CPU-only integer decode paths, in every build; `--cuda-graph` and `--overlap-comm` without
+/// `--device cuda`, together, or with an explicit `--pp` other than 1.
 #[test]
 fn cuda_device_needs_nccl_and_the_exact_path() {
-    let cases: [(&[&str], &str); 4] = [
+    let cases: [(&[&str], &str); 7] = [
         (&["--device", "cuda"], "--device cuda needs --backend nccl"),
         (&["--device", "cuda", "--backend", "nccl", "--int8"], "CPU decode paths"),
         (
@@ -150,6 +150,25 @@ fn cuda_device_needs_nccl_and_the_exact_path() {
         (
             &["--device", "cuda", "--backend", "nccl", "--cuda-graph", "--pp", "2"],
             "--cuda-graph needs --pp 1, not 2",
+        ),
+        (
+            &["--overlap-comm"],
+            "--overlap-comm puts the GPU engine's collectives on their own CUDA stream",
+        ),
+        (
+            &[
+                "--device",
+                "cuda",
+                "--backend",
+                "nccl",
+                "--overlap-comm",
+                "--cuda-graph",
+            ],
+            "--overlap-comm and --cuda-graph cannot be combined",
+        ),
+        (
+            &["--device", "cuda", "--backend", "nccl", "--overlap-comm", "--pp", "2"],
+            "--overlap-comm needs --pp 1, not 2",
         ),
     ];
     for (args, needle) in cases {

@@ -118,7 +118,13 @@ pub struct Args {
     /// run on a GPU yet.
     #[arg(long)]
     pub cuda_graph: bool,
-    /// Prompt micro-batches in pipeline-parallel prefill (0 = one per stage).
+    /// Run the TP collectives on their own CUDA stream (`--device cuda`, one pipeline stage), ordered by
+    /// events, so that in a micro-batched prefill chunk k's all-reduces run while chunk k + 1 computes.
+    /// Implies `--micro-batches 2` unless given. Not with `--cuda-graph`. Never run on a GPU yet.
+    #[arg(long)]
+    pub overlap_comm: bool,
+    /// Prompt micro-batches in prefill (0 = one per pipeline stage): pipeline stages work on different
+    /// chunks at once; on one stage the chunks go through the layers interleaved.
     #[arg(long, default_value_t = 0)]
     pub micro_batches: usize,
     /// Compute threads per rank (default: available cores ÷ ranks on this host, at least 1).
@@ -268,7 +274,10 @@ pub fn run(example: Example, args: Args) -> Result<i32> {
         max_new_tokens: args.max_new_tokens,
         sampling: sampling_of(&args)?,
         ignore_eos: args.ignore_eos,
-        micro_batches: args.micro_batches,
+        micro_batches: match (args.micro_batches, args.overlap_comm) {
+            (0, true) => 2,
+            (mb, _) => mb,
+        },
     };
     let job = Arc::new(Job {
         src,
@@ -375,7 +384,25 @@ fn check_device(args: &Args) -> Result<()> {
                 "--cuda-graph records the GPU engine's decode step: it needs --device cuda".into(),
             ));
         }
+        if args.overlap_comm {
+            return Err(EngineError::Config(
+                "--overlap-comm puts the GPU engine's collectives on their own CUDA stream: it needs --device cuda"
+                    .into(),
+            ));
+        }
         return Ok(());
+    }
+    if args.overlap_comm && args.cuda_graph {
+        return Err(EngineError::Config(
+            "--overlap-comm and --cuda-graph cannot be combined: the recording holds one stream's work, and \
+             --overlap-comm moves the collectives to another"
+                .into(),
+        ));
+    }
+    if let Some(pp) = args.overlap_comm.then_some(args.pp).flatten().filter(|&pp| pp != 1) {
+        return Err(EngineError::Config(format!(
+            "--overlap-comm needs --pp 1, not {pp}: it overlaps one stage's interleaved prefill chunks"
+        )));
     }
     // A pipeline layout (pp_llama's default, or --pp N) is refused by `Rank::set_graph_decode`; an explicit
     // --pp is refused here, before anything loads.
@@ -537,7 +564,7 @@ fn progress_bar(total_hint: usize) -> indicatif::ProgressBar {
 /// The rank's shard moved to its GPU: the CUDA engine on the stream of its NCCL communicator (TP, else
 /// pipeline), its TP collectives on device buffers.
 #[cfg(feature = "cuda")]
-fn cuda_rank(model: RankModel, comms: RankComms) -> Result<Rank<crate::cuda_engine::Cuda>> {
+fn cuda_rank(model: RankModel, comms: RankComms, overlap_comm: bool) -> Result<Rank<crate::cuda_engine::Cuda>> {
     use crate::cuda_engine::{upload_to, Cuda, DeviceTp};
     let stream = comms
         .tp
@@ -549,7 +576,18 @@ fn cuda_rank(model: RankModel, comms: RankComms) -> Result<Rank<crate::cuda_engi
             EngineError::Config("--device cuda: the rank has no NCCL communicator (use --backend nccl)".into())
         })?;
     let tp = DeviceTp::from_comm(comms.tp)?;
-    let backend = Cuda::on_stream(stream, model.rope(), model.config().max_position_embeddings)?;
+    let (rope, max_pos) = (model.rope(), model.config().max_position_embeddings);
+    let backend = if overlap_comm {
+        if comms.pp.size() != 1 {
+            return Err(EngineError::Config(format!(
+                "--overlap-comm needs one pipeline stage, not {}: it overlaps one stage's interleaved prefill chunks",
+                comms.pp.size()
+            )));
+        }
+        Cuda::beside_stream(&stream, rope, max_pos)?
+    } else {
+        Cuda::on_stream(stream, rope, max_pos)?
+    };
     let model = upload_to(model, backend)?;
     Rank::new(model, Box::new(tp), comms.pp)
 }
@@ -598,7 +636,7 @@ fn run_rank(job: &Job, comms: RankComms, reporter: bool) -> Result<GenerateOutpu
     }
     if cuda {
         #[cfg(feature = "cuda")]
-        return generate_on(job, cuda_rank(model, comms)?, reporter);
+        return generate_on(job, cuda_rank(model, comms, job.args.overlap_comm)?, reporter);
         #[cfg(not(feature = "cuda"))]
         return Err(no_cuda_feature());
     }

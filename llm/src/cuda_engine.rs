@@ -214,6 +214,8 @@ pub struct Cuda {
     scratch: Mutex<HashMap<usize, CudaSlice<bf16>>>,
     /// The step being recorded into a CUDA graph, while [`Compute::graph_record`] runs.
     recording: Mutex<Option<Recording>>,
+    /// The TP communicator runs on a stream of its own ([`Cuda::beside_stream`]), not on this one.
+    comm_apart: bool,
 }
 
 /// The inputs of the step being recorded, on the device: made before the capture opens (a copy from the host
@@ -331,6 +333,32 @@ impl Cuda {
         Self::with_kernels(cuda(CudaKernels::on_stream(stream))?, rope, max_pos)
     }
 
+    /// [`Cuda::new`] on a new stream of the context of `comm` (the stream an NCCL TP communicator is bound
+    /// to), for `--overlap-comm`: kernels and cuBLAS run on the new stream, the collectives stay on `comm`,
+    /// and cudarc's per-buffer events order the two (a collective waits for the kernel that wrote its
+    /// buffer; the next kernel that reads it waits for the collective). Work enqueued on the compute stream
+    /// after a collective, and not reading its buffer, runs while it is in flight: the next micro-batch of
+    /// [`RankModel::forward_micro`].
+    pub fn beside_stream(comm: &Arc<CudaStream>, rope: &Rope, max_pos: usize) -> Result<Self> {
+        let ctx = comm.context();
+        if !ctx.is_event_tracking() {
+            return Err(EngineError::Config(
+                "--overlap-comm: cudarc's event tracking is off in this context, so nothing would order the \
+                 compute stream and the communicator's"
+                    .into(),
+            ));
+        }
+        let compute = drv(ctx.new_stream())?;
+        let mut cuda = Self::with_kernels(cuda(CudaKernels::on_stream(compute))?, rope, max_pos)?;
+        cuda.comm_apart = true;
+        Ok(cuda)
+    }
+
+    /// Whether the TP collectives run on a stream of their own ([`Cuda::beside_stream`]).
+    pub fn comm_apart(&self) -> bool {
+        self.comm_apart
+    }
+
     fn with_kernels(k: CudaKernels, rope: &Rope, max_pos: usize) -> Result<Self> {
         let (cos, sin) = crate::kernels::rope_tables(rope, max_pos);
         let s = k.stream().clone();
@@ -341,6 +369,7 @@ impl Cuda {
             max_pos,
             scratch: Mutex::new(HashMap::new()),
             recording: Mutex::new(None),
+            comm_apart: false,
         })
     }
 
@@ -373,13 +402,7 @@ impl Cuda {
                 let c = c.nccl_communicator().ok_or_else(|| {
                     EngineError::Config("the CUDA engine's TP communicator is not an NCCL communicator".into())
                 })?;
-                if !Arc::ptr_eq(c.stream()?, self.stream()) {
-                    return Err(EngineError::Config(
-                        "the TP communicator's stream is not the CUDA engine's stream (bind it with \
-                         Communicator::init_rank_on(cuda.stream().clone(), ..))"
-                            .into(),
-                    ));
-                }
+                check_comm_stream(self.comm_apart, c.stream()?, self.stream())?;
                 Ok(Some(c))
             }
         }
@@ -807,6 +830,13 @@ impl Compute for Cuda {
         if inputs.tokens.is_empty() && inputs.positions.is_empty() {
             return Err(EngineError::Config("a CUDA graph of a step without rows".into()));
         }
+        if self.comm_apart {
+            return Err(EngineError::Config(
+                "--cuda-graph with the collectives on their own stream (--overlap-comm): the recording holds \
+                 one stream's work"
+                    .into(),
+            ));
+        }
         let positions = positions_u32(&inputs.positions)?;
         let shape = RecordedShape {
             tokens: inputs.tokens.len(),
@@ -881,6 +911,24 @@ impl Compute for Cuda {
         unsafe { g.graph.launch() }?;
         Ok(())
     }
+}
+
+/// The TP communicator's stream `comm` against the engine's `compute` stream: the same one, or, with the
+/// collectives apart ([`Cuda::beside_stream`]), another stream of the same context (the same device).
+fn check_comm_stream(apart: bool, comm: &Arc<CudaStream>, compute: &Arc<CudaStream>) -> Result<()> {
+    if !apart && !Arc::ptr_eq(comm, compute) {
+        return Err(EngineError::Config(
+            "the TP communicator's stream is not the CUDA engine's stream (bind it with \
+             Communicator::init_rank_on(cuda.stream().clone(), ..))"
+                .into(),
+        ));
+    }
+    if apart && !Arc::ptr_eq(comm.context(), compute.context()) {
+        return Err(EngineError::Config(
+            "--overlap-comm: the TP communicator's stream belongs to another CUDA context than the engine's".into(),
+        ));
+    }
+    Ok(())
 }
 
 /// Positions as the kernels read them.

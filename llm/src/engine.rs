@@ -70,6 +70,24 @@ struct Layer<B: Compute> {
     down: RowParallel<B>,
 }
 
+/// The working state of one pass over the layers for a set of rows (a step, or one micro-batch of
+/// [`RankModel::forward_micro`]): their positions, the backend's step and the scratch buffers. A pass is
+/// a sequence of halves (attention, MLP) per layer; each half ends with a row-parallel all-reduce into
+/// `proj`, which the next half adds to the residual stream first (`pending`).
+struct LayerState<B: Compute> {
+    n: usize,
+    decode: usize,
+    rows: StepRows,
+    step: B::Step,
+    normed: B::ActBuf,
+    qkv: B::ActBuf,
+    attn: B::ActBuf,
+    proj: B::ActBuf,
+    gu: B::ActBuf,
+    act: B::ActBuf,
+    pending: bool,
+}
+
 /// The weights one rank owns, as compute backend `B`'s types (host [`Weight`]s for the default [`Cpu`]).
 pub struct RankModel<B: Compute = Cpu> {
     backend: B,
@@ -620,36 +638,13 @@ impl<B: Compute> RankModel<B> {
     /// This is the model, written once for every [`Compute`] backend: the tensor-parallel layers
     /// ([`ColumnParallel`], [`RowParallel`]) run their own collectives.
     pub fn forward_batch(&self, x: &mut B::Act, segs: &mut [(usize, &mut B::Cache)], tp: &B::Tp) -> Result<()> {
-        let b = &self.backend;
-        let cfg = &self.cfg;
-        let (h, hd) = (cfg.hidden_size, cfg.head_dim);
         let n: usize = segs.iter().map(|s| s.0).sum();
-        if B::act_len(x) != n * h {
-            return Err(EngineError::Config(format!(
-                "forward: {} activations for {n} rows of width {h}",
-                B::act_len(x)
-            )));
-        }
+        self.check_rows(x, n)?;
         for (len, cache) in segs.iter() {
-            let (filled, cap) = (B::cache_len(cache), B::cache_capacity(cache));
-            if filled + len > cap {
-                return Err(EngineError::Config(format!(
-                    "sequence of {} tokens exceeds the KV cache ({cap} positions)",
-                    filled + len,
-                )));
-            }
+            Self::check_room(cache, *len)?;
         }
         let lead = segs.iter().take_while(|s| s.0 == 1).count();
         let decode = if segs.len() == 1 { 0 } else { lead };
-        let eps = cfg.rms_norm_eps as f32;
-        let d = AttnDims {
-            q_heads: self.heads.q_heads.len(),
-            kv_heads: self.heads.kv_heads.len(),
-            head_dim: hd,
-            group: cfg.num_attention_heads / cfg.num_key_value_heads,
-            q_start: self.heads.q_heads.start,
-            kv_start: self.heads.kv_heads.start,
-        };
         let mut rows = StepRows {
             seg_of: Vec::with_capacity(n),
             pos_of: Vec::with_capacity(n),
@@ -661,46 +656,173 @@ impl<B: Compute> RankModel<B> {
                 rows.pos_of.push(filled + t);
             }
         }
-        let mut step = b.begin_step(&self.rope, &rows)?;
-
-        let f = self.ffn_local;
-        let mut normed = b.alloc(n * h)?;
-        let mut qkv = b.alloc(n * d.qkv_width())?;
-        let mut attn = b.alloc(n * d.q_heads * hd)?;
-        let mut proj = b.alloc(n * h)?;
-        let mut gu = b.alloc(n * 2 * f)?;
-        let mut act = b.alloc(n * f)?;
-        let (normed, qkv, attn) = (
-            compute::view_mut::<B>(&mut normed),
-            compute::view_mut::<B>(&mut qkv),
-            compute::view_mut::<B>(&mut attn),
-        );
-        let (proj, gu, act) = (
-            compute::view_mut::<B>(&mut proj),
-            compute::view_mut::<B>(&mut gu),
-            compute::view_mut::<B>(&mut act),
-        );
-
-        for (li, layer) in self.layers.iter().enumerate() {
-            // Attention.
-            b.rms_norm(x, &layer.attn_norm, eps, normed)?;
-            layer.qkv.forward(b, normed, n, qkv, decode)?;
-            b.rope_kv_append(&self.rope, &step, &rows, &d, li, qkv, segs)?;
-            b.attention(&mut step, &rows, &d, li, qkv, segs, attn)?;
-            layer.o.forward(b, attn, n, proj, decode, tp)?;
-            b.residual_add(x, proj)?;
-
-            // MLP.
-            b.rms_norm(x, &layer.mlp_norm, eps, normed)?;
-            layer.gate_up.forward(b, normed, n, gu, decode)?;
-            b.silu_mul(gu, n, f, act)?;
-            layer.down.forward(b, act, n, proj, decode, tp)?;
-            b.residual_add(x, proj)?;
+        let mut st = self.layer_state(rows, decode)?;
+        for li in 0..self.layers.len() {
+            self.attention_half(li, x, &mut st, segs, tp)?;
+            self.mlp_half(li, x, &mut st, tp)?;
         }
+        self.finish_layers(x, &mut st)?;
         for (len, cache) in segs.iter_mut() {
             B::cache_advance(cache, *len);
         }
         Ok(())
+    }
+
+    /// Runs this stage's layers on consecutive chunks of one sequence (micro-batches of a prompt), chunk
+    /// `k` being `xs[k]`, at the cache's next positions, in an interleaved order: at each layer, the
+    /// attention half of every chunk, then the MLP half of every chunk. Each chunk computes exactly what
+    /// [`RankModel::forward_layers`] on the chunks one after another computes (the same operations on the
+    /// same values, bit for bit: a chunk's attention at a layer reads the keys the earlier chunks appended
+    /// at that layer, as it would), but the row-parallel all-reduce that ends a half of chunk `k` is
+    /// followed by chunk `k + 1`'s computation, not by the operation that needs its result. On a backend
+    /// whose collectives run on their own stream (the CUDA engine with `--overlap-comm`), chunk `k`'s
+    /// all-reduce then runs while chunk `k + 1` computes.
+    pub fn forward_micro(&self, xs: &mut [&mut B::Act], cache: &mut B::Cache, tp: &B::Tp) -> Result<()> {
+        let h = self.cfg.hidden_size;
+        let lens: Vec<usize> = xs.iter().map(|x| B::act_len(x) / h.max(1)).collect();
+        for (x, &n) in xs.iter().zip(&lens) {
+            self.check_rows(x, n)?;
+            if n == 0 {
+                return Err(EngineError::Config("forward: an empty micro-batch".into()));
+            }
+        }
+        let total: usize = lens.iter().sum();
+        Self::check_room(cache, total)?;
+        let mut next = B::cache_len(cache);
+        let mut states = Vec::with_capacity(xs.len());
+        for &n in &lens {
+            let rows = StepRows {
+                seg_of: vec![0; n],
+                pos_of: (next..next + n).collect(),
+            };
+            next += n;
+            states.push(self.layer_state(rows, 0)?);
+        }
+        for li in 0..self.layers.len() {
+            for (x, st) in xs.iter_mut().zip(states.iter_mut()) {
+                self.attention_half(li, x, st, &mut [(st.n, &mut *cache)], tp)?;
+            }
+            for (x, st) in xs.iter_mut().zip(states.iter_mut()) {
+                self.mlp_half(li, x, st, tp)?;
+            }
+        }
+        for (x, st) in xs.iter_mut().zip(states.iter_mut()) {
+            self.finish_layers(x, st)?;
+        }
+        B::cache_advance(cache, total);
+        Ok(())
+    }
+
+    fn check_rows(&self, x: &B::Act, n: usize) -> Result<()> {
+        let h = self.cfg.hidden_size;
+        if B::act_len(x) != n * h {
+            return Err(EngineError::Config(format!(
+                "forward: {} activations for {n} rows of width {h}",
+                B::act_len(x)
+            )));
+        }
+        Ok(())
+    }
+
+    /// Refuses `len` more positions in `cache` when they do not fit (before anything is written).
+    fn check_room(cache: &B::Cache, len: usize) -> Result<()> {
+        let (filled, cap) = (B::cache_len(cache), B::cache_capacity(cache));
+        if filled + len > cap {
+            return Err(EngineError::Config(format!(
+                "sequence of {} tokens exceeds the KV cache ({cap} positions)",
+                filled + len,
+            )));
+        }
+        Ok(())
+    }
+
+    fn attn_dims(&self) -> AttnDims {
+        let cfg = &self.cfg;
+        AttnDims {
+            q_heads: self.heads.q_heads.len(),
+            kv_heads: self.heads.kv_heads.len(),
+            head_dim: cfg.head_dim,
+            group: cfg.num_attention_heads / cfg.num_key_value_heads,
+            q_start: self.heads.q_heads.start,
+            kv_start: self.heads.kv_heads.start,
+        }
+    }
+
+    /// The working buffers of a pass over the layers for the rows `rows`.
+    fn layer_state(&self, rows: StepRows, decode: usize) -> Result<LayerState<B>> {
+        let b = &self.backend;
+        let n = rows.pos_of.len();
+        let (h, f, d) = (self.cfg.hidden_size, self.ffn_local, self.attn_dims());
+        Ok(LayerState {
+            n,
+            decode,
+            step: b.begin_step(&self.rope, &rows)?,
+            rows,
+            normed: b.alloc(n * h)?,
+            qkv: b.alloc(n * d.qkv_width())?,
+            attn: b.alloc(n * d.q_heads * d.head_dim)?,
+            proj: b.alloc(n * h)?,
+            gu: b.alloc(n * 2 * f)?,
+            act: b.alloc(n * f)?,
+            pending: false,
+        })
+    }
+
+    /// Adds the row-parallel output of the previous half to the residual stream, once its collective is done.
+    fn take_pending(&self, x: &mut B::Act, st: &mut LayerState<B>) -> Result<()> {
+        if std::mem::take(&mut st.pending) {
+            self.backend.residual_add(x, compute::view::<B>(&st.proj))?;
+        }
+        Ok(())
+    }
+
+    /// Layer `li`'s attention up to its all-reduced output projection (left in `st.proj`).
+    fn attention_half(
+        &self,
+        li: usize,
+        x: &mut B::Act,
+        st: &mut LayerState<B>,
+        segs: &mut [(usize, &mut B::Cache)],
+        tp: &B::Tp,
+    ) -> Result<()> {
+        self.take_pending(x, st)?;
+        let (b, layer, d, n) = (&self.backend, &self.layers[li], self.attn_dims(), st.n);
+        let (normed, qkv, attn, proj) = (
+            compute::view_mut::<B>(&mut st.normed),
+            compute::view_mut::<B>(&mut st.qkv),
+            compute::view_mut::<B>(&mut st.attn),
+            compute::view_mut::<B>(&mut st.proj),
+        );
+        b.rms_norm(x, &layer.attn_norm, self.cfg.rms_norm_eps as f32, normed)?;
+        layer.qkv.forward(b, normed, n, qkv, st.decode)?;
+        b.rope_kv_append(&self.rope, &st.step, &st.rows, &d, li, qkv, segs)?;
+        b.attention(&mut st.step, &st.rows, &d, li, qkv, segs, attn)?;
+        layer.o.forward(b, attn, n, proj, st.decode, tp)?;
+        st.pending = true;
+        Ok(())
+    }
+
+    /// Layer `li`'s MLP, after the attention half's residual add, up to its all-reduced down projection.
+    fn mlp_half(&self, li: usize, x: &mut B::Act, st: &mut LayerState<B>, tp: &B::Tp) -> Result<()> {
+        self.take_pending(x, st)?;
+        let (b, layer, n, f) = (&self.backend, &self.layers[li], st.n, self.ffn_local);
+        let (normed, gu, act, proj) = (
+            compute::view_mut::<B>(&mut st.normed),
+            compute::view_mut::<B>(&mut st.gu),
+            compute::view_mut::<B>(&mut st.act),
+            compute::view_mut::<B>(&mut st.proj),
+        );
+        b.rms_norm(x, &layer.mlp_norm, self.cfg.rms_norm_eps as f32, normed)?;
+        layer.gate_up.forward(b, normed, n, gu, st.decode)?;
+        b.silu_mul(gu, n, f, act)?;
+        layer.down.forward(b, act, n, proj, st.decode, tp)?;
+        st.pending = true;
+        Ok(())
+    }
+
+    /// The last residual add of a pass over the layers.
+    fn finish_layers(&self, x: &mut B::Act, st: &mut LayerState<B>) -> Result<()> {
+        self.take_pending(x, st)
     }
 
     /// Logits of the last row of `x` (last stage only): final norm, this rank's vocabulary rows, then one
@@ -768,7 +890,9 @@ pub struct GenerateParams {
     pub sampling: SamplingParams,
     /// Keep going past end-of-sequence tokens.
     pub ignore_eos: bool,
-    /// Prompt micro-batches in pipeline-parallel prefill (0 = one per stage).
+    /// Prompt micro-batches in prefill (0 = one per pipeline stage): pipeline stages work on different
+    /// chunks at once; on one stage the chunks go through the layers interleaved
+    /// ([`RankModel::forward_micro`]).
     pub micro_batches: usize,
 }
 
@@ -1080,7 +1204,8 @@ impl<B: Compute> Rank<B> {
         let mut sampler = Sampler::new(params.sampling.clone());
         let start = Instant::now();
 
-        // Prefill, in micro-batches so pipeline stages overlap.
+        // Prefill, in micro-batches so pipeline stages overlap (or, on one stage, so that collectives can
+        // overlap computation).
         let pp = self.model.place.pp;
         let chunks = if params.micro_batches == 0 {
             pp
@@ -1089,9 +1214,23 @@ impl<B: Compute> Rank<B> {
         }
         .clamp(1, prompt.len());
         let mut last_x = None;
-        for c in 0..chunks {
-            let r = shard::even_range(prompt.len(), chunks, c);
-            last_x = Some(self.run_chunk(&prompt[r], &mut cache)?);
+        if pp == 1 && chunks > 1 {
+            // One stage: the chunks go through the layers interleaved, so that each chunk's all-reduces are
+            // followed by the next chunk's work ([`RankModel::forward_micro`]).
+            let mut xs = (0..chunks)
+                .map(|c| {
+                    self.model
+                        .embed(&prompt[shard::even_range(prompt.len(), chunks, c)], &self.tp)
+                })
+                .collect::<Result<Vec<_>>>()?;
+            let mut views: Vec<&mut B::Act> = xs.iter_mut().map(|x| compute::view_mut::<B>(x)).collect();
+            self.model.forward_micro(&mut views, &mut cache, &self.tp)?;
+            last_x = xs.pop();
+        } else {
+            for c in 0..chunks {
+                let r = shard::even_range(prompt.len(), chunks, c);
+                last_x = Some(self.run_chunk(&prompt[r], &mut cache)?);
+            }
         }
         let last_x = last_x.expect("at least one prefill chunk");
         let mut token = None;

@@ -112,14 +112,22 @@ fn micro_batches_do_not_change_results() {
     let src = model::tiny_random(3);
     let prompt: Vec<u32> = (1..14).collect();
     let base = run(&*src, Layout { tp: 1, pp: 1 }, &prompt, 4);
-    for mb in [1, 2, 5, 13] {
-        let mut p = greedy(4);
-        p.micro_batches = mb;
-        let outs = generate_in_threads(&*src, Layout { tp: 1, pp: 3 }, 1, &prompt, &p).unwrap();
-        let last = outs[2].prompt_logits.as_ref().unwrap();
-        let b: Vec<f64> = base.prompt_logits.as_ref().unwrap().iter().map(|&v| v as f64).collect();
-        assert!(rel_err(last, &b) < 1e-5, "micro-batches {mb}");
-        assert_eq!(outs[0].generated, base.generated, "micro-batches {mb}");
+    // Pipelines (chunks flow through the stages), and one stage (chunks interleaved, `forward_micro`).
+    for layout in [
+        Layout { tp: 1, pp: 3 },
+        Layout { tp: 2, pp: 1 },
+        Layout { tp: 1, pp: 1 },
+    ] {
+        for mb in [1, 2, 5, 13] {
+            let mut p = greedy(4);
+            p.micro_batches = mb;
+            let outs = generate_in_threads(&*src, layout, 1, &prompt, &p).unwrap();
+            let last = outs.last().unwrap().prompt_logits.as_ref().unwrap();
+            let b: Vec<f64> = base.prompt_logits.as_ref().unwrap().iter().map(|&v| v as f64).collect();
+            let what = format!("tp {} × pp {}, micro-batches {mb}", layout.tp, layout.pp);
+            assert!(rel_err(last, &b) < 1e-5, "{what}");
+            assert_eq!(outs[0].generated, base.generated, "{what}");
+        }
     }
 }
 
@@ -216,4 +224,118 @@ fn graph_decode_is_refused_where_it_cannot_record() {
             GraphStep::Replay
         ]
     );
+}
+
+/// One stage's micro-batched prefill runs the chunks through the layers interleaved
+/// (`RankModel::forward_micro`: each layer's attention half of every chunk, then its MLP half of every
+/// chunk), so that a chunk's all-reduce can overlap the next chunk's work. It computes bit for bit what the
+/// chunks one after another compute: the same activations and the same KV cache (checked through one decode
+/// step after the prompt), at TP 1 and on the host backend at TP 2 and 3.
+#[test]
+fn interleaved_micro_batches_equal_chunks_one_after_another() {
+    use nccl_llm::engine::{RankModel, RankPlace};
+    use nccl_llm::launch::host_threads;
+    use nccl_llm::shard::even_range;
+    let src = model::tiny_random(5);
+    let prompt: Vec<u32> = (3..20).collect();
+    for tp in [1, 2, 3] {
+        let comms = host_threads(Layout { tp, pp: 1 }).unwrap();
+        let src = &*src;
+        let prompt = &prompt;
+        std::thread::scope(|s| {
+            let handles: Vec<_> = comms
+                .into_iter()
+                .map(|c| {
+                    s.spawn(move || {
+                        let place = RankPlace {
+                            tp,
+                            tp_rank: c.tp.rank(),
+                            pp: 1,
+                            stage: 0,
+                            threads: 1,
+                        };
+                        let m = RankModel::load_with(src, place, false, &mut |_, _| {}).unwrap();
+                        let tpc = &*c.tp;
+                        for chunks in [2, 3, 17] {
+                            let ranges: Vec<_> = (0..chunks).map(|k| even_range(prompt.len(), chunks, k)).collect();
+                            // One after another.
+                            let mut seq_cache = m.try_new_cache(prompt.len() + 1).unwrap();
+                            let mut seq = Vec::new();
+                            for r in &ranges {
+                                let mut x = m.embed(&prompt[r.clone()], tpc).unwrap();
+                                m.forward_layers(&mut x, r.len(), &mut seq_cache, tpc).unwrap();
+                                seq.push(x);
+                            }
+                            // Interleaved.
+                            let mut int_cache = m.try_new_cache(prompt.len() + 1).unwrap();
+                            let mut xs: Vec<Vec<f32>> = ranges
+                                .iter()
+                                .map(|r| m.embed(&prompt[r.clone()], tpc).unwrap())
+                                .collect();
+                            let mut views: Vec<&mut [f32]> = xs.iter_mut().map(|x| x.as_mut_slice()).collect();
+                            m.forward_micro(&mut views, &mut int_cache, tpc).unwrap();
+                            for (k, (a, b)) in xs.iter().zip(&seq).enumerate() {
+                                let same = a.iter().zip(b).all(|(p, q)| p.to_bits() == q.to_bits());
+                                assert!(same, "tp {tp}, {chunks} chunks: chunk {k}'s activations differ");
+                            }
+                            // The caches: one decode step on each gives the same logits, bit for bit.
+                            let step = |cache: &mut _| {
+                                let mut x = m.embed(&[7], tpc).unwrap();
+                                m.forward_layers(&mut x, 1, cache, tpc).unwrap();
+                                m.logits(&x, tpc).unwrap()
+                            };
+                            let (a, b) = (step(&mut int_cache), step(&mut seq_cache));
+                            let same = a.iter().zip(&b).all(|(p, q)| p.to_bits() == q.to_bits());
+                            assert!(
+                                same,
+                                "tp {tp}, {chunks} chunks: the decode step after the prompt differs"
+                            );
+                        }
+                    })
+                })
+                .collect();
+            for h in handles {
+                h.join().unwrap();
+            }
+        });
+    }
+}
+
+/// A micro-batched prompt that does not fit the cache, or an empty micro-batch, is refused before anything
+/// is written.
+#[test]
+fn interleaved_micro_batches_refuse_what_does_not_fit() {
+    use nccl_llm::comm::SingleComm;
+    use nccl_llm::engine::{RankModel, RankPlace};
+    let src = model::tiny_random(2);
+    let m = RankModel::load_with(&*src, RankPlace::single(1), false, &mut |_, _| {}).unwrap();
+    let h = src.config().hidden_size;
+    let mut cache = m.try_new_cache(4).unwrap();
+    let (mut a, mut b) = (
+        m.embed(&[1, 2, 3], &SingleComm).unwrap(),
+        m.embed(&[4, 5], &SingleComm).unwrap(),
+    );
+    let e = m
+        .forward_micro(&mut [&mut a, &mut b], &mut cache, &SingleComm)
+        .unwrap_err()
+        .to_string();
+    assert!(
+        e.contains("sequence of 5 tokens exceeds the KV cache (4 positions)"),
+        "{e}"
+    );
+    let mut empty: Vec<f32> = Vec::new();
+    let e = m
+        .forward_micro(&mut [&mut a, &mut empty], &mut cache, &SingleComm)
+        .unwrap_err()
+        .to_string();
+    assert!(e.contains("empty micro-batch"), "{e}");
+    let mut odd = vec![0.0f32; h + 1];
+    let e = m
+        .forward_micro(&mut [&mut odd], &mut cache, &SingleComm)
+        .unwrap_err()
+        .to_string();
+    assert!(e.contains("activations for 1 rows"), "{e}");
+    // Nothing was written: the whole cache is still free.
+    let mut x = m.embed(&[1, 2, 3, 4], &SingleComm).unwrap();
+    m.forward_layers(&mut x, 4, &mut cache, &SingleComm).unwrap();
 }

@@ -228,3 +228,72 @@ fn tp2_cuda_engine_with_nccl_matches_the_cpu_engine() {
         compare(&format!("TP=2 rank {r}"), gpu, &cpu);
     }
 }
+
+/// `--overlap-comm`: a micro-batched prefill (3 chunks, interleaved by `RankModel::forward_micro`) with the
+/// NCCL collectives on their own stream (`Cuda::beside_stream`, ordered by cudarc's events) gives bit for bit
+/// the prompt logits and tokens of the same prefill with everything on one stream: the same kernels on the
+/// same values, only the streams differ. And it stays within the GPU bound of the CPU engine.
+#[test]
+#[ignore = "needs 2 GPUs"]
+fn tp2_overlapped_prefill_equals_one_stream() {
+    let src = model::tiny_random(0);
+    let (_, cpu) = cpu_reference(&*src);
+    let params = GenerateParams {
+        max_new_tokens: NEW,
+        sampling: SamplingParams::default(),
+        ignore_eos: true,
+        micro_batches: 3,
+    };
+    let run = |apart: bool| -> Vec<(Vec<u32>, Vec<f32>)> {
+        let streams: Vec<_> = (0..2)
+            .map(|d| {
+                let ctx = CudaContext::new(d).unwrap_or_else(|e| panic!("CUDA device {d}: {e:?}"));
+                ctx.new_stream().expect("a stream")
+            })
+            .collect();
+        let comms = Communicator::init_all_on(streams).expect("ncclCommInitAll on devices 0 and 1");
+        let (src, params) = (&*src, &params);
+        std::thread::scope(|s| {
+            let handles: Vec<_> = comms
+                .into_iter()
+                .enumerate()
+                .map(|(r, comm)| {
+                    s.spawn(move || {
+                        let tp = DeviceTp::from_comm(Box::new(StagedNcclComm(comm))).unwrap();
+                        let stream = tp.stream().expect("the communicator's stream");
+                        let host = load(src, 2, r);
+                        let (rope, max_pos) = (host.rope(), host.config().max_position_embeddings);
+                        let backend = match apart {
+                            true => Cuda::beside_stream(&stream, rope, max_pos),
+                            false => Cuda::on_stream(stream, rope, max_pos),
+                        }
+                        .unwrap_or_else(|e| panic!("rank {r}: {e}"));
+                        assert_eq!(backend.comm_apart(), apart);
+                        let model = cuda_engine::upload_to(host, backend).unwrap();
+                        let rank = Rank::new(model, Box::new(tp), Box::new(SingleComm)).unwrap();
+                        let out = rank.generate(&PROMPT, params, &mut |_| {}).unwrap();
+                        (
+                            out.generated,
+                            out.prompt_logits.expect("one stage: every rank has the logits"),
+                        )
+                    })
+                })
+                .collect();
+            handles.into_iter().map(|h| h.join().expect("a rank thread")).collect()
+        })
+    };
+    let (one, apart) = (run(false), run(true));
+    for (r, ((t1, l1), (t2, l2))) in one.iter().zip(&apart).enumerate() {
+        assert_eq!(t1, t2, "rank {r}: tokens");
+        let same = l1.iter().zip(l2).all(|(a, b)| a.to_bits() == b.to_bits());
+        assert!(
+            same,
+            "rank {r}: the prompt logits differ between one stream and the collectives apart"
+        );
+        compare(
+            &format!("TP=2 overlapped prefill, rank {r}"),
+            std::slice::from_ref(l2),
+            &cpu[..1],
+        );
+    }
+}
