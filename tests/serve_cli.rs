@@ -973,3 +973,29 @@ fn slurm_style_ranks_serve_what_threads_serve() {
     );
     assert!(done.unwrap().success(), "rank 1: {done:?}");
 }
+
+/// `--backend nccl` / `--device cuda` in the build the tests use (no `cuda` feature): refused at once, naming
+/// the feature, and `--device cuda` without NCCL naming that; nothing listens. (The GPU-engine replica
+/// itself: `engine_gpu::the_server_on_the_gpu_engine_serves_what_the_engine_generates`, needs 1 GPU.)
+#[test]
+fn gpu_engines_are_refused_in_a_build_without_cuda() {
+    let Some(exe) = example() else { return };
+    for (args, needle) in [
+        (&["--backend", "nccl"][..], "rebuild with --features cuda"),
+        (
+            &["--backend", "nccl", "--device", "cuda", "--tp", "2"][..],
+            "rebuild with --features cuda",
+        ),
+        (&["--device", "cuda"][..], "--device cuda needs --backend nccl"),
+    ] {
+        let o = Command::new(&exe).args(["--port", "0"]).args(args).output().unwrap();
+        let err = String::from_utf8_lossy(&o.stderr);
+        assert_eq!(o.status.code(), Some(1), "{args:?}: {err}");
+        // (A `cuda` build on a host without a GPU says that instead.)
+        assert!(
+            err.contains(needle) || err.contains("no CUDA device"),
+            "{args:?}: {err}"
+        );
+        assert!(!String::from_utf8_lossy(&o.stdout).contains("listening on"), "{args:?}");
+    }
+}

@@ -44,7 +44,7 @@ pub enum Device {
     Cpu,
     /// On the rank's GPU (the CUDA engine: bf16 weights, f32 activations and KV cache on the device, TP
     /// collectives by NCCL on the compute stream). Needs `--backend nccl`, a build with `--features cuda` and
-    /// one GPU per rank. Not yet run on a GPU; one sequence at a time.
+    /// one GPU per rank. Not yet run on a GPU.
     Cuda,
 }
 
@@ -441,7 +441,7 @@ fn check_nccl_build() -> Result<()> {
 }
 
 #[cfg(not(feature = "cuda"))]
-fn no_cuda_feature() -> EngineError {
+pub(crate) fn no_cuda_feature() -> EngineError {
     EngineError::Config(
         "--backend nccl is not in this build: rebuild with --features cuda (e.g. cargo run --release \
          --features cuda --example tp_llama -- --backend nccl); use --backend host without GPUs"
@@ -561,37 +561,6 @@ fn progress_bar(total_hint: usize) -> indicatif::ProgressBar {
     pb
 }
 
-/// The rank's shard moved to its GPU: the CUDA engine on the stream of its NCCL communicator (TP, else
-/// pipeline), its TP collectives on device buffers.
-#[cfg(feature = "cuda")]
-fn cuda_rank(model: RankModel, comms: RankComms, overlap_comm: bool) -> Result<Rank<crate::cuda_engine::Cuda>> {
-    use crate::cuda_engine::{upload_to, Cuda, DeviceTp};
-    let stream = comms
-        .tp
-        .nccl_communicator()
-        .or(comms.pp.nccl_communicator())
-        .map(|c| c.stream().cloned())
-        .transpose()?
-        .ok_or_else(|| {
-            EngineError::Config("--device cuda: the rank has no NCCL communicator (use --backend nccl)".into())
-        })?;
-    let tp = DeviceTp::from_comm(comms.tp)?;
-    let (rope, max_pos) = (model.rope(), model.config().max_position_embeddings);
-    let backend = if overlap_comm {
-        if comms.pp.size() != 1 {
-            return Err(EngineError::Config(format!(
-                "--overlap-comm needs one pipeline stage, not {}: it overlaps one stage's interleaved prefill chunks",
-                comms.pp.size()
-            )));
-        }
-        Cuda::beside_stream(&stream, rope, max_pos)?
-    } else {
-        Cuda::on_stream(stream, rope, max_pos)?
-    };
-    let model = upload_to(model, backend)?;
-    Rank::new(model, Box::new(tp), comms.pp)
-}
-
 fn run_rank(job: &Job, comms: RankComms, reporter: bool) -> Result<GenerateOutput> {
     let (stage, tp_rank) = job.layout.coords(comms.world_rank);
     let place = RankPlace {
@@ -636,7 +605,7 @@ fn run_rank(job: &Job, comms: RankComms, reporter: bool) -> Result<GenerateOutpu
     }
     if cuda {
         #[cfg(feature = "cuda")]
-        return generate_on(job, cuda_rank(model, comms, job.args.overlap_comm)?, reporter);
+        return generate_on(job, launch::cuda_rank(model, comms, job.args.overlap_comm)?, reporter);
         #[cfg(not(feature = "cuda"))]
         return Err(no_cuda_feature());
     }

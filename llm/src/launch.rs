@@ -358,8 +358,20 @@ pub(crate) fn load_rank(
     path: crate::math::DecodePath,
     comms: RankComms,
 ) -> Result<crate::engine::Rank> {
-    use crate::engine::{Rank, RankModel, RankPlace};
-    let (stage, tp_rank) = layout.coords(comms.world_rank);
+    let model = load_model(src, layout, threads, path, comms.world_rank)?;
+    crate::engine::Rank::new(model, comms.tp, comms.pp)
+}
+
+/// World rank `world_rank`'s shard of `layout`, on the CPU, decoding on `path`.
+pub(crate) fn load_model(
+    src: &dyn crate::model::WeightSource,
+    layout: Layout,
+    threads: usize,
+    path: crate::math::DecodePath,
+    world_rank: usize,
+) -> Result<crate::engine::RankModel> {
+    use crate::engine::{RankModel, RankPlace};
+    let (stage, tp_rank) = layout.coords(world_rank);
     let place = RankPlace {
         tp: layout.tp,
         tp_rank,
@@ -369,7 +381,43 @@ pub(crate) fn load_rank(
     };
     let mut model = RankModel::load(src, place, &mut |_, _| {})?;
     model.set_decode_path(path);
-    Rank::new(model, comms.tp, comms.pp)
+    Ok(model)
+}
+
+/// The rank's shard moved to its GPU: the CUDA engine on the stream of its NCCL communicator (TP, else
+/// pipeline), its TP collectives on device buffers; with `overlap_comm`, the kernels on a stream of their
+/// own beside the communicator's ([`Cuda::beside_stream`](crate::cuda_engine::Cuda::beside_stream)).
+#[cfg(feature = "cuda")]
+pub(crate) fn cuda_rank(
+    model: crate::engine::RankModel,
+    comms: RankComms,
+    overlap_comm: bool,
+) -> Result<crate::engine::Rank<crate::cuda_engine::Cuda>> {
+    use crate::cuda_engine::{upload_to, Cuda, DeviceTp};
+    let stream = comms
+        .tp
+        .nccl_communicator()
+        .or(comms.pp.nccl_communicator())
+        .map(|c| c.stream().cloned())
+        .transpose()?
+        .ok_or_else(|| {
+            EngineError::Config("--device cuda: the rank has no NCCL communicator (use --backend nccl)".into())
+        })?;
+    let tp = DeviceTp::from_comm(comms.tp)?;
+    let (rope, max_pos) = (model.rope(), model.config().max_position_embeddings);
+    let backend = if overlap_comm {
+        if comms.pp.size() != 1 {
+            return Err(EngineError::Config(format!(
+                "--overlap-comm needs one pipeline stage, not {}: it overlaps one stage's interleaved prefill chunks",
+                comms.pp.size()
+            )));
+        }
+        Cuda::beside_stream(&stream, rope, max_pos)?
+    } else {
+        Cuda::on_stream(stream, rope, max_pos)?
+    };
+    let model = upload_to(model, backend)?;
+    crate::engine::Rank::new(model, Box::new(tp), comms.pp)
 }
 
 /// Loads and runs a whole `layout` on threads of this process (host backend) and returns every rank's
@@ -437,10 +485,17 @@ pub fn first_error<T>(results: Vec<Result<T>>) -> Result<Vec<T>> {
 ///
 /// Several ranks share a GPU only when there are fewer devices than ranks (each then gets its own stream).
 pub fn nccl_thread_devices(world: usize, device_count: usize) -> Result<Vec<usize>> {
+    nccl_thread_devices_from(world, 0, device_count)
+}
+
+/// [`nccl_thread_devices`] for ranks numbered from `first` (e.g. `serve`'s replica `r` of `world` ranks
+/// starts at `r * world`, so replicas take different GPUs while there are enough): rank `r` on device
+/// `(first + r) % device_count`.
+pub fn nccl_thread_devices_from(world: usize, first: usize, device_count: usize) -> Result<Vec<usize>> {
     if device_count == 0 {
         return Err(no_cuda_device());
     }
-    Ok((0..world).map(|r| r % device_count).collect())
+    Ok((0..world).map(|r| (first + r) % device_count).collect())
 }
 
 /// The error of `--backend nccl` on a host where the CUDA driver reports no device.
@@ -479,7 +534,7 @@ mod nccl_launch {
     use nccl::cudarc::driver::{CudaContext, CudaStream, DriverError};
     use nccl::{Communicator, UniqueId};
 
-    use super::{nccl_process_device, nccl_thread_devices, world_rendezvous, RankComms};
+    use super::{nccl_process_device, nccl_thread_devices_from, world_rendezvous, RankComms};
     use crate::comm::cuda::StagedNcclComm;
     use crate::comm::{Comm, SingleComm};
     use crate::error::{EngineError, Result};
@@ -560,7 +615,13 @@ mod nccl_launch {
     impl NcclThreads {
         /// Checks the devices (an error names a host without any), creates the streams and the unique id.
         pub fn new(layout: Layout) -> Result<Self> {
-            let devices = nccl_thread_devices(layout.world(), nccl::cuda_device_count())?;
+            Self::new_from(layout, 0)
+        }
+
+        /// [`NcclThreads::new`] with world rank `w` on device `(first + w) % device count`
+        /// ([`nccl_thread_devices_from`]).
+        pub fn new_from(layout: Layout, first: usize) -> Result<Self> {
+            let devices = nccl_thread_devices_from(layout.world(), first, nccl::cuda_device_count())?;
             let mut contexts: Vec<(usize, Arc<CudaStream>)> = Vec::new();
             let mut streams = Vec::with_capacity(devices.len());
             for d in devices {

@@ -297,3 +297,69 @@ fn tp2_overlapped_prefill_equals_one_stream() {
         );
     }
 }
+
+/// `serve --backend nccl --device cuda`: a replica of GPU-engine ranks (one NCCL rank here) serves what the
+/// GPU engine generates. One request at a time, each is a batch-1 prefill and decode, the same kernels as
+/// `Rank::generate`: the same tokens. Eight at once are batched; each completes with its length (tokens
+/// may differ from the solo ones at near ties, since batched GEMMs may take other cuBLAS algorithms: the
+/// count that agree is printed).
+#[test]
+#[ignore = "needs 1 GPU"]
+fn the_server_on_the_gpu_engine_serves_what_the_engine_generates() {
+    use nccl_llm::cli::{Backend, Device};
+    use nccl_llm::server::ranks::RankEngine;
+    use nccl_llm::server::{generate_distributed, GenRequest, Pool, PoolConfig};
+    use std::sync::Arc;
+    use std::time::Duration;
+    let src: Arc<dyn WeightSource> = Arc::from(model::tiny_random(0));
+    let prompts: Vec<Vec<u32>> = (0..8u32)
+        .map(|i| (0..1 + i % 5).map(|j| (i * 31 + j * 7 + 3) % 256).collect())
+        .collect();
+    let n = 6;
+    let params = GenerateParams {
+        max_new_tokens: n,
+        sampling: SamplingParams::default(),
+        ignore_eos: true,
+        micro_batches: 0,
+    };
+    let gpu = cuda_engine::upload(load(&*src, 1, 0), 0).unwrap_or_else(|e| panic!("CUDA device 0: {e}"));
+    let rank = Rank::new(gpu, Box::new(DeviceTp::Single), Box::new(SingleComm)).unwrap();
+    let solo: Vec<Vec<u32>> = prompts
+        .iter()
+        .map(|p| rank.generate(p, &params, &mut |_| {}).unwrap().generated)
+        .collect();
+    drop(rank);
+    let cfg = PoolConfig {
+        engine: RankEngine {
+            backend: Backend::Nccl,
+            device: Device::Cuda,
+        },
+        ..PoolConfig::default()
+    };
+    let pool = Pool::start(src, cfg).unwrap_or_else(|e| panic!("a GPU-engine replica: {e}"));
+    let req = |p: &Vec<u32>| GenRequest {
+        prompt: p.clone(),
+        max_tokens: n,
+        sampling: SamplingParams::default(),
+        stop: Vec::new(),
+        ignore_eos: true,
+    };
+    for (i, p) in prompts.iter().enumerate() {
+        let got = generate_distributed(&pool, vec![req(p)], Duration::from_secs(120));
+        let got = got
+            .into_iter()
+            .next()
+            .unwrap()
+            .unwrap_or_else(|e| panic!("request {i}: {e}"));
+        assert_eq!(got.token_ids, solo[i], "request {i}, served alone");
+    }
+    let got = generate_distributed(&pool, prompts.iter().map(req).collect(), Duration::from_secs(120));
+    let mut same = 0;
+    for (i, g) in got.into_iter().enumerate() {
+        let g = g.unwrap_or_else(|e| panic!("request {i} of 8 concurrent: {e}"));
+        assert_eq!(g.token_ids.len(), n, "request {i} of 8 concurrent");
+        same += usize::from(g.token_ids == solo[i]);
+    }
+    eprintln!("8 concurrent requests on the GPU engine: {same} of 8 equal their solo tokens");
+    pool.shutdown();
+}

@@ -8,7 +8,7 @@
 //! ```
 
 use nccl_llm::cli::{self, Args, Example};
-use nccl_llm::launch::{nccl_process_device, nccl_thread_devices};
+use nccl_llm::launch::{nccl_process_device, nccl_thread_devices, nccl_thread_devices_from};
 #[cfg(feature = "cuda")]
 use nccl_llm::shard::Layout;
 
@@ -21,6 +21,11 @@ fn thread_ranks_go_round_robin_over_the_devices() {
     assert_eq!(nccl_thread_devices(5, 2).unwrap(), [0, 1, 0, 1, 0]);
     let err = nccl_thread_devices(2, 0).unwrap_err().to_string();
     assert!(err.contains("no CUDA device was found"), "{err}");
+    // serve's replica r of w ranks starts at r × w: replicas take different GPUs while there are enough.
+    assert_eq!(nccl_thread_devices_from(2, 2, 8).unwrap(), [2, 3]);
+    assert_eq!(nccl_thread_devices_from(2, 6, 8).unwrap(), [6, 7]);
+    assert_eq!(nccl_thread_devices_from(4, 2, 4).unwrap(), [2, 3, 0, 1]);
+    assert!(nccl_thread_devices_from(1, 3, 0).is_err());
 }
 
 #[test]

@@ -15,7 +15,8 @@ use crate::model::{self, WeightSource};
 use crate::sample::SamplingParams;
 use crate::shard::Layout;
 
-/// An OpenAI-compatible inference server: --dp replicas of --tp × --pp CPU ranks, continuous batching.
+/// An OpenAI-compatible inference server: --dp replicas of --tp × --pp ranks (CPU ranks, or GPUs with
+/// --backend nccl --device cuda), continuous batching.
 ///
 /// Without --model, the built-in tiny random model (no tokenizer: prompts as token ids, text as ids).
 #[derive(Parser, Debug, Clone)]
@@ -48,6 +49,14 @@ pub struct Args {
     /// are used the same way without this flag (but are not started again).
     #[arg(long)]
     pub nprocs: Option<usize>,
+    /// Communication backend of each replica's ranks: `host` (default), or `nccl` (ranks as threads, rank w
+    /// of replica r on GPU (r × ranks per replica + w) mod GPUs; a build with `--features cuda`).
+    #[arg(long, value_enum, default_value = "host")]
+    pub backend: crate::cli::Backend,
+    /// Where each rank computes: `cpu` (default) or `cuda` (the GPU engine: needs `--backend nccl` and one
+    /// GPU per rank of every replica; never run on a GPU yet).
+    #[arg(long, value_enum, default_value = "cpu")]
+    pub device: crate::cli::Device,
     /// Compute threads per rank (default: cores ÷ all ranks, at least 1).
     #[arg(long)]
     pub threads: Option<usize>,
@@ -126,6 +135,7 @@ pub fn main() -> i32 {
 /// `--nprocs N` must be the replica's world and (ranks as processes) `--dp` 1: checked before any process
 /// starts, so a bad flag fails once.
 fn check_processes(args: &Args) -> Result<()> {
+    check_engine(args)?;
     let Some(n) = args.nprocs else { return Ok(()) };
     let world = args.tp.saturating_mul(args.pp);
     if n != world {
@@ -142,6 +152,33 @@ fn check_processes(args: &Args) -> Result<()> {
         )));
     }
     Ok(())
+}
+
+/// `--backend`/`--device`: the combinations a replica can run, checked before anything starts.
+fn check_engine(args: &Args) -> Result<()> {
+    use crate::cli::{Backend, Device};
+    let engine = engine_of(args);
+    engine.check()?;
+    if engine.device == Device::Cuda && (args.int8 || args.int16) {
+        return Err(EngineError::Config(
+            "--int8/--int16 are CPU decode paths; --device cuda computes in bf16/f32 on the GPU".into(),
+        ));
+    }
+    if engine.backend == Backend::Nccl && (args.nprocs.is_some() || launch::is_worker()?) {
+        return Err(EngineError::Config(
+            "serve --backend nccl runs each replica's ranks as threads of this process; ranks as processes \
+             (--nprocs, torchrun, mpirun, srun) serve with --backend host only, for now"
+                .into(),
+        ));
+    }
+    Ok(())
+}
+
+fn engine_of(args: &Args) -> super::ranks::RankEngine {
+    super::ranks::RankEngine {
+        backend: args.backend,
+        device: args.device,
+    }
 }
 
 fn parse_fault(s: &str) -> Result<Fault> {
@@ -278,6 +315,7 @@ fn pool_with(args: &Args, ranks: Ranks) -> Result<(Arc<Pool>, String)> {
         step_delay: Duration::from_millis(args.step_delay_ms),
         rebuild_backoff: secs(args.rebuild_backoff_secs, "--rebuild-backoff-secs")?,
         rebuild_backoff_max: secs(args.rebuild_backoff_max_secs, "--rebuild-backoff-max-secs")?,
+        engine: engine_of(args),
     };
     let t0 = std::time::Instant::now();
     let processes = !matches!(ranks, Ranks::Threads);
@@ -285,8 +323,13 @@ fn pool_with(args: &Args, ranks: Ranks) -> Result<(Arc<Pool>, String)> {
         Ranks::Threads => Pool::start(src, cfg)?,
         r => Pool::start_process(src, cfg, r)?,
     };
+    let engine = match (args.backend, args.device) {
+        (crate::cli::Backend::Host, _) => "host collectives, CPU compute",
+        (crate::cli::Backend::Nccl, crate::cli::Device::Cpu) => "NCCL collectives staged through the GPUs, CPU compute",
+        (crate::cli::Backend::Nccl, crate::cli::Device::Cuda) => "the GPU engine, one GPU per rank, NCCL",
+    };
     say!(
-        "{}: {} replica(s) of tp {} × pp {} ({}) loaded in {:.2} s",
+        "{}: {} replica(s) of tp {} × pp {} ({}; {engine}) loaded in {:.2} s",
         pool.source().describe(),
         args.dp,
         args.tp,
@@ -516,4 +559,54 @@ fn batch(args: &Args, inp: &std::path::Path, out: &std::path::Path, ranks: Ranks
         )));
     }
     Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn check(argv: &[&str]) -> std::result::Result<(), String> {
+        let args = Args::try_parse_from(std::iter::once("serve").chain(argv.iter().copied())).unwrap();
+        check_processes(&args).map_err(|e| e.to_string())
+    }
+
+    /// `--backend`/`--device` combinations no replica can run are refused before anything starts, in both
+    /// builds (with and without the `cuda` feature, as CI tests the library).
+    #[test]
+    fn engines_a_replica_cannot_run_are_refused_first() {
+        check(&[]).unwrap();
+        let e = check(&["--device", "cuda"]).unwrap_err();
+        assert!(e.contains("--device cuda needs --backend nccl"), "{e}");
+        let nccl = check(&["--backend", "nccl", "--tp", "2", "--nprocs", "2"]);
+        let cuda_int8 = check(&["--backend", "nccl", "--device", "cuda", "--int8"]);
+        if cfg!(feature = "cuda") {
+            let e = nccl.unwrap_err();
+            assert!(
+                e.contains("serve --backend nccl runs each replica's ranks as threads"),
+                "{e}"
+            );
+            let e = cuda_int8.unwrap_err();
+            assert!(e.contains("--int8/--int16 are CPU decode paths"), "{e}");
+            check(&["--backend", "nccl", "--device", "cuda", "--tp", "2", "--dp", "2"]).unwrap();
+        } else {
+            for e in [nccl.unwrap_err(), cuda_int8.unwrap_err()] {
+                assert!(e.contains("rebuild with --features cuda"), "{e}");
+            }
+        }
+    }
+
+    /// With the `cuda` feature on a host without a GPU (this one, CI) a NCCL replica fails to start with the
+    /// error naming the missing device, never a panic or a hang.
+    #[cfg(feature = "cuda")]
+    #[test]
+    fn a_nccl_replica_without_a_gpu_is_a_clear_error() {
+        if nccl::cuda_device_count() > 0 {
+            return; // a GPU host: the GPU tests cover it
+        }
+        for device in ["cpu", "cuda"] {
+            let args = Args::try_parse_from(["serve", "--backend", "nccl", "--device", device, "--tp", "2"]).unwrap();
+            let e = pool_from_args(&args).map(|_| ()).unwrap_err().to_string();
+            assert!(e.contains("no CUDA device"), "{device}: {e}");
+        }
+    }
 }

@@ -77,6 +77,8 @@ pub struct PoolConfig {
     pub rebuild_backoff: Duration,
     /// The longest wait between two rebuild attempts.
     pub rebuild_backoff_max: Duration,
+    /// Where the ranks compute and how they communicate (host collectives and CPU compute by default).
+    pub engine: super::ranks::RankEngine,
 }
 
 impl Default for PoolConfig {
@@ -95,6 +97,7 @@ impl Default for PoolConfig {
             step_delay: Duration::ZERO,
             rebuild_backoff: Duration::from_secs(1),
             rebuild_backoff_max: Duration::from_secs(60),
+            engine: super::ranks::RankEngine::default(),
         }
     }
 }
@@ -404,7 +407,15 @@ impl Pool {
             Ranks::Children(c) => Some(c.start_unless(&|| self.stop.load(Ordering::SeqCst))?),
         };
         let cfg = &self.cfg;
-        let built = RankSet::build(&self.src, cfg.layout, cfg.threads, cfg.decode_path, index, comms);
+        let built = RankSet::build(
+            &self.src,
+            cfg.layout,
+            cfg.threads,
+            cfg.decode_path,
+            cfg.engine,
+            index,
+            comms,
+        );
         built.map_err(|e| {
             // A child rank that failed while loading (e.g. its model file is gone) shows up here only as a
             // peer that left: name the process and its exit code, which its own stderr explains.

@@ -22,10 +22,12 @@ use std::sync::Arc;
 use std::thread::JoinHandle;
 use std::time::{Duration, Instant};
 
+use crate::cli::{Backend, Device};
 use crate::comm::Comm;
-use crate::engine::{KvCache, Rank};
+use crate::compute::Compute;
+use crate::engine::Rank;
 use crate::error::{EngineError, Result};
-use crate::launch::{load_rank, RankComms};
+use crate::launch::{load_model, load_rank, RankComms};
 use crate::math::DecodePath;
 use crate::model::WeightSource;
 use crate::shard::Layout;
@@ -147,7 +149,7 @@ impl Plan {
 }
 
 /// Sends `words` to `peer`: its length, then the words (as `f32` bit patterns: send/recv copy bytes).
-fn send_frame(c: &dyn Comm, words: &[u32], peer: usize) -> Result<()> {
+fn send_frame<C: Comm + ?Sized>(c: &C, words: &[u32], peer: usize) -> Result<()> {
     c.send(&[f32::from_bits(words.len() as u32)], peer)?;
     let data: Vec<f32> = words.iter().map(|&w| f32::from_bits(w)).collect();
     c.send(&data, peer)?;
@@ -155,7 +157,7 @@ fn send_frame(c: &dyn Comm, words: &[u32], peer: usize) -> Result<()> {
 }
 
 /// Receives what [`send_frame`] sent from `peer`.
-fn recv_frame(c: &dyn Comm, peer: usize) -> Result<Vec<u32>> {
+fn recv_frame<C: Comm + ?Sized>(c: &C, peer: usize) -> Result<Vec<u32>> {
     let mut len = [0.0f32];
     c.recv(&mut len, peer)?;
     let n = len[0].to_bits() as usize;
@@ -171,7 +173,7 @@ fn recv_frame(c: &dyn Comm, peer: usize) -> Result<Vec<u32>> {
 
 /// Brings the plan to every rank: rank 0 has it (from the leader) and sends it on; the others receive it
 /// over their communicators (see the module documentation for the tree).
-fn distribute(rank: &Rank, w: usize, mine: Option<&Plan>) -> Result<Plan> {
+fn distribute<B: Compute>(rank: &Rank<B>, w: usize, mine: Option<&Plan>) -> Result<Plan> {
     let p = rank.model().place();
     let (tp, pp) = (rank.tp_comm(), rank.pp_comm());
     let (plan, words) = match mine {
@@ -209,10 +211,10 @@ enum Outcome {
 
 /// Runs one plan on this rank: receives (or sends) it, applies its frees and allocations, runs the step or
 /// (no segments) a barrier, and brings the logits to rank 0.
-fn run_plan(
-    rank: &Rank,
+fn run_plan<B: Compute>(
+    rank: &Rank<B>,
     w: usize,
-    caches: &mut HashMap<u64, KvCache>,
+    caches: &mut HashMap<u64, B::Cache>,
     mine: Option<&Plan>,
 ) -> std::result::Result<Outcome, String> {
     let plan = distribute(rank, w, mine).map_err(|e| e.to_string())?;
@@ -228,19 +230,20 @@ fn run_plan(
         caches.remove(id);
     }
     for &(id, cap) in &plan.alloc {
-        caches.insert(id, rank.model().new_cache(cap));
+        let cache = rank.model().try_new_cache(cap).map_err(|e| e.to_string())?;
+        caches.insert(id, cache);
     }
     if plan.segs.is_empty() {
         rank.barrier().map_err(|e| e.to_string())?;
         return Ok(Outcome::Logits(Vec::new()));
     }
-    let mut taken: Vec<(u64, KvCache)> = Vec::with_capacity(plan.segs.len());
+    let mut taken: Vec<(u64, B::Cache)> = Vec::with_capacity(plan.segs.len());
     for (id, _) in &plan.segs {
         let c = caches.remove(id).ok_or_else(|| format!("no cache for sequence {id}"))?;
         taken.push((*id, c));
     }
     let out = {
-        let mut segs: Vec<(&[u32], &mut KvCache)> = plan
+        let mut segs: Vec<(&[u32], &mut B::Cache)> = plan
             .segs
             .iter()
             .zip(taken.iter_mut())
@@ -292,8 +295,8 @@ type Reply = std::result::Result<Vec<Vec<f32>>, String>;
 
 /// One rank's loop: runs plans until a stop plan (rank 0: until the leader hangs up) or a failure (then it
 /// returns, dropping its communicators, which makes its peers fail instead of waiting).
-fn rank_main(rank: Rank, w: usize, leader: Option<Leader>) -> std::result::Result<(), String> {
-    let mut caches: HashMap<u64, KvCache> = HashMap::new();
+fn rank_main<B: Compute>(rank: Rank<B>, w: usize, leader: Option<Leader>) -> std::result::Result<(), String> {
+    let mut caches: HashMap<u64, B::Cache> = HashMap::new();
     loop {
         // Rank 0: the leader's next plan (a stop plan once the leader hangs up).
         let mine = leader.as_ref().map(|l| {
@@ -319,6 +322,102 @@ fn rank_main(rank: Rank, w: usize, leader: Option<Leader>) -> std::result::Resul
             }
         }
     }
+}
+
+/// Tells the builder whether the rank loaded, then (loaded) runs its plans.
+fn ready_then_run<B: Compute>(
+    rank: Result<Rank<B>>,
+    w: usize,
+    link: Option<Leader>,
+    ready_tx: mpsc::Sender<(usize, Result<()>)>,
+) {
+    let rank = match rank {
+        Ok(r) => {
+            let _ = ready_tx.send((w, Ok(())));
+            r
+        }
+        Err(e) => {
+            let _ = ready_tx.send((w, Err(e)));
+            return;
+        }
+    };
+    drop(ready_tx);
+    let _ = rank_main(rank, w, link);
+}
+
+/// Where a replica's ranks compute and how they communicate (`serve --backend`, `--device`, as in
+/// tp_llama): host collectives and CPU compute (the default); NCCL with CPU compute (each collective
+/// staged through the GPU); or the CUDA engine, one GPU per rank.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct RankEngine {
+    /// The communicators.
+    pub backend: Backend,
+    /// The compute backend.
+    pub device: Device,
+}
+
+impl Default for RankEngine {
+    fn default() -> Self {
+        RankEngine {
+            backend: Backend::Host,
+            device: Device::Cpu,
+        }
+    }
+}
+
+impl RankEngine {
+    /// Refuses the combinations no rank can run: the GPU engine without NCCL, and NCCL in a build without
+    /// the `cuda` feature.
+    pub fn check(&self) -> Result<()> {
+        if self.device == Device::Cuda && self.backend != Backend::Nccl {
+            return Err(EngineError::Config(
+                "--device cuda needs --backend nccl (the GPU engine's collectives are NCCL calls on its stream)".into(),
+            ));
+        }
+        #[cfg(not(feature = "cuda"))]
+        if self.backend == Backend::Nccl {
+            return Err(crate::cli::no_cuda_feature());
+        }
+        Ok(())
+    }
+}
+
+/// A rank thread's communicators: given, or made on the thread by NCCL.
+enum RankCommsOf {
+    Given(RankComms),
+    #[cfg(feature = "cuda")]
+    Nccl(Arc<crate::launch::NcclThreads>),
+}
+
+impl RankCommsOf {
+    fn take(self, w: usize) -> Result<RankComms> {
+        let _ = w;
+        match self {
+            RankCommsOf::Given(c) => Ok(c),
+            #[cfg(feature = "cuda")]
+            RankCommsOf::Nccl(nt) => nt.rank(w),
+        }
+    }
+}
+
+/// Replica `replica`'s rank threads on NCCL: world rank `w` on device `(replica × world + w) % devices`, so
+/// replicas take different GPUs while there are enough; the GPU engine needs one GPU per rank of every
+/// replica.
+#[cfg(feature = "cuda")]
+fn nccl_threads(layout: Layout, engine: RankEngine, replica: usize) -> Result<Vec<(usize, RankCommsOf)>> {
+    let first = replica * layout.world();
+    if engine.device == Device::Cuda {
+        crate::cuda_engine::device_for_rank(first, first + layout.world(), nccl::cuda_device_count())?;
+    }
+    let nt = Arc::new(crate::launch::NcclThreads::new_from(layout, first)?);
+    Ok((0..layout.world())
+        .map(|w| (w, RankCommsOf::Nccl(nt.clone())))
+        .collect())
+}
+
+#[cfg(not(feature = "cuda"))]
+fn nccl_threads(_layout: Layout, _engine: RankEngine, _replica: usize) -> Result<Vec<(usize, RankCommsOf)>> {
+    Err(crate::cli::no_cuda_feature())
 }
 
 /// The ranks of one replica as the leader drives them: the channel to world rank 0 (a thread of this
@@ -357,12 +456,20 @@ impl RankSet {
         layout: Layout,
         threads: usize,
         path: DecodePath,
+        engine: RankEngine,
         replica: usize,
         comms: Option<RankComms>,
     ) -> Result<RankSet> {
-        let local = match comms {
-            Some(c) => vec![c],
-            None => crate::launch::host_threads(layout)?,
+        engine.check()?;
+        // Each rank thread's communicators: given (host threads, or this process's rank 0), or made by
+        // NCCL on the rank's own thread (every rank of the replica at once).
+        let local: Vec<(usize, RankCommsOf)> = match (comms, engine.backend) {
+            (Some(c), _) => vec![(c.world_rank, RankCommsOf::Given(c))],
+            (None, Backend::Host) => crate::launch::host_threads(layout)?
+                .into_iter()
+                .map(|c| (c.world_rank, RankCommsOf::Given(c)))
+                .collect(),
+            (None, Backend::Nccl) => nccl_threads(layout, engine, replica)?,
         };
         let (plan_tx, plan_rx) = mpsc::channel::<Plan>();
         let (reply_tx, replies) = mpsc::channel::<Reply>();
@@ -373,25 +480,36 @@ impl RankSet {
         });
         let mut rank0 = None;
         let n = local.len();
-        for c in local {
-            let w = c.world_rank;
+        for (w, c) in local {
             let link = if w == 0 { leader.take() } else { None };
             let (src, ready_tx) = (src.clone(), ready_tx.clone());
             let h = std::thread::Builder::new()
                 .name(format!("replica{replica}-rank{w}"))
                 .spawn(move || {
-                    let rank = match load_rank(&*src, layout, threads, path, c) {
-                        Ok(r) => {
-                            let _ = ready_tx.send((w, Ok(())));
-                            r
-                        }
+                    let comms = match c.take(w) {
+                        Ok(c) => c,
                         Err(e) => {
                             let _ = ready_tx.send((w, Err(e)));
                             return;
                         }
                     };
-                    drop(ready_tx);
-                    let _ = rank_main(rank, w, link);
+                    match engine.device {
+                        Device::Cpu => {
+                            let rank = load_model(&*src, layout, threads, path, w)
+                                .and_then(|m| Rank::new(m, comms.tp, comms.pp));
+                            ready_then_run(rank, w, link, ready_tx)
+                        }
+                        #[cfg(feature = "cuda")]
+                        Device::Cuda => {
+                            let rank = load_model(&*src, layout, threads, path, w)
+                                .and_then(|m| crate::launch::cuda_rank(m, comms, false));
+                            ready_then_run(rank, w, link, ready_tx)
+                        }
+                        #[cfg(not(feature = "cuda"))]
+                        Device::Cuda => {
+                            let _ = ready_tx.send((w, Err(crate::cli::no_cuda_feature())));
+                        }
+                    }
                 })
                 .map_err(|e| EngineError::Config(format!("spawning a rank thread: {e}")))?;
             if w == 0 {
