@@ -114,6 +114,41 @@ fn compare(what: &str, gpu: &[Vec<f32>], cpu: &[Vec<f32>]) {
     );
 }
 
+/// Runs `f` on both ranks of a TP=2 CUDA engine over NCCL on devices 0 and 1 (a rank thread each): the
+/// kernels on the communicator's stream, or (`apart`, `--overlap-comm`) on a stream beside it.
+fn on_tp2<R: Send>(src: &dyn WeightSource, apart: bool, f: impl Fn(Rank<Cuda>) -> R + Sync) -> Vec<R> {
+    let streams: Vec<_> = (0..2)
+        .map(|d| {
+            let ctx = CudaContext::new(d).unwrap_or_else(|e| panic!("CUDA device {d}: {e:?}"));
+            ctx.new_stream().expect("a stream")
+        })
+        .collect();
+    let comms = Communicator::init_all_on(streams).expect("ncclCommInitAll on devices 0 and 1");
+    let f = &f;
+    std::thread::scope(|s| {
+        let handles: Vec<_> = comms
+            .into_iter()
+            .enumerate()
+            .map(|(r, comm)| {
+                s.spawn(move || {
+                    let tp = DeviceTp::from_comm(Box::new(StagedNcclComm(comm))).unwrap();
+                    let stream = tp.stream().expect("the communicator's stream");
+                    let host = load(src, 2, r);
+                    let (rope, max_pos) = (host.rope(), host.config().max_position_embeddings);
+                    let backend = match apart {
+                        true => Cuda::beside_stream(&stream, rope, max_pos),
+                        false => Cuda::on_stream(stream, rope, max_pos),
+                    }
+                    .unwrap_or_else(|e| panic!("rank {r}: {e}"));
+                    let model = cuda_engine::upload_to(host, backend).unwrap();
+                    f(Rank::new(model, Box::new(tp), Box::new(SingleComm)).unwrap())
+                })
+            })
+            .collect();
+        handles.into_iter().map(|h| h.join().expect("a rank thread")).collect()
+    })
+}
+
 #[test]
 #[ignore = "needs 1 GPU"]
 fn tp1_cuda_engine_matches_the_cpu_engine() {
@@ -196,34 +231,8 @@ fn tp1_cuda_engine_batched_steps_match_the_cpu_engine() {
 fn tp2_cuda_engine_with_nccl_matches_the_cpu_engine() {
     let src = model::tiny_random(0);
     let (tokens, cpu) = cpu_reference(&*src);
-    let streams: Vec<_> = (0..2)
-        .map(|d| {
-            let ctx = CudaContext::new(d).unwrap_or_else(|e| panic!("CUDA device {d}: {e:?}"));
-            ctx.new_stream().expect("a stream")
-        })
-        .collect();
-    let comms = Communicator::init_all_on(streams).expect("ncclCommInitAll on devices 0 and 1");
-    let src = &*src;
     let follow = &tokens[..NEW - 1];
-    let results: Vec<Vec<Vec<f32>>> = std::thread::scope(|s| {
-        let handles: Vec<_> = comms
-            .into_iter()
-            .enumerate()
-            .map(|(r, comm)| {
-                s.spawn(move || {
-                    let tp = DeviceTp::from_comm(Box::new(StagedNcclComm(comm))).unwrap();
-                    let stream = tp.stream().expect("the communicator's stream");
-                    let host = load(src, 2, r);
-                    let backend = Cuda::on_stream(stream, host.rope(), host.config().max_position_embeddings)
-                        .unwrap_or_else(|e| panic!("rank {r}: {e}"));
-                    let model = cuda_engine::upload_to(host, backend).unwrap();
-                    let rank = Rank::new(model, Box::new(tp), Box::new(SingleComm)).unwrap();
-                    stepwise(&rank, follow)
-                })
-            })
-            .collect();
-        handles.into_iter().map(|h| h.join().expect("a rank thread")).collect()
-    });
+    let results = on_tp2(&*src, false, |rank| stepwise(&rank, follow));
     for (r, gpu) in results.iter().enumerate() {
         compare(&format!("TP=2 rank {r}"), gpu, &cpu);
     }
@@ -244,42 +253,14 @@ fn tp2_overlapped_prefill_equals_one_stream() {
         ignore_eos: true,
         micro_batches: 3,
     };
-    let run = |apart: bool| -> Vec<(Vec<u32>, Vec<f32>)> {
-        let streams: Vec<_> = (0..2)
-            .map(|d| {
-                let ctx = CudaContext::new(d).unwrap_or_else(|e| panic!("CUDA device {d}: {e:?}"));
-                ctx.new_stream().expect("a stream")
-            })
-            .collect();
-        let comms = Communicator::init_all_on(streams).expect("ncclCommInitAll on devices 0 and 1");
-        let (src, params) = (&*src, &params);
-        std::thread::scope(|s| {
-            let handles: Vec<_> = comms
-                .into_iter()
-                .enumerate()
-                .map(|(r, comm)| {
-                    s.spawn(move || {
-                        let tp = DeviceTp::from_comm(Box::new(StagedNcclComm(comm))).unwrap();
-                        let stream = tp.stream().expect("the communicator's stream");
-                        let host = load(src, 2, r);
-                        let (rope, max_pos) = (host.rope(), host.config().max_position_embeddings);
-                        let backend = match apart {
-                            true => Cuda::beside_stream(&stream, rope, max_pos),
-                            false => Cuda::on_stream(stream, rope, max_pos),
-                        }
-                        .unwrap_or_else(|e| panic!("rank {r}: {e}"));
-                        assert_eq!(backend.comm_apart(), apart);
-                        let model = cuda_engine::upload_to(host, backend).unwrap();
-                        let rank = Rank::new(model, Box::new(tp), Box::new(SingleComm)).unwrap();
-                        let out = rank.generate(&PROMPT, params, &mut |_| {}).unwrap();
-                        (
-                            out.generated,
-                            out.prompt_logits.expect("one stage: every rank has the logits"),
-                        )
-                    })
-                })
-                .collect();
-            handles.into_iter().map(|h| h.join().expect("a rank thread")).collect()
+    let run = |apart: bool| {
+        on_tp2(&*src, apart, |rank| {
+            assert_eq!(rank.model().backend().comm_apart(), apart);
+            let out = rank.generate(&PROMPT, &params, &mut |_| {}).unwrap();
+            (
+                out.generated,
+                out.prompt_logits.expect("one stage: every rank has the logits"),
+            )
         })
     };
     let (one, apart) = (run(false), run(true));
