@@ -136,7 +136,9 @@ pub mod cuda {
     use nccl::{Collectives, Communicator, Error, ReduceOp};
 
     /// An NCCL communicator (with a bound stream) used by the CPU engine: each call copies the host data to
-    /// the device, runs the NCCL operation, copies the result back and synchronizes the stream.
+    /// the device, runs the NCCL operation, copies the result back and waits for the stream, at most the
+    /// communicator's `wait_timeout` (`Communicator::synchronize_within`: past it, or when NCCL reports a
+    /// failed peer, the communicator is aborted and the call fails instead of waiting forever).
     pub struct StagedNcclComm(pub Communicator);
 
     impl Comm for StagedNcclComm {
@@ -153,6 +155,8 @@ pub mod cuda {
             let s = self.0.stream()?.clone();
             let mut d = s.clone_htod(buf).map_err(Error::cuda("all_reduce_sum"))?;
             self.0.all_reduce_in_place::<f32>(&mut d, ReduceOp::Sum)?;
+            // Bounded wait for NCCL first: a copy back into pageable memory would block until it is done.
+            self.0.synchronize_within(self.0.wait_timeout())?;
             s.memcpy_dtoh(&d, buf).map_err(Error::cuda("all_reduce_sum"))?;
             s.synchronize().map_err(Error::cuda("all_reduce_sum"))
         }
@@ -161,6 +165,8 @@ pub mod cuda {
             let d_send = s.clone_htod(send).map_err(Error::cuda("all_gather"))?;
             let mut d_recv = s.alloc_zeros::<f32>(recv.len()).map_err(Error::cuda("all_gather"))?;
             self.0.all_gather::<f32>(&d_send, &mut d_recv)?;
+            // Bounded wait for NCCL first: a copy back into pageable memory would block until it is done.
+            self.0.synchronize_within(self.0.wait_timeout())?;
             s.memcpy_dtoh(&d_recv, recv).map_err(Error::cuda("all_gather"))?;
             s.synchronize().map_err(Error::cuda("all_gather"))
         }
@@ -168,12 +174,14 @@ pub mod cuda {
             let s = self.0.stream()?.clone();
             let d = s.clone_htod(buf).map_err(Error::cuda("send"))?;
             self.0.send::<f32>(&d, peer)?;
-            s.synchronize().map_err(Error::cuda("send"))
+            self.0.synchronize_within(self.0.wait_timeout())
         }
         fn recv(&self, buf: &mut [f32], peer: usize) -> nccl::Result<()> {
             let s = self.0.stream()?.clone();
             let mut d = s.alloc_zeros::<f32>(buf.len()).map_err(Error::cuda("recv"))?;
             self.0.recv::<f32>(&mut d, peer)?;
+            // Bounded wait for NCCL first: a copy back into pageable memory would block until it is done.
+            self.0.synchronize_within(self.0.wait_timeout())?;
             s.memcpy_dtoh(&d, buf).map_err(Error::cuda("recv"))?;
             s.synchronize().map_err(Error::cuda("recv"))
         }

@@ -216,6 +216,9 @@ pub struct Cuda {
     recording: Mutex<Option<Recording>>,
     /// The TP communicator runs on a stream of its own ([`Cuda::beside_stream`]), not on this one.
     comm_apart: bool,
+    /// The communicator whose collectives this stream's work may wait for, and the bound on a wait for
+    /// it ([`Cuda::watch`]).
+    watch: Option<(nccl::AbortHandle, std::time::Duration)>,
 }
 
 /// The inputs of the step being recorded, on the device: made before the capture opens (a copy from the host
@@ -354,6 +357,22 @@ impl Cuda {
         Ok(cuda)
     }
 
+    /// Bounds every wait of this backend for its stream (reading logits or activations back) by `comm`'s
+    /// `wait_timeout`, polling `comm` for a failed peer meanwhile: a collective whose peer never joins
+    /// then fails the wait (and aborts `comm`, ending its kernels) instead of hanging it. Without it (TP 1,
+    /// no NCCL) the waits are plain stream synchronizations.
+    pub fn watch(&mut self, comm: &nccl::Communicator) {
+        self.watch = Some((comm.abort_handle(), comm.wait_timeout()));
+    }
+
+    /// Waits for the work enqueued on this backend's stream ([`Cuda::watch`]).
+    fn wait(&self) -> Result<()> {
+        match &self.watch {
+            Some((h, limit)) => Ok(h.synchronize_within(self.stream(), *limit)?),
+            None => drv(self.stream().synchronize()),
+        }
+    }
+
     /// Whether the TP collectives run on a stream of their own ([`Cuda::beside_stream`]).
     pub fn comm_apart(&self) -> bool {
         self.comm_apart
@@ -370,6 +389,7 @@ impl Cuda {
             scratch: Mutex::new(HashMap::new()),
             recording: Mutex::new(None),
             comm_apart: false,
+            watch: None,
         })
     }
 
@@ -788,6 +808,8 @@ impl Compute for Cuda {
     }
 
     fn with_host<R>(&self, x: &CudaSlice<f32>, f: impl FnOnce(&[f32]) -> R) -> Result<R> {
+        // Bounded wait first: a copy back into pageable memory would block until the work before it is done.
+        self.wait()?;
         let host = drv(self.stream().clone_dtoh(x))?;
         drv(self.stream().synchronize())?;
         Ok(f(&host))
@@ -856,7 +878,7 @@ impl Compute for Cuda {
             positions: cuda(self.k.upload_positions(&positions))?,
         };
         // The copies above must not be in flight when the capture opens: it records only what follows.
-        drv(self.stream().synchronize())?;
+        self.wait()?;
         *self.recording.lock().expect("recording lock") = Some(rec);
         // SAFETY: one thread drives this device (a rank per GPU, `device_for_rank`) and every buffer of the
         // engine is used on this one stream, so nothing relies on cudarc's event tracking while it is off.

@@ -403,9 +403,8 @@ pub(crate) fn cuda_rank(
         .ok_or_else(|| {
             EngineError::Config("--device cuda: the rank has no NCCL communicator (use --backend nccl)".into())
         })?;
-    let tp = DeviceTp::from_comm(comms.tp)?;
     let (rope, max_pos) = (model.rope(), model.config().max_position_embeddings);
-    let backend = if overlap_comm {
+    let mut backend = if overlap_comm {
         if comms.pp.size() != 1 {
             return Err(EngineError::Config(format!(
                 "--overlap-comm needs one pipeline stage, not {}: it overlaps one stage's interleaved prefill chunks",
@@ -416,6 +415,16 @@ pub(crate) fn cuda_rank(
     } else {
         Cuda::on_stream(stream, rope, max_pos)?
     };
+    // The stream's work waits for the TP collectives: bound the waits by them. A TP group of one keeps no
+    // NCCL communicator (`DeviceTp::Single` drops it), so then the pipeline's, which the rank keeps.
+    let watched = match comms.tp.size() {
+        1 => comms.pp.nccl_communicator(),
+        _ => comms.tp.nccl_communicator(),
+    };
+    if let Some(c) = watched {
+        backend.watch(c);
+    }
+    let tp = DeviceTp::from_comm(comms.tp)?;
     let model = upload_to(model, backend)?;
     crate::engine::Rank::new(model, Box::new(tp), comms.pp)
 }

@@ -1381,12 +1381,22 @@ mod typed {
             })
         }
 
-        /// Waits until all work on the communicator's stream has completed.
+        /// Waits until all work on the communicator's stream has completed. Unbounded: a collective whose
+        /// peer never joins waits forever; [`synchronize_within`](Self::synchronize_within) is the bounded
+        /// wait.
         pub fn synchronize(&self) -> Result<()> {
             self.stream()?.synchronize().map_err(Error::cuda("synchronize"))
         }
 
-        /// Returns once every rank has called it: an all_reduce of one element, then a stream synchronize.
+        /// Waits until the work enqueued so far on the communicator's stream has completed, at most `limit`
+        /// ([`AbortHandle::synchronize_within`](crate::AbortHandle::synchronize_within) on its stream): past
+        /// it, or when NCCL reports a failed peer, the communicator is aborted and the call fails.
+        pub fn synchronize_within(&self, limit: std::time::Duration) -> Result<()> {
+            self.abort_handle().synchronize_within(self.stream()?, limit)
+        }
+
+        /// Returns once every rank has called it: an all_reduce of one element, then a wait for it bounded by
+        /// the communicator's [`wait_timeout`](Self::wait_timeout) ([`synchronize_within`](Self::synchronize_within)).
         pub fn barrier(&self) -> Result<()> {
             let taken = self.scratch.borrow_mut().take();
             let mut buf = match taken {
@@ -1396,7 +1406,7 @@ mod typed {
             let res = self.all_reduce_in_place(&mut buf, ReduceOp::Sum);
             *self.scratch.borrow_mut() = Some(buf);
             res?;
-            self.synchronize()
+            self.synchronize_within(self.wait_timeout())
         }
     }
 

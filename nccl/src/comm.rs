@@ -820,6 +820,12 @@ impl Communicator {
         !self.shared.blocking
     }
 
+    /// The bound on this communicator's waits: its `Config::wait_timeout`, or
+    /// [`DEFAULT_WAIT`] when it was created without a config.
+    pub fn wait_timeout(&self) -> Duration {
+        self.shared.wait
+    }
+
     /// Asks NCCL for an asynchronous error (`ncclCommGetAsyncError`): `Ok(None)` while healthy (or still
     /// `ncclInProgress`), `Ok(Some(error))` once the communicator failed (e.g. a peer disconnected; abort it),
     /// `Err` when the query itself failed or the communicator was aborted.
@@ -970,6 +976,59 @@ impl AbortHandle {
     /// True while the communicator is usable (neither aborted nor destroyed).
     pub fn is_live(&self) -> bool {
         *self.shared.lock() == State::Live
+    }
+
+    /// Waits until the work enqueued so far on `stream` has completed, at most `limit`: polls an event
+    /// recorded on `stream` (spinning for the first 50 µs, then sleeping 10 µs growing to 1 ms) and, between
+    /// polls, the communicator's asynchronous error. When the communicator reports an error (a peer failed)
+    /// it is aborted and the error returned; past `limit` it is aborted, which ends its kernels still in
+    /// flight (and so the work behind them on `stream`), and the call returns [`Error::Timeout`]. Either way
+    /// the communicator is unusable afterwards (every later call fails with `Error::Aborted`). `stream` is
+    /// the communicator's own, or one whose work waits for it (a compute stream).
+    #[cfg(feature = "cuda")]
+    pub fn synchronize_within(&self, stream: &cudarc::driver::CudaStream, limit: Duration) -> Result<()> {
+        const OP: &str = "synchronize_within";
+        let done = stream
+            .record_event(Some(cudarc::driver::sys::CUevent_flags::CU_EVENT_DISABLE_TIMING))
+            .map_err(Error::cuda(OP))?;
+        let start = std::time::Instant::now();
+        let mut step = 0;
+        loop {
+            if done.try_is_complete().map_err(Error::cuda(OP))? {
+                return Ok(());
+            }
+            let failed = match self.shared.async_status(OP) {
+                Ok(status) if status == SUCCESS || status == IN_PROGRESS => None,
+                Ok(code) => Some(Error::Nccl {
+                    op: OP,
+                    code,
+                    // SAFETY: `raw` is live under the lock (`with` checks the state).
+                    last_error: self
+                        .shared
+                        .with(OP, |raw| Ok(unsafe { result::last_error(raw) }))
+                        .unwrap_or_default(),
+                }),
+                Err(e) => Some(e),
+            };
+            if failed.is_some() || start.elapsed() >= limit {
+                if let Err(e) = self.abort() {
+                    tracing::warn!("nccl: aborting the communicator after {OP} failed: {e}");
+                }
+                return Err(failed.unwrap_or(Error::Timeout {
+                    op: OP,
+                    elapsed: start.elapsed(),
+                    detail: Some(format!(
+                        "the stream's work (a collective or transfer whose peers did not all join?) was not done \
+                         within {limit:?}; the communicator has been aborted"
+                    )),
+                }));
+            }
+            if start.elapsed() < Duration::from_micros(50) {
+                std::hint::spin_loop();
+            } else {
+                backoff(&mut step);
+            }
+        }
     }
 }
 

@@ -353,6 +353,41 @@ fn shrink_excludes_the_last_rank() {
     });
 }
 
+/// `synchronize_within`: an all-reduce whose peer never joins is not waited for past the bound; the
+/// communicator is aborted (its kernel ended) and the call says `Timeout`. Rank 1 joins the communicator,
+/// then issues nothing until rank 0 has given up.
+#[test]
+#[ignore = "needs 2 GPUs"]
+fn a_bounded_synchronize_gives_up_on_a_peer_that_never_joins() {
+    need(2);
+    let id = UniqueId::new().unwrap();
+    let config = Config::new();
+    let gave_up = std::sync::Barrier::new(2);
+    std::thread::scope(|s| {
+        for rank in 0..2 {
+            let (id, config, gave_up) = (&id, &config, &gave_up);
+            s.spawn(move || {
+                let stream = CudaContext::new(rank).unwrap().new_stream().unwrap();
+                let comm = Communicator::init_rank_config_on(stream.clone(), id, rank, 2, config).unwrap();
+                if rank == 0 {
+                    let mut buf = up::<f32>(&stream, &[1.0; 1 << 16]);
+                    comm.all_reduce_in_place(&mut buf, ReduceOp::Sum).unwrap();
+                    let start = Instant::now();
+                    let err = comm.synchronize_within(Duration::from_secs(2)).unwrap_err();
+                    assert!(matches!(err, Error::Timeout { .. }), "{err:?}");
+                    assert!(start.elapsed() < Duration::from_secs(30), "{:?}", start.elapsed());
+                    assert!(comm.is_aborted());
+                    let _ = stream.synchronize(); // the aborted kernel has exited
+                }
+                gave_up.wait();
+                if rank == 1 {
+                    comm.abort().unwrap(); // its peer is gone: abort, not destroy
+                }
+            });
+        }
+    });
+}
+
 #[test]
 #[ignore = "needs 2 GPUs"]
 fn watchdog_aborts_a_hung_all_reduce() {
