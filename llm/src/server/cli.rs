@@ -164,10 +164,10 @@ fn check_engine(args: &Args) -> Result<()> {
             "--int8/--int16 are CPU decode paths; --device cuda computes in bf16/f32 on the GPU".into(),
         ));
     }
-    if engine.backend == Backend::Nccl && (args.nprocs.is_some() || launch::is_worker()?) {
+    if engine.backend == Backend::Nccl && args.nprocs.is_some() {
         return Err(EngineError::Config(
-            "serve --backend nccl runs each replica's ranks as threads of this process; ranks as processes \
-             (--nprocs, torchrun, mpirun, srun) serve with --backend host only, for now"
+            "serve --backend nccl runs its ranks as threads of this process, or as processes an outside \
+             launcher started (torchrun, mpirun, srun); --nprocs serves with --backend host only, for now"
                 .into(),
         ));
     }
@@ -249,6 +249,13 @@ fn process_comms(args: &Args) -> Result<Option<RankComms>> {
         tp: args.tp,
         pp: args.pp,
     };
+    if args.backend == crate::cli::Backend::Nccl {
+        // Device LOCAL_RANK, NCCL communicators over the launcher's rendezvous.
+        #[cfg(feature = "cuda")]
+        return Ok(Some(launch::nccl_process(layout)?));
+        #[cfg(not(feature = "cuda"))]
+        return Err(crate::cli::no_cuda_feature());
+    }
     Ok(Some(launch::host_process(layout)?))
 }
 
@@ -266,7 +273,14 @@ fn rank_process(args: &Args, comms: RankComms) -> Result<()> {
         layout.world(),
         std::process::id()
     );
-    super::ranks::serve_rank(&*src, layout, threads_of(args, layout), decode_path(args), comms)
+    super::ranks::serve_rank(
+        &*src,
+        layout,
+        threads_of(args, layout),
+        decode_path(args),
+        engine_of(args),
+        comms,
+    )
 }
 
 /// A launcher's SIGTERM (torchrun, or the `--nprocs` parent going away) reaches every rank; only rank 0
@@ -581,10 +595,7 @@ mod tests {
         let cuda_int8 = check(&["--backend", "nccl", "--device", "cuda", "--int8"]);
         if cfg!(feature = "cuda") {
             let e = nccl.unwrap_err();
-            assert!(
-                e.contains("serve --backend nccl runs each replica's ranks as threads"),
-                "{e}"
-            );
+            assert!(e.contains("--nprocs serves with --backend host only"), "{e}");
             let e = cuda_int8.unwrap_err();
             assert!(e.contains("--int8/--int16 are CPU decode paths"), "{e}");
             check(&["--backend", "nccl", "--device", "cuda", "--tp", "2", "--dp", "2"]).unwrap();

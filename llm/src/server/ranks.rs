@@ -27,7 +27,7 @@ use crate::comm::Comm;
 use crate::compute::Compute;
 use crate::engine::Rank;
 use crate::error::{EngineError, Result};
-use crate::launch::{load_model, load_rank, RankComms};
+use crate::launch::{load_model, RankComms};
 use crate::math::DecodePath;
 use crate::model::WeightSource;
 use crate::shard::Layout;
@@ -583,21 +583,31 @@ impl RankSet {
     }
 }
 
-/// A rank process other than rank 0 (`serve --nprocs N`, torchrun, mpirun): loads its shard, then runs
-/// the plans rank 0 sends until it sends a stop plan (`Ok`) or the replica fails (`Err`).
+/// A rank process other than rank 0 (`serve --nprocs N`, torchrun, mpirun): loads its shard (on the
+/// compute backend `engine` names), then runs the plans rank 0 sends until it sends a stop plan (`Ok`) or
+/// the replica fails (`Err`).
 pub fn serve_rank(
     src: &dyn WeightSource,
     layout: Layout,
     threads: usize,
     path: DecodePath,
+    engine: RankEngine,
     comms: RankComms,
 ) -> Result<()> {
     let w = comms.world_rank;
     if w == 0 {
         return Err(EngineError::Config("serve_rank runs the ranks other than 0".into()));
     }
-    let rank = load_rank(src, layout, threads, path, comms)?;
-    rank_main(rank, w, None).map_err(EngineError::Config)
+    engine.check()?;
+    let model = load_model(src, layout, threads, path, w)?;
+    match engine.device {
+        Device::Cpu => rank_main(Rank::new(model, comms.tp, comms.pp)?, w, None),
+        #[cfg(feature = "cuda")]
+        Device::Cuda => rank_main(crate::launch::cuda_rank(model, comms, false)?, w, None),
+        #[cfg(not(feature = "cuda"))]
+        Device::Cuda => return Err(crate::cli::no_cuda_feature()),
+    }
+    .map_err(EngineError::Config)
 }
 
 #[cfg(test)]
