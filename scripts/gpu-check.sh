@@ -154,6 +154,7 @@ models() {
         return
     fi
     mkdir -p "$work"
+    rm -f "$work/speeds.tsv"
     local ids
     ids="$(seq -s, 11 74)" # 64 prompt tokens
     # <label> <timeout> <tp_llama args...>: one --json run; its line goes to the report, tokens/s to the summary.
@@ -174,7 +175,9 @@ import json, sys
 v = json.loads(sys.stdin.read().strip().splitlines()[-1])
 print("PASS tp_llama %s: prefill %.1f tok/s, decode %.1f tok/s (%d prompt, %d generated; tp %s x pp %s)" % (
     sys.argv[1], v["prefill_tokens_per_s"], v["decode_tokens_per_s"], len(v["prompt_ids"]),
-    len(v["generated_ids"]), v["tp"], v["pp"]))' "$label" | tee -a "$report"
+    len(v["generated_ids"]), v["tp"], v["pp"]))
+with open(sys.argv[2], "a") as f:
+    f.write("%s\t%f\t%f\n" % (sys.argv[1], v["prefill_tokens_per_s"], v["decode_tokens_per_s"]))' "$label" "$work/speeds.tsv" | tee -a "$report"
     }
     local gpu=(--backend nccl --device cuda --ignore-eos)
 
@@ -237,6 +240,23 @@ PY
     if [ "$gpus" -ge 8 ]; then
         gen_run "Llama-3-8B shape, CUDA TP=8" 600 --model "$llama" --prompt-ids "$ids" --max-new-tokens 64 "${gpu[@]}" --tp 8
     fi
+    # Ratios within this run: graph-captured decode over eager decode, --overlap-comm prefill over one stream.
+    [ -f "$work/speeds.tsv" ] || return 0
+    python3 - "$work/speeds.tsv" <<'PY' | tee -a "$report" || say "ratios: the summary failed (the PASS lines above have the figures)"
+import sys
+runs = {}
+for line in open(sys.argv[1]):
+    label, pre, dec = line.rstrip("\n").split("\t")
+    runs[label] = (float(pre), float(dec))
+pairs = [(l, l[: -len(", --cuda-graph")], 1, "decode") for l in runs if l.endswith(", --cuda-graph")]
+pairs += [(l, l.replace(", --overlap-comm", " in 2 micro-batches"), 0, "prefill")
+          for l in runs if l.endswith(", --overlap-comm")]
+for new, base, i, what in pairs:
+    if base in runs and runs[base][i] > 0:
+        print("ratio %s: %s %.2fx of %s" % (new, what, runs[new][i] / runs[base][i], base))
+    else:
+        print("ratio %s: no reference run %r" % (new, base))
+PY
 }
 
 run() {
