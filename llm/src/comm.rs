@@ -141,6 +141,23 @@ pub mod cuda {
     /// failed peer, the communicator is aborted and the call fails instead of waiting forever).
     pub struct StagedNcclComm(pub Communicator);
 
+    impl StagedNcclComm {
+        /// Copies `d` (the NCCL operation's result) into `host` once the operation is done, waiting for it
+        /// at most the communicator's `wait_timeout` first: a copy into pageable memory would otherwise
+        /// block, unbounded, until the NCCL work ahead of it is done.
+        fn read_back(
+            &self,
+            op: &'static str,
+            d: &nccl::cudarc::driver::CudaSlice<f32>,
+            host: &mut [f32],
+        ) -> nccl::Result<()> {
+            self.0.synchronize_within(self.0.wait_timeout())?;
+            let s = self.0.stream()?;
+            s.memcpy_dtoh(d, host).map_err(Error::cuda(op))?;
+            s.synchronize().map_err(Error::cuda(op))
+        }
+    }
+
     impl Comm for StagedNcclComm {
         fn rank(&self) -> usize {
             Collectives::rank(&self.0)
@@ -155,20 +172,14 @@ pub mod cuda {
             let s = self.0.stream()?.clone();
             let mut d = s.clone_htod(buf).map_err(Error::cuda("all_reduce_sum"))?;
             self.0.all_reduce_in_place::<f32>(&mut d, ReduceOp::Sum)?;
-            // Bounded wait for NCCL first: a copy back into pageable memory would block until it is done.
-            self.0.synchronize_within(self.0.wait_timeout())?;
-            s.memcpy_dtoh(&d, buf).map_err(Error::cuda("all_reduce_sum"))?;
-            s.synchronize().map_err(Error::cuda("all_reduce_sum"))
+            self.read_back("all_reduce_sum", &d, buf)
         }
         fn all_gather(&self, send: &[f32], recv: &mut [f32]) -> nccl::Result<()> {
             let s = self.0.stream()?.clone();
             let d_send = s.clone_htod(send).map_err(Error::cuda("all_gather"))?;
             let mut d_recv = s.alloc_zeros::<f32>(recv.len()).map_err(Error::cuda("all_gather"))?;
             self.0.all_gather::<f32>(&d_send, &mut d_recv)?;
-            // Bounded wait for NCCL first: a copy back into pageable memory would block until it is done.
-            self.0.synchronize_within(self.0.wait_timeout())?;
-            s.memcpy_dtoh(&d_recv, recv).map_err(Error::cuda("all_gather"))?;
-            s.synchronize().map_err(Error::cuda("all_gather"))
+            self.read_back("all_gather", &d_recv, recv)
         }
         fn send(&self, buf: &[f32], peer: usize) -> nccl::Result<()> {
             let s = self.0.stream()?.clone();
@@ -180,10 +191,7 @@ pub mod cuda {
             let s = self.0.stream()?.clone();
             let mut d = s.alloc_zeros::<f32>(buf.len()).map_err(Error::cuda("recv"))?;
             self.0.recv::<f32>(&mut d, peer)?;
-            // Bounded wait for NCCL first: a copy back into pageable memory would block until it is done.
-            self.0.synchronize_within(self.0.wait_timeout())?;
-            s.memcpy_dtoh(&d, buf).map_err(Error::cuda("recv"))?;
-            s.synchronize().map_err(Error::cuda("recv"))
+            self.read_back("recv", &d, buf)
         }
         fn barrier(&self) -> nccl::Result<()> {
             Collectives::barrier(&self.0)

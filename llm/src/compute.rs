@@ -557,6 +557,16 @@ impl<B: Compute> RowParallel<B> {
     }
 }
 
+/// Refuses a token id outside a vocabulary of `vocab`.
+pub fn check_tokens(tokens: &[u32], vocab: usize) -> Result<()> {
+    match tokens.iter().find(|&&t| t as usize >= vocab) {
+        Some(&tok) => Err(EngineError::Config(format!(
+            "token id {tok} is out of range for a vocabulary of {vocab}"
+        ))),
+        None => Ok(()),
+    }
+}
+
 /// A vocabulary-parallel embedding: this rank holds vocabulary rows `rows`; rows of the other ranks' tokens
 /// are zeros, and one all-reduce over the TP group completes every row.
 pub struct VocabParallelEmbedding<B: Compute> {
@@ -569,11 +579,7 @@ pub struct VocabParallelEmbedding<B: Compute> {
 impl<B: Compute> VocabParallelEmbedding<B> {
     /// Embeds `tokens` (every id below `vocab`).
     pub fn forward(&self, b: &B, tokens: &[u32], vocab: usize, hidden: usize, tp: &B::Tp) -> Result<B::ActBuf> {
-        if let Some(&tok) = tokens.iter().find(|&&t| t as usize >= vocab) {
-            return Err(EngineError::Config(format!(
-                "token id {tok} is out of range for a vocabulary of {vocab}"
-            )));
-        }
+        check_tokens(tokens, vocab)?;
         let mut x = b.embed(&self.table, tokens, self.rows.clone(), hidden)?;
         b.all_reduce_sum(tp, view_mut::<B>(&mut x))?;
         Ok(x)

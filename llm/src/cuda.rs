@@ -205,9 +205,7 @@ impl PositionsBuf {
             device: self.device.slice(rows),
         })
     }
-}
 
-impl PositionsBuf {
     /// Overwrites the positions with `positions` (as many as it holds): the host copy at once, the device
     /// copy in stream order (a recorded step's input, rewritten before each launch).
     pub fn rewrite(&mut self, stream: &Arc<CudaStream>, positions: &[u32]) -> Result<()> {
@@ -223,11 +221,6 @@ impl PositionsBuf {
         stream.memcpy_htod(positions, &mut self.device)?;
         self.host.copy_from_slice(positions);
         Ok(())
-    }
-
-    /// The host copy.
-    pub fn host(&self) -> &[u32] {
-        &self.host
     }
 }
 

@@ -661,7 +661,7 @@ impl<B: Compute> RankModel<B> {
             self.attention_half(li, x, &mut st, segs, tp)?;
             self.mlp_half(li, x, &mut st, tp)?;
         }
-        self.finish_layers(x, &mut st)?;
+        self.take_pending(x, &mut st)?; // the last half's residual add
         for (len, cache) in segs.iter_mut() {
             B::cache_advance(cache, *len);
         }
@@ -707,7 +707,7 @@ impl<B: Compute> RankModel<B> {
             }
         }
         for (x, st) in xs.iter_mut().zip(states.iter_mut()) {
-            self.finish_layers(x, st)?;
+            self.take_pending(x, st)?;
         }
         B::cache_advance(cache, total);
         Ok(())
@@ -818,11 +818,6 @@ impl<B: Compute> RankModel<B> {
         layer.down.forward(b, act, n, proj, st.decode, tp)?;
         st.pending = true;
         Ok(())
-    }
-
-    /// The last residual add of a pass over the layers.
-    fn finish_layers(&self, x: &mut B::Act, st: &mut LayerState<B>) -> Result<()> {
-        self.take_pending(x, st)
     }
 
     /// Logits of the last row of `x` (last stage only): final norm, this rank's vocabulary rows, then one
@@ -1123,23 +1118,12 @@ impl<B: Compute> Rank<B> {
                 let (graph, all) = recorded
                     .as_mut()
                     .ok_or_else(|| EngineError::Config("a graph replay before the step was recorded".into()))?;
-                let filled = B::cache_len(cache);
-                if filled + 1 > B::cache_capacity(cache) {
-                    return Err(EngineError::Config(format!(
-                        "sequence of {} tokens exceeds the KV cache ({} positions)",
-                        filled + 1,
-                        B::cache_capacity(cache)
-                    )));
-                }
-                if t as usize >= self.model.cfg.vocab_size {
-                    return Err(EngineError::Config(format!(
-                        "token id {t} is out of range for a vocabulary of {}",
-                        self.model.cfg.vocab_size
-                    )));
-                }
+                // What the recorded embedding and layers would have refused, checked before the launch.
+                RankModel::<B>::check_room(cache, 1)?;
+                compute::check_tokens(&[t], self.model.cfg.vocab_size)?;
                 let inputs = GraphInputs {
                     tokens: vec![t],
-                    positions: vec![filled],
+                    positions: vec![B::cache_len(cache)],
                 };
                 // SAFETY: as for the first launch above: `self` outlives the recording.
                 unsafe { b.graph_replay(graph, &inputs, cache, all)? };

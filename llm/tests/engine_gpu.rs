@@ -44,6 +44,17 @@ fn load(src: &dyn WeightSource, tp: usize, tp_rank: usize) -> RankModel {
     RankModel::load_with(src, place(tp, tp_rank), true, &mut |_, _| {}).expect("load the tiny model")
 }
 
+/// Greedy generation of `n` tokens past end-of-sequence, the prompt in `micro_batches` chunks (0: one per
+/// stage).
+fn greedy(n: usize, micro_batches: usize) -> GenerateParams {
+    GenerateParams {
+        max_new_tokens: n,
+        sampling: SamplingParams::default(),
+        ignore_eos: true,
+        micro_batches,
+    }
+}
+
 /// The logits after the prompt and after each of `follow`, one step at a time.
 fn stepwise<B: Compute>(rank: &Rank<B>, follow: &[u32]) -> Vec<Vec<f32>> {
     let mut cache = rank
@@ -69,12 +80,7 @@ fn stepwise<B: Compute>(rank: &Rank<B>, follow: &[u32]) -> Vec<Vec<f32>> {
 /// The CPU engine's greedy tokens and its logits along them.
 fn cpu_reference(src: &dyn WeightSource) -> (Vec<u32>, Vec<Vec<f32>>) {
     let rank = Rank::new(load(src, 1, 0), Box::new(SingleComm), Box::new(SingleComm)).unwrap();
-    let params = GenerateParams {
-        max_new_tokens: NEW,
-        sampling: SamplingParams::default(),
-        ignore_eos: true,
-        micro_batches: 0,
-    };
+    let params = greedy(NEW, 0);
     let tokens = rank.generate(&PROMPT, &params, &mut |_| {}).unwrap().generated;
     let logits = stepwise(&rank, &tokens[..NEW - 1]);
     (tokens, logits)
@@ -159,12 +165,7 @@ fn tp1_cuda_engine_matches_the_cpu_engine() {
     let gpu = stepwise(&rank, &tokens[..NEW - 1]);
     compare("TP=1", &gpu, &cpu);
     // And generate() end to end: the same greedy tokens (the margins of this model are checked above).
-    let params = GenerateParams {
-        max_new_tokens: NEW,
-        sampling: SamplingParams::default(),
-        ignore_eos: true,
-        micro_batches: 0,
-    };
+    let params = greedy(NEW, 0);
     let out = rank.generate(&PROMPT, &params, &mut |_| {}).unwrap();
     eprintln!("TP=1 greedy tokens: GPU {:?}, CPU {tokens:?}", out.generated);
 }
@@ -175,12 +176,7 @@ fn tp1_cuda_engine_matches_the_cpu_engine() {
 #[ignore = "needs 1 GPU"]
 fn tp1_graph_decode_equals_eager_decode() {
     let src = model::tiny_random(0);
-    let params = GenerateParams {
-        max_new_tokens: 24,
-        sampling: SamplingParams::default(),
-        ignore_eos: true,
-        micro_batches: 0,
-    };
+    let params = greedy(24, 0);
     let run = |graph: bool| {
         let m = cuda_engine::upload(load(&*src, 1, 0), 0).unwrap_or_else(|e| panic!("CUDA device 0: {e}"));
         let mut rank = Rank::new(m, Box::new(DeviceTp::Single), Box::new(SingleComm)).unwrap();
@@ -200,12 +196,7 @@ fn tp1_graph_decode_equals_eager_decode() {
 #[ignore = "needs 2 GPUs"]
 fn tp2_graph_decode_equals_eager_decode() {
     let src = model::tiny_random(0);
-    let params = GenerateParams {
-        max_new_tokens: 24,
-        sampling: SamplingParams::default(),
-        ignore_eos: true,
-        micro_batches: 0,
-    };
+    let params = greedy(24, 0);
     let run = |graph: bool| {
         on_tp2(&*src, false, |mut rank| {
             rank.set_graph_decode(graph).unwrap();
@@ -274,12 +265,7 @@ fn tp2_cuda_engine_with_nccl_matches_the_cpu_engine() {
 fn tp2_overlapped_prefill_equals_one_stream() {
     let src = model::tiny_random(0);
     let (_, cpu) = cpu_reference(&*src);
-    let params = GenerateParams {
-        max_new_tokens: NEW,
-        sampling: SamplingParams::default(),
-        ignore_eos: true,
-        micro_batches: 3,
-    };
+    let params = greedy(NEW, 3);
     let run = |apart: bool| {
         on_tp2(&*src, apart, |rank| {
             assert_eq!(rank.model().backend().comm_apart(), apart);
@@ -324,12 +310,7 @@ fn the_server_on_the_gpu_engine_serves_what_the_engine_generates() {
         .map(|i| (0..1 + i % 5).map(|j| (i * 31 + j * 7 + 3) % 256).collect())
         .collect();
     let n = 6;
-    let params = GenerateParams {
-        max_new_tokens: n,
-        sampling: SamplingParams::default(),
-        ignore_eos: true,
-        micro_batches: 0,
-    };
+    let params = greedy(n, 0);
     let gpu = cuda_engine::upload(load(&*src, 1, 0), 0).unwrap_or_else(|e| panic!("CUDA device 0: {e}"));
     let rank = Rank::new(gpu, Box::new(DeviceTp::Single), Box::new(SingleComm)).unwrap();
     let solo: Vec<Vec<u32>> = prompts

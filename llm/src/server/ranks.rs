@@ -324,25 +324,56 @@ fn rank_main<B: Compute>(rank: Rank<B>, w: usize, leader: Option<Leader>) -> std
     }
 }
 
-/// Tells the builder whether the rank loaded, then (loaded) runs its plans.
-fn ready_then_run<B: Compute>(
-    rank: Result<Rank<B>>,
-    w: usize,
+/// Where a rank tells whether it loaded: the builder of its replica (rank threads), or nobody (a rank
+/// process, whose load error is its result).
+type Ready = Option<mpsc::Sender<(usize, Result<()>)>>;
+
+/// Loads world rank `comms.world_rank`'s shard on the compute backend `engine` names, tells `ready`
+/// whether it loaded (a load error goes to `ready` when there is one, else it is the result), then runs
+/// the plans ([`rank_main`]; `link` is rank 0's link to the leader).
+#[allow(clippy::too_many_arguments)]
+fn load_and_run(
+    src: &dyn WeightSource,
+    layout: Layout,
+    threads: usize,
+    path: DecodePath,
+    engine: RankEngine,
+    comms: RankComms,
     link: Option<Leader>,
-    ready_tx: mpsc::Sender<(usize, Result<()>)>,
-) {
-    let rank = match rank {
-        Ok(r) => {
-            let _ = ready_tx.send((w, Ok(())));
+    ready: Ready,
+) -> Result<()> {
+    let w = comms.world_rank;
+    let model = load_model(src, layout, threads, path, w);
+    match engine.device {
+        Device::Cpu => run_loaded(model.and_then(|m| Rank::new(m, comms.tp, comms.pp)), w, link, ready),
+        #[cfg(feature = "cuda")]
+        Device::Cuda => run_loaded(
+            model.and_then(|m| crate::launch::cuda_rank(m, comms, false)),
+            w,
+            link,
+            ready,
+        ),
+        #[cfg(not(feature = "cuda"))]
+        Device::Cuda => run_loaded::<crate::compute::Cpu>(Err(crate::cli::no_cuda_feature()), w, link, ready),
+    }
+}
+
+/// The half of [`load_and_run`] after the load.
+fn run_loaded<B: Compute>(rank: Result<Rank<B>>, w: usize, link: Option<Leader>, ready: Ready) -> Result<()> {
+    let rank = match (rank, ready) {
+        (Ok(r), ready) => {
+            if let Some(tx) = ready {
+                let _ = tx.send((w, Ok(())));
+            }
             r
         }
-        Err(e) => {
-            let _ = ready_tx.send((w, Err(e)));
-            return;
+        (Err(e), Some(tx)) => {
+            let _ = tx.send((w, Err(e)));
+            return Ok(());
         }
+        (Err(e), None) => return Err(e),
     };
-    drop(ready_tx);
-    let _ = rank_main(rank, w, link);
+    rank_main(rank, w, link).map_err(EngineError::Config)
 }
 
 /// Where a replica's ranks compute and how they communicate (`serve --backend`, `--device`, as in
@@ -493,23 +524,7 @@ impl RankSet {
                             return;
                         }
                     };
-                    match engine.device {
-                        Device::Cpu => {
-                            let rank = load_model(&*src, layout, threads, path, w)
-                                .and_then(|m| Rank::new(m, comms.tp, comms.pp));
-                            ready_then_run(rank, w, link, ready_tx)
-                        }
-                        #[cfg(feature = "cuda")]
-                        Device::Cuda => {
-                            let rank = load_model(&*src, layout, threads, path, w)
-                                .and_then(|m| crate::launch::cuda_rank(m, comms, false));
-                            ready_then_run(rank, w, link, ready_tx)
-                        }
-                        #[cfg(not(feature = "cuda"))]
-                        Device::Cuda => {
-                            let _ = ready_tx.send((w, Err(crate::cli::no_cuda_feature())));
-                        }
-                    }
+                    let _ = load_and_run(&*src, layout, threads, path, engine, comms, link, Some(ready_tx));
                 })
                 .map_err(|e| EngineError::Config(format!("spawning a rank thread: {e}")))?;
             if w == 0 {
@@ -599,15 +614,7 @@ pub fn serve_rank(
         return Err(EngineError::Config("serve_rank runs the ranks other than 0".into()));
     }
     engine.check()?;
-    let model = load_model(src, layout, threads, path, w)?;
-    match engine.device {
-        Device::Cpu => rank_main(Rank::new(model, comms.tp, comms.pp)?, w, None),
-        #[cfg(feature = "cuda")]
-        Device::Cuda => rank_main(crate::launch::cuda_rank(model, comms, false)?, w, None),
-        #[cfg(not(feature = "cuda"))]
-        Device::Cuda => return Err(crate::cli::no_cuda_feature()),
-    }
-    .map_err(EngineError::Config)
+    load_and_run(src, layout, threads, path, engine, comms, None, None)
 }
 
 #[cfg(test)]
